@@ -1,0 +1,226 @@
+"""The public Python API, shared by the CLI and the server.
+
+    import internvl_edge
+    model = internvl_edge.load("internvl3_2b")
+    out = model.generate("Describe the image.", images=["cat.jpg"], max_new_tokens=128)
+    for chunk in model.stream("Describe the image.", images=["cat.jpg"]):
+        print(chunk.text, end="", flush=True)
+    chat = model.chat()
+    chat.send("What is in the image?", images=["cat.jpg"]); chat.send("And its colour?")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .bundle import Manifest, load_manifest
+from .errors import UserError
+from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
+from .media import preprocess
+from .prompt import Template, expand_images, get_template, with_media_tags
+from .runtime import open_backend
+from .sampling import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SamplingParams,
+)
+from .tokenizer import TextTokenizer
+
+
+@dataclass
+class Media:
+    """Tiles of the images (or video frames) of one request, and how they are introduced."""
+
+    pixel_values: np.ndarray | None
+    tiles_per_image: list[int]
+    is_video: bool = False
+
+
+def _generation_defaults(config_dir: str) -> dict:
+    path = os.path.join(config_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+class Model:
+    """A loaded bundle: its backend, tokenizer and chat template."""
+
+    def __init__(self, manifest: Manifest, backend, tokenizer: TextTokenizer, config_dir: str):
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.template: Template = get_template(manifest.model["template"])
+        self.tokens = manifest.model["tokens"]
+        self.tokens_per_tile = int(manifest.model["num_image_token"])
+        self.image_size = int(manifest.model["image_size"])
+        self.max_tiles = int(manifest.options.get("max_tiles", 4))
+        self.seq_length = int(manifest.options["seq_length"])
+        self.generation_defaults = _generation_defaults(config_dir)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def images_to_media(self, images: Sequence = (), max_tiles: int | None = None) -> Media:
+        tiles = max_tiles or self.max_tiles
+        if tiles < 1:
+            raise UserError("max_tiles must be at least 1")
+        if not images:
+            return Media(None, [])
+        prepared = [preprocess(img, max_tiles=tiles, tile=self.image_size) for img in images]
+        return Media(np.concatenate([p.pixel_values for p in prepared]), [p.num_tiles for p in prepared])
+
+    def prepare(self, text: str, media: Media | None = None) -> PreparedPrompt:
+        """Prompt text with `<image>` placeholders + media -> token ids and embeddings."""
+        started = time.perf_counter()
+        media = media or Media(None, [])
+        text = expand_images(text, media.tiles_per_image, self.tokens_per_tile)
+        ids = self.tokenizer.encode(text)
+        embeds = self.backend.embed(np.asarray([ids], np.int64))[0]
+        vision_s = 0.0
+        if media.pixel_values is not None:
+            t0 = time.perf_counter()
+            image_embeds = self.backend.encode_images(media.pixel_values)
+            vision_s = time.perf_counter() - t0
+            rows = np.flatnonzero(np.asarray(ids) == self.tokens["img_context"])
+            flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+            if len(rows) != len(flat):
+                raise UserError(f"the prompt has {len(rows)} image positions for {len(flat)} image embeddings")
+            embeds = np.array(embeds, copy=True)
+            embeds[rows] = flat
+        return PreparedPrompt(ids, embeds, vision_s, int(sum(media.tiles_per_image)), started)
+
+    def question(self, question: str, media: Media, system: str | None = None, first_turn: bool = True) -> str:
+        """The chat-template text for one user turn (with the system turn when it opens a conversation)."""
+        q = with_media_tags(question, n_images=0 if media.is_video else len(media.tiles_per_image),
+                            n_frames=len(media.tiles_per_image) if media.is_video else 0)  # fmt: skip
+        if first_turn:
+            return self.template.conversation(q, system)
+        return self.template.sep + self.template.user_turn(q)  # closes the previous answer first
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        """Defaults from the bundle's generation_config.json (transformers' where it is silent)."""
+        d = self.generation_defaults
+        sampling = SamplingParams(
+            temperature=float(d.get("temperature", DEFAULT_TEMPERATURE)),
+            top_k=int(d.get("top_k", DEFAULT_TOP_K)),
+            top_p=float(d.get("top_p", DEFAULT_TOP_P)),
+            repetition_penalty=float(d.get("repetition_penalty", DEFAULT_REPETITION_PENALTY)),
+        )
+        for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            if overrides.get(key) is not None:
+                sampling = replace(sampling, **{key: type(getattr(sampling, key))(overrides.pop(key))})
+            else:
+                overrides.pop(key, None)
+        sampling.validate()
+        stop_strings = d.get("stop_strings") or ()
+        stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+        extra_stops = overrides.pop("stop", None) or ()
+        extra_stops = (extra_stops,) if isinstance(extra_stops, str) else tuple(extra_stops)
+        max_new = overrides.pop("max_new_tokens", None)
+        cfg = GenerationConfig(
+            max_new_tokens=self.seq_length if max_new is None else int(max_new),
+            do_sample=bool(overrides.pop("do_sample", False)),
+            sampling=sampling,
+            seed=overrides.pop("seed", None),
+            stop_token_ids=tuple(int(t) for t in self.tokens["eos"]),
+            stop_strings=stop_strings + extra_stops,
+            logprobs=int(overrides.pop("logprobs", 0) or 0),
+            ignore_eos=bool(overrides.pop("ignore_eos", False)),
+        )
+        if overrides:
+            raise TypeError(f"unknown generation options: {', '.join(overrides)}")
+        if cfg.max_new_tokens < 1:
+            raise UserError("max_new_tokens must be at least 1")
+        return cfg
+
+    def stream(self, prompt: str, images: Sequence = (), system: str | None = None,
+               max_tiles: int | None = None, **gen) -> Iterator[Chunk]:  # fmt: skip
+        """Stream the answer to one independent question (system prompt + question)."""
+        cfg = self.generation_config(**gen)
+        media = self.images_to_media(images, max_tiles)
+        prepared = self.prepare(self.question(prompt, media, system), media)
+        cache = self.backend.new_cache(1)
+        yield from stream(self.backend, self.tokenizer, cache, prepared, cfg)
+
+    def generate(self, prompt: str, images: Sequence = (), system: str | None = None,
+                 max_tiles: int | None = None, **gen) -> Result:  # fmt: skip
+        """Answer one independent question; the Result has text, token ids, logprobs and timings."""
+        cfg = self.generation_config(**gen)
+        media = self.images_to_media(images, max_tiles)
+        prepared = self.prepare(self.question(prompt, media, system), media)
+        cache = self.backend.new_cache(1)
+        return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg), prepared.input_ids)
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        return ChatSession(self, system)
+
+
+class ChatSession:
+    """A conversation. Bundles converted with --use_block_with_kv keep earlier turns as KV cache (the
+    next turn prefills only its own tokens); other bundles answer every turn on its own, as the seed."""
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.system = system
+        self.keeps_history = bool(model.manifest.options.get("use_block_with_kv"))
+        self.cache = model.backend.new_cache(1)
+        self.turns = 0
+
+    def clear(self) -> None:
+        self.cache.reset()
+        self.turns = 0
+
+    def stream(self, text: str, images: Sequence = (), max_tiles: int | None = None, media: Media | None = None,
+               on_notice=None, **gen) -> Iterator[Chunk]:  # fmt: skip
+        model = self.model
+        cfg = model.generation_config(**gen)
+        media = media or model.images_to_media(images, max_tiles)
+        if not self.keeps_history:
+            self.clear()
+        prepared = model.prepare(model.question(text, media, self.system, first_turn=self.turns == 0), media)
+        if self.turns and not self._fits(len(prepared.input_ids)):
+            if on_notice:
+                on_notice("the history is full; it was cleared to continue")
+            self.clear()
+            prepared = model.prepare(model.question(text, media, self.system, first_turn=True), media)
+        if self.keeps_history and len(prepared.input_ids) > model.backend.max_input_length:
+            raise UserError(
+                f"this turn has {len(prepared.input_ids)} tokens; the bundle's --max_input_length is "
+                f"{model.backend.max_input_length} (ask a shorter question, use fewer tiles, or convert again)"
+            )
+        self.turns += 1
+        yield from stream(model.backend, model.tokenizer, self.cache, prepared, cfg)
+
+    def _fits(self, turn_tokens: int) -> bool:
+        opts = self.model.manifest.options
+        history = int(self.cache.lengths[0])
+        limit = min(int(opts["max_prefill_kv_length"]), int(opts["seq_length"]))
+        return history + turn_tokens < limit
+
+    def send(self, text: str, images: Sequence = (), **kw) -> Result:
+        chunks = list(self.stream(text, images, **kw))
+        return collect(iter(chunks), [])
+
+
+def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None,
+         verify: bool = True, log=None) -> Model:  # fmt: skip
+    """Open a bundle folder written by `internvl-edge convert`."""
+    manifest = load_manifest(bundle, verify=verify)
+    config_dir = config_path or manifest.config_dir
+    if not os.path.isdir(config_dir):
+        raise UserError(f"config folder not found: {config_dir}")
+    tokenizer = TextTokenizer(config_dir)
+    backend = open_backend(manifest, threads=threads, devid=device, log=log)
+    return Model(manifest, backend, tokenizer, config_dir)

@@ -1,0 +1,77 @@
+"""`internvl-edge` command line: parse flags, call one function per subcommand.
+
+Every subcommand module has `add_arguments(parser)` and `main(args) -> int`. User mistakes surface as
+a one-line `error: ...` and exit status 2; an unexpected failure as one line too (the traceback only
+with INTERNVL_EDGE_DEBUG=1), never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .. import __version__
+from ..errors import UserError
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "convert": ("convert", "convert a Hugging Face checkpoint into a bundle"),
+    "run": ("run", "answer one question (optionally about images or a video)"),
+    "chat": ("chat", "interactive chat, as the seed's pipeline.py"),
+    "make-checkpoint": ("make_checkpoint", "write a random-weight InternVL3 checkpoint (tests, demo, benchmarks)"),
+    "demo": ("demo", "make a tiny model, convert it and ask it about an image, in one go"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internvl-edge", description="Convert InternVL3 checkpoints and chat with them on edge hardware.")
+    parser.add_argument("--version", action="version", version=f"internvl-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(f".{module}", __name__).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    module = importlib.import_module(f".{args._module}", __name__)
+    try:
+        return int(module.main(args) or 0)
+    except UserError as e:
+        _flush()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _flush()
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `internvl-edge run ... | head -1`
+        sys.stderr.close()
+        return 0
+    except Exception as e:  # a bug: still one line, with a way to get the traceback
+        if os.environ.get("INTERNVL_EDGE_DEBUG"):
+            raise
+        _flush()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: internal error ({type(e).__name__}: {first}); rerun with INTERNVL_EDGE_DEBUG=1 for details",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+
+
+def entry() -> None:
+    sys.exit(main())

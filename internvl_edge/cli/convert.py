@@ -1,0 +1,38 @@
+"""`internvl-edge convert`: flags of Sophgo's llm_convert.py."""
+
+from __future__ import annotations
+
+from ..convert import CHIPS, QUANTIZE_MODES, ConvertOptions, convert
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-m", "--model_path", required=True, help="checkpoint folder (original InternVL or transformers format)")
+    p.add_argument("-s", "--seq_length", type=int, default=2048, help="maximum context length (default 2048)")
+    p.add_argument("-q", "--quantize", default="w4bf16", choices=QUANTIZE_MODES, help="weight precision (default w4bf16)")
+    p.add_argument("-c", "--chip", default="cpu", help=f"target ({', '.join(CHIPS)})")
+    p.add_argument("--out_dir", "-o", required=True, help="bundle folder to write")
+    p.add_argument("-g", "--q_group_size", type=int, default=64, help="4-bit block size when quantising float weights (default 64)")
+    p.add_argument("--do_sample", action="store_true", help="add the sampling head")
+    p.add_argument("--use_block_with_kv", action="store_true", help="keep multi-turn history as KV cache")
+    p.add_argument("--max_input_length", type=int, default=0, help="longest single prefill (default seq_length/4)")
+    p.add_argument("--max_prefill_kv_length", type=int, default=0, help="history a prefill may see (default seq_length)")
+    p.add_argument("--dynamic", action="store_true", help="shapes follow the real input length instead of fixed padded shapes")
+    p.add_argument("--max-tiles", dest="max_tiles", type=int, default=4, help="default image tiles per image (default 4)")
+    p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=0, choices=(0, 4, 8), help="quantise lm_head (default: keep float)")
+    p.add_argument("--accuracy_level", type=int, default=4, choices=(1, 4),
+                   help="4-bit matmuls: 4 quantises activations to int8 (fast, default), 1 keeps them float32 (exact)")
+    p.add_argument("--vision-bits", dest="vision_bits", type=int, default=0, choices=(0, 8), help="quantise the vision encoder's linears to 8 bits")
+
+
+def main(args) -> int:
+    opts = ConvertOptions(
+        model_path=args.model_path, out_dir=args.out_dir, seq_length=args.seq_length, quantize=args.quantize,
+        chip=args.chip, q_group_size=args.q_group_size, max_input_length=args.max_input_length,
+        max_prefill_kv_length=args.max_prefill_kv_length, use_block_with_kv=args.use_block_with_kv,
+        dynamic=args.dynamic, do_sample=args.do_sample, max_tiles=args.max_tiles,
+        lm_head_bits=args.lm_head_bits, vision_bits=args.vision_bits, accuracy_level=args.accuracy_level,
+    )  # fmt: skip
+    manifest = convert(opts)
+    mb = manifest.weight_bytes / 1e6
+    print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {mb:.1f} MB of weights)")
+    return 0

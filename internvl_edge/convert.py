@@ -1,0 +1,229 @@
+"""Checkpoint folder -> bundle: read, build each net, copy the configs, checksum, rename into place.
+
+Flags follow Sophgo's `llm_convert.py` (-m, -s, -q, -c, --out_dir, --do_sample, --use_block_with_kv,
+--max_input_length, --max_prefill_kv_length, --dynamic). On the CPU every activation is float32, so
+the quantisation mode chooses how weights are stored:
+  w4bf16 / w4f16  decoder linears as 4-bit blocks (AWQ values kept as published, bf16/f16 sources
+                  quantised here); everything else in bfloat16 / float16
+  bf16 / f16      every weight in bfloat16 / float16
+  f32             every weight in float32 (for verification against the reference)
+AWQ checkpoints keep their float16 tensors (w4bf16 becomes w4f16, as TPU-MLIR does: "AWQ only
+support w4f16"), since rounding them to bfloat16 would lose precision.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+from . import bundle
+from .checkpoint.reader import Checkpoint
+from .errors import UserError
+from .nets import graph as graphs
+from .nets.decoder import DecoderOptions, build_decoder
+from .nets.heads import build_embedding, build_greedy_head, build_sample_head
+from .nets.vision import VisionOptions, build_vision
+from .progress import Progress
+from .prompt import get_template
+from .tokenizer import END_OF_TEXT, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, TextTokenizer
+
+QUANTIZE_MODES = ("w4bf16", "w4f16", "bf16", "f16", "f32")
+CHIPS = ("cpu",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".py", ".pyc")
+CONFIG_FILE_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass
+class ConvertOptions:
+    model_path: str
+    out_dir: str
+    seq_length: int = 2048
+    quantize: str = "w4bf16"
+    chip: str = "cpu"
+    q_group_size: int = 64  # TPU-MLIR llm_convert's default block size when we quantise
+    max_input_length: int = 0  # 0: seq_length // 4 (the longest single prefill call)
+    max_prefill_kv_length: int = 0  # 0: seq_length (history a prefill may see, with use_block_with_kv)
+    use_block_with_kv: bool = False
+    dynamic: bool = False
+    do_sample: bool = False
+    max_tiles: int = 4  # the seed's default, recorded as the bundle's default
+    lm_head_bits: int = 0
+    vision_bits: int = 0
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 1 = float32 activations (exact)
+
+
+def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, list[str]]:
+    """Validate and fill defaults; returns the options as recorded and notes for the user."""
+    notes = []
+    if opts.quantize not in QUANTIZE_MODES:
+        raise UserError(f"-q {opts.quantize} is not supported; choose one of {', '.join(QUANTIZE_MODES)}")
+    if opts.chip not in CHIPS:
+        raise UserError(f"-c {opts.chip} is not supported yet; supported targets: {', '.join(CHIPS)}")
+    t = ckpt.config.text
+    if opts.seq_length < 32:
+        raise UserError(f"-s {opts.seq_length} is too short (at least 32 tokens)")
+    if opts.seq_length > t.max_position_embeddings:
+        raise UserError(f"-s {opts.seq_length} exceeds the model's max_position_embeddings ({t.max_position_embeddings})")
+    if opts.q_group_size < 16 or opts.q_group_size & (opts.q_group_size - 1):
+        raise UserError(f"--q_group_size {opts.q_group_size} must be a power of two, at least 16")
+    if not opts.max_input_length:
+        opts.max_input_length = max(opts.seq_length // 4, 16)
+    if not 1 <= opts.max_input_length <= opts.seq_length:
+        raise UserError(f"--max_input_length {opts.max_input_length} must be between 1 and -s {opts.seq_length}")
+    if not opts.max_prefill_kv_length:
+        opts.max_prefill_kv_length = opts.seq_length
+    if not opts.max_input_length <= opts.max_prefill_kv_length <= opts.seq_length:
+        raise UserError("--max_prefill_kv_length must lie between --max_input_length and -s")
+    if opts.max_tiles < 1:
+        raise UserError("--max-tiles must be at least 1")
+    if opts.accuracy_level not in (0, 1, 4):
+        raise UserError("--accuracy_level takes 4 (int8 activations, fast) or 1 (float32 activations, exact)")
+    if opts.lm_head_bits not in (0, 4, 8) or opts.vision_bits not in (0, 8):
+        raise UserError("--lm-head-bits takes 0, 4 or 8 and --vision-bits 0 or 8")
+    if t.awq is not None and opts.quantize == "w4bf16":
+        opts.quantize = "w4f16"
+        notes.append("AWQ checkpoint: its float16 tensors are kept as float16 (w4bf16 -> w4f16, as TPU-MLIR does)")
+    get_template(ckpt.config.template)
+    return opts, notes
+
+
+def _store(quantize: str) -> str:
+    return {"w4bf16": "bf16", "w4f16": "f16", "bf16": "bf16", "f16": "f16", "f32": "f32"}[quantize]
+
+
+def _copy_configs(src: str, dst: str) -> list[str]:
+    os.makedirs(dst)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name.startswith("."):
+            continue
+        if name == "model.safetensors.index.json" or os.path.getsize(path) > CONFIG_FILE_LIMIT:
+            continue
+        shutil.copy2(path, os.path.join(dst, name))
+        copied.append(name)
+    if "tokenizer.json" not in copied:  # older checkpoints: build it, so every bundle has one
+        TextTokenizer(src).raw.save(os.path.join(dst, "tokenizer.json"))
+        copied.append("tokenizer.json")
+    return copied
+
+
+def _token_facts(tok: TextTokenizer, ckpt: Checkpoint, gen: dict) -> dict:
+    eos = gen.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    for t in (IM_END,):
+        if tok.token_to_id(t) not in eos_ids:
+            eos_ids.insert(0, tok.token_to_id(t))
+    facts = {
+        "img_start": tok.token_to_id(IMG_START),
+        "img_end": tok.token_to_id(IMG_END),
+        "img_context": tok.token_to_id(IMG_CONTEXT),
+        "im_start": tok.token_to_id(IM_START),
+        "im_end": tok.token_to_id(IM_END),
+        "end_of_text": tok.token_to_id(END_OF_TEXT),
+        "eos": eos_ids,
+    }
+    if ckpt.config.image_token_id is not None and ckpt.config.image_token_id != facts["img_context"]:
+        raise UserError(
+            f"config image_token_id {ckpt.config.image_token_id} differs from the tokenizer's "
+            f"{IMG_CONTEXT} id {facts['img_context']}"
+        )
+    if tok.vocab_size() > ckpt.config.text.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size()} tokens, more than the model's vocab_size")
+    return facts
+
+
+def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Manifest:
+    progress = progress or Progress("[convert] ")
+    progress.step(f"reading {opts.model_path}")
+    ckpt = Checkpoint(opts.model_path)
+    opts, notes = resolve(opts, ckpt)
+    for n in notes:
+        progress.stream.write(f"note: {n}\n")
+    tok = TextTokenizer(opts.model_path)
+    gen = _read_json(os.path.join(opts.model_path, "generation_config.json"))
+    tokens = _token_facts(tok, ckpt, gen)
+    bundle.check_destination(opts.out_dir)
+    progress.done(f"({ckpt.config.format} format, {ckpt.storage_dtype} weights{', AWQ int4' if ckpt.config.text.awq else ''})")
+
+    store = _store(opts.quantize)
+    kv_capacity = opts.seq_length + opts.max_input_length  # room for a padded chunk at the end
+    dec_opts = DecoderOptions(
+        weight_bits=4 if opts.quantize.startswith("w4") else 0,
+        store=store,
+        group_size=opts.q_group_size,
+        lm_head_bits=opts.lm_head_bits,
+        accuracy_level=opts.accuracy_level,
+        kv_capacity=kv_capacity,
+    )
+    vis_opts = VisionOptions(store=store, weight_bits=opts.vision_bits, accuracy_level=opts.accuracy_level)
+    tmp = bundle.staging_dir(opts.out_dir)
+    nets = {}
+    try:
+        def emit(name: str, build, with_weights: bool = True):
+            weights = graphs.WeightFile(os.path.join(tmp, f"{name}.data")) if with_weights else None
+            g = build(weights)
+            graphs.save(g, os.path.join(tmp, f"{name}.onnx"))
+            nets[name] = {"file": f"{name}.onnx", "data": f"{name}.data" if with_weights else None, **g.io}
+
+        progress.step("vision encoder layer")
+        emit("vision", lambda w: build_vision(ckpt, vis_opts, w, progress.update))
+        progress.done()
+        progress.step("embedding")
+        emit("embedding", lambda w: build_embedding(ckpt, store, w))
+        progress.done()
+        progress.step("decoder layer")
+        emit("decoder", lambda w: build_decoder(ckpt, dec_opts, w, progress.update))
+        progress.done()
+        emit("greedy_head", lambda w: build_greedy_head(), with_weights=False)
+        if opts.do_sample:
+            emit("sample_head", lambda w: build_sample_head(), with_weights=False)
+        progress.step("configs and checksums")
+        _copy_configs(opts.model_path, os.path.join(tmp, "config"))
+        manifest = bundle.Manifest(
+            source={
+                "path": os.path.abspath(opts.model_path),
+                "format": ckpt.config.format,
+                "dtype": ckpt.storage_dtype,
+                "awq": asdict(ckpt.config.text.awq) if ckpt.config.text.awq else None,
+            },
+            target={"chip": opts.chip, "backend": "onnxruntime", "execution_provider": "CPUExecutionProvider"},
+            options={**asdict(opts), "model_path": os.path.abspath(opts.model_path),
+                     "out_dir": os.path.abspath(opts.out_dir), "store": store, "kv_capacity": kv_capacity,
+                     "decoder_weight_bits": dec_opts.weight_bits},
+            model={
+                "name": os.path.basename(os.path.abspath(opts.model_path)).lower(),
+                "config": ckpt.config.summary(),
+                "num_image_token": ckpt.config.num_image_token,
+                "image_size": ckpt.config.image_size,
+                "template": ckpt.config.template,
+                "tokens": tokens,
+                "hidden_size": ckpt.config.text.hidden_size,
+                "num_layers": ckpt.config.text.num_hidden_layers,
+                "num_kv_heads": ckpt.config.text.num_key_value_heads,
+                "head_dim": ckpt.config.text.head_dim,
+                "vocab_size": ckpt.config.text.vocab_size,
+            },
+            nets=nets,
+        )  # fmt: skip
+        bundle.finish(tmp, manifest, opts.out_dir)
+        progress.done()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.path = os.path.abspath(opts.out_dir)
+    return manifest
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}

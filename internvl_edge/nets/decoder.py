@@ -1,0 +1,170 @@
+"""The Qwen2 decoder as one ONNX graph: embeddings + KV cache in, next-token logits + KV cache out.
+
+It knows nothing about images: the runtime scatters image embeddings into `inputs_embeds`.
+
+One layer (HF: Qwen2DecoderLayer, https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2/modeling_qwen2.py):
+
+    residual ──SkipSimplifiedLayerNorm(input_layernorm)── h
+    h ──qkv_proj (q, k, v fused)── GroupQueryAttention(rotary, KV cache in place) ── o_proj ── a
+    (a + residual) ──SkipSimplifiedLayerNorm(post_attention_layernorm)── h2, residual
+    h2 ──gate_up_proj── split ── silu(gate) * up ── down_proj ── m      (m + residual feeds the next layer)
+
+GroupQueryAttention (com.microsoft) reads and writes the cache buffer in place (past and present
+are bound to the same buffer), applies rotary embeddings at each row's absolute position, and with
+`query_seqlens` accepts right-padded chunks, so static (padded) and dynamic shapes use one graph:
+for batch entry b, `seqlens_k[b] + 1` tokens are in the cache after the step and the first
+`query_seqlens[b]` rows of the chunk are real. Only the last real row goes through the final norm
+and lm_head: the output is one logits row per batch entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from ..checkpoint.reader import Checkpoint, DenseLinear, QuantLinear
+from .graph import MS_DOMAIN, Graph
+from .linear import linear, rms_norm
+from .quant import NBitsWeight, concat_outputs, from_awq, quantize
+
+
+@dataclass
+class DecoderOptions:
+    weight_bits: int  # 4: MatMulNBits blocks; 0: float weights in `store` precision
+    store: str  # f32 | f16 | bf16: precision of float weights
+    group_size: int = 64  # block size when we quantise float weights ourselves
+    lm_head_bits: int = 0  # 0 keeps lm_head as float; 8 or 4 quantises it
+    accuracy_level: int = 4
+    kv_capacity: int = 2048  # rows of the KV buffer and of the rotary tables
+
+
+def rotary_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, head_dim/2], computed in float32 as transformers does (inv_freq, then
+    position * inv_freq), so long positions round the same way.
+    https://github.com/huggingface/transformers/blob/main/src/transformers/modeling_rope_utils.py"""
+    exponent = (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent, dtype=np.float32)).astype(np.float32)
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _prepare(lin: DenseLinear | QuantLinear, opts: DecoderOptions) -> np.ndarray | NBitsWeight:
+    """A checkpoint linear in the form the bundle stores: float [N, K] or MatMulNBits blocks."""
+    if isinstance(lin, QuantLinear):
+        if opts.weight_bits == 4:
+            return from_awq(lin.awq)  # the published 4-bit values, repacked as they are
+        return np.ascontiguousarray(lin.awq.dequantize().T)
+    w = lin.weight.to_float32()
+    if opts.weight_bits:
+        return quantize(w, opts.weight_bits, opts.group_size)
+    return w
+
+
+def _fuse(parts: list[np.ndarray | NBitsWeight]) -> np.ndarray | NBitsWeight:
+    if all(isinstance(p, NBitsWeight) for p in parts):
+        if len({(p.block_size, p.bits) for p in parts}) == 1:
+            return concat_outputs(parts)
+    if any(isinstance(p, NBitsWeight) for p in parts):
+        raise ValueError("cannot fuse quantised and float linears")
+    return np.concatenate(parts, axis=0)
+
+
+def _bias(lins) -> np.ndarray | None:
+    if all(lin.bias is None for lin in lins):
+        return None
+    return np.concatenate([lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32) for lin in lins])
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"present.{layer}.key", f"present.{layer}.value")
+
+
+def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None) -> Graph:
+    cfg = ckpt.config.text
+    H, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = Graph("decoder", weights)
+    FLOAT, INT32 = TensorProto.FLOAT, TensorProto.INT32
+    x = g.input("inputs_embeds", FLOAT, ["batch", "sequence", H])
+    seqlens_k = g.input("seqlens_k", INT32, ["batch"])
+    total_len = g.input("total_sequence_length", INT32, [])
+    query_lens = g.input("query_seqlens", INT32, ["batch"])
+    cos, sin = rotary_tables(hd, cfg.rope_theta, opts.kv_capacity)
+    cos_cache = g.weight("model.rotary_emb.cos_cache", cos)
+    sin_cache = g.weight("model.rotary_emb.sin_cache", sin)
+
+    kv_outputs: list[tuple[str, list]] = []
+    residual, pending = x, None  # pending: the last sub-block's output, not yet added to residual
+    for i in range(cfg.num_hidden_layers):
+        p = f"language_model.model.layers.{i}"
+        m = f"model/layers.{i}"
+        ln_in = ckpt.f32(f"{p}.input_layernorm.weight")
+        if pending is None:
+            h = rms_norm(g, residual, f"{m}/input_layernorm", ln_in, cfg.rms_norm_eps)
+        else:
+            h, residual = _skip_norm(g, pending, residual, f"{m}/input_layernorm", ln_in, cfg.rms_norm_eps)
+
+        q, k, v = (ckpt.linear(f"{p}.self_attn.{n}_proj") for n in "qkv")
+        qkv = linear(g, h, f"{m}/attn/qkv_proj", _fuse([_prepare(t, opts) for t in (q, k, v)]), _bias([q, k, v]),
+                     opts.store, opts.accuracy_level)  # fmt: skip
+        past_k, past_v, present_k, present_v = kv_names(i)
+        kv_shape = ["batch", kvh, "kv_capacity", hd]
+        g.input(past_k, FLOAT, kv_shape)
+        g.input(past_v, FLOAT, kv_shape)
+        attn = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+             "", "", "", "", "", "", "", query_lens],
+            f"/{m}/attn/GroupQueryAttention",
+            outputs=[f"/{m}/attn/output", present_k, present_v],
+            domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
+        )[0]  # fmt: skip
+        kv_outputs += [(present_k, kv_shape), (present_v, kv_shape)]
+        o = ckpt.linear(f"{p}.self_attn.o_proj")
+        a = linear(g, attn, f"{m}/attn/o_proj", _prepare(o, opts), o.bias, opts.store, opts.accuracy_level)
+
+        h2, residual = _skip_norm(g, a, residual, f"{m}/post_attention_layernorm",
+                                  ckpt.f32(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps)  # fmt: skip
+        gate, up = ckpt.linear(f"{p}.mlp.gate_proj"), ckpt.linear(f"{p}.mlp.up_proj")
+        gu = linear(g, h2, f"{m}/mlp/gate_up_proj", _fuse([_prepare(gate, opts), _prepare(up, opts)]),
+                    _bias([gate, up]), opts.store, opts.accuracy_level)  # fmt: skip
+        gate_out, up_out = g.op("Split", [gu, g.const([cfg.intermediate_size] * 2)], f"/{m}/mlp/Split", outputs=2, axis=-1)
+        silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], f"/{m}/mlp/act/Sigmoid")], f"/{m}/mlp/act/Mul")
+        act = g.op("Mul", [silu, up_out], f"/{m}/mlp/Mul")
+        down = ckpt.linear(f"{p}.mlp.down_proj")
+        pending = linear(g, act, f"{m}/mlp/down_proj", _prepare(down, opts), down.bias, opts.store, opts.accuracy_level)
+        if progress:
+            progress(i + 1, cfg.num_hidden_layers)
+
+    hidden = g.op("Add", [pending, residual], "/model/layers.last/Add")
+    last = _last_rows(g, hidden, query_lens, H)
+    normed = rms_norm(g, last, "model/norm", ckpt.f32("language_model.model.norm.weight"), cfg.rms_norm_eps)
+    head = ckpt.lm_head()
+    head_f32 = head.weight.to_float32() if isinstance(head, DenseLinear) else np.ascontiguousarray(head.awq.dequantize().T)
+    # lm_head stays in float unless asked: 4-bit logits are visibly worse (llama.cpp keeps it at 6 bits)
+    head_w = quantize(head_f32, opts.lm_head_bits, opts.group_size) if opts.lm_head_bits else head_f32
+    logits = linear(g, normed, "lm_head", head_w, head.bias, opts.store, opts.accuracy_level)
+    g.output(logits, "logits", FLOAT, ["batch", cfg.vocab_size])
+    for name, shape in kv_outputs:
+        g.output(name, name, FLOAT, shape)
+    return g
+
+
+def _skip_norm(g: Graph, x: str, skip: str, path: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
+    """(normed(x + skip), x + skip) in one fused node."""
+    w = g.weight(f"{path}.weight", np.asarray(weight, np.float32))
+    out = g.op("SkipSimplifiedLayerNormalization", [x, skip, w], f"/{path}/SkipSimplifiedLayerNormalization",
+               outputs=4, domain=MS_DOMAIN, epsilon=float(eps))  # fmt: skip
+    return out[0], out[3]
+
+
+def _last_rows(g: Graph, hidden: str, query_lens: str, width: int) -> str:
+    """hidden [B, S, W] -> [B, W]: row query_lens[b] - 1 of each batch entry."""
+    idx = g.op("Sub", [g.op("Cast", [query_lens], "/model/last/Cast", to=TensorProto.INT64), g.const(1)], "/model/last/Sub")
+    idx = g.op("Reshape", [idx, g.const([-1, 1, 1])], "/model/last/Reshape")
+    batch = g.op("Shape", [hidden], "/model/last/Shape", start=0, end=1)
+    shape = g.op("Concat", [batch, g.const([1, width])], "/model/last/Concat", axis=0)
+    idx = g.op("Expand", [idx, shape], "/model/last/Expand")
+    rows = g.op("GatherElements", [hidden, idx], "/model/last/GatherElements", axis=1)
+    return g.op("Reshape", [rows, g.const([-1, width])], "/model/last/Reshape_out")

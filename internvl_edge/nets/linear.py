@@ -1,0 +1,83 @@
+"""Emitting weights and linear layers in the precision a bundle stores them in.
+
+On the CPU every activation is float32. A weight is stored as float32, float16, bfloat16 (widened by
+a Cast that ONNX Runtime folds when the session loads) or 4/8-bit blocks for `MatMulNBits`, whose
+`accuracy_level=4` lets MLAS quantise the activations to int8 blocks and use the VNNI int8 kernels:
+the fast path for memory-bound decoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ..checkpoint.safetensors import bf16_bits
+from .graph import MS_DOMAIN, Graph
+from .quant import NBitsWeight
+
+STORE_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def stored(x: np.ndarray, store: str) -> tuple[np.ndarray, int]:
+    """float32 data -> (array as written, ONNX element type) for a storage precision."""
+    if store == "f32":
+        return np.ascontiguousarray(x, dtype=np.float32), TensorProto.FLOAT
+    if store == "f16":
+        return np.ascontiguousarray(x, dtype=np.float16), TensorProto.FLOAT16
+    if store == "bf16":
+        return bf16_bits(x), TensorProto.BFLOAT16
+    raise ValueError(f"unknown storage precision {store}")
+
+
+def tensor(g: Graph, name: str, x: np.ndarray, store: str) -> str:
+    """A float weight used as float32 by the graph, stored in `store` precision."""
+    data, elem = stored(x, store)
+    w = g.weight(name, data, elem)
+    if elem == TensorProto.FLOAT:
+        return w
+    return g.op("Cast", [w], f"{name}/Cast", to=TensorProto.FLOAT)
+
+
+def linear(
+    g: Graph,
+    x: str,
+    path: str,
+    weight: np.ndarray | NBitsWeight,
+    bias: np.ndarray | None,
+    store: str,
+    accuracy_level: int = 4,
+) -> str:
+    """y = x @ W^T + b for W [N, K] (torch layout) or a block-quantised W. `path` is the module path."""
+    if isinstance(weight, NBitsWeight):
+        w = g.weight(f"{path}.weight_q{weight.bits}", weight.packed)
+        s = g.weight(f"{path}.scales", weight.scales.reshape(-1).astype(np.float32))
+        z = g.weight(f"{path}.zero_points", weight.zero_points.reshape(-1))
+        b = g.weight(f"{path}.bias", np.asarray(bias, np.float32)) if bias is not None else ""
+        return g.op(
+            "MatMulNBits",
+            [x, w, s, z, "", b],
+            f"/{path}/MatMulNBits",
+            domain=MS_DOMAIN,
+            K=weight.K,
+            N=weight.N,
+            bits=weight.bits,
+            block_size=weight.block_size,
+            accuracy_level=accuracy_level,
+        )
+    wt = tensor(g, f"{path}.weight_t", np.ascontiguousarray(np.asarray(weight, np.float32).T), store)
+    y = g.op("MatMul", [x, wt], f"/{path}/MatMul")
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(f"{path}.bias", np.asarray(bias, np.float32))], f"/{path}/Add")
+    return y
+
+
+def rms_norm(g: Graph, x: str, path: str, weight: np.ndarray, eps: float) -> str:
+    w = g.weight(f"{path}.weight", np.asarray(weight, np.float32))
+    return g.op("SimplifiedLayerNormalization", [x, w], f"/{path}/SimplifiedLayerNormalization",
+                axis=-1, epsilon=float(eps), stash_type=1)  # fmt: skip
+
+
+def layer_norm(g: Graph, x: str, path: str, weight: np.ndarray, bias: np.ndarray, eps: float) -> str:
+    w = g.weight(f"{path}.weight", np.asarray(weight, np.float32))
+    b = g.weight(f"{path}.bias", np.asarray(bias, np.float32))
+    return g.op("LayerNormalization", [x, w, b], f"/{path}/LayerNormalization", axis=-1, epsilon=float(eps))

@@ -1,0 +1,211 @@
+"""The stage contract every backend implements, and its ONNX Runtime (CPU) implementation.
+
+The contract (what generate.py, the API and the server use; a Sophgo bmodel or CUDA backend plugs in
+behind the same methods):
+
+    encode_images(pixel_values [tiles, 3, 448, 448]) -> image embeddings [tiles, 256, hidden]
+    embed(input_ids [B, S]) -> embeddings [B, S, hidden]
+    new_cache(batch) -> KVCache            one slot per sequence, each with its own cached length
+    forward(cache, embeds [B, S, hidden], query_lens [B]) -> logits [B, vocab]
+        appends query_lens[b] rows of embeds[b] to slot b and returns the logits after its last row;
+        a slot with query_lens[b] == 0 is idle and its row is meaningless
+    greedy(logits [B, vocab]) -> token ids [B]
+    sample(logits [B, vocab], penalty_ids [B, n], params) -> (probs [B, k], token ids [B, k])
+
+Static bundles (the default, as the seed's) run fixed shapes: every prefill call is padded to
+`max_input_length` rows and the vision net sees one tile at a time; dynamic bundles pass the real
+lengths. The decoder graph is the same for both (its KV buffer is bound in place through IO binding),
+so prefill and decode share one copy of the prepacked weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import Manifest
+from .errors import UserError
+from .nets.decoder import kv_names
+from .sampling import SamplingParams
+
+
+@dataclass
+class KVCache:
+    """KV buffers for `batch` sequences and how many rows each slot holds."""
+
+    batch: int
+    capacity: int
+    lengths: np.ndarray  # int64 [batch]
+    buffers: list = field(default_factory=list)  # backend-specific storage
+    binding: object = None  # backend-specific state (ORT: the IO binding that holds the buffers)
+
+    def reset(self, slot: int | None = None) -> None:
+        if slot is None:
+            self.lengths[:] = 0
+        else:
+            self.lengths[slot] = 0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_devid(devid: str | int | None) -> list[int]:
+    """The seed's `-d 0` or `-d 0,1` forms."""
+    if devid is None or devid == "":
+        return [0]
+    try:
+        ids = [int(x) for x in str(devid).split(",")]
+    except ValueError:
+        raise UserError(f"-d/--devid takes device numbers such as 0 or 0,1; got {devid!r}") from None
+    if any(i < 0 for i in ids):
+        raise UserError(f"-d/--devid takes non-negative device numbers; got {devid!r}")
+    return ids
+
+
+class OrtBackend:
+    """ONNX Runtime sessions for a bundle's nets, CPU execution provider."""
+
+    name = "onnxruntime-cpu"
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, devid=None, log=None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.manifest = manifest
+        self.devices = parse_devid(devid)
+        if self.devices != [0] and log is not None:
+            log(f"note: -d {devid} selects nothing on the CPU; the bundle runs on this machine's cores")
+        opts = manifest.options
+        self.dynamic = bool(opts["dynamic"])
+        self.max_input_length = int(opts["max_input_length"])
+        self.seq_length = int(opts["seq_length"])
+        self.kv_capacity = int(opts["kv_capacity"])
+        model = manifest.model
+        self.hidden = int(model["hidden_size"])
+        self.vocab = int(model["vocab_size"])
+        self.layers = int(model["num_layers"])
+        self.kv_heads = int(model["num_kv_heads"])
+        self.head_dim = int(model["head_dim"])
+        self.threads = threads or available_cores()
+        self.load_seconds: dict[str, float] = {}
+        self.sessions = {}
+        for name in manifest.nets:
+            t0 = time.perf_counter()
+            self.sessions[name] = self._session(manifest.net_path(name), self.threads)
+            self.load_seconds[name] = time.perf_counter() - t0
+
+    def _session(self, path: str, threads: int):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            return self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types; all mean the net cannot load
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load {path}: {first}") from None
+
+    # -- vision and embedding ----------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        sess = self.sessions["vision"]
+        px = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if self.dynamic:
+            return sess.run(None, {"pixel_values": px})[0]
+        return np.concatenate([sess.run(None, {"pixel_values": px[i : i + 1]})[0] for i in range(len(px))])
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self.sessions["embedding"].run(None, {"input_ids": ids})[0]
+
+    # -- decoder -----------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1) -> KVCache:
+        ort = self.ort
+        shape = [batch, self.kv_heads, self.kv_capacity, self.head_dim]
+        sess = self.sessions["decoder"]
+        binding = sess.io_binding()
+        buffers = []
+        for layer in range(self.layers):
+            past_k, past_v, present_k, present_v = kv_names(layer)
+            k = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+            v = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+            binding.bind_ortvalue_input(past_k, k)
+            binding.bind_ortvalue_input(past_v, v)
+            binding.bind_ortvalue_output(present_k, k)  # the same buffer: the cache is updated in place
+            binding.bind_ortvalue_output(present_v, v)
+            buffers += [k, v]
+        cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=buffers)
+        cache.binding = {"io": binding, "logits": np.empty((batch, self.vocab), np.float32)}
+        binding.bind_output("logits", "cpu", 0, np.float32, [batch, self.vocab], cache.binding["logits"].ctypes.data)
+        return cache
+
+    def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
+        query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
+        batch, rows, width = embeds.shape
+        if batch != cache.batch or width != self.hidden:
+            raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
+        if int(query_lens.max(initial=0)) > self.max_input_length:
+            raise ValueError(f"a forward call takes at most {self.max_input_length} rows")
+        total = cache.lengths + query_lens
+        if int(total.max(initial=0)) > self.seq_length:
+            raise ValueError("the KV cache is full")
+        if not self.dynamic and rows > 1 and rows != self.max_input_length:  # static prefill shape
+            padded = np.zeros((batch, self.max_input_length, width), np.float32)
+            padded[:, :rows] = embeds
+            embeds, rows = padded, self.max_input_length
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        seqlens_k = (np.maximum(total, 1) - 1).astype(np.int32)
+        io = cache.binding["io"]
+        io.bind_cpu_input("inputs_embeds", embeds)
+        io.bind_cpu_input("seqlens_k", seqlens_k)
+        io.bind_cpu_input("total_sequence_length", np.array(max(int(total.max(initial=1)), rows), np.int32))
+        io.bind_cpu_input("query_seqlens", query_lens.astype(np.int32))
+        self.sessions["decoder"].run_with_iobinding(io)
+        cache.lengths[:] = total
+        return cache.binding["logits"]
+
+    # -- heads -------------------------------------------------------------------------------------
+    def greedy(self, logits: np.ndarray) -> np.ndarray:
+        return self.sessions["greedy_head"].run(None, {"logits": np.ascontiguousarray(logits)})[0]
+
+    @property
+    def can_sample(self) -> bool:
+        return "sample_head" in self.sessions
+
+    def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+        penalty = p.repetition_penalty
+        if penalty_ids.size == 0:  # nothing seen yet: a no-op penalty on token 0
+            penalty_ids, penalty = np.zeros((logits.shape[0], 1), np.int64), 1.0
+        top_k = p.top_k if 0 < p.top_k <= logits.shape[-1] else logits.shape[-1]
+        feeds = {
+            "logits": np.ascontiguousarray(logits, np.float32),
+            "penalty_ids": np.ascontiguousarray(penalty_ids, np.int64),
+            "repetition_penalty": np.array([penalty], np.float32),
+            "temperature": np.array([p.temperature], np.float32),
+            "top_k": np.array([top_k], np.int64),
+            "top_p": np.array([p.top_p], np.float32),
+        }
+        probs, ids = self.sessions["sample_head"].run(None, feeds)
+        return probs, ids
+
+    def describe(self) -> dict:
+        import onnxruntime
+
+        return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
+                "devices": self.devices, "python": sys.version.split()[0]}  # fmt: skip
+
+
+def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None) -> OrtBackend:
+    backend = manifest.target.get("backend")
+    if backend == "onnxruntime":
+        return OrtBackend(manifest, threads=threads, devid=devid, log=log)
+    raise UserError(f"bundle backend {backend!r} is not available in this installation")

@@ -1,0 +1,94 @@
+"""Shared fixtures: random-weight checkpoints in the real formats, their bundles and test images.
+
+Everything is generated (no downloads) into one session-wide temporary folder. Two model shapes are
+used so nothing depends on one fixture's sizes: `tiny` (the factory's) and `odd` (other head counts,
+dimensions that are not multiples of the quantisation block, three layers, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from internvl_edge.checkpoint.factory import make_checkpoint, shapes_with  # noqa: E402
+from internvl_edge.convert import ConvertOptions, convert  # noqa: E402
+from internvl_edge.progress import Progress  # noqa: E402
+
+ODD = shapes_with(
+    "tiny",
+    vision_hidden=96, vision_layers=3, vision_heads=6, vision_intermediate=200,
+    text_hidden=192, text_layers=3, text_heads=6, text_kv_heads=2, text_intermediate=352,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+CHECKPOINTS = {
+    # name: (size, format, weights, seed)
+    "tiny_bf16": ("tiny", "original", "bf16", 0),
+    "tiny_awq": ("tiny", "original", "awq", 1),
+    "tiny_hf": ("tiny", "hf", "bf16", 2),
+    "odd_bf16": (ODD, "original", "bf16", 3),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("internvl_edge")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(workdir):
+    made = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            size, fmt, weights, seed = CHECKPOINTS[name]
+            made[name] = make_checkpoint(str(workdir / f"ckpt_{name}"), size=size, fmt=fmt, weights=weights, seed=seed)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundle(workdir, checkpoint):
+    made = {}
+
+    def get(ckpt: str, quantize: str, **options) -> str:
+        key = (ckpt, quantize, tuple(sorted(options.items())))
+        if key not in made:
+            tag = "_".join([ckpt, quantize] + [f"{k}{v}" for k, v in sorted(options.items())])
+            opts = ConvertOptions(model_path=checkpoint(ckpt), out_dir=str(workdir / f"bundle_{tag}"),
+                                  seq_length=options.pop("seq_length", 2048), quantize=quantize, **options)  # fmt: skip
+            made[key] = convert(opts, progress=Progress(enabled=False)).path
+        return made[key]
+
+    return get
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A structured test image: smooth gradients plus blocks, so resampling differences would show."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                    ((x + y) * 127 // max(width + height, 1))], axis=-1).astype(np.uint8)  # fmt: skip
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width - 8), rng.integers(0, height - 8)
+        img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
+    return Image.fromarray(img, "RGB")
+
+
+@pytest.fixture(scope="session")
+def images(workdir):
+    """Files: one tile (square), 2x1 + thumbnail (wide), 2x2 + thumbnail (large square), tall."""
+    out = {}
+    for name, (w, h, seed) in {"square": (320, 320, 1), "wide": (500, 300, 2), "large": (900, 880, 3),
+                               "tall": (240, 700, 4)}.items():  # fmt: skip
+        path = workdir / f"{name}.png"
+        picture(w, h, seed).save(path)
+        out[name] = str(path)
+    return out
