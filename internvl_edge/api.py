@@ -22,7 +22,7 @@ import numpy as np
 from .bundle import Manifest, load_manifest
 from .errors import UserError
 from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
-from .media import preprocess
+from .media import dynamic_preprocess, normalize, preprocess
 from .prompt import Template, expand_images, get_template, with_media_tags
 from .runtime import open_backend
 from .sampling import (
@@ -33,6 +33,7 @@ from .sampling import (
     SamplingParams,
 )
 from .tokenizer import TextTokenizer
+from .video import DEFAULT_FRAMES, read_frames
 
 
 @dataclass
@@ -81,12 +82,34 @@ class Model:
         prepared = [preprocess(img, max_tiles=tiles, tile=self.image_size) for img in images]
         return Media(np.concatenate([p.pixel_values for p in prepared]), [p.num_tiles for p in prepared])
 
-    def prepare(self, text: str, media: Media | None = None) -> PreparedPrompt:
-        """Prompt text with `<image>` placeholders + media -> token ids and embeddings."""
-        started = time.perf_counter()
+    def video_to_media(self, path: str, frames: int = DEFAULT_FRAMES) -> Media:
+        """`frames` evenly spaced frames, one 448x448 tile each (no thumbnail), as InternVL's video chat."""
+        tiles = [dynamic_preprocess(f, max_tiles=1, tile=self.image_size)[0] for f in read_frames(path, frames)]
+        return Media(normalize(tiles), [1] * len(tiles), is_video=True)
+
+    def media_for(self, images: Sequence = (), video: str | None = None, max_tiles: int | None = None,
+                  video_frames: int = DEFAULT_FRAMES) -> Media:  # fmt: skip
+        if video is not None and images:
+            raise UserError("give either images or one video, not both")
+        if video is not None:
+            return self.video_to_media(video, video_frames)
+        return self.images_to_media(images, max_tiles)
+
+    def tokenize(self, text: str, media: Media | None = None) -> list[int]:
+        """Prompt text with one `<image>` per image or frame -> token ids with the image blocks expanded."""
         media = media or Media(None, [])
-        text = expand_images(text, media.tiles_per_image, self.tokens_per_tile)
-        ids = self.tokenizer.encode(text)
+        return self.tokenizer.encode(expand_images(text, media.tiles_per_image, self.tokens_per_tile))
+
+    def prepare(self, text_or_ids: str | list[int], media: Media | None = None, room: int | None = None,
+                started: float | None = None) -> PreparedPrompt:  # fmt: skip
+        """Prompt (text with `<image>` placeholders, or its token ids) + media -> token ids and embeddings
+        with the image embeddings in place. `room`: tokens the cache can still take (default: the
+        bundle's seq_length); a prompt that leaves no room for an answer is refused before any image
+        is encoded."""
+        started = time.perf_counter() if started is None else started
+        media = media or Media(None, [])
+        ids = self.tokenize(text_or_ids, media) if isinstance(text_or_ids, str) else list(text_or_ids)
+        self._check_fits(len(ids), media, self.seq_length if room is None else room)
         embeds = self.backend.embed(np.asarray([ids], np.int64))[0]
         vision_s = 0.0
         if media.pixel_values is not None:
@@ -100,6 +123,21 @@ class Model:
             embeds = np.array(embeds, copy=True)
             embeds[rows] = flat
         return PreparedPrompt(ids, embeds, vision_s, int(sum(media.tiles_per_image)), started)
+
+    def _check_fits(self, n_tokens: int, media: Media, room: int) -> None:
+        if n_tokens < room:
+            return
+        media_tokens = self.tokens_per_tile * sum(media.tiles_per_image)
+        head = f"the prompt has {n_tokens} tokens but only {room - 1} fit in the bundle's seq_length {self.seq_length}"
+        if media.is_video:
+            per_frame = self.tokens_per_tile + 8  # a frame's tile plus its `FrameN: <img></img>` text
+            fit = max(0, (room - 1 - (n_tokens - media_tokens)) // per_frame)
+            raise UserError(f"{head}: {len(media.tiles_per_image)} video frames take {media_tokens}; "
+                            f"use --video-frames {fit} or fewer, or convert with a larger -s")  # fmt: skip
+        if media_tokens:
+            raise UserError(f"{head} ({sum(media.tiles_per_image)} image tiles take {media_tokens}); "
+                            "use fewer tiles (--max-tiles) or images, or convert with a larger -s")  # fmt: skip
+        raise UserError(f"{head}; shorten it or convert with a larger -s")
 
     def question(self, question: str, media: Media, system: str | None = None, first_turn: bool = True) -> str:
         """The chat-template text for one user turn (with the system turn when it opens a conversation)."""
@@ -145,26 +183,29 @@ class Model:
             raise UserError("max_new_tokens must be at least 1")
         return cfg
 
-    def stream(self, prompt: str, images: Sequence = (), system: str | None = None,
-               max_tiles: int | None = None, **gen) -> Iterator[Chunk]:  # fmt: skip
+    def stream(self, prompt: str, images: Sequence = (), system: str | None = None, max_tiles: int | None = None,
+               video: str | None = None, video_frames: int = DEFAULT_FRAMES, **gen) -> Iterator[Chunk]:  # fmt: skip
         """Stream the answer to one independent question (system prompt + question)."""
         cfg = self.generation_config(**gen)
-        media = self.images_to_media(images, max_tiles)
+        media = self.media_for(images, video, max_tiles, video_frames)
         prepared = self.prepare(self.question(prompt, media, system), media)
         cache = self.backend.new_cache(1)
         yield from stream(self.backend, self.tokenizer, cache, prepared, cfg)
 
-    def generate(self, prompt: str, images: Sequence = (), system: str | None = None,
-                 max_tiles: int | None = None, **gen) -> Result:  # fmt: skip
+    def generate(self, prompt: str, images: Sequence = (), system: str | None = None, max_tiles: int | None = None,
+                 video: str | None = None, video_frames: int = DEFAULT_FRAMES, **gen) -> Result:  # fmt: skip
         """Answer one independent question; the Result has text, token ids, logprobs and timings."""
         cfg = self.generation_config(**gen)
-        media = self.images_to_media(images, max_tiles)
+        media = self.media_for(images, video, max_tiles, video_frames)
         prepared = self.prepare(self.question(prompt, media, system), media)
         cache = self.backend.new_cache(1)
         return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg), prepared.input_ids)
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
+
+
+ANSWER_ROOM = 128
 
 
 class ChatSession:
@@ -182,36 +223,54 @@ class ChatSession:
         self.cache.reset()
         self.turns = 0
 
-    def stream(self, text: str, images: Sequence = (), max_tiles: int | None = None, media: Media | None = None,
-               on_notice=None, **gen) -> Iterator[Chunk]:  # fmt: skip
+    def stream(self, text: str, images: Sequence = (), max_tiles: int | None = None, video: str | None = None,
+               video_frames: int = DEFAULT_FRAMES, media: Media | None = None, on_notice=None,
+               **gen) -> Iterator[Chunk]:  # fmt: skip
+        """One turn. A turn longer than --max_input_length is refused (with history); when history and
+        turn together would not fit, `on_notice` is told and the history is cleared first (the seed's
+        behaviour)."""
+        started = time.perf_counter()
         model = self.model
         cfg = model.generation_config(**gen)
-        media = media or model.images_to_media(images, max_tiles)
+        media = media or model.media_for(images, video, max_tiles, video_frames)
         if not self.keeps_history:
             self.clear()
-        prepared = model.prepare(model.question(text, media, self.system, first_turn=self.turns == 0), media)
-        if self.turns and not self._fits(len(prepared.input_ids)):
+        ids = model.tokenize(model.question(text, media, self.system, first_turn=self.turns == 0), media)
+        if self.keeps_history and len(ids) > model.backend.max_input_length:
+            raise UserError(
+                f"this turn has {len(ids)} tokens; the bundle's --max_input_length is "
+                f"{model.backend.max_input_length} (ask a shorter question, use fewer tiles, or convert again)"
+            )
+        if self.turns and not self._fits(len(ids)):
             if on_notice:
                 on_notice("the history is full; it was cleared to continue")
             self.clear()
-            prepared = model.prepare(model.question(text, media, self.system, first_turn=True), media)
-        if self.keeps_history and len(prepared.input_ids) > model.backend.max_input_length:
-            raise UserError(
-                f"this turn has {len(prepared.input_ids)} tokens; the bundle's --max_input_length is "
-                f"{model.backend.max_input_length} (ask a shorter question, use fewer tiles, or convert again)"
-            )
+            ids = model.tokenize(model.question(text, media, self.system, first_turn=True), media)
+        prepared = model.prepare(ids, media, room=self._room(), started=started)
         self.turns += 1
-        yield from stream(model.backend, model.tokenizer, self.cache, prepared, cfg)
+        last, finish = None, None
+        for chunk in stream(model.backend, model.tokenizer, self.cache, prepared, cfg):
+            last = chunk.token_ids[-1] if chunk.token_ids else last
+            finish = chunk.finish_reason or finish
+            yield chunk
+        if self.keeps_history and finish == "length" and last is not None and self._room() > 0:
+            # a stop token is never fed (the next turn opens with the separator that closes the answer),
+            # but an answer cut by max_new_tokens still needs its last token in the history
+            model.backend.forward(self.cache, model.backend.embed(np.array([[last]], np.int64)), [1])
+
+    def _room(self) -> int:
+        return self.model.seq_length - int(self.cache.lengths[0])
 
     def _fits(self, turn_tokens: int) -> bool:
+        """History + this turn + room for an answer within what a prefill may see (the seed keeps 128
+        tokens for the answer: pipeline.py, `SEQLEN - 128`)."""
         opts = self.model.manifest.options
-        history = int(self.cache.lengths[0])
-        limit = min(int(opts["max_prefill_kv_length"]), int(opts["seq_length"]))
-        return history + turn_tokens < limit
+        limit = min(int(opts["max_prefill_kv_length"]), int(opts["seq_length"]) - ANSWER_ROOM)
+        return int(self.cache.lengths[0]) + turn_tokens <= limit
 
     def send(self, text: str, images: Sequence = (), **kw) -> Result:
-        chunks = list(self.stream(text, images, **kw))
-        return collect(iter(chunks), [])
+        """One turn, collected: text, token ids, finish reason and timings."""
+        return collect(self.stream(text, images, **kw), [])
 
 
 def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None,

@@ -157,7 +157,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
         accuracy_level=opts.accuracy_level,
         kv_capacity=kv_capacity,
     )
-    vis_opts = VisionOptions(store=store, weight_bits=opts.vision_bits, accuracy_level=opts.accuracy_level)
+    vis_opts = VisionOptions(store=store, weight_bits=opts.vision_bits, accuracy_level=opts.accuracy_level,
+                             static=not opts.dynamic)  # fmt: skip
     tmp = bundle.staging_dir(opts.out_dir)
     nets = {}
     try:

@@ -12,6 +12,8 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("-p", "--prompt", required=True, help="the question")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--video", default=None, help="video file (8 evenly spaced frames, one tile each)")
+    p.add_argument("--video-frames", dest="video_frames", type=int, default=8, help="frames sampled from --video")
     add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--logprobs", type=int, default=0, help="with --json: the K most likely tokens at every step")
@@ -22,8 +24,10 @@ def main(args) -> int:
     kw = generation_kwargs(args)
     if args.logprobs:
         kw["logprobs"] = args.logprobs
+    request = {"images": args.image, "video": args.video, "video_frames": args.video_frames,
+             "system": args.system, "max_tiles": args.max_tiles}  # fmt: skip
     if args.json:
-        result = model.generate(args.prompt, images=args.image, system=args.system, max_tiles=args.max_tiles, **kw)
+        result = model.generate(args.prompt, **request, **kw)
         out = {
             "prompt_token_ids": result.prompt_token_ids,
             "token_ids": result.token_ids,
@@ -38,7 +42,7 @@ def main(args) -> int:
         print(json.dumps(out, ensure_ascii=False))
         return 0
     stats = None
-    for chunk in model.stream(args.prompt, images=args.image, system=args.system, max_tiles=args.max_tiles, **kw):
+    for chunk in model.stream(args.prompt, **request, **kw):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         stats = chunk.stats or stats

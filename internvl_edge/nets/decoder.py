@@ -109,7 +109,7 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         qkv = linear(g, h, f"{m}/attn/qkv_proj", _fuse([_prepare(t, opts) for t in (q, k, v)]), _bias([q, k, v]),
                      opts.store, opts.accuracy_level)  # fmt: skip
         past_k, past_v, present_k, present_v = kv_names(i)
-        kv_shape = ["batch", kvh, "kv_capacity", hd]
+        kv_shape = ["batch", kvh, opts.kv_capacity, hd]
         g.input(past_k, FLOAT, kv_shape)
         g.input(past_v, FLOAT, kv_shape)
         attn = g.op(

@@ -31,6 +31,7 @@ class VisionOptions:
     weight_bits: int = 0  # 8 quantises the encoder's linears (MatMulNBits, int8 activations)
     block_size: int = 32
     accuracy_level: int = 4
+    static: bool = False  # a fixed [1, 3, 448, 448] input (static bundles feed one tile per call)
 
 
 def _weight(ckpt: Checkpoint, name: str, opts: VisionOptions):
@@ -52,7 +53,8 @@ def build_vision(ckpt: Checkpoint, opts: VisionOptions, weights, progress=None) 
     C, heads = v.hidden_size, v.num_attention_heads
     grid = v.image_size // v.patch_size
     g = Graph("vision", weights)
-    px = g.input("pixel_values", TensorProto.FLOAT, ["tiles", v.num_channels, v.image_size, v.image_size])
+    tiles_dim = 1 if opts.static else "tiles"
+    px = g.input("pixel_values", TensorProto.FLOAT, [tiles_dim, v.num_channels, v.image_size, v.image_size])
 
     e = "vision_model.embeddings"
     patch_w = tensor(g, f"{e}.patch_embedding.weight", ckpt.f32(f"{e}.patch_embedding.weight"), opts.store)
@@ -114,6 +116,6 @@ def build_vision(ckpt: Checkpoint, opts: VisionOptions, weights, progress=None) 
     x = linear(g, x, "mlp1.1", ckpt.f32("mlp1.1.weight"), ckpt.f32("mlp1.1.bias"), opts.store)
     x = g.op("Gelu", [x], "/mlp1.2/Gelu", domain=MS_DOMAIN)
     x = linear(g, x, "mlp1.3", ckpt.f32("mlp1.3.weight"), ckpt.f32("mlp1.3.bias"), opts.store)
-    g.output(x, "image_embeds", TensorProto.FLOAT, ["tiles", cfg.num_image_token, cfg.text.hidden_size])
+    g.output(x, "image_embeds", TensorProto.FLOAT, [tiles_dim, cfg.num_image_token, cfg.text.hidden_size])
     return g
 

@@ -1,0 +1,106 @@
+"""Video in, evenly spaced RGB frames out (PyAV), as InternVL's video chat samples them.
+
+Frame choice is InternVL's `get_index` without a time bound: the video's frame range [0, last] is cut
+into `num_segments` equal segments and the middle frame of each is taken, so a video shorter than the
+frame count repeats frames instead of failing.
+https://huggingface.co/OpenGVLab/InternVL3-2B (README, "video multi-round conversation": get_index,
+load_video with num_segments=8, each frame one 448x448 tile, prompt `Frame1: <image>\\n...`)
+Frames are counted by decoding when the container does not record a count (webm, some mkv), and
+decoding stops at the last wanted frame.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+DEFAULT_FRAMES = 8  # the seed's num_segments
+
+
+def frame_indices(total_frames: int, num_segments: int) -> list[int]:
+    """Middle frame of each of `num_segments` equal segments of [0, total_frames - 1]."""
+    if total_frames < 1:
+        raise ValueError("a video needs at least one frame")
+    segment = (total_frames - 1) / num_segments
+    # np.round rounds halves to even, as InternVL's get_index does
+    return [min(int(segment / 2 + np.round(segment * i)), total_frames - 1) for i in range(num_segments)]
+
+
+def _open(path: str):
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a video PyAV can open ({_first_line(e)})") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _count_frames(path: str) -> int:
+    import av
+
+    container, stream = _open(path)
+    try:
+        return sum(1 for _ in container.decode(stream))
+    except av.error.FFmpegError as e:
+        raise UserError(f"{path} cannot be decoded ({_first_line(e)})") from None
+    finally:
+        container.close()
+
+
+def read_frames(path: str, num_segments: int = DEFAULT_FRAMES) -> list[Image.Image]:
+    """`num_segments` RGB frames of the video at `path`."""
+    import av
+
+    if num_segments < 1:
+        raise UserError("the number of video frames must be at least 1")
+    if not os.path.exists(path):
+        raise UserError(f"video not found: {path}")
+    container, stream = _open(path)
+    total = int(stream.frames or 0)
+    container.close()
+    if total <= 0:
+        total = _count_frames(path)
+    if total <= 0:
+        raise UserError(f"{path} has no video frames")
+    for attempt in range(2):
+        wanted = frame_indices(total, num_segments)
+        needed = set(wanted)
+        found: dict[int, Image.Image] = {}
+        container, stream = _open(path)
+        decoded = 0
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                decoded = index + 1
+                if index in needed:
+                    found[index] = frame.to_image().convert("RGB")
+                if index >= wanted[-1]:
+                    break
+        except av.error.FFmpegError as e:
+            if not found:
+                raise UserError(f"{path} cannot be decoded ({_first_line(e)})") from None
+        finally:
+            container.close()
+        if len(found) == len(needed):
+            return [found[i] for i in wanted]
+        if attempt == 0 and decoded and decoded < total:  # the recorded count was too high: recount
+            total = _count_frames(path)
+            if total <= 0:
+                break
+            continue
+        break
+    raise UserError(f"{path} is damaged: frames {sorted(needed - set(found))[:3]} could not be decoded")
