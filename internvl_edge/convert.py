@@ -26,10 +26,11 @@ from .nets.heads import build_embedding, build_greedy_head, build_sample_head
 from .nets.vision import VisionOptions, build_vision
 from .progress import Progress
 from .prompt import get_template
+from .sophgo import CHIPS as SOPHGO_CHIPS
 from .tokenizer import END_OF_TEXT, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, TextTokenizer
 
 QUANTIZE_MODES = ("w4bf16", "w4f16", "bf16", "f16", "f32")
-CHIPS = ("cpu",)
+CHIPS = ("cpu", *SOPHGO_CHIPS)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".py", ".pyc")
 CONFIG_FILE_LIMIT = 64 * 1024 * 1024
 
@@ -51,6 +52,7 @@ class ConvertOptions:
     lm_head_bits: int = 0
     vision_bits: int = 0
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 1 = float32 activations (exact)
+    tpu_mlir: str | None = None  # Sophgo targets: TPU-MLIR's tpu_mlir folder (default: TPUC_ROOT, then our copy)
 
 
 def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, list[str]]:
@@ -60,6 +62,10 @@ def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, lis
         raise UserError(f"-q {opts.quantize} is not supported; choose one of {', '.join(QUANTIZE_MODES)}")
     if opts.chip not in CHIPS:
         raise UserError(f"-c {opts.chip} is not supported yet; supported targets: {', '.join(CHIPS)}")
+    if opts.chip in SOPHGO_CHIPS:
+        from .sophgo.convert import resolve as resolve_sophgo
+
+        notes += resolve_sophgo(opts, ckpt)
     t = ckpt.config.text
     if opts.seq_length < 32:
         raise UserError(f"-s {opts.seq_length} is too short (at least 32 tokens)")
@@ -168,18 +174,24 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
             graphs.save(g, os.path.join(tmp, f"{name}.onnx"))
             nets[name] = {"file": f"{name}.onnx", "data": f"{name}.data" if with_weights else None, **g.io}
 
-        progress.step("vision encoder layer")
-        emit("vision", lambda w: build_vision(ckpt, vis_opts, w, progress.update))
-        progress.done()
-        progress.step("embedding")
-        emit("embedding", lambda w: build_embedding(ckpt, store, w))
-        progress.done()
-        progress.step("decoder layer")
-        emit("decoder", lambda w: build_decoder(ckpt, dec_opts, w, progress.update))
-        progress.done()
-        emit("greedy_head", lambda w: build_greedy_head(), with_weights=False)
-        if opts.do_sample:
-            emit("sample_head", lambda w: build_sample_head(), with_weights=False)
+        target = {"chip": opts.chip, "backend": "onnxruntime", "execution_provider": "CPUExecutionProvider"}
+        if opts.chip in SOPHGO_CHIPS:  # TPU-MLIR compiles the seed's nets into one bmodel
+            from .sophgo.convert import build as build_bmodel
+
+            nets, target = build_bmodel(ckpt, opts, tmp, progress)
+        else:
+            progress.step("vision encoder layer")
+            emit("vision", lambda w: build_vision(ckpt, vis_opts, w, progress.update))
+            progress.done()
+            progress.step("embedding")
+            emit("embedding", lambda w: build_embedding(ckpt, store, w))
+            progress.done()
+            progress.step("decoder layer")
+            emit("decoder", lambda w: build_decoder(ckpt, dec_opts, w, progress.update))
+            progress.done()
+            emit("greedy_head", lambda w: build_greedy_head(), with_weights=False)
+            if opts.do_sample:
+                emit("sample_head", lambda w: build_sample_head(), with_weights=False)
         progress.step("configs and checksums")
         _copy_configs(opts.model_path, os.path.join(tmp, "config"))
         manifest = bundle.Manifest(
@@ -189,7 +201,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
                 "dtype": ckpt.storage_dtype,
                 "awq": asdict(ckpt.config.text.awq) if ckpt.config.text.awq else None,
             },
-            target={"chip": opts.chip, "backend": "onnxruntime", "execution_provider": "CPUExecutionProvider"},
+            target=target,
             options={**asdict(opts), "model_path": os.path.abspath(opts.model_path),
                      "out_dir": os.path.abspath(opts.out_dir), "store": store, "kv_capacity": kv_capacity,
                      "decoder_weight_bits": dec_opts.weight_bits},

@@ -208,4 +208,8 @@ def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log
     backend = manifest.target.get("backend")
     if backend == "onnxruntime":
         return OrtBackend(manifest, threads=threads, devid=devid, log=log)
+    if backend == "bmrt":  # Sophgo bmodel: libsophon on a board, else TPU-MLIR's chip simulator
+        from .sophgo.backend import BmrtBackend
+
+        return BmrtBackend(manifest, threads=threads, devid=devid, log=log)
     raise UserError(f"bundle backend {backend!r} is not available in this installation")

@@ -18,9 +18,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max_prefill_kv_length", type=int, default=0, help="history a prefill may see (default seq_length)")
     p.add_argument("--dynamic", action="store_true", help="shapes follow the real input length instead of fixed padded shapes")
     p.add_argument("--max-tiles", dest="max_tiles", type=int, default=4, help="default image tiles per image (default 4)")
-    p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=0, choices=(0, 4, 8), help="quantise lm_head (default: keep float)")
+    p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=None, choices=(0, 4, 8),
+                   help="lm_head precision: 8 or 4 bits, 0 = float (default: 8 for w4 modes, float otherwise)")
     p.add_argument("--accuracy_level", type=int, default=4, choices=(1, 4),
                    help="4-bit matmuls: 4 quantises activations to int8 (fast, default), 1 keeps them float32 (exact)")
+    p.add_argument("--tpu-mlir", dest="tpu_mlir", default=None,
+                   help="Sophgo targets: TPU-MLIR's tpu_mlir folder (default: TPUC_ROOT, then `internvl-edge toolchain install`'s copy)")
     p.add_argument("--vision-bits", dest="vision_bits", type=int, default=0, choices=(0, 8), help="quantise the vision encoder's linears to 8 bits")
 
 
@@ -31,8 +34,13 @@ def main(args) -> int:
         max_prefill_kv_length=args.max_prefill_kv_length, use_block_with_kv=args.use_block_with_kv,
         dynamic=args.dynamic, do_sample=args.do_sample, max_tiles=args.max_tiles,
         lm_head_bits=args.lm_head_bits, vision_bits=args.vision_bits, accuracy_level=args.accuracy_level,
+        tpu_mlir=args.tpu_mlir,
     )  # fmt: skip
     manifest = convert(opts)
+    if manifest.target.get("bmodel"):
+        mb = manifest.files[manifest.target["bmodel"]]["bytes"] / 1e6
+        print(f"wrote {manifest.path} ({manifest.target['bmodel']}, {mb:.1f} MB)")
+        return 0
     mb = manifest.weight_bytes / 1e6
     print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {mb:.1f} MB of weights)")
     return 0

@@ -1,0 +1,245 @@
+"""The stage contract of runtime.py over a combined bmodel: what `chat`, `run` and the API call.
+
+It drives the nets as the seed's runtime does (LLM-TPU models/InternVL3 chat.cpp), with the KV history
+in device memory, one buffer pair per layer and per cache slot:
+
+    prefill from position 0   block_i(rows, positions 0.., causal mask) per layer; the new K/V rows are
+                              copied into the history; the last real row goes to lm_head
+    one more token            block_cache_i(row, position, mask over the history, history) per layer;
+                              its K/V row is copied into the history at its position
+    more rows after history   block_kv_i when compiled (--use_block_with_kv), else one row at a time
+
+Static shapes: a prefill is padded to `max_input_length` rows (padding rows are masked out and their
+K/V never copied). Masks use the seed's "minus infinity": -10000 in f16, -9984 in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+
+from ..bundle import Manifest
+from ..errors import UserError
+from ..runtime import KVCache, parse_devid
+from ..sampling import SamplingParams
+from .bmrt import Runtime, find_libraries, from_device_dtype, to_device_dtype
+
+MASKED = -10000.0  # rounds to 0xF0E2 in f16 and 0xC61C (-9984) in bf16, the seed's mask values
+
+
+class BmrtBackend:
+    name = "bmrt"
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, devid=None, log=None):
+        self.manifest = manifest
+        self.devices = parse_devid(devid)
+        if len(self.devices) != 1:
+            raise UserError(f"-d {devid}: this bundle runs on one chip (it was compiled with num_device 1); "
+                            "use one device number")  # fmt: skip
+        chip = manifest.target["chip"]
+        libs = find_libraries(chip)
+        self.library = libs.description
+        self.bmodel = os.path.join(manifest.path, manifest.target["bmodel"])
+        # bm_memcpy_d2d(_byte) crashes inside the BM1688 simulator (sg_api_memcpy_byte): copy through the host there
+        self.rt = Runtime(libs.folder, self.bmodel, self.devices[0], host_copies=libs.simulator and chip == "bm1688")
+        self._finalizer = weakref.finalize(self, self.rt.close)
+        nets = self.rt.nets
+        missing = [n for n in manifest.nets if n not in nets]
+        if missing:
+            raise UserError(f"{self.bmodel} lacks the nets {', '.join(missing)}; convert again")
+        model = manifest.model
+        self.layers = int(model["num_layers"])
+        self.hidden = int(model["hidden_size"])
+        self.vocab = int(model["vocab_size"])
+        self.kv_heads, self.head_dim = int(model["num_kv_heads"]), int(model["head_dim"])
+        self.blocks = [nets[f"block_{i}"] for i in range(self.layers)]
+        self.caches = [nets[f"block_cache_{i}"] for i in range(self.layers)]
+        self.kv_blocks = [nets[f"block_kv_{i}"] for i in range(self.layers)] if "block_kv_0" in nets else None
+        self.max_input_length = self.blocks[0].inputs[0].shape[1]
+        self.seq_length = self.caches[0].inputs[3].shape[1]
+        self.half = self.blocks[0].inputs[0].dtype  # f16 | bf16: activations between nets
+        self.row_bytes = self.kv_heads * self.head_dim * 2  # one position of K (or V) in the history
+        self.hidden_bytes = self.hidden * 2
+        self.dynamic = bool(manifest.options.get("dynamic"))
+        self.threads = threads
+        self._io = {name: self._alloc_io(net) for name, net in nets.items()}
+
+    def _alloc_io(self, net) -> tuple[list, list]:
+        """Device buffers for a net's inputs and outputs (history inputs come from the cache)."""
+        ins = [None if t.name.startswith("history_") else self.rt.alloc(t.nbytes) for t in net.inputs]
+        return ins, [self.rt.alloc(t.nbytes) for t in net.outputs]
+
+    def _run(self, name: str, inputs: dict | None = None, mems: dict | None = None) -> list:
+        """Upload host inputs by position, bind device inputs by position, launch; the output buffers."""
+        net = self.rt.nets[name]
+        ins, outs = self._io[name]
+        ins = list(ins)
+        for i, data in (inputs or {}).items():
+            self.rt.upload(ins[i], to_device_dtype(data, net.inputs[i].dtype))
+        for i, mem in (mems or {}).items():
+            ins[i] = mem
+        self.rt.launch(net, ins, outs)
+        return outs
+
+    def _read(self, name: str, index: int = 0) -> np.ndarray:
+        net = self.rt.nets[name]
+        t = net.outputs[index]
+        return from_device_dtype(self.rt.download(self._io[name][1][index], t.nbytes), t.dtype).reshape(t.shape)
+
+    # -- vision and embedding ----------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = []
+        for tile in np.asarray(pixel_values, np.float32):
+            self._run("vit", {0: tile[None]})
+            out.append(self._read("vit"))
+        return np.stack(out)
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids, np.int64)
+        batch, length = ids.shape
+        out = np.empty((batch, length, self.hidden), np.float32)
+        step = self.max_input_length
+        for b in range(batch):
+            if length == 1:
+                self._run("embedding_cache", {0: ids[b : b + 1].astype(np.int32)})
+                out[b] = self._read("embedding_cache")[0]
+                continue
+            for start in range(0, length, step):
+                chunk = ids[b, start : start + step]
+                padded = np.zeros((1, step), np.int32)
+                padded[0, : len(chunk)] = chunk
+                self._run("embedding", {0: padded})
+                out[b, start : start + len(chunk)] = self._read("embedding")[0, : len(chunk)]
+        return out
+
+    # -- decoder -----------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1) -> KVCache:
+        """History buffers [seq_length, kv_heads, head_dim] per layer, K and V, per slot, zeroed (masked
+        positions are multiplied by zero attention weights: they must hold finite numbers)."""
+        nbytes = self.seq_length * self.row_bytes
+        zeros = np.zeros(nbytes, np.uint8)
+        slots = []
+        for _ in range(batch):
+            pairs = []
+            for _ in range(self.layers):
+                k, v = self.rt.alloc(nbytes), self.rt.alloc(nbytes)
+                self.rt.upload(k, zeros)
+                self.rt.upload(v, zeros)
+                pairs.append((k, v))
+            slots.append(pairs)
+        cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=slots)
+        weakref.finalize(cache, _free_all, weakref.ref(self.rt), [m for pairs in slots for kv in pairs for m in kv])
+        return cache
+
+    def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
+        query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
+        batch, rows, width = embeds.shape
+        if batch != cache.batch or width != self.hidden:
+            raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
+        if int(query_lens.max(initial=0)) > self.max_input_length:
+            raise ValueError(f"a forward call takes at most {self.max_input_length} rows")
+        if int((cache.lengths + query_lens).max(initial=0)) > self.seq_length:
+            raise ValueError("the KV cache is full")
+        logits = np.zeros((batch, self.vocab), np.float32)
+        for b in range(batch):
+            n, start = int(query_lens[b]), int(cache.lengths[b])
+            if n == 0:
+                continue
+            x = embeds[b, :n]
+            if start == 0:
+                last = self._prefill(cache.buffers[b], x)
+            elif n == 1:
+                last = self._decode(cache.buffers[b], x, start)
+            elif self.kv_blocks is not None:
+                last = self._prefill_after(cache.buffers[b], x, start)
+            else:  # without block_kv_i, rows after a history go through the one-token nets
+                for j in range(n):
+                    last = self._decode(cache.buffers[b], x[j : j + 1], start + j)
+            logits[b] = self._lm_head(*last)
+            cache.lengths[b] = start + n
+        return logits
+
+    def _prefill(self, pairs, x: np.ndarray):
+        n, L = len(x), self.max_input_length
+        states = np.zeros((1, L, self.hidden), np.float32)
+        states[0, :n] = x
+        positions = np.zeros((1, L), np.int32)
+        positions[0, :n] = np.arange(n)
+        mask = np.full((1, 1, L, L), MASKED, np.float32)
+        mask[0, 0, :n, :n] = np.where(np.tri(n, dtype=bool), 0.0, MASKED)  # causal over the real rows
+        return self._layers(self.blocks, pairs, states, positions, mask, n, 0)
+
+    def _prefill_after(self, pairs, x: np.ndarray, start: int):
+        n, L, S = len(x), self.max_input_length, self.seq_length
+        states = np.zeros((1, L, self.hidden), np.float32)
+        states[0, :n] = x
+        positions = np.zeros((1, L), np.int32)
+        positions[0, :n] = np.arange(start, start + n)
+        mask = np.full((1, 1, L, S + L), MASKED, np.float32)
+        mask[0, 0, :n, :start] = 0.0  # the whole history, then causal over the new rows
+        mask[0, 0, :n, S : S + n] = np.where(np.tri(n, dtype=bool), 0.0, MASKED)
+        return self._layers(self.kv_blocks, pairs, states, positions, mask, n, start)
+
+    def _decode(self, pairs, x: np.ndarray, start: int):
+        S = self.seq_length
+        mask = np.full((1, 1, 1, S + 1), MASKED, np.float32)
+        mask[..., :start] = 0.0
+        mask[..., S] = 0.0  # the new token itself, concatenated after the history
+        return self._layers(self.caches, pairs, x.reshape(1, 1, -1), np.array([[start]], np.int32), mask, 1, start)
+
+    def _layers(self, nets, pairs, states, positions, mask, n: int, start: int):
+        """Run one kind of block over all layers; the hidden rows stay on the device between layers."""
+        h = None
+        for i, net in enumerate(nets):
+            ins, outs = self._io[net.name]
+            bind = {} if h is None else {0: h}
+            host = {0: states, 1: positions, 2: mask} if h is None else {1: positions, 2: mask}
+            if net.inputs[-1].name == "history_v":
+                bind.update({3: pairs[i][0], 4: pairs[i][1]})
+            if i > 0:  # positions and mask are the same for every layer: share layer 0's buffers
+                first_ins = self._io[nets[0].name][0]
+                bind.update({1: first_ins[1], 2: first_ins[2]})
+                host = {}
+            outs = self._run(net.name, host, bind)
+            k, v = outs[1], outs[2]
+            self.rt.copy(pairs[i][0], start * self.row_bytes, k, 0, n * self.row_bytes)
+            self.rt.copy(pairs[i][1], start * self.row_bytes, v, 0, n * self.row_bytes)
+            h = outs[0]
+        return h, n - 1
+
+    def _lm_head(self, h, row: int) -> np.ndarray:
+        ins, _ = self._io["lm_head"]
+        self.rt.copy(ins[0], 0, h, row * self.hidden_bytes, self.hidden_bytes)
+        self._run("lm_head")
+        return self._read("lm_head")[0]
+
+    # -- heads -------------------------------------------------------------------------------------
+    def greedy(self, logits: np.ndarray) -> np.ndarray:
+        out = []
+        for row in np.asarray(logits, np.float32):
+            self._run("greedy_head", {0: row[None]})
+            out.append(int(self._read("greedy_head").reshape(-1)[0]))
+        return np.array(out, np.int64)
+
+    @property
+    def can_sample(self) -> bool:
+        return False
+
+    def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams):
+        raise UserError("sampling is not available for Sophgo bundles yet; run without --do_sample")
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "library": self.library, "chip": self.manifest.target["chip"],
+                "bmodel": os.path.basename(self.bmodel), "devices": self.devices}  # fmt: skip
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _free_all(rt_ref, mems) -> None:
+    rt = rt_ref()
+    if rt is not None:
+        for m in mems:
+            rt.free(m)
