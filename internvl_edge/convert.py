@@ -7,6 +7,9 @@ the quantisation mode chooses how weights are stored:
                   quantised here); everything else in bfloat16 / float16
   bf16 / f16      every weight in bfloat16 / float16
   f32             every weight in float32 (for verification against the reference)
+In the w4 modes lm_head is stored as 8-bit blocks by default (`--lm-head-bits`): it is the largest
+single matrix every decoded token reads (151674 x hidden), and 8 bits keep its error well below the
+4-bit decoder's (llama.cpp's Q4 files keep it at 6 bits for the same reason).
 AWQ checkpoints keep their float16 tensors (w4bf16 becomes w4f16, as TPU-MLIR does: "AWQ only
 support w4f16"), since rounding them to bfloat16 would lose precision.
 """
@@ -49,7 +52,7 @@ class ConvertOptions:
     dynamic: bool = False
     do_sample: bool = False
     max_tiles: int = 4  # the seed's default, recorded as the bundle's default
-    lm_head_bits: int = 0
+    lm_head_bits: int | None = None  # None: 8 for w4 modes (every token reads lm_head), else float
     vision_bits: int = 0
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 1 = float32 activations (exact)
     tpu_mlir: str | None = None  # Sophgo targets: TPU-MLIR's tpu_mlir folder (default: TPUC_ROOT, then our copy)
@@ -85,6 +88,8 @@ def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, lis
         raise UserError("--max-tiles must be at least 1")
     if opts.accuracy_level not in (0, 1, 4):
         raise UserError("--accuracy_level takes 4 (int8 activations, fast) or 1 (float32 activations, exact)")
+    if opts.lm_head_bits is None:
+        opts.lm_head_bits = 8 if opts.quantize.startswith("w4") else 0
     if opts.lm_head_bits not in (0, 4, 8) or opts.vision_bits not in (0, 8):
         raise UserError("--lm-head-bits takes 0, 4 or 8 and --vision-bits 0 or 8")
     if t.awq is not None and opts.quantize == "w4bf16":

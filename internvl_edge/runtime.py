@@ -6,6 +6,7 @@ behind the same methods):
     encode_images(pixel_values [tiles, 3, 448, 448]) -> image embeddings [tiles, 256, hidden]
     embed(input_ids [B, S]) -> embeddings [B, S, hidden]
     new_cache(batch) -> KVCache            one slot per sequence, each with its own cached length
+    copy_slot(src, i, dst, j)              copy sequence i of one cache into slot j of another
     forward(cache, embeds [B, S, hidden], query_lens [B]) -> logits [B, vocab]
         appends query_lens[b] rows of embeds[b] to slot b and returns the logits after its last row;
         a slot with query_lens[b] == 0 is idle and its row is meaningless
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import ort_cache
 from .bundle import Manifest
 from .errors import UserError
 from .nets.decoder import kv_names
@@ -97,20 +99,41 @@ class OrtBackend:
         self.threads = threads or available_cores()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
+        self.cached: dict[str, bool] = {}
         for name in manifest.nets:
             t0 = time.perf_counter()
-            self.sessions[name] = self._session(manifest.net_path(name), self.threads)
+            self.sessions[name] = self._session(name)
             self.load_seconds[name] = time.perf_counter() - t0
 
-    def _session(self, path: str, threads: int):
+    def _options(self, optimize: bool = True):
         so = self.ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = self.ort.GraphOptimizationLevel
+        so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         so.log_severity_level = 3
+        return so
+
+    def _session(self, name: str):
+        """A session for one net: from the per-machine cache of optimised, pre-packed graphs when it
+        holds this net (memory-mapped, nothing to prepare), else built and added to it."""
+        path = self.manifest.net_path(name)
+        net = self.manifest.nets[name]
+        files = [net["file"]] + ([net["data"]] if net.get("data") else [])
         try:
-            return self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+            if not ort_cache.enabled() or not net.get("data"):
+                return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
+            key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files], "all")
+            cached = ort_cache.cached_graph(key)
+            self.cached[name] = cached is not None
+            if cached:
+                return self.ort.InferenceSession(cached, sess_options=self._options(optimize=False),
+                                                 providers=["CPUExecutionProvider"])  # fmt: skip
+            try:
+                return ort_cache.build(self.ort, path, key, self._options)
+            except OSError:  # an unwritable cache folder only costs preparing the net at every load
+                return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; all mean the net cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
@@ -133,20 +156,30 @@ class OrtBackend:
         shape = [batch, self.kv_heads, self.kv_capacity, self.head_dim]
         sess = self.sessions["decoder"]
         binding = sess.io_binding()
-        buffers = []
+        arrays, values = [], []
         for layer in range(self.layers):
             past_k, past_v, present_k, present_v = kv_names(layer)
-            k = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
-            v = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
-            binding.bind_ortvalue_input(past_k, k)
-            binding.bind_ortvalue_input(past_v, v)
-            binding.bind_ortvalue_output(present_k, k)  # the same buffer: the cache is updated in place
-            binding.bind_ortvalue_output(present_v, v)
-            buffers += [k, v]
-        cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=buffers)
-        cache.binding = {"io": binding, "logits": np.empty((batch, self.vocab), np.float32)}
+            # numpy owns the memory and the OrtValues wrap it (no copy), so slots can be copied with numpy
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            k_val, v_val = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
+            binding.bind_ortvalue_input(past_k, k_val)
+            binding.bind_ortvalue_input(past_v, v_val)
+            binding.bind_ortvalue_output(present_k, k_val)  # the same buffer: the cache is updated in place
+            binding.bind_ortvalue_output(present_v, v_val)
+            arrays += [k, v]
+            values += [k_val, v_val]
+        cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=arrays)
+        cache.binding = {"io": binding, "ortvalues": values, "logits": np.empty((batch, self.vocab), np.float32)}
         binding.bind_output("logits", "cpu", 0, np.float32, [batch, self.vocab], cache.binding["logits"].ctypes.data)
         return cache
+
+    def copy_slot(self, src: KVCache, src_slot: int, dst: KVCache, dst_slot: int) -> None:
+        """Copy one sequence's cached rows (and length) between caches, e.g. from a batch-1 prefill
+        into a slot of a batched decode cache."""
+        n = int(src.lengths[src_slot])
+        for a, b in zip(src.buffers, dst.buffers):
+            b[dst_slot, :, :n] = a[src_slot, :, :n]
+        dst.lengths[dst_slot] = n
 
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
         query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)

@@ -175,15 +175,16 @@ def bundle_linear_weights(bundle_dir: str) -> dict[str, np.ndarray]:
     return out
 
 
-def apply_bundle_quantisation(model: InternVLForConditionalGeneration, bundle_dir: str) -> None:
-    """Give the reference exactly the 4-bit weights our w4 bundle computes with."""
+def apply_bundle_quantisation(model: InternVLForConditionalGeneration, bundle_dir: str, layers: bool = True) -> None:
+    """Give the reference exactly the block-quantised weights our bundle computes with (the decoder
+    layers' 4-bit weights unless `layers` is False, and lm_head when the bundle quantised it)."""
     cfg = model.config.text_config
     hd = cfg.hidden_size // cfg.num_attention_heads
     q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     weights = bundle_linear_weights(bundle_dir)
     lm = model.model.language_model
     with torch.no_grad():
-        for i, layer in enumerate(lm.layers):
+        for i, layer in enumerate(lm.layers if layers else []):
             qkv = weights[f"/model/layers.{i}/attn/qkv_proj/MatMulNBits"]
             layer.self_attn.q_proj.weight.copy_(torch.from_numpy(qkv[:q_rows]))
             layer.self_attn.k_proj.weight.copy_(torch.from_numpy(qkv[q_rows : q_rows + kv_rows]))

@@ -38,14 +38,14 @@ def test_bundle_layout_and_manifest(bundle):
     from internvl_edge.tokenizer import TextTokenizer
 
     assert m.model["tokens"]["img_context"] == TextTokenizer(m.source["path"]).img_context_id
-    # every decoder layer linear is a 4-bit MatMulNBits; lm_head stays float unless asked
+    # every decoder layer linear is a 4-bit MatMulNBits, lm_head an 8-bit one (the w4 default)
     import onnx
 
     graph = onnx.load(os.path.join(path, "decoder.onnx"), load_external_data=False).graph
-    nbits = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 4 * 2 and all(dict((a.name, a.i) for a in n.attribute)["bits"] == 4
-                                       for n in graph.node if n.op_type == "MatMulNBits")  # fmt: skip
-    assert [n.name for n in graph.node if n.op_type == "MatMul"] == ["/lm_head/MatMul"]
+    bits = {n.name: dict((a.name, a.i) for a in n.attribute)["bits"] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("/lm_head/MatMulNBits") == 8 and m.options["lm_head_bits"] == 8
+    assert len(bits) == 4 * 2 and set(bits.values()) == {4}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul"]
 
 
 def test_awq_keeps_float16_and_its_4bit_values(bundle):

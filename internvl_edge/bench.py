@@ -1,0 +1,273 @@
+"""Measurements of a bundle on this machine: load, vision, prefill, decode, FTL, memory, roofline.
+
+Decoding is memory-bound: every token reads all decoder weights (plus the KV cache) once, so the
+best possible decode speed is read bandwidth / bytes per token. The bandwidth is measured here, in the
+same run, with as many threads as the model uses, so the ratio does not depend on remembered figures.
+Every figure is a median over repeated runs after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .api import Model, load
+from .generate import prefill
+from .progress import Progress
+
+PREFILL_LENGTHS = (64, 256, 1024)
+DECODE_CONTEXTS = (300, 1500)
+FTL_TEXT_TOKENS = 40  # the seed's case: one 448 tile + a short question
+
+
+@dataclass
+class BenchResult:
+    machine: dict = field(default_factory=dict)
+    bundle: dict = field(default_factory=dict)
+    load_s: float = 0.0
+    vision_s_per_tile: float | None = None
+    prefill_tps: dict = field(default_factory=dict)
+    decode_tps: dict = field(default_factory=dict)
+    decode_overhead_ms: dict = field(default_factory=dict)  # per token, outside the decoder net
+    ftl_s: dict = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    weight_bytes: int = 0
+    bytes_per_token: dict = field(default_factory=dict)
+    bandwidth_gbs: float = 0.0
+    roofline_tps: dict = field(default_factory=dict)
+    roofline_fraction: dict = field(default_factory=dict)
+
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from .runtime import available_cores
+
+    return {"cpu": cpu, "cores": available_cores(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s reading a `gib` GiB float32 array with ONNX Runtime's ReduceSum on `threads` threads (the
+    runtime and thread pool that decode with; numpy's sum would hold the GIL and use one core)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rows = 64  # the reduction is split over rows, one per task
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "bandwidth",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
+    sess.run(None, {"x": data})  # warm-up: pages touched
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": data})
+        best = max(best, data.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decoder_bytes_per_token(model: Model) -> int:
+    """Bytes of weights one decode step reads, as ONNX Runtime holds them: 4-bit blocks as stored,
+    float weights widened to float32 (a Cast on an initializer is folded at load), rotary tables not
+    counted (one row is read)."""
+    import onnx
+
+    path = model.manifest.net_path("decoder")
+    graph = onnx.load(path, load_external_data=False).graph
+    cast_inputs = {n.input[0] for n in graph.node if n.op_type == "Cast"}
+    total = 0
+    for t in graph.initializer:
+        if "rotary_emb" in t.name:
+            continue
+        numel = int(np.prod(t.dims)) if t.dims else 1
+        if t.name in cast_inputs:
+            total += numel * 4
+        else:
+            total += numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def kv_bytes(model: Model, context: int) -> int:
+    m = model.manifest.model
+    return 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * 4 * context
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def time_vision(model: Model, repeats: int) -> float:
+    px = np.random.default_rng(0).standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+    model.backend.encode_images(px)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.backend.encode_images(px)
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def _random_embeds(model: Model, n: int, seed: int = 0) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(0, model.tokenizer.vocab_size() - 40, size=(1, n))
+    return model.backend.embed(ids)[0]
+
+
+def time_prefill(model: Model, n: int, repeats: int) -> float:
+    embeds = _random_embeds(model, n)
+    times = []
+    for r in range(repeats + 1):
+        cache = model.backend.new_cache(1)
+        t0 = time.perf_counter()
+        prefill(model.backend, cache, embeds)
+        if r:
+            times.append(time.perf_counter() - t0)
+    return n / _median(times)
+
+
+def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float]:
+    """(tokens/s, milliseconds per token spent outside the decoder net) at a given context."""
+    backend = model.backend
+    sess = backend.sessions["decoder"]
+    run = sess.run_with_iobinding
+    inside = [0.0]
+
+    def timed_run(io, *a):
+        t0 = time.perf_counter()
+        run(io, *a)
+        inside[0] += time.perf_counter() - t0
+
+    rates, overheads = [], []
+    sess.run_with_iobinding = timed_run
+    try:
+        for r in range(repeats + 1):
+            cache = backend.new_cache(1)
+            logits = prefill(backend, cache, _random_embeds(model, context, seed=r))
+            token = int(backend.greedy(logits[None])[0])
+            inside[0] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
+                token = int(backend.greedy(logits[None])[0])
+            elapsed = time.perf_counter() - t0
+            if r:
+                rates.append(tokens / elapsed)
+                overheads.append((elapsed - inside[0]) / tokens * 1000)
+    finally:
+        del sess.run_with_iobinding
+    return _median(rates), _median(overheads)
+
+
+def time_ftl(model: Model, image, repeats: int) -> float:
+    question = " ".join(["word"] * FTL_TEXT_TOKENS)
+    kw = {"images": [image], "max_tiles": 1} if image is not None else {}
+    times = []
+    for r in range(repeats + 1):
+        result = model.generate(question, max_new_tokens=1, **kw)
+        if r:
+            times.append(result.stats.ftl_s)
+    return _median(times)
+
+
+def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_tokens: int = 32,
+              quick: bool = False, progress: Progress | None = None) -> BenchResult:  # fmt: skip
+    from PIL import Image
+
+    progress = progress or Progress("[bench] ")
+    res = BenchResult()
+    progress.step("loading the bundle")
+    load(bundle, threads=threads)  # first load: verification stamps, page cache
+    t0 = time.perf_counter()
+    model = load(bundle, threads=threads)
+    res.load_s = time.perf_counter() - t0
+    progress.done()
+    res.machine = machine_info(model.backend.threads)
+    opts = model.manifest.options
+    res.bundle = {"path": model.manifest.path, "quantize": opts["quantize"], "dynamic": opts["dynamic"],
+                  "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
+                  "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
+                  "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"]}  # fmt: skip
+    res.weight_bytes = model.manifest.weight_bytes
+    seq = model.seq_length
+
+    progress.step("vision, one tile")
+    res.vision_s_per_tile = time_vision(model, repeats)
+    progress.done(f"{res.vision_s_per_tile:.3f} s")
+    for n in PREFILL_LENGTHS:
+        if n >= seq or (quick and n > 256):
+            continue
+        progress.step(f"prefill {n} tokens")
+        res.prefill_tps[str(n)] = time_prefill(model, n, repeats)
+        progress.done(f"{res.prefill_tps[str(n)]:.1f} tokens/s")
+    for ctx in DECODE_CONTEXTS:
+        if ctx + decode_tokens >= seq or (quick and ctx > 300):
+            continue
+        progress.step(f"decode at context {ctx}")
+        tps, overhead = time_decode(model, ctx, decode_tokens, repeats)
+        res.decode_tps[str(ctx)], res.decode_overhead_ms[str(ctx)] = tps, overhead
+        progress.done(f"{tps:.2f} tokens/s")
+    progress.step("first-token latency")
+    picture = Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8))
+    res.ftl_s["text"] = time_ftl(model, None, repeats)
+    res.ftl_s["1 tile + 40 tokens"] = time_ftl(model, picture, repeats)
+    progress.done()
+
+    res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the 1 GiB probe
+    progress.step("memory bandwidth")
+    res.bandwidth_gbs = read_bandwidth(model.backend.threads)
+    progress.done(f"{res.bandwidth_gbs:.1f} GB/s")
+    weights = decoder_bytes_per_token(model)
+    for ctx, tps in res.decode_tps.items():
+        per_token = weights + kv_bytes(model, int(ctx))
+        res.bytes_per_token[ctx] = per_token
+        res.roofline_tps[ctx] = res.bandwidth_gbs * 1e9 / per_token
+        res.roofline_fraction[ctx] = tps / res.roofline_tps[ctx]
+    return res
+
+
+def format_result(r: BenchResult) -> str:
+    m = r.machine
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, onnxruntime {m['onnxruntime']}",
+        f"bundle: {r.bundle['path']} ({r.bundle['quantize']}, {'dynamic' if r.bundle['dynamic'] else 'static'}, "
+        f"max_input_length {r.bundle['max_input_length']}, lm_head bits {r.bundle['lm_head_bits']}, "
+        f"vision bits {r.bundle['vision_bits']})",
+        f"load (second): {r.load_s:.2f} s",
+        f"vision: {r.vision_s_per_tile:.3f} s per tile",
+    ]
+    lines += [f"prefill {n}: {tps:.1f} tokens/s" for n, tps in r.prefill_tps.items()]
+    for ctx, tps in r.decode_tps.items():
+        lines.append(
+            f"decode at {ctx}: {tps:.2f} tokens/s, roofline {r.roofline_tps[ctx]:.1f} "
+            f"({100 * r.roofline_fraction[ctx]:.0f}%), {r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
+            f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net"
+        )
+    lines += [f"FTL {k}: {v:.3f} s" for k, v in r.ftl_s.items()]
+    lines.append(f"memory read bandwidth ({m['threads']} threads): {r.bandwidth_gbs:.1f} GB/s")
+    lines.append(f"peak RSS: {r.peak_rss_bytes / 1e9:.2f} GB ({r.peak_rss_bytes / max(r.weight_bytes, 1):.2f}x "
+                 f"the bundle's {r.weight_bytes / 1e9:.2f} GB of weights)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def as_dict(r: BenchResult) -> dict:
+    return asdict(r)
+

@@ -1,0 +1,23 @@
+"""`internvl-edge bench`: load, vision, prefill, decode, FTL, peak memory and the decode roofline."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-m", "--model_path", required=True, help="bundle folder")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per figure, after one warm-up (median)")
+    p.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="skip the long prompts and contexts")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+def main(args) -> int:
+    from ..bench import as_dict, format_result, run_bench
+
+    result = run_bench(args.model_path, threads=args.threads, repeats=args.repeats,
+                       decode_tokens=args.decode_tokens, quick=args.quick)  # fmt: skip
+    print(json.dumps(as_dict(result), indent=2) if args.json else format_result(result))
+    return 0
