@@ -3,10 +3,18 @@
     import internvl_edge
     model = internvl_edge.load("internvl3_2b")
     out = model.generate("Describe the image.", images=["cat.jpg"], max_new_tokens=128)
+    print(out.text, out.token_ids, out.finish_reason, out.stats.prompt_tokens, out.stats.ftl_s)
     for chunk in model.stream("Describe the image.", images=["cat.jpg"]):
         print(chunk.text, end="", flush=True)
+    out = model.generate(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Describe the image."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}])
     chat = model.chat()
     chat.send("What is in the image?", images=["cat.jpg"]); chat.send("And its colour?")
+
+Images may be paths, bytes or PIL images; a video is a path. Generation options (`max_new_tokens`,
+`do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `logprobs`,
+`ignore_eos`) are the keyword arguments of `Model.generation_config`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from .bundle import Manifest, load_manifest
 from .errors import UserError
 from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
 from .media import dynamic_preprocess, normalize, preprocess
+from .messages import Conversation, parse_messages, resolve_image
 from .prompt import Template, expand_images, get_template, with_media_tags
 from .runtime import open_backend
 from .sampling import (
@@ -74,6 +83,7 @@ class Model:
 
     # -- requests ----------------------------------------------------------------------------------
     def images_to_media(self, images: Sequence = (), max_tiles: int | None = None) -> Media:
+        """Images (paths, bytes or PIL images) -> their tiles, `max_tiles` each (default: the bundle's)."""
         tiles = max_tiles or self.max_tiles
         if tiles < 1:
             raise UserError("max_tiles must be at least 1")
@@ -109,7 +119,7 @@ class Model:
         started = time.perf_counter() if started is None else started
         media = media or Media(None, [])
         ids = self.tokenize(text_or_ids, media) if isinstance(text_or_ids, str) else list(text_or_ids)
-        self._check_fits(len(ids), media, self.seq_length if room is None else room)
+        self.check_fits(len(ids), media, self.seq_length if room is None else room)
         embeds = self.backend.embed(np.asarray([ids], np.int64))[0]
         vision_s = 0.0
         if media.pixel_values is not None:
@@ -124,7 +134,8 @@ class Model:
             embeds[rows] = flat
         return PreparedPrompt(ids, embeds, vision_s, int(sum(media.tiles_per_image)), started)
 
-    def _check_fits(self, n_tokens: int, media: Media, room: int) -> None:
+    def check_fits(self, n_tokens: int, media: Media, room: int) -> None:
+        """Refuse (UserError, saying what to change) a prompt that leaves no room for an answer."""
         if n_tokens < room:
             return
         media_tokens = self.tokens_per_tile * sum(media.tiles_per_image)
@@ -181,23 +192,67 @@ class Model:
             raise TypeError(f"unknown generation options: {', '.join(overrides)}")
         if cfg.max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
+        if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
+            raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
         return cfg
 
-    def stream(self, prompt: str, images: Sequence = (), system: str | None = None, max_tiles: int | None = None,
-               video: str | None = None, video_frames: int = DEFAULT_FRAMES, **gen) -> Iterator[Chunk]:  # fmt: skip
-        """Stream the answer to one independent question (system prompt + question)."""
+    def conversation_text(self, conversation: Conversation) -> str:
+        """The chat-template text of a conversation: every turn's images introduced by `<image>`
+        placeholders (as `question` does for one turn), earlier answers closed by the separator."""
+        tagged = [with_media_tags(t.question, n_images=len(t.images)) for t in conversation.turns]
+        history = [(q, t.answer or "") for q, t in zip(tagged[:-1], conversation.turns[:-1])]
+        return self.template.conversation(tagged[-1], conversation.system, history)
+
+    def messages_prompt(self, messages: Sequence[dict], resolve=resolve_image) -> tuple[str, list]:
+        """OpenAI-format messages -> (chat-template text with `<image>` placeholders, images in order).
+        `resolve` turns each image reference (URL, path, bytes, PIL image) into something
+        `images_to_media` reads; the default reads data URLs and local paths and refuses http(s)."""
+        conversation = parse_messages(messages, resolve)
+        return self.conversation_text(conversation), conversation.images
+
+    def request(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
+                max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+                messages: Sequence[dict] | None = None, resolve=resolve_image) -> tuple[list[int], Media]:  # fmt: skip
+        """One independent request (a question with its media, or OpenAI messages whose image
+        references go through `resolve`) -> prompt token ids and media, checked to fit the bundle;
+        nothing runs on the model yet."""
+        if messages is not None:
+            if prompt is not None or images or video is not None or system is not None:
+                raise UserError("give either messages or a prompt (with images, video, system), not both")
+            text, images = self.messages_prompt(messages, resolve)
+            media = self.images_to_media(images, max_tiles)
+        else:
+            if prompt is None:
+                raise UserError("give a prompt or messages")
+            media = self.media_for(images, video, max_tiles, video_frames)
+            text = self.question(prompt, media, system)
+        ids = self.tokenize(text, media)
+        self.check_fits(len(ids), media, self.seq_length)
+        return ids, media
+
+    def stream(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
+               max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+               messages: Sequence[dict] | None = None, **gen) -> Iterator[Chunk]:  # fmt: skip
+        """Stream the answer to one independent question (system prompt + question, or `messages`).
+        Chunks carry `text` and `token_ids`; the last one `finish_reason` ("stop"/"length") and `stats`."""
+        started = time.perf_counter()
         cfg = self.generation_config(**gen)
-        media = self.media_for(images, video, max_tiles, video_frames)
-        prepared = self.prepare(self.question(prompt, media, system), media)
+        ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
+        prepared = self.prepare(ids, media, started=started)
         cache = self.backend.new_cache(1)
         yield from stream(self.backend, self.tokenizer, cache, prepared, cfg)
 
-    def generate(self, prompt: str, images: Sequence = (), system: str | None = None, max_tiles: int | None = None,
-                 video: str | None = None, video_frames: int = DEFAULT_FRAMES, **gen) -> Result:  # fmt: skip
-        """Answer one independent question; the Result has text, token ids, logprobs and timings."""
+    def generate(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
+                 max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+                 messages: Sequence[dict] | None = None, **gen) -> Result:  # fmt: skip
+        """Answer one independent question (system prompt + question, or `messages`). The Result has
+        `text`, `token_ids`, `prompt_token_ids`, `logprobs` (with `logprobs=K`), `finish_reason`
+        ("stop"/"length") and `stats`: usage (`prompt_tokens`, `generated_tokens`) and timings
+        (`ftl_s`, `decode_tps`, `vision_s`)."""
+        started = time.perf_counter()
         cfg = self.generation_config(**gen)
-        media = self.media_for(images, video, max_tiles, video_frames)
-        prepared = self.prepare(self.question(prompt, media, system), media)
+        ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
+        prepared = self.prepare(ids, media, started=started)
         cache = self.backend.new_cache(1)
         return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg), prepared.input_ids)
 
