@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": ("convert", "convert a Hugging Face checkpoint into a bundle"),
     "run": ("run", "answer one question (optionally about images or a video)"),
     "chat": ("chat", "interactive chat, as the seed's pipeline.py"),
+    "serve": ("serve", "serve a bundle over an OpenAI-compatible HTTP API, many clients at once"),
     "bench": ("bench", "measure load, vision, prefill, decode, first-token latency, memory and the roofline"),
     "toolchain": ("toolchain", "install or show TPU-MLIR, the compiler and chip simulator of the Sophgo targets"),
     "make-checkpoint": ("make_checkpoint", "write a random-weight InternVL3 checkpoint (tests, demo, benchmarks)"),

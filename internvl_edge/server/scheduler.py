@@ -1,0 +1,315 @@
+"""The engine: one thread runs every model call; up to `parallel` sequences decode in one batch.
+
+    requests ──submit──> waiting (bounded: beyond it 429) ──admit──> slot j of the batched KV cache
+                                                                      │ one batched decoder call
+    chunks  <──asyncio queue per request── pick each row's token <────┘ per step, all live slots
+
+Each loop iteration does, in order:
+  1. drop cancelled sequences (a client that left): their slots are free at once;
+  2. one unit of admission work when a slot is free: vision + embedding of the next waiting request,
+     then (next iteration) its prefill in a batch-1 cache, copied into the free slot; its first token is
+     picked from the prefill logits. Splitting the work lets the others decode in between;
+  3. one decode step: every live slot feeds its last token, one row each, through ONE forward call
+     (idle slots have query length 0), then every row's next token is picked: the greedy head once for
+     the batch, the sampling head per sampling row (its parameters are per call).
+
+A sequence leaves its slot when it finishes (stop token, stop string, max_tokens, full cache). Every
+ONNX Runtime call happens on this thread: sessions and IO bindings are not safe for concurrent runs.
+A batched greedy request gives the tokens it gives alone (runtime.py: rows of a batched decode call are
+independent); the per-token rules below are generate.steps/stream's, step for step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..api import Media, Model
+from ..errors import UserError
+from ..generate import Chunk, GenerationConfig, Stats, _held_back, prefill, select
+from ..sampling import GREEDY_TEMPERATURE, log_softmax, top_logprobs
+from ..tokenizer import StreamDetokenizer
+from .protocol import ApiError
+
+log = logging.getLogger("internvl_edge.server")
+
+
+@dataclass
+class Job:
+    """A validated request: prompt token ids, its images' tiles and how to generate."""
+
+    id: str
+    input_ids: list[int]
+    media: Media
+    config: GenerationConfig
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ServedChunk(Chunk):
+    """A generate.Chunk plus the logprob of each of its tokens (OpenAI's `logprobs.content[].logprob`)."""
+
+    token_logprobs: list[float] | None = None
+
+
+class Handle:
+    """The request's side: chunks (then the last, with finish_reason and stats) or an ApiError arrive on
+    an asyncio queue; `cancel()` frees the sequence's slot at the engine's next step."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop):
+        self.job = job
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.admitted: float | None = None  # perf_counter when its prefill began
+        self.finished = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def queue_s(self) -> float:
+        return (self.admitted or time.perf_counter()) - self.job.received
+
+    def push(self, item) -> None:
+        """From the engine thread: hand a ServedChunk or ApiError to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def next(self):
+        """The next chunk; an ApiError from the engine is raised."""
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        if item.finish_reason:
+            self.finished = True
+        return item
+
+
+class Sequence:
+    """One admitted request in slot `slot`: its sampling state and the text it has produced."""
+
+    def __init__(self, handle: Handle, slot: int, model: Model, prompt_ids: list[int], stats: Stats, started: float):
+        self.handle, self.slot, self.model = handle, slot, model
+        self.cfg = handle.job.config
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.seen = list(prompt_ids)  # the repetition penalty covers the whole turn
+        self.samples = self.cfg.do_sample and self.cfg.sampling.temperature > GREEDY_TEMPERATURE
+        self.detok = StreamDetokenizer(model.tokenizer)
+        self.pending = ""  # decoded, not sent yet (it might start a stop string)
+        self.stats, self.started = stats, started
+        self.first_at: float | None = None
+        self.token: int | None = None  # the token to feed at the next decode step
+        self.done = False
+
+    def pick(self, backend, logits_row: np.ndarray) -> int:
+        return select(backend, logits_row, self.seen, self.cfg, self.rng)
+
+    def accept(self, token: int, logits_row: np.ndarray, cache_length: int, capacity: int) -> list[ServedChunk]:
+        """One picked token -> the chunks to send; sets `done` and `token` (generate.steps, then stream)."""
+        cfg, stats = self.cfg, self.stats
+        top = top_logprobs(logits_row, cfg.logprobs) if cfg.logprobs else None
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at, stats.ftl_s = now, now - self.started
+        stats.decode_s = now - self.first_at
+        if token in cfg.stop_token_ids and not cfg.ignore_eos:  # a stop token ends the answer unsent
+            return [self._last("stop")]
+        stats.generated_tokens += 1
+        length = cache_length + 1 >= capacity or stats.generated_tokens == cfg.max_new_tokens
+        chosen = [float(log_softmax(logits_row)[token])] if cfg.logprobs else None
+        lps = [top] if top is not None else None
+        self.pending += self.detok.add(token)
+        if length:
+            self.pending += self.detok.flush()
+        hits = [self.pending.find(s) for s in cfg.stop_strings if s in self.pending]
+        if hits:
+            out = ServedChunk(self.pending[: min(hits)], [token], lps, token_logprobs=chosen)
+            self.pending = ""
+            return [out, self._last("stop")]
+        hold = 0 if length else _held_back(self.pending, cfg.stop_strings)
+        emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        out = ServedChunk(emit, [token], lps, token_logprobs=chosen)
+        if length:
+            return [out, self._last("length")]
+        self.seen.append(token)
+        self.token = token
+        return [out]
+
+    def _last(self, finish: str) -> ServedChunk:
+        self.done = True
+        return ServedChunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
+
+
+class Engine:
+    """Owns the model while serving. `submit` is called from the event loop; everything else runs on
+    the engine thread."""
+
+    def __init__(self, model: Model, parallel: int = 4, max_queue: int = 64):
+        if parallel < 1:
+            raise UserError("--parallel must be at least 1")
+        if max_queue < 0:
+            raise UserError("--max-queue must be 0 or more")
+        self.model, self.backend = model, model.backend
+        self.parallel, self.max_queue = parallel, max_queue
+        self.waiting: deque[Handle] = deque()
+        self.slots: list[Sequence | None] = [None] * parallel
+        self.admission = None  # the generator doing the current admission's units of work
+        self.cond = threading.Condition()
+        self.running = False
+        self.steps = 0  # decode steps run (tests and /health)
+        self.thread: threading.Thread | None = None
+        # allocated now, so that a bundle too large for `parallel` slots fails before the server listens
+        self.cache = self.backend.new_cache(parallel)
+        self.prefill_cache = self.backend.new_cache(1)
+
+    # -- the request side --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="internvl-edge-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
+        handle = Handle(job, loop)
+        with self.cond:
+            if not self.running:
+                raise ApiError(503, "the server is shutting down", code="unavailable")
+            if len(self.waiting) >= self.max_queue:
+                raise ApiError(429, f"the server is busy: {self.active} requests are generating and "
+                                    f"{len(self.waiting)} are waiting (the limit); retry later",
+                               code="server_busy")  # fmt: skip
+            self.waiting.append(handle)
+            self.cond.notify_all()
+        return handle
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and self.admission is None and not self.active:
+                    self.cond.wait()
+                if not self.running:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._decode()
+            except Exception as e:  # a bug in this loop: fail what it holds rather than hang them
+                log.exception("engine step failed")
+                self._fail_all(ApiError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+        self._fail_all(ApiError(503, "the server is shutting down", code="unavailable"))
+
+    def _drop_cancelled(self) -> None:
+        with self.cond:
+            for h in [h for h in self.waiting if h.cancelled]:
+                self.waiting.remove(h)
+        for seq in self.slots:
+            if seq is not None and seq.handle.cancelled:
+                self._free(seq)
+
+    def _admit(self) -> None:
+        """One unit of admission work (see the module docstring)."""
+        if self.admission is None:
+            slot = next((j for j, s in enumerate(self.slots) if s is None), None)
+            with self.cond:
+                handle = self.waiting.popleft() if slot is not None and self.waiting else None
+            if handle is None:
+                return
+            self.admission = self._admission(handle, slot)
+        try:
+            next(self.admission)
+        except StopIteration:
+            self.admission = None
+
+    def _admission(self, handle: Handle, slot: int):
+        handle.admitted = time.perf_counter()
+        job = handle.job
+        try:
+            prepared = self.model.prepare(job.input_ids, job.media, started=job.received)  # vision + embedding
+            yield
+            if handle.cancelled:
+                return
+            self.prefill_cache.reset()
+            logits = prefill(self.backend, self.prefill_cache, prepared.embeds)
+            self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
+            stats = Stats(prompt_tokens=len(job.input_ids), num_tiles=prepared.num_tiles, vision_s=prepared.vision_s)
+            seq = Sequence(handle, slot, self.model, job.input_ids, stats, job.received)
+            self.slots[slot] = seq
+            self._deliver(seq, seq.pick(self.backend, logits), logits)
+        except UserError as e:
+            self._abandon(handle, slot, ApiError(400, str(e)))
+        except Exception as e:  # a bug or a runtime failure: this request fails, the others go on
+            log.exception("%s: prefill failed", job.id)
+            self._abandon(handle, slot, ApiError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+
+    def _abandon(self, handle: Handle, slot: int, error: ApiError) -> None:
+        if self.slots[slot] is not None and self.slots[slot].handle is handle:
+            self._free(self.slots[slot])
+        handle.push(error)
+
+    def _decode(self) -> None:
+        live = [s for s in self.slots if s is not None and not s.done]
+        if not live:
+            return
+        batch = self.parallel
+        ids, lens = np.zeros((batch, 1), np.int64), np.zeros(batch, np.int64)
+        for seq in live:
+            ids[seq.slot, 0], lens[seq.slot] = seq.token, 1
+        try:
+            logits = self.backend.forward(self.cache, self.backend.embed(ids), lens)
+            greedy = self.backend.greedy(logits) if any(not s.samples for s in live) else None
+            self.steps += 1
+            for seq in live:
+                row = logits[seq.slot]
+                token = seq.pick(self.backend, row) if seq.samples else int(greedy[seq.slot])
+                self._deliver(seq, token, row)
+        except Exception as e:  # the batch is lost; its requests fail, later ones are served
+            log.exception("decode step failed")
+            for seq in live:
+                if self.slots[seq.slot] is seq:
+                    self._free(seq)
+                seq.handle.push(ApiError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+
+    def _deliver(self, seq: Sequence, token: int, logits_row: np.ndarray) -> None:
+        chunks = seq.accept(int(token), logits_row, int(self.cache.lengths[seq.slot]), self.cache.capacity)
+        for chunk in chunks:
+            seq.handle.push(chunk)
+        if seq.done:
+            self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        seq.done = True
+        self.slots[seq.slot] = None
+        self.cache.reset(seq.slot)
+
+    def _fail_all(self, error: ApiError) -> None:
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        for handle in waiting + [s.handle for s in self.slots if s is not None]:
+            handle.push(error)
+        self.slots = [None] * self.parallel
+        self.cache.reset()
+        if self.admission is not None:
+            self.admission.close()
+            self.admission = None
+
