@@ -137,16 +137,13 @@ def steps(backend, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig
             yield Step(token, lp, "stop", is_stop_token=True)
             return
         stats.generated_tokens += 1
-        full = int(cache.lengths[0]) + 1 >= cache.capacity
-        last = produced + 1 == cfg.max_new_tokens
-        if full or last:
+        cache_full = int(cache.lengths[0]) + 1 >= cache.capacity
+        if cache_full or produced + 1 == cfg.max_new_tokens:
             yield Step(token, lp, "length")
             return
         yield Step(token, lp, None)
         seen.append(token)
-        logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64))[None, 0], [1])[0]
-    if cfg.max_new_tokens <= 0:
-        stats.ftl_s = time.perf_counter() - prompt.started
+        logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -344,6 +344,20 @@ def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int])
     }
 
 
+def _preprocessor_config(s: Shapes, fmt: str) -> dict:
+    """As the published checkpoints ship it (ImageNet mean/std, bicubic, 448)."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if fmt == "original":
+        return {"crop_size": s.image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": mean, "image_std": std,
+                "resample": 3, "size": s.image_size}  # fmt: skip
+    return {"image_processor_type": "GotOcr2ImageProcessor", "processor_class": "InternVLProcessor",
+            "crop_to_patches": False, "min_patches": 1, "max_patches": 12, "do_resize": True,
+            "size": {"height": s.image_size, "width": s.image_size}, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
+            "do_convert_rgb": True}  # fmt: skip
+
+
 def make_checkpoint(
     out_dir: str,
     size: str | Shapes = "tiny",
@@ -384,6 +398,8 @@ def make_checkpoint(
         gen["transformers_version"] = "4.51.3"
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(gen, f, indent=2)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(_preprocessor_config(shapes, fmt), f, indent=2)
         with open(os.path.join(tmp, "internvl_edge_factory.json"), "w", encoding="utf-8") as f:
             json.dump({"size": size if isinstance(size, str) else "custom", "shapes": asdict(shapes),
                        "format": fmt, "weights": weights, "seed": seed}, f, indent=2)  # fmt: skip

@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from ..checkpoint.safetensors import bf16_bits
 from .graph import MS_DOMAIN, Graph
-from .quant import NBitsWeight
+from .quant import Int8Weight, NBitsWeight
 
 STORE_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
@@ -42,12 +42,18 @@ def linear(
     g: Graph,
     x: str,
     path: str,
-    weight: np.ndarray | NBitsWeight,
+    weight: np.ndarray | NBitsWeight | Int8Weight,
     bias: np.ndarray | None,
     store: str,
     accuracy_level: int = 4,
 ) -> str:
-    """y = x @ W^T + b for W [N, K] (torch layout) or a block-quantised W. `path` is the module path."""
+    """y = x @ W^T + b for W [N, K] (torch layout) or a quantised W. `path` is the module path."""
+    if isinstance(weight, Int8Weight):
+        q = g.weight(f"{path}.weight_int8", weight.q)
+        s = g.weight(f"{path}.scales", weight.scales)
+        z = g.const(np.zeros(weight.q.shape[1], np.int8), dtype=np.int8)
+        b = g.weight(f"{path}.bias", np.asarray(bias, np.float32)) if bias is not None else ""
+        return g.op("DynamicQuantizeMatMul", [x, q, s, z, b], f"/{path}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
     if isinstance(weight, NBitsWeight):
         w = g.weight(f"{path}.weight_q{weight.bits}", weight.packed)
         s = g.weight(f"{path}.scales", weight.scales.reshape(-1).astype(np.float32))

@@ -20,7 +20,7 @@ from onnx import TensorProto
 from ..checkpoint.reader import Checkpoint
 from .graph import MS_DOMAIN, Graph
 from .linear import layer_norm, linear, rms_norm, tensor
-from .quant import quantize
+from .quant import quantize_int8_columns
 
 MLP1_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which mlp1.0 uses
 
@@ -28,17 +28,14 @@ MLP1_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which mlp1.0 uses
 @dataclass
 class VisionOptions:
     store: str  # f32 | f16 | bf16
-    weight_bits: int = 0  # 8 quantises the encoder's linears (MatMulNBits, int8 activations)
-    block_size: int = 32
+    weight_bits: int = 0  # 8: the encoder's linears as int8 (DynamicQuantizeMatMul, int8 activations)
     accuracy_level: int = 4
     static: bool = False  # a fixed [1, 3, 448, 448] input (static bundles feed one tile per call)
 
 
 def _weight(ckpt: Checkpoint, name: str, opts: VisionOptions):
     w = ckpt.f32(name)
-    if opts.weight_bits:
-        return quantize(w, opts.weight_bits, opts.block_size)
-    return w
+    return quantize_int8_columns(w) if opts.weight_bits == 8 else w
 
 
 def _norm(g: Graph, ckpt: Checkpoint, x: str, prefix: str, path: str, norm_type: str, eps: float) -> str:

@@ -1,0 +1,289 @@
+"""Side by side on this machine, in one go: our bundles, transformers (the reference) and llama.cpp.
+
+    python benchmarks/compare.py --checkpoint CKPT --work DIR [--threads 2] [--write BENCHMARKS.md]
+
+CKPT is an InternVL3 checkpoint in OpenGVLab's original bf16 format (weights cannot be downloaded here,
+so the recorded runs use `internvl-edge make-checkpoint CKPT --size 2b`: random weights, exact
+InternVL3-2B shapes). Not part of CI: it takes about an hour on 2 cores.
+
+- ours: `internvl-edge convert` of CKPT (static and dynamic w4bf16 bundles, with and without the 8-bit
+  vision encoder), each measured by `internvl_edge.bench.run_bench` in a fresh process;
+- transformers 5.x on CPU in float32 and bfloat16 (eager attention), on the same weights;
+- llama.cpp, built from the llama-cpp-python source distribution on PyPI (its vendored llama.cpp,
+  `-DLLAMA_CURL=OFF -DGGML_NATIVE=ON`), CKPT converted with its own convert_hf_to_gguf.py (text model
+  and `--mmproj`), quantised to Q4_0 with llama-quantize; llama-bench for prefill/decode and
+  llama-mtmd-cli for the image encoder and the first-token latency of one tile + 40 words.
+  Our random checkpoint's tokenizer is unknown to the converter's pre-tokenizer table, so it is told
+  that the tokenizer is Qwen2's (which the real InternVL3 tokenizer maps to).
+
+The table it writes gives medians and the ratios ours / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list[str], cwd: str | None = None, env: dict | None = None, log_to: str | None = None) -> str:
+    log(" ".join(cmd))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if log_to:
+        with open(log_to, "w") as f:
+            f.write(out)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+    return out
+
+
+def timed(cmd: list[str], **kw) -> tuple[str, float, float]:
+    """Run under /usr/bin/time -v: (output, wall seconds, peak RSS GB)."""
+    out = sh(["/usr/bin/time", "-v"] + cmd, **kw)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", out).group(1)
+    parts = [float(p) for p in wall.split(":")]
+    seconds = sum(p * 60 ** (len(parts) - 1 - i) for i, p in enumerate(parts))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1)) / 1e6
+    return out, seconds, rss
+
+
+# -- ours ------------------------------------------------------------------------------------------
+def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
+    variants = {
+        "w4bf16 static": [],
+        "w4bf16 dynamic": ["--dynamic"],
+        "w4bf16 dynamic, int8 vision": ["--dynamic", "--vision-bits", "8"],
+    }
+    out = {}
+    for name, flags in variants.items():
+        path = os.path.join(work, "ours_" + re.sub(r"\W+", "_", name))
+        info = {"path": path, "flags": flags}
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            cmd = [PY, "-m", "internvl_edge", "convert", "-m", ckpt, "-s", "2048", "-q", "w4bf16", "-c", "cpu",
+                   "--out_dir", path] + flags  # fmt: skip
+            _, info["convert_s"], info["convert_peak_gb"] = timed(cmd)
+            info["convert_command"] = "internvl-edge " + " ".join(cmd[3:])
+        out[name] = info
+    return out
+
+
+def bench_ours(path: str, threads: int, repeats: int) -> dict:
+    out = sh([PY, "-m", "internvl_edge", "bench", "-m", path, "--threads", str(threads), "--repeats", str(repeats), "--json"])
+    return json.loads(out[out.index("{") :])
+
+
+def bench_history(path: str, threads: int) -> dict:
+    """Turn-2 prefill time after a short and a long turn 1 (history kept as KV cache)."""
+    code = f"""
+import json, time, numpy as np
+from internvl_edge.api import load
+m = load({path!r}, threads={threads})
+out = {{}}
+for hist in (64, 1024):
+    times = []
+    for r in range(3):
+        chat = m.chat()
+        chat.send("word " * hist, max_new_tokens=1)
+        t0 = time.perf_counter()
+        chat.send("And then?", max_new_tokens=1)
+        times.append(time.perf_counter() - t0)
+    out[str(hist)] = sorted(times)[1]
+print(json.dumps(out))
+"""
+    out = sh([PY, "-c", code])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- transformers ----------------------------------------------------------------------------------
+def bench_transformers(ckpt: str, threads: int, dtype: str) -> dict:
+    code = f"""
+import json, sys, time, torch
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+from reference import load_reference
+torch.set_num_threads({threads})
+m = load_reference({ckpt!r}).to(torch.{dtype}).eval()
+res = {{}}
+with torch.no_grad():
+    px = torch.randn(1, 3, 448, 448, dtype=torch.{dtype})
+    m.get_image_features(pixel_values=px)
+    t = []
+    for _ in range(2):
+        t0 = time.perf_counter(); m.get_image_features(pixel_values=px); t.append(time.perf_counter() - t0)
+    res["vision_s_per_tile"] = min(t)
+    ids = torch.randint(0, 1000, (1, 296))
+    m(input_ids=ids)
+    t0 = time.perf_counter(); out = m(input_ids=ids, use_cache=True); res["prefill_296_tps"] = 296 / (time.perf_counter() - t0)
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(16):
+        o = m(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = o.past_key_values if hasattr(o, "past_key_values") else o.cache
+        nxt = o.logits[:, -1:].argmax(-1)
+    res["decode_tps_300"] = 16 / (time.perf_counter() - t0)
+print(json.dumps(res))
+"""
+    out = sh([PY, "-c", code])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- llama.cpp -------------------------------------------------------------------------------------
+def build_llama_cpp(work: str) -> str:
+    """llama.cpp from the llama-cpp-python sdist (PyPI); returns its source folder."""
+    src_root = os.path.join(work, "llama-cpp-python")
+    os.makedirs(src_root, exist_ok=True)
+    tars = [f for f in os.listdir(src_root) if f.endswith(".tar.gz")]
+    if not tars:
+        sh([PY, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", src_root])
+        tars = [f for f in os.listdir(src_root) if f.endswith(".tar.gz")]
+    top = tars[0][: -len(".tar.gz")]
+    llama = os.path.join(src_root, top, "vendor", "llama.cpp")
+    if not os.path.isdir(llama):
+        with tarfile.open(os.path.join(src_root, tars[0])) as tf:
+            tf.extractall(src_root, filter="data")
+    bins = [os.path.join(llama, "build", "bin", b) for b in ("llama-bench", "llama-mtmd-cli", "llama-quantize")]
+    if not all(os.path.isfile(b) for b in bins):
+        sh(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama)  # fmt: skip
+        sh(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
+            "llama-bench", "llama-mtmd-cli", "llama-quantize"], cwd=llama)  # fmt: skip
+    return llama
+
+
+CONVERT_WRAPPER = """
+import sys
+sys.path.insert(0, {llama!r}); sys.path.insert(1, {gguf!r})
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"  # the synthetic tokenizer is Qwen2's kind
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py"] + {args!r}
+convert_hf_to_gguf.main()
+"""
+
+
+def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
+    files = {"bf16": os.path.join(work, "text-bf16.gguf"), "q4_0": os.path.join(work, "text-q4_0.gguf"),
+             "mmproj_bf16": os.path.join(work, "mmproj-bf16.gguf"), "mmproj_f16": os.path.join(work, "mmproj-f16.gguf")}  # fmt: skip
+    gguf_py = os.path.join(llama, "gguf-py")
+    for key, args in (("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
+                      ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
+                      ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]])):  # fmt: skip
+        if not os.path.isfile(files[key]):
+            sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args)])
+    if not os.path.isfile(files["q4_0"]):
+        sh([os.path.join(llama, "build", "bin", "llama-quantize"), files["bf16"], files["q4_0"], "Q4_0"])
+    return files
+
+
+def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
+    bench = os.path.join(llama, "build", "bin", "llama-bench")
+    res = {}
+    for model in ("q4_0", "bf16"):
+        out = sh([bench, "-m", files[model], "-t", str(threads), "-p", "64,256,1024", "-n", "64", "-d", "0,300,1500",
+                  "-r", "3", "-o", "json"])  # fmt: skip
+        rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
+        for row in rows:
+            depth = row.get("n_depth", 0)
+            if row["n_prompt"] and not row["n_gen"] and depth == 0:
+                res[f"{model} prefill {row['n_prompt']}"] = row["avg_ts"]
+            if row["n_gen"] and not row["n_prompt"]:
+                res[f"{model} decode at {depth}"] = row["avg_ts"]
+    cli = os.path.join(llama, "build", "bin", "llama-mtmd-cli")
+    prompt = " ".join(["word"] * 40)
+    for proj in ("mmproj_bf16", "mmproj_f16"):
+        ftls, encodes, images = [], [], []
+        for _ in range(3):
+            out = sh([cli, "-m", files["q4_0"], "--mmproj", files[proj], "--image", image, "-p", prompt, "-n", "1",
+                      "-t", str(threads), "--temp", "0", "--chat-template", "chatml", "--perf", "-lv", "4"])  # fmt: skip
+            encodes.append(float(re.search(r"mtmd batch encoding done in (\d+) ms", out).group(1)) / 1000)
+            images.append(float(re.search(r"decoded \(batch \d+/\d+\) in (\d+) ms", out).group(1)) / 1000)
+            # first-token latency from the log's own timestamps: from the start of
+            # the media encoding (the short text before the image is already in) to the timing report
+            # printed after the first token
+            start = _log_seconds(out, "encoding mtmd batch")
+            end = _log_seconds(out, "llama_perf_context_print")
+            ftls.append(end - start)
+        res[f"{proj} vision s/tile"] = sorted(encodes)[1]
+        res[f"{proj} 256 image embeddings through the LM s"] = sorted(images)[1]
+        res[f"{proj} FTL 1 tile + 40 words"] = sorted(ftls)[1]
+    return res
+
+
+def _log_seconds(log: str, marker: str) -> float:
+    line = next(line for line in log.splitlines() if marker in line)
+    minutes, seconds, millis, micros = line.split()[0].split(".")  # m.ss.mmm.uuu since start
+    return int(minutes) * 60 + int(seconds) + int(millis) / 1e3 + int(micros) / 1e6
+
+
+def picture(path: str) -> str:
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ours,history,transformers,llama")
+    ap.add_argument("--out", default=None, help="JSON file for the raw results (default WORK/results.json)")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    os.makedirs(args.work, exist_ok=True)
+    out_path = args.out or os.path.join(args.work, "results.json")
+    results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
+    results["machine"] = {"cpu": platform.processor(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                          "python": platform.python_version()}  # fmt: skip
+
+    def save():
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=2)
+
+    if "ours" not in skip:
+        bundles = our_bundles(args.checkpoint, args.work)
+        results["ours"] = {}
+        for name, info in bundles.items():
+            log(f"bench ours: {name}")
+            results["ours"][name] = {**info, "bench": bench_ours(info["path"], args.threads, args.repeats)}
+            save()
+    if "history" not in skip:
+        path = os.path.join(args.work, "ours_history")
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            sh([PY, "-m", "internvl_edge", "convert", "-m", args.checkpoint, "-s", "2048", "-q", "w4bf16", "--dynamic",
+                "--use_block_with_kv", "--max_input_length", "1100", "--out_dir", path])  # fmt: skip
+        results["history_turn2_s"] = bench_history(path, args.threads)
+        save()
+    if "transformers" not in skip:
+        results["transformers"] = {d: bench_transformers(args.checkpoint, args.threads, d) for d in ("float32", "bfloat16")}
+        save()
+    if "llama" not in skip:
+        llama = build_llama_cpp(args.work)
+        files = gguf_files(llama, args.checkpoint, args.work)
+        results["llama.cpp"] = bench_llama(llama, files, args.threads, picture(os.path.join(args.work, "tile.png")))
+        save()
+    log(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
+
