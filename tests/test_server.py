@@ -23,7 +23,9 @@ import uvicorn
 from openai import OpenAI
 
 from internvl_edge.api import load
+from internvl_edge.errors import UserError
 from internvl_edge.server.app import ServerSettings, create_app
+from internvl_edge.server.media import MediaPolicy
 
 KEY = "sk-test-key"
 NAME = "tiny"
@@ -341,6 +343,20 @@ def test_local_media_only_under_the_allowed_folder(served, media_root, reference
     assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
     remote = served.post({"model": NAME, "messages": user("Describe.", "https://example.com/cat.png"), "max_tokens": 2})
     assert remote.status_code == 400 and "does not fetch http(s)" in remote.json()["error"]["message"]
+
+
+def test_media_policy_reads_only_regular_files_under_the_root(media_root):
+    root, outside = media_root
+    policy = MediaPolicy(str(root), max_bytes=1 << 20)
+    os.mkfifo(root / "pics" / "pipe.png")  # opening it must neither block nor read
+    assert policy.resolve("pics/square.png") == (root / "pics" / "square.png").read_bytes()
+    for ref, needle in [("pics", "not a regular file"), ("pics/pipe.png", "not a regular file"), (".", "outside"), ("", "outside"), (str(root), "outside"),
+                        ("pics/escape.png", "outside"), ("ftp://host/x.png", "scheme 'ftp'"),
+                        ("file://otherhost/x.png", "not on 'otherhost'"), ("pics/\x00.png", "not valid")]:  # fmt: skip
+        with pytest.raises(UserError, match=needle):
+            policy.resolve(ref)
+    with pytest.raises(UserError, match="larger than"):
+        MediaPolicy(str(root), max_bytes=10).resolve("pics/square.png")
 
 
 def test_local_paths_refused_without_a_media_folder(greedy_bundle, images):

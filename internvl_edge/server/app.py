@@ -155,27 +155,28 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter())
+        headers = {"x-request-id": out.id}
+        streaming = False
         try:
             authorize(request)
             req = parse_chat_request(await read_json(request, settings.max_body_bytes))
             out.stream = req.stream
             handle = await submit(req, out)
             first = await next_or_leave(handle, request)
+            if first is not None and req.stream:
+                streaming = True  # from here the response owns the sequence
+                return EngineStream(stream_events(req, handle, first, out), handle, out, media_type="text/event-stream",
+                                    headers={**headers, "cache-control": "no-cache"})  # fmt: skip
+            body = await complete(req, handle, first, out, request) if first is not None else None
+            out.log()
+            return JSONResponse(body, headers=headers) if body else Response(status_code=499)  # 499: the client left
         except ApiError as e:
             out.status, out.error = e.status, str(e)
             out.log()
-            return JSONResponse(e.body(), status_code=e.status, headers={"x-request-id": out.id})
-        if first is None:  # the client left before its first token
-            out.log()
-            return Response(status_code=499)
-        headers = {"x-request-id": out.id}
-        if req.stream:
-            events = stream_events(req, handle, first, out)
-            return EngineStream(events, handle, out, media_type="text/event-stream",
-                                headers={**headers, "cache-control": "no-cache"})  # fmt: skip
-        body = await complete(req, handle, first, out, request)
-        out.log()
-        return JSONResponse(body, headers=headers) if body is not None else Response(status_code=499)
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        finally:
+            if out.handle is not None and not streaming:
+                out.handle.cancel()  # a no-op once finished; frees the slot if this handler failed or was cancelled
 
     async def submit(req: ChatRequest, out: Outcome) -> Handle:
         if req.model and req.model != settings.model_name:

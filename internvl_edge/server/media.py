@@ -51,10 +51,13 @@ class MediaPolicy:
             raise UserError(f"image not found under the allowed media folder: {os.path.relpath(real, self.root)}") from None
         except OSError:  # a symlink swapped in after the check (ELOOP), permissions, ...
             raise UserError("the image file cannot be opened") from None
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise UserError("the image path is not a regular file")
             if info.st_size > self.max_bytes:
                 raise UserError(f"the image file is larger than {self.max_bytes} bytes")
-            return f.read(self.max_bytes + 1)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(self.max_bytes + 1)
+        finally:
+            os.close(fd)

@@ -244,6 +244,8 @@ class Engine:
     def _admission(self, handle: Handle, slot: int):
         handle.admitted = time.perf_counter()
         job = handle.job
+        if handle.cancelled:
+            return
         try:
             prepared = self.model.prepare(job.input_ids, job.media, started=job.received)  # vision + embedding
             yield

@@ -88,6 +88,10 @@ class BmrtBackend:
         t = net.outputs[index]
         return from_device_dtype(self.rt.download(self._io[name][1][index], t.nbytes), t.dtype).reshape(t.shape)
 
+    def run_net(self, name: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """One net on host arrays (see Runtime.run): for tests and measurements."""
+        return self.rt.run(name, *inputs)
+
     # -- vision and embedding ----------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         out = []

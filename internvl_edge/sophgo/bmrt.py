@@ -332,6 +332,21 @@ class Runtime:
         if not ok:
             raise RuntimeError(f"bmrt failed to run net {net.name}")
 
+    def run(self, name: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """One net on host arrays, in input order (converted to the net's types), with buffers of its own;
+        its outputs as float32 (int32 for ids). For tests and measurements."""
+        net = self.nets[name]
+        ins = [self.alloc(t.nbytes) for t in net.inputs]
+        outs = [self.alloc(t.nbytes) for t in net.outputs]
+        try:
+            for mem, t, data in zip(ins, net.inputs, inputs):
+                self.upload(mem, to_device_dtype(np.asarray(data).reshape(t.shape), t.dtype))
+            self.launch(net, ins, outs)
+            return [from_device_dtype(self.download(mem, t.nbytes), t.dtype).reshape(t.shape) for mem, t in zip(outs, net.outputs)]
+        finally:
+            for mem in ins + outs:
+                self.free(mem)
+
     def close(self) -> None:
         with _lock:
             if self.handle:

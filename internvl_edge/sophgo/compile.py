@@ -30,7 +30,8 @@ from .mlir import Net
 from .toolchain import Toolchain
 
 LOG_TAIL = 25
-MAX_CORES = {"bm1684x": 1, "bm1688": 2}  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
+MAX_CORES = {"bm1684x": 1, "bm1688": 2}
+DEFAULT_JOBS: int | None = None  # tpuc-opt processes at once; None: the cores this process may use  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
 
 
 def steps(net: Net, chip: str, num_core: int) -> list[tuple[str, list[str]]]:
@@ -67,10 +68,10 @@ def steps(net: Net, chip: str, num_core: int) -> list[tuple[str, list[str]]]:
 class Compiler:
     """Compiles nets as they are handed in (emission overlaps compilation), `jobs` at a time."""
 
-    def __init__(self, tc: Toolchain, chip: str, work: str, progress, jobs: int | None = None):
-        self.tc, self.chip, self.work, self.progress = tc, chip, work, progress
+    def __init__(self, tc: Toolchain, chip: str, work: str, progress, total: int = 0, jobs: int | None = None):
+        self.tc, self.chip, self.work, self.progress, self.total = tc, chip, work, progress, total
         self.num_core = MAX_CORES[chip]
-        self.pool = ThreadPoolExecutor(max_workers=jobs or available_cores())
+        self.pool = ThreadPoolExecutor(max_workers=jobs or DEFAULT_JOBS or available_cores())
         self.futures = {}
         self.order: list[str] = []
         self.done = 0
@@ -107,7 +108,7 @@ class Compiler:
                 os.remove(os.path.join(folder, name))
         with self.lock:
             self.done += 1
-            self.progress.update(self.done, max(len(self.order), self.done), net.name)
+            self.progress.update(self.done, max(self.total, len(self.order)), net.name)
         return os.path.join(folder, f"{net.name}.bmodel")
 
     def _raise_failures(self) -> None:

@@ -73,7 +73,7 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
     work = work_dir(opts.out_dir)
     ok = False
     try:
-        comp = Compiler(tc, opts.chip, work, progress)
+        comp = Compiler(tc, opts.chip, work, progress, total=len(plan))
         progress.step(f"compiling {len(plan)} nets for {opts.chip} ({opts.quantize}) with TPU-MLIR {toolchain.VERSION}")
 
         m = mlir.vit(ckpt, "../vit.npz")
@@ -123,7 +123,7 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
 
 
 _NET = re.compile(r"^net \d+: \[(\S+)\]")
-_IO = re.compile(r"^(input|output): (\S+), \[([\d, ]*)\], (\w+),")
+_IO = re.compile(r"^(input|output): (\S+), \[([\d, max:]*)\], (\w+),")  # dynamic nets print "max:N"
 
 
 def parse_info(text: str, bmodel: str) -> dict:
@@ -138,6 +138,6 @@ def parse_info(text: str, bmodel: str) -> dict:
             continue
         m = _IO.match(line)
         if m and current is not None:
-            shape = [int(d) for d in m.group(3).split(",") if d.strip()]
+            shape = [int(d.strip().removeprefix("max:")) for d in m.group(3).split(",") if d.strip()]
             current[f"{m.group(1)}s"].append({"name": m.group(2), "dtype": m.group(4), "shape": shape})
     return nets

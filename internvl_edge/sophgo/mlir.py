@@ -10,7 +10,7 @@ of the seed's converter (python/llm/LlmConverter.py, InternVL3Converter.py), whi
     vit              pixel_values [1,3,448,448] -> image embeddings [256, hidden]
     embedding        input_ids [1, max_input_length] -> [1, max_input_length, hidden]     (embedding_cache: [1, 1])
     block_i          input_states [1,L,hidden], position_ids [1,L], attention_mask [1,1,L,L]
-                     -> output_states [1,L,hidden], k [1,L,kv_heads,head_dim], v (layer i, prefill)
+                     -> hidden [1,L,hidden], k [1,L,kv_heads,head_dim], v (layer i, prefill)
     block_cache_i    one token + history_k/v [1,seq,kv_heads,head_dim], mask [1,1,1,seq+1] -> the same three
     block_kv_i       (--use_block_with_kv) L rows + history, mask [1,1,L,seq+L]
     lm_head          hidden_states [1, hidden] -> logits [1, vocab] (the last block applies the final norm)
@@ -217,7 +217,9 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
     """InternViT + CLS drop + pixel shuffle + mlp1 for one 448x448 tile (InternVL3Converter.gen_vit_mlir).
 
         Conv p x p / p -> [1, C, g, g] -> [1, g*g, C]; prepend class token; + position embedding
-        per layer: x += ls1 * proj(softmax(q k^T / sqrt(d)) v); x += ls2 * fc2(gelu(fc1(norm2(x))))
+        per layer: x += ls1 * proj(attention(norm1(x))); x += ls2 * fc2(gelu(fc1(norm2(x))))
+        (attention as one top.FAttention: the seed spells it out with MatMul/Softmax; the fused op
+        computes the same and runs faster, on the simulator too)
         drop CLS -> pixel shuffle 0.5 -> [1, (g/2)^2, 4C] -> LayerNorm -> Linear -> GELU -> Linear
     """
     cfg = ckpt.config

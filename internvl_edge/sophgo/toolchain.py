@@ -284,7 +284,12 @@ def install(progress, force: bool = False, wheel: str | None = None) -> Toolchai
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process installed it meanwhile: keep theirs
+                if not os.path.isfile(os.path.join(final, MARKER)):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
