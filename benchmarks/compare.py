@@ -239,6 +239,81 @@ def picture(path: str) -> str:
     return path
 
 
+START, END = "<!-- compare:start -->", "<!-- compare:end -->"
+
+
+def _f(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render(results: dict, command: str) -> str:
+    """The comparison as markdown: one row per system, our rows' ratios against llama.cpp Q4_0."""
+    m = results.get("machine", {})
+    lines = [START, "## Side by side: internvl-edge, llama.cpp and transformers (InternVL3-2B shapes)", "",
+             f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, 2 threads everywhere), random",
+             "weights with the exact InternVL3-2B shapes (`internvl-edge make-checkpoint CKPT --size 2b`), one run",
+             "after another (never concurrently). Medians of 3 runs after a warm-up. Command:", "",
+             f"    {command}", ""]  # fmt: skip
+    head = ("| system | decode tok/s @300 | decode tok/s @1500 | prefill tok/s 64 / 256 / 1024 | "
+            "vision s/tile | FTL text s | FTL 1 tile + 40 tokens s | load s | peak RSS GB |")  # fmt: skip
+    lines += [head, "|" + "---|" * 9]
+    llama = results.get("llama.cpp", {})
+    for name, info in results.get("ours", {}).items():
+        b = info["bench"]
+        pf = " / ".join(_f(b["prefill_tps"].get(n)) for n in ("64", "256", "1024"))
+        lines.append(
+            f"| internvl-edge {name} | {_f(b['decode_tps'].get('300'))} ({100 * b['roofline_fraction'].get('300', 0):.0f}% of roofline) "
+            f"| {_f(b['decode_tps'].get('1500'))} ({100 * b['roofline_fraction'].get('1500', 0):.0f}%) | {pf} "
+            f"| {_f(b['vision_s_per_tile'], 2)} | {_f(b['ftl_s'].get('text'), 2)} | {_f(b['ftl_s'].get('1 tile + 40 tokens'), 2)} "
+            f"| {_f(b['load_s'], 2)} | {b['peak_rss_bytes'] / 1e9:.2f} ({b['peak_rss_bytes'] / b['weight_bytes']:.2f}x weights) |"
+        )  # fmt: skip
+    for q in ("q4_0", "bf16"):
+        if f"{q} decode at 0" not in llama:
+            continue
+        pf = " / ".join(_f(llama.get(f"{q} prefill {n}")) for n in (64, 256, 1024))
+        vision = _f(llama.get("mmproj_bf16 vision s/tile"), 2) + " (bf16 mmproj), " + _f(llama.get("mmproj_f16 vision s/tile"), 2) + " (f16)"
+        ftl = _f(llama.get("mmproj_bf16 FTL 1 tile + 40 words"), 2) if q == "q4_0" else "-"
+        lines.append(f"| llama.cpp {q.upper()} | {_f(llama.get(f'{q} decode at 300'))} | {_f(llama.get(f'{q} decode at 1500'))} "
+                     f"| {pf} | {vision if q == 'q4_0' else '-'} | - | {ftl} | - | - |")  # fmt: skip
+    for dtype, t in results.get("transformers", {}).items():
+        lines.append(f"| transformers {dtype} (eager) | {_f(t.get('decode_tps_300'))} | - | - / - / - ({_f(t.get('prefill_296_tps'))} at 296) "
+                     f"| {_f(t.get('vision_s_per_tile'), 2)} | - | - | - | - |")  # fmt: skip
+    ours = results.get("ours", {})
+    ref = llama.get("q4_0 decode at 300")
+    if ours and ref:
+        lines += ["", "Ratios, internvl-edge / llama.cpp Q4_0 (higher is better for speeds, lower for times):", ""]
+        for name, info in ours.items():
+            b = info["bench"]
+            parts = [f"decode @300 {b['decode_tps'].get('300', 0) / ref:.2f}x"]
+            if llama.get("q4_0 decode at 1500"):
+                parts.append(f"decode @1500 {b['decode_tps'].get('1500', 0) / llama['q4_0 decode at 1500']:.2f}x")
+            for n in ("256", "1024"):
+                if llama.get(f"q4_0 prefill {n}") and n in b["prefill_tps"]:
+                    parts.append(f"prefill {n} {b['prefill_tps'][n] / llama[f'q4_0 prefill {n}']:.2f}x")
+            if llama.get("mmproj_bf16 vision s/tile"):
+                parts.append(f"vision time {b['vision_s_per_tile'] / llama['mmproj_bf16 vision s/tile']:.2f}x")
+            if llama.get("mmproj_bf16 FTL 1 tile + 40 words"):
+                parts.append(f"FTL 1 tile + 40 {b['ftl_s']['1 tile + 40 tokens'] / llama['mmproj_bf16 FTL 1 tile + 40 words']:.2f}x")
+            lines.append(f"- {name}: " + ", ".join(parts))
+    if "history_turn2_s" in results:
+        h = results["history_turn2_s"]
+        lines += ["", f"History as KV cache (`--use_block_with_kv`, dynamic): turn 2 (a 16-token question) takes "
+                      f"{h['64']:.2f} s after a 64-token turn 1 and {h['1024']:.2f} s after a 1024-token turn 1: "
+                      "its prefill covers its own tokens, not the history."]  # fmt: skip
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(path: str, section: str) -> None:
+    text = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -247,6 +322,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ours,history,transformers,llama")
     ap.add_argument("--out", default=None, help="JSON file for the raw results (default WORK/results.json)")
+    ap.add_argument("--write", default=None, help="update this markdown file's comparison section (BENCHMARKS.md)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     os.makedirs(args.work, exist_ok=True)
@@ -282,6 +358,9 @@ def main() -> None:
         results["llama.cpp"] = bench_llama(llama, files, args.threads, picture(os.path.join(args.work, "tile.png")))
         save()
     log(f"wrote {out_path}")
+    if args.write:
+        write_section(args.write, render(results, "python benchmarks/compare.py " + " ".join(sys.argv[1:])))
+        log(f"updated {args.write}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ Every figure is a median over repeated runs after a warm-up run.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +44,7 @@ class BenchResult:
     bandwidth_gbs: float = 0.0
     roofline_tps: dict = field(default_factory=dict)
     roofline_fraction: dict = field(default_factory=dict)
+    decode_profile_ms: dict = field(default_factory=dict)  # per token, by operator type (--profile)
 
 
 def machine_info(threads: int) -> dict:
@@ -188,14 +191,53 @@ def time_ftl(model: Model, image, repeats: int) -> float:
     return _median(times)
 
 
+def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[str, float]:
+    """Milliseconds per decoded token by operator type (ONNX Runtime's profiler on the decoder net)."""
+    import json
+
+    import onnxruntime as ort
+
+    backend = model.backend
+    so = backend._options()
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "internvl-edge-decoder")
+    original = backend.sessions["decoder"]
+    backend.sessions["decoder"] = ort.InferenceSession(model.manifest.net_path("decoder"), so, providers=["CPUExecutionProvider"])
+    try:
+        cache = backend.new_cache(1)
+        logits = prefill(backend, cache, _random_embeds(model, context))
+        token = int(backend.greedy(logits[None])[0])
+        for _ in range(tokens):
+            logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
+            token = int(backend.greedy(logits[None])[0])
+        path = backend.sessions["decoder"].end_profiling()
+    finally:
+        backend.sessions["decoder"] = original
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    runs = [e for e in events if e.get("name") == "model_run"]
+    first = runs[-tokens]["ts"]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            op = e["args"].get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000 / tokens
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_tokens: int = 32,
-              quick: bool = False, progress: Progress | None = None) -> BenchResult:  # fmt: skip
+              quick: bool = False, profile: bool = False, progress: Progress | None = None) -> BenchResult:  # fmt: skip
     from PIL import Image
 
     progress = progress or Progress("[bench] ")
     res = BenchResult()
     progress.step("loading the bundle")
-    load(bundle, threads=threads)  # first load: verification stamps, page cache
+    # the first load (checksums verified and stamped, files in the page cache) in another process, so
+    # that this one's load time and peak memory are those of a later load
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", f"import internvl_edge; internvl_edge.load({bundle!r})"], check=True)
     t0 = time.perf_counter()
     model = load(bundle, threads=threads)
     res.load_s = time.perf_counter() - t0
@@ -232,6 +274,10 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     progress.done()
 
     res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the 1 GiB probe
+    if profile:
+        progress.step("decoder profile by operator")
+        res.decode_profile_ms = profile_decode(model)
+        progress.done()
     progress.step("memory bandwidth")
     res.bandwidth_gbs = read_bandwidth(model.backend.threads)
     progress.done(f"{res.bandwidth_gbs:.1f} GB/s")
@@ -262,6 +308,10 @@ def format_result(r: BenchResult) -> str:
             f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net"
         )
     lines += [f"FTL {k}: {v:.3f} s" for k, v in r.ftl_s.items()]
+    if r.decode_profile_ms:
+        total = sum(r.decode_profile_ms.values())
+        lines.append(f"decoder net per token at context 300, by operator ({total:.2f} ms in kernels):")
+        lines += [f"  {op:34s} {ms:7.3f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.decode_profile_ms.items())[:8]]
     lines.append(f"memory read bandwidth ({m['threads']} threads): {r.bandwidth_gbs:.1f} GB/s")
     lines.append(f"peak RSS: {r.peak_rss_bytes / 1e9:.2f} GB ({r.peak_rss_bytes / max(r.weight_bytes, 1):.2f}x "
                  f"the bundle's {r.weight_bytes / 1e9:.2f} GB of weights)")  # fmt: skip

@@ -9,7 +9,8 @@ behind the same methods):
     copy_slot(src, i, dst, j)              copy sequence i of one cache into slot j of another
     forward(cache, embeds [B, S, hidden], query_lens [B]) -> logits [B, vocab]
         appends query_lens[b] rows of embeds[b] to slot b and returns the logits after its last row;
-        a slot with query_lens[b] == 0 is idle and its row is meaningless
+        a slot with query_lens[b] == 0 is idle and its row is meaningless. The returned array belongs
+        to the cache and is overwritten by its next forward call (copy what you keep)
     greedy(logits [B, vocab]) -> token ids [B]
     sample(logits [B, vocab], penalty_ids [B, n], params) -> (probs [B, k], token ids [B, k])
 
@@ -100,7 +101,10 @@ class OrtBackend:
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
         self.cached: dict[str, bool] = {}
-        for name in manifest.nets:
+        # largest weights first: pre-packing briefly holds a net's weights twice, best done while
+        # nothing else is resident (it sets the process's peak memory)
+        by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
+        for name in by_size:
             t0 = time.perf_counter()
             self.sessions[name] = self._session(name)
             self.load_seconds[name] = time.perf_counter() - t0

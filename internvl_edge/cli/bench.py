@@ -11,6 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3, help="measured runs per figure, after one warm-up (median)")
     p.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="skip the long prompts and contexts")
+    p.add_argument("--profile", action="store_true", help="also break one decode step down by operator")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
 
@@ -18,6 +19,6 @@ def main(args) -> int:
     from ..bench import as_dict, format_result, run_bench
 
     result = run_bench(args.model_path, threads=args.threads, repeats=args.repeats,
-                       decode_tokens=args.decode_tokens, quick=args.quick)  # fmt: skip
+                       decode_tokens=args.decode_tokens, quick=args.quick, profile=args.profile)  # fmt: skip
     print(json.dumps(as_dict(result), indent=2) if args.json else format_result(result))
     return 0

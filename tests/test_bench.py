@@ -1,0 +1,38 @@
+"""The bench command runs end to end on a small bundle and reports every figure the issue asks for
+(timings themselves are recorded in BENCHMARKS.md, not asserted here)."""
+
+import json
+import subprocess
+import sys
+
+from internvl_edge.api import load
+from internvl_edge.bench import decoder_bytes_per_token, kv_bytes
+
+
+def test_bench_reports_every_figure(bundle):
+    b = bundle("tiny_bf16", "w4bf16", dynamic=True)
+    proc = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick", "--repeats", "1",
+                           "--decode-tokens", "4", "--profile", "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["machine"]["cores"] >= 1 and r["machine"]["onnxruntime"]
+    assert r["load_s"] > 0 and r["vision_s_per_tile"] > 0
+    assert set(r["prefill_tps"]) == {"64", "256"} and all(v > 0 for v in r["prefill_tps"].values())
+    assert set(r["decode_tps"]) == {"300"} and r["decode_overhead_ms"]["300"] >= 0
+    assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens"}
+    assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
+    assert r["peak_rss_bytes"] > r["weight_bytes"] > 0
+    assert "MatMulNBits" in r["decode_profile_ms"] and "GroupQueryAttention" in r["decode_profile_ms"]
+    assert "decoder net" in subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick",
+                                            "--repeats", "1", "--decode-tokens", "2", "--profile"],
+                                           capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+
+
+def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
+    """An f32 bundle's decoder reads its whole weight file per token (less the rotary tables, of which
+    one row is used); the KV cache adds 2 x layers x kv_heads x head_dim x 4 bytes per context token."""
+    model = load(bundle("tiny_bf16", "f32"))
+    data = model.manifest.files["decoder.data"]["bytes"]
+    tables = 2 * model.backend.kv_capacity * model.backend.head_dim // 2 * 4
+    assert data - tables - 4096 * 200 <= decoder_bytes_per_token(model) <= data - tables
+    assert kv_bytes(model, 100) == 2 * 2 * 2 * 32 * 4 * 100
