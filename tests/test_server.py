@@ -209,21 +209,22 @@ def test_models_and_health(served):
     assert [m.id for m in models.data] == [NAME]
     assert served.client().models.retrieve(NAME).id == NAME
     h = served.health()
-    assert h["status"] == "ok" and h["parallel"] == 8 and h["model"] == NAME
+    assert h["status"] == "ok" and h["parallel"] == 8 and h["model"] == NAME and h["batch"] in (1, 2, 4, 8)
 
 
 # -- many users at once ------------------------------------------------------------------------------
 
 
 def test_sixteen_concurrent_streams_equal_single_requests(served, reference, images):
-    """16 streams against 8 slots: every one completes with exactly the tokens it gets alone, and the
-    decoder really ran several sequences per call."""
-    rows_per_call = []
+    """16 streams against 8 slots: every one completes with exactly the tokens it gets alone, the
+    decoder really ran several sequences per call, and a lone request afterwards decodes in a batch of 1."""
+    rows_per_call, batches = [], []
     forward = served.model.backend.forward
 
     def counting_forward(cache, embeds, query_lens):
         if embeds.shape[1] == 1:
             rows_per_call.append(int(np.count_nonzero(query_lens)))
+            batches.append(embeds.shape[0])
         return forward(cache, embeds, query_lens)
 
     pics = [images["square"], images["wide"], images["tall"]]
@@ -246,8 +247,14 @@ def test_sixteen_concurrent_streams_equal_single_requests(served, reference, ima
     try:
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(run_stream, requests))
+        served.wait_for(lambda h: h["active"] == 0)
+        crowd = len(batches)
+        alone = run_stream((user("Alone now."), 8))
     finally:
         served.model.backend.forward = forward
+    assert max(batches[:crowd]) == 8 and set(batches[crowd:]) == {1}, batches
+    assert any(b < a for a, b in zip(batches[:crowd], batches[1:crowd]))  # live sequences moved to a smaller batch
+    assert alone[0] == reference.generate(messages=user("Alone now."), max_new_tokens=8).token_ids
     for (messages, max_tokens), (ids, text, finish) in zip(requests, results):
         alone = reference.generate(messages=messages, max_new_tokens=max_tokens)
         assert ids == alone.token_ids and text == alone.text and finish == alone.finish_reason

@@ -136,7 +136,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     async def health():
         alive = engine.running and engine.thread is not None and engine.thread.is_alive()
         body = {"status": "ok" if alive else "unavailable", "model": settings.model_name, "parallel": engine.parallel,
-                "active": engine.active, "waiting": len(engine.waiting), "decode_steps": engine.steps}  # fmt: skip
+                "batch": engine.cache.batch, "active": engine.active, "waiting": len(engine.waiting), "decode_steps": engine.steps}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")

@@ -6,12 +6,13 @@
 
 Each loop iteration does, in order:
   1. drop cancelled sequences (a client that left): their slots are free at once;
-  2. one unit of admission work when a slot is free: vision + embedding of the next waiting request,
-     then (next iteration) its prefill in a batch-1 cache, copied into the free slot; its first token is
-     picked from the prefill logits. Splitting the work lets the others decode in between;
+  2. admission work when a slot is free: vision + embedding of the next waiting request (then, if it
+     had images, a decode step for the others before going on), its prefill in a batch-1 cache, copied
+     into a free slot of the decode batch; its first token is picked from the prefill logits;
   3. one decode step: every live slot feeds its last token, one row each, through ONE forward call
      (idle slots have query length 0), then every row's next token is picked: the greedy head once for
-     the batch, the sampling head per sampling row (its parameters are per call).
+     the batch, the sampling head per sampling row (its parameters are per call). The batch is sized to
+     the live sequences (Engine's docstring).
 
 A sequence leaves its slot when it finishes (stop token, stop string, max_tokens, full cache). Every
 ONNX Runtime call happens on this thread: sessions and IO bindings are not safe for concurrent runs.
@@ -150,9 +151,24 @@ class Sequence:
         return ServedChunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
 
 
+def batch_sizes(parallel: int) -> list[int]:
+    """The decode batch sizes the engine uses: 1, 2, 4, ... up to `parallel`."""
+    sizes = [1]
+    while sizes[-1] * 2 < parallel:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [parallel] if parallel > 1 else sizes
+
+
 class Engine:
     """Owns the model while serving. `submit` is called from the event loop; everything else runs on
-    the engine thread."""
+    the engine thread.
+
+    The decode batch is the smallest of 1, 2, 4, ... `parallel` slots that holds the live sequences:
+    ONNX Runtime computes every row of a batch, idle or not (on 2 cores a lone stream in an 8-slot batch
+    decodes ~2.5x slower than in a 1-slot one). A cache of each size is made when first needed and
+    kept; a join or leave that changes the size copies the live sequences' KV rows across (copy_slot),
+    far cheaper than the prefill that comes with every join. So KV memory is up to 2 x parallel slots.
+    """
 
     def __init__(self, model: Model, parallel: int = 4, max_queue: int = 64):
         if parallel < 1:
@@ -162,15 +178,16 @@ class Engine:
         self.model, self.backend = model, model.backend
         self.parallel, self.max_queue = parallel, max_queue
         self.waiting: deque[Handle] = deque()
-        self.slots: list[Sequence | None] = [None] * parallel
         self.admission = None  # the generator doing the current admission's units of work
         self.cond = threading.Condition()
         self.running = False
         self.steps = 0  # decode steps run (tests and /health)
         self.thread: threading.Thread | None = None
-        # allocated now, so that a bundle too large for `parallel` slots fails before the server listens
-        self.cache = self.backend.new_cache(parallel)
+        self.sizes = batch_sizes(parallel)
+        self.caches: dict[int, object] = {}
         self.prefill_cache = self.backend.new_cache(1)
+        self.cache = self._cache(1)
+        self.slots: list[Sequence | None] = [None]
 
     # -- the request side --------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,50 +247,73 @@ class Engine:
     def _admit(self) -> None:
         """One unit of admission work (see the module docstring)."""
         if self.admission is None:
-            slot = next((j for j, s in enumerate(self.slots) if s is None), None)
             with self.cond:
-                handle = self.waiting.popleft() if slot is not None and self.waiting else None
+                handle = self.waiting.popleft() if self.active < self.parallel and self.waiting else None
             if handle is None:
                 return
-            self.admission = self._admission(handle, slot)
+            self.admission = self._admission(handle)
         try:
             next(self.admission)
         except StopIteration:
             self.admission = None
 
-    def _admission(self, handle: Handle, slot: int):
+    def _admission(self, handle: Handle):
         handle.admitted = time.perf_counter()
         job = handle.job
         if handle.cancelled:
             return
         try:
             prepared = self.model.prepare(job.input_ids, job.media, started=job.received)  # vision + embedding
-            yield
+            if prepared.vision_s:
+                yield  # the others decode a step between the vision net and the prefill
             if handle.cancelled:
                 return
             self.prefill_cache.reset()
             logits = prefill(self.backend, self.prefill_cache, prepared.embeds)
+            self._fit(self.active + 1)
+            slot = self.slots.index(None)
             self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
             stats = Stats(prompt_tokens=len(job.input_ids), num_tiles=prepared.num_tiles, vision_s=prepared.vision_s)
             seq = Sequence(handle, slot, self.model, job.input_ids, stats, job.received)
             self.slots[slot] = seq
             self._deliver(seq, seq.pick(self.backend, logits), logits)
         except UserError as e:
-            self._abandon(handle, slot, ApiError(400, str(e)))
+            self._abandon(handle, ApiError(400, str(e)))
         except Exception as e:  # a bug or a runtime failure: this request fails, the others go on
             log.exception("%s: prefill failed", job.id)
-            self._abandon(handle, slot, ApiError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+            self._abandon(handle, ApiError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
 
-    def _abandon(self, handle: Handle, slot: int, error: ApiError) -> None:
-        if self.slots[slot] is not None and self.slots[slot].handle is handle:
-            self._free(self.slots[slot])
+    def _abandon(self, handle: Handle, error: ApiError) -> None:
+        for seq in self.slots:
+            if seq is not None and seq.handle is handle:
+                self._free(seq)
         handle.push(error)
 
+    def _cache(self, size: int):
+        if size not in self.caches:
+            self.caches[size] = self.backend.new_cache(size)
+        return self.caches[size]
+
+    def _fit(self, needed: int) -> None:
+        """Move the live sequences into the smallest batch that holds `needed` of them."""
+        size = next(s for s in self.sizes if s >= needed)
+        if size == self.cache.batch:
+            return
+        new = self._cache(size)
+        new.reset()
+        live = [s for s in self.slots if s is not None]
+        for j, seq in enumerate(live):
+            self.backend.copy_slot(self.cache, seq.slot, new, j)
+            seq.slot = j
+        self.cache.reset()
+        self.cache, self.slots = new, live + [None] * (size - len(live))
+
     def _decode(self) -> None:
+        self._fit(max(1, self.active))
         live = [s for s in self.slots if s is not None and not s.done]
         if not live:
             return
-        batch = self.parallel
+        batch = self.cache.batch
         ids, lens = np.zeros((batch, 1), np.int64), np.zeros(batch, np.int64)
         for seq in live:
             ids[seq.slot, 0], lens[seq.slot] = seq.token, 1
@@ -309,9 +349,8 @@ class Engine:
             waiting, self.waiting = list(self.waiting), deque()
         for handle in waiting + [s.handle for s in self.slots if s is not None]:
             handle.push(error)
-        self.slots = [None] * self.parallel
+        self.slots = [None] * self.cache.batch
         self.cache.reset()
         if self.admission is not None:
             self.admission.close()
             self.admission = None
-
