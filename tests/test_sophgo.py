@@ -3,7 +3,7 @@
 Bundles: tiny random checkpoints of the factory (bf16 and AWQ) with 224-pixel tiles (64 image tokens: the
 simulator needs ~12 s per ViT layer at 448 pixels, under 1 s at 224; the nets are the same), -s 128,
 compiled for bm1684x in f16 (with --use_block_with_kv and --max_input_length 48, so a prompt with an
-image is prefilled by block_i, then block_kv_i twice), bf16, w4bf16 (bf16 weights quantised by us to
+image is prefilled by block_i, then block_kv_i twice; and --do_sample), bf16, w4bf16 (bf16 weights quantised by us to
 4-bit groups of 64) and the AWQ checkpoint (w4bf16 -> w4f16, its 4-bit values as published), and for
 bm1688 in f16 (checked in a child process: a process holds one chip's simulator).
 
@@ -57,7 +57,7 @@ SIM_SHAPES = shapes_with("tiny", image_size=224)
 CHECKPOINTS = {"bf16": ("bf16", 10), "awq": ("awq", 11)}
 # case: (checkpoint, chip, -q, extra convert options, ONNX bundle the decoder is compared with, check the ViT)
 NET_CASES = {
-    "bm1684x-f16": ("bf16", "bm1684x", "f16", {"max_input_length": 48, "use_block_with_kv": True}, "f32", True),
+    "bm1684x-f16": ("bf16", "bm1684x", "f16", {"max_input_length": 48, "use_block_with_kv": True, "do_sample": True}, "f32", True),
     "bm1684x-bf16": ("bf16", "bm1684x", "bf16", {}, "f32", True),
     "bm1684x-w4bf16": ("bf16", "bm1684x", "w4bf16", {}, "w4bf16", False),  # its ViT is the bf16 case's
     "bm1684x-awq-w4f16": ("awq", "bm1684x", "w4bf16", {}, "w4f16", True),
@@ -207,6 +207,7 @@ def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
         "embedding_cache": ([[1, 1]], [[1, 1, H]]),
         "lm_head": ([[1, H]], [[1, V]]),
         "greedy_head": ([[1, V]], [[1, 1]]),
+        "sample_head": ([[1, V], [1, S], [1, 1], [1, 1], [1, 1], [1, 1]], [[1, 50], [1, 50]]),
     }
     for i in range(2):
         expect[f"block_{i}"] = ([[1, L, H], [1, L], [1, 1, L, L]], [[1, L, H], [1, L, kvh, hd], [1, L, kvh, hd]])
@@ -215,7 +216,7 @@ def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
         expect[f"block_kv_{i}"] = ([[1, L, H], [1, L], [1, 1, L, S + L], [1, S, kvh, hd], [1, S, kvh, hd]],
                                    [[1, L, H], [1, L, kvh, hd], [1, L, kvh, hd]])  # fmt: skip
     parsed = parse_info(text, bmodel)
-    assert list(parsed) == ["vit", "embedding", "embedding_cache", "lm_head", "greedy_head"] + [
+    assert list(parsed) == ["vit", "embedding", "embedding_cache", "lm_head", "greedy_head", "sample_head"] + [
         f"{k}_{i}" for i in range(2) for k in ("block", "block_cache", "block_kv")]  # fmt: skip
     for name, (ins, outs) in expect.items():
         assert [t["shape"] for t in parsed[name]["inputs"]] == ins, name
@@ -226,11 +227,32 @@ def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
     assert {t["dtype"] for t in parsed["block_0"]["inputs"]} == {"float16", "int32"}
 
 
+def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
+    """The sampling head (--do_sample) gives the candidates and probabilities of sampling.candidates (the
+    CPU target's semantics) for top_k up to the seed's 50: penalty, top-k, temperature, top-p."""
+    from internvl_edge.api import load
+    from internvl_edge.sampling import SamplingParams, candidates
+
+    kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-f16"]
+    backend = load(sim_bundle(kind, chip, quantize, **options)).backend
+    assert backend.can_sample
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, backend.vocab)) * 3).astype(np.float32)
+    seen = rng.integers(0, backend.vocab, (3, 20))
+    for p in (SamplingParams(0.7, 40, 0.9, 1.3), SamplingParams(1.0, 50, 1.0, 1.0), SamplingParams(0.5, 10, 0.5, 1.1)):
+        probs, ids = backend.sample(logits, seen, p)
+        for b in range(3):
+            ref_probs, ref_ids = candidates(logits[b], seen[b], p)
+            k = len(ref_ids)
+            assert list(ids[b, :k]) == list(ref_ids)
+            assert np.abs(probs[b, :k] - ref_probs).max() < 1e-5 and np.abs(probs[b, k:]).max(initial=0) < 1e-6
+
+
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
     for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True}, "--dynamic"),
-                        ({"do_sample": True}, "--do_sample"), ({"vision_bits": 8}, "--vision-bits"),
-                        ({"accuracy_level": 1}, "--accuracy_level")):  # fmt: skip
+                        ({"vision_bits": 8}, "--vision-bits"), ({"accuracy_level": 1}, "--accuracy_level"),
+                        ({"lm_head_bits": 8}, "--lm-head-bits")):  # fmt: skip
         out = tmp_path / "b"
         with pytest.raises(UserError, match=words.replace("-", r"\-")):
             convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",

@@ -23,8 +23,9 @@ import numpy as np
 from ..bundle import Manifest
 from ..errors import UserError
 from ..runtime import KVCache, parse_devid
-from ..sampling import SamplingParams
+from ..sampling import GREEDY_TEMPERATURE, SamplingParams
 from .bmrt import Runtime, find_libraries, from_device_dtype, to_device_dtype
+from .mlir import MAX_TOP_K
 
 MASKED = -10000.0  # rounds to 0xF0E2 in f16 and 0xC61C (-9984) in bf16, the seed's mask values
 
@@ -229,10 +230,26 @@ class BmrtBackend:
 
     @property
     def can_sample(self) -> bool:
-        return False
+        return "sample_head" in self.rt.nets
 
-    def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams):
-        raise UserError("sampling is not available for Sophgo bundles yet; run without --do_sample")
+    def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+        """The sampling head per row: at most MAX_TOP_K candidates (top_k 0 or above it means MAX_TOP_K,
+        the seed's limit); the penalty covers the most recent distinct ids that fit its input."""
+        if not self.can_sample:
+            raise UserError("this bundle was converted without --do_sample; convert it with --do_sample to sample")
+        rows = self.rt.nets["sample_head"].inputs[1].shape[1]
+        top_k = p.top_k if 0 < p.top_k <= MAX_TOP_K else MAX_TOP_K
+        probs, ids = [], []
+        for b, row in enumerate(np.asarray(logits, np.float32)):
+            seen = list(dict.fromkeys(int(t) for t in np.asarray(penalty_ids[b]).reshape(-1)[::-1]))[:rows]
+            penalty = p.repetition_penalty if seen else 1.0
+            padded = np.full((1, rows), seen[0] if seen else 0, np.int32)  # repeats are penalised once
+            padded[0, : len(seen)] = seen
+            self._run("sample_head", {0: row[None], 1: padded, 2: [[penalty]], 3: [[max(p.temperature, GREEDY_TEMPERATURE)]],
+                                      4: [[top_k]], 5: [[p.top_p]]})  # fmt: skip
+            probs.append(self._read("sample_head", 0)[0])
+            ids.append(self._read("sample_head", 1)[0].astype(np.int64))
+        return np.stack(probs), np.stack(ids)
 
     def describe(self) -> dict:
         return {"backend": self.name, "library": self.library, "chip": self.manifest.target["chip"],

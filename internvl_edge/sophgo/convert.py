@@ -1,7 +1,7 @@
 """`convert -c bm1684x|bm1688`: the seed's nets emitted, compiled and combined into one bmodel.
 
-    vit, embedding, embedding_cache, lm_head, greedy_head, then block_i, block_cache_i (and block_kv_i
-    with --use_block_with_kv) for every layer: the order and the deploy flags of the seed's
+    vit, embedding, embedding_cache, lm_head, greedy_head (and sample_head with --do_sample), then
+    block_i, block_cache_i (and block_kv_i with --use_block_with_kv) for every layer: the order and the deploy flags of the seed's
     LlmConverter.compile_all. Each layer's weights are prepared once, written once (one npz for its
     block nets) and stored once in the combined bmodel (model_tool shares identical coefficients).
 
@@ -30,7 +30,6 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
         raise UserError(f"-q {opts.quantize} is not supported for {opts.chip}; choose one of {', '.join(QUANTIZE)}")
     unsupported = [
         (opts.dynamic, "--dynamic (dynamic-shape prefill) is not supported for Sophgo targets yet; convert without it"),
-        (opts.do_sample, "--do_sample (the sampling head) is not supported for Sophgo targets yet; convert without it"),
         (opts.lm_head_bits, "--lm-head-bits is a CPU-target option (the seed keeps lm_head in half precision)"),
         (opts.vision_bits, "--vision-bits is a CPU-target option (the seed keeps the vision encoder in half precision)"),
         (opts.accuracy_level != 4, "--accuracy_level is a CPU-target option (the chip computes 4-bit matmuls in half precision)"),
@@ -53,8 +52,8 @@ def bmodel_name(opts, chip: str) -> str:
     return f"{model}_{opts.quantize}_seq{opts.seq_length}_{chip}_{where}.bmodel"
 
 
-def _nets_plan(layers: int, with_kv: bool) -> list[str]:
-    names = ["vit", "embedding", "embedding_cache", "lm_head", "greedy_head"]
+def _nets_plan(layers: int, with_kv: bool, with_sample: bool) -> list[str]:
+    names = ["vit", "embedding", "embedding_cache", "lm_head", "greedy_head"] + (["sample_head"] if with_sample else [])
     for i in range(layers):
         names += [f"block_{i}", f"block_cache_{i}"] + ([f"block_kv_{i}"] if with_kv else [])
     return names
@@ -69,7 +68,7 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
     four_bit = opts.quantize.startswith("w4")
     group = (t.awq.group_size if t.awq is not None else opts.q_group_size) if four_bit else 0
     S, L = opts.seq_length, opts.max_input_length
-    plan = _nets_plan(t.num_hidden_layers, opts.use_block_with_kv)
+    plan = _nets_plan(t.num_hidden_layers, opts.use_block_with_kv, opts.do_sample)
     work = work_dir(opts.out_dir)
     ok = False
     try:
@@ -90,6 +89,10 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
         comp.write_weights("lm_head.npz", m.weights)
         comp.submit(Net("lm_head", m, half_mode, quant_input=True))
         comp.submit(Net("greedy_head", mlir.greedy_head(t.vocab_size), "F32", addr_mode="io_alone"))
+        if opts.do_sample:
+            m = mlir.sample_head(t.vocab_size, S, "../sample_head.npz")
+            comp.write_weights("sample_head.npz", m.weights)
+            comp.submit(Net("sample_head", m, "F32", addr_mode="io_alone"))
         del m
 
         kinds = [("block", L, "basic"), ("block_cache", 1, "io_alone")] + ([("block_kv", L, "basic")] if opts.use_block_with_kv else [])

@@ -318,6 +318,48 @@ def greedy_head(vocab: int) -> Module:
     return m
 
 
+MAX_TOP_K = 50  # candidates the sampling head returns (the seed's max_top_k)
+
+
+def sample_head(vocab: int, penalty_rows: int, weight_file: str) -> Module:
+    """The seed's sample_head, with the CPU target's semantics (nets/heads.py, sampling.candidates):
+
+        logits [1, V], seen ids [1, n] -> penalty (positive / p, negative * p) scattered back
+        TopK 50 -> / temperature -> keep the first top_k -> Softmax -> keep the smallest prefix whose
+        mass reaches top_p -> renormalise -> probs [1, 50], token ids [1, 50]
+    Static shapes: top_k and top_p are masks over the 50 candidates (the seed feeds top_k as a dynamic
+    TopK size), so top_k is at most 50, as in the seed."""
+    m = Module("sample_head", weight_file)
+    K = MAX_TOP_K
+    logits = m.input("m_logits", (1, vocab))
+    ids = m.input("input_ids", (1, penalty_rows), "si32")
+    penalty = m.input("penalty", (1, 1))
+    temperature = m.input("temperature", (1, 1))
+    top_k = m.input("top_k", (1, 1))
+    top_p = m.input("top_p", (1, 1))
+    iota = m.weight("sample_head.candidate_index", np.arange(K, dtype=np.float32).reshape(1, K))
+    seen = m.op("GatherElements", [logits, ids], (1, penalty_rows), "sample_head.penalty.gather", axis=1)
+    positive = m.op("CompareConst", [seen], seen.shape, "sample_head.penalty.positive", mode="Greater", const_val=0.0,
+                    inversed=False)  # fmt: skip
+    divided = m.op("Div", [seen, penalty], seen.shape, "sample_head.penalty.div")
+    multiplied = m.op("Mul", [seen, penalty], seen.shape, "sample_head.penalty.mul")
+    seen = m.op("Where", [positive, divided, multiplied], seen.shape, "sample_head.penalty.where")
+    logits = m.op("ScatterElements", [logits, ids, seen], logits.shape, "sample_head.penalty.scatter", axis=1)
+    values, tokens = m.ops("TopK", [logits], [(1, K), (1, K)], ["sample_head.topk.values", "token_ids"], axis=1, K=K)
+    scaled = m.op("Div", [values, temperature], (1, K), "sample_head.temperature")
+    within_k = m.op("Compare", [iota, top_k], (1, K), "sample_head.top_k", mode="Less")
+    scaled = m.op("Where", [within_k, scaled, m.none()], (1, K), "sample_head.top_k.where", y_is_const=True,
+                  y_const_val=-10000.0)  # fmt: skip
+    probs = m.op("Softmax", [scaled], (1, K), "sample_head.softmax", axis=SI32(1))
+    upto = m.op("CumSum", [probs, m.none()], (1, K), "sample_head.top_p.cumsum", axis=1)
+    before = m.op("Sub", [upto, probs], (1, K), "sample_head.top_p.before")  # mass of the better candidates
+    keep = m.op("Compare", [before, top_p], (1, K), "sample_head.top_p", mode="Less")
+    kept = m.op("Mul", [probs, keep], (1, K), "sample_head.top_p.mul")
+    total = m.op("Reduce", [kept], (1, 1), "sample_head.top_p.sum", axes=[1], keepdims=True, mode="ReduceSum")
+    m.ret(m.op("Div", [kept, total], (1, K), "probs"), tokens)
+    return m
+
+
 # -- decoder blocks ----------------------------------------------------------------------------------
 @dataclass
 class LayerWeights:
