@@ -43,7 +43,7 @@ class Served:
     def post(self, body, key: str | None = KEY, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + "/v1/chat/completions", content=data, timeout=60,
+        return httpx.post(self.url + "/v1/chat/completions", content=data, timeout=kw.pop("timeout", 60),
                           headers={"Content-Type": "application/json", **headers, **kw.pop("headers", {})}, **kw)  # fmt: skip
 
     def health(self) -> dict:
@@ -264,23 +264,51 @@ def test_sixteen_concurrent_streams_equal_single_requests(served, reference, ima
 
 def test_a_cancelled_stream_frees_its_slot(served):
     body = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-        steps_at_close = served.health()["decode_steps"]
-    h = served.wait_for(lambda h: h["active"] == 0, timeout=20)
-    assert h["decode_steps"] - steps_at_close < 1800  # stopped long before its 1900 tokens
+    with slowed(served):
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            steps_at_close = served.health()["decode_steps"]
+        h = served.wait_for(lambda h: h["active"] == 0, timeout=20)
+    assert h["decode_steps"] - steps_at_close < 1500  # stopped long before its 1900 tokens
     time.sleep(0.3)
     assert served.health()["decode_steps"] == h["decode_steps"]  # nothing left decoding
     ok = served.post({"model": NAME, "messages": user("Hi"), "max_tokens": 2})
     assert ok.status_code == 200
 
 
+@contextmanager
+def slowed(served: Served, seconds: float = 0.002):
+    """Every decoder call of the served model takes at least `seconds` more (1900 tokens: >= 3.8 s),
+    so a cancellation is seen long before the end whatever the machine's speed."""
+    forward = served.model.backend.forward
+
+    def slow_forward(*args):
+        time.sleep(seconds)
+        return forward(*args)
+
+    served.model.backend.forward = slow_forward
+    try:
+        yield
+    finally:
+        served.model.backend.forward = forward
+
+
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(served):
+    steps_before = served.health()["decode_steps"]
+    body = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True}
+    with slowed(served):
+        with pytest.raises(httpx.ReadTimeout):
+            served.post(body, timeout=httpx.Timeout(60, read=0.3))  # gives up and closes the connection
+        h = served.wait_for(lambda h: h["active"] == 0, timeout=20)
+    assert h["decode_steps"] - steps_before < 1500
+
+
 def test_a_full_queue_answers_429_and_the_server_recovers(greedy_bundle):
     long = {"model": NAME, "messages": user("Go on."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with serving(greedy_bundle, parallel=1, max_queue=1) as s, httpx.Client(timeout=60) as http:
+    with serving(greedy_bundle, parallel=1, max_queue=1) as s, slowed(s), httpx.Client(timeout=60) as http:
         url = s.url + "/v1/chat/completions"
         with http.stream("POST", url, json=long) as first:
             first_lines = first.iter_lines()  # kept: dropping the iterator would close the stream

@@ -37,7 +37,7 @@ from .protocol import ApiError, ChatRequest, logprobs_content, parse_chat_reques
 from .scheduler import Engine, Handle, Job
 
 log = logging.getLogger("internvl_edge.server")
-POLL_S = 0.25  # how often a request waiting for its first (or next, unstreamed) token checks its client
+POLL_S = 0.25  # how often a request that is not streaming yet checks that its client is still there
 
 
 @dataclass
@@ -162,12 +162,17 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
             req = parse_chat_request(await read_json(request, settings.max_body_bytes))
             out.stream = req.stream
             handle = await submit(req, out)
-            first = await next_or_leave(handle, request)
-            if first is not None and req.stream:
-                streaming = True  # from here the response owns the sequence
-                return EngineStream(stream_events(req, handle, first, out), handle, out, media_type="text/event-stream",
-                                    headers={**headers, "cache-control": "no-cache"})  # fmt: skip
-            body = await complete(req, handle, first, out, request) if first is not None else None
+            watcher = asyncio.create_task(cancel_when_gone(request, handle))
+            try:
+                first = await handle.next()
+                if first is not None and req.stream:
+                    watcher.cancel()  # the streaming response watches the connection from here
+                    streaming = True  # and owns the sequence
+                    return EngineStream(stream_events(req, handle, first, out), handle, out,
+                                        media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})  # fmt: skip
+                body = await complete(req, handle, first, out) if first is not None else None
+            finally:
+                watcher.cancel()
             out.log()
             return JSONResponse(body, headers=headers) if body else Response(status_code=499)  # 499: the client left
         except ApiError as e:
@@ -198,7 +203,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
         out.handle = engine.submit(Job(out.id, ids, media, cfg, out.received), asyncio.get_running_loop())
         return out.handle
 
-    async def complete(req: ChatRequest, handle: Handle, item, out: Outcome, request: Request) -> dict | None:
+    async def complete(req: ChatRequest, handle: Handle, item, out: Outcome) -> dict | None:
         text, ids, tops, chosen = [], [], [], []
         while True:
             text.append(item.text)
@@ -207,8 +212,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
             chosen += item.token_logprobs or []
             if item.finish_reason:
                 break
-            item = await next_or_leave(handle, request)
-            if item is None:
+            item = await handle.next()
+            if item is None:  # cancelled: the client left
                 return None
         out.completion_tokens, out.finish, out.stats = len(ids), item.finish_reason, item.stats
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -251,6 +256,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                 yield sse(e.body())
                 yield sse("[DONE]")
                 return
+            if item is None:  # cancelled: the client is gone
+                return
         out.finish, out.stats = item.finish_reason, item.stats
         yield event({}, item.finish_reason, timings=timings(out))
         if req.include_usage:
@@ -286,15 +293,13 @@ async def read_json(request: Request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
-async def next_or_leave(handle: Handle, request: Request):
-    """The handle's next chunk, or None (and the sequence cancelled) once the client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(handle.next(), POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                handle.cancel()
-                return None
+async def cancel_when_gone(request: Request, handle: Handle) -> None:
+    """Cancel the sequence once the client has disconnected (checked every POLL_S seconds)."""
+    while not handle.finished:
+        if await request.is_disconnected():
+            handle.cancel()
+            return
+        await asyncio.sleep(POLL_S)
 
 
 class EngineStream(StreamingResponse):

@@ -61,7 +61,8 @@ class ServedChunk(Chunk):
 
 class Handle:
     """The request's side: chunks (then the last, with finish_reason and stats) or an ApiError arrive on
-    an asyncio queue; `cancel()` frees the sequence's slot at the engine's next step."""
+    an asyncio queue; `cancel()` (on the event loop) frees the sequence's slot at the engine's next step
+    and makes a pending `next()` return None."""
 
     def __init__(self, job: Job, loop: asyncio.AbstractEventLoop):
         self.job = job
@@ -72,6 +73,8 @@ class Handle:
         self.finished = False
 
     def cancel(self) -> None:
+        if not self.cancelled and not self.finished:
+            self.queue.put_nowait(None)  # wakes whoever waits on next()
         self.cancelled = True
 
     @property
@@ -86,8 +89,10 @@ class Handle:
             self.cancelled = True
 
     async def next(self):
-        """The next chunk; an ApiError from the engine is raised."""
+        """The next chunk; None once cancelled; an ApiError from the engine is raised."""
         item = await self.queue.get()
+        if item is None or self.cancelled:
+            return None
         if isinstance(item, Exception):
             self.finished = True
             raise item
