@@ -1,8 +1,10 @@
-"""The token loop as stacked generators: steps (token ids) -> stream (text pieces + stats) -> collect.
+"""The token loop: prefill -> per-token rules -> stream of text pieces -> collect.
 
-    steps()   prefill the prompt in chunks, then pick a token, feed it back, repeat; yields Step
-    stream()  detokenises steps UTF-8-safely, applies stop strings, yields Chunk, the last with Stats
-    collect() runs a stream to the end and returns a Result
+    prefill()           feed a prompt's embeddings into one cache slot, in chunks of max_input_length
+    SequenceDecoding    one sequence's per-token rules (pick, stop tokens and strings, lengths, UTF-8-safe
+                        text, timings); the server's engine drives many of these in one batch
+    stream()            one sequence end to end: yields Chunk, the last with finish_reason and Stats
+    collect()           runs a stream to the end and returns a Result
 
 As in the seed, a stop token ends the turn without being fed back into the cache, and timings follow
 its pipeline.py: FTL is the time from the request to the first token (vision, embedding and prefill
@@ -19,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 from .runtime import KVCache
-from .sampling import GREEDY_TEMPERATURE, SamplingParams, draw, top_logprobs
+from .sampling import GREEDY_TEMPERATURE, SamplingParams, draw, log_softmax, top_logprobs
 from .tokenizer import StreamDetokenizer, TextTokenizer
 
 
@@ -47,14 +49,6 @@ class PreparedPrompt:
 
 
 @dataclass
-class Step:
-    token_id: int
-    logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # None, "stop" (a stop token: not part of the answer) or "length"
-    is_stop_token: bool = False
-
-
-@dataclass
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -73,9 +67,10 @@ class Stats:
 class Chunk:
     text: str
     token_ids: list[int]
-    logprobs: list[list[tuple[int, float]]] | None = None
+    logprobs: list[list[tuple[int, float]]] | None = None  # per token: the top-k (token_id, logprob)
     finish_reason: str | None = None
     stats: Stats | None = None
+    token_logprobs: list[float] | None = None  # per token: its own logprob (OpenAI's logprobs.content)
 
 
 @dataclass
@@ -110,44 +105,8 @@ def select(backend, logits: np.ndarray, seen: list[int], cfg: GenerationConfig, 
     return int(backend.greedy(logits[None, :])[0])
 
 
-def steps(backend, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig, stats: Stats) -> Iterator[Step]:
-    """Prefill, then one token per iteration. The cache keeps every token that was fed."""
-    if cfg.do_sample and not getattr(backend, "can_sample", False):
-        raise UserError("this bundle was converted without --do_sample; convert it with --do_sample to sample")
-    room = cache.capacity - int(cache.lengths[0])
-    if len(prompt.input_ids) >= room:
-        raise UserError(
-            f"the prompt has {len(prompt.input_ids)} tokens but only {room - 1} fit before the bundle's "
-            f"seq_length {cache.capacity}; shorten it, use fewer tiles, or convert with a larger -s"
-        )
-    rng = np.random.default_rng(cfg.seed)
-    seen = list(prompt.input_ids)  # the repetition penalty covers the whole turn
-    logits = prefill(backend, cache, prompt.embeds)
-    stats.prompt_tokens = len(prompt.input_ids)
-    first_at = None
-    for produced in range(cfg.max_new_tokens):
-        token = select(backend, logits, seen, cfg, rng)
-        lp = top_logprobs(logits, cfg.logprobs) if cfg.logprobs else None
-        now = time.perf_counter()
-        if first_at is None:
-            first_at = now
-            stats.ftl_s = now - prompt.started
-        stats.decode_s = now - first_at
-        if token in cfg.stop_token_ids and not cfg.ignore_eos:
-            yield Step(token, lp, "stop", is_stop_token=True)
-            return
-        stats.generated_tokens += 1
-        cache_full = int(cache.lengths[0]) + 1 >= cache.capacity
-        if cache_full or produced + 1 == cfg.max_new_tokens:
-            yield Step(token, lp, "length")
-            return
-        yield Step(token, lp, None)
-        seen.append(token)
-        logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could still grow into a stop string (so are not printed yet)."""
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could still grow into a stop string (so are not sent yet)."""
     keep = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), 0, -1):
@@ -157,32 +116,82 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
-def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig) -> Iterator[Chunk]:
-    """Text pieces as they become printable; the last chunk carries the finish reason and stats."""
-    stats = Stats(num_tiles=prompt.num_tiles, vision_s=prompt.vision_s)
-    detok = StreamDetokenizer(tokenizer)
-    pending = ""  # decoded, not yet emitted (it might be the start of a stop string)
-    finish = "length"
-    for step in steps(backend, cache, prompt, cfg, stats):
-        if step.is_stop_token:
-            finish = "stop"
-            break
-        pending += detok.add(step.token_id)
-        if step.finish_reason:
-            pending += detok.flush()
-        lps = [step.logprobs] if step.logprobs is not None else None
-        hits = [pending.find(s) for s in cfg.stop_strings if s in pending]
+class SequenceDecoding:
+    """One sequence's decoding state and per-token rules, shared by `stream` (one sequence) and the
+    server's engine (many in a batch): pick a token from a logits row, time it, then `accept` it:
+    a stop token ends the answer unsent; max_new_tokens or a full cache end it after the token; the
+    text is detokenised UTF-8-safely and held back while it could still become a stop string."""
+
+    def __init__(self, tokenizer: TextTokenizer, cfg: GenerationConfig, prompt_ids: list[int], stats: Stats,
+                 started: float):  # fmt: skip
+        self.cfg, self.stats, self.started = cfg, stats, started
+        self.rng = np.random.default_rng(cfg.seed)
+        self.seen = list(prompt_ids)  # the repetition penalty covers the whole turn
+        self.samples = cfg.do_sample and cfg.sampling.temperature > GREEDY_TEMPERATURE
+        self.detok = StreamDetokenizer(tokenizer)
+        self.pending = ""  # decoded, not sent yet (it might start a stop string)
+        self.first_at: float | None = None
+        self.token: int | None = None  # the token to feed at the next step
+        self.done = False
+
+    def pick(self, backend, logits_row: np.ndarray) -> int:
+        return select(backend, logits_row, self.seen, self.cfg, self.rng)
+
+    def accept(self, token: int, logits_row: np.ndarray, cache_length: int, capacity: int) -> list[Chunk]:
+        """One picked token -> the chunks to emit (the last one with finish_reason and stats when the
+        answer ends: `done` is then set); otherwise `token` is the next one to feed."""
+        cfg, stats = self.cfg, self.stats
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at, stats.ftl_s = now, now - self.started
+        stats.decode_s = now - self.first_at
+        if token in cfg.stop_token_ids and not cfg.ignore_eos:
+            return [self._last("stop")]
+        stats.generated_tokens += 1
+        top = [top_logprobs(logits_row, cfg.logprobs)] if cfg.logprobs else None
+        chosen = [float(log_softmax(logits_row)[token])] if cfg.logprobs else None
+        ends = cache_length + 1 >= capacity or stats.generated_tokens >= cfg.max_new_tokens
+        self.pending += self.detok.add(token)
+        if ends:
+            self.pending += self.detok.flush()
+        hits = [self.pending.find(s) for s in cfg.stop_strings if s in self.pending]
         if hits:
-            yield Chunk(pending[: min(hits)], [step.token_id], lps)
-            pending, finish = "", "stop"
-            break
-        hold = 0 if step.finish_reason else _held_back(pending, cfg.stop_strings)
-        emit, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-        yield Chunk(emit, [step.token_id], lps)
-        if step.finish_reason:
-            finish = step.finish_reason
-            break
-    yield Chunk(pending + detok.flush(), [], None, finish, stats)
+            out = Chunk(self.pending[: min(hits)], [token], top, token_logprobs=chosen)
+            self.pending = ""
+            return [out, self._last("stop")]
+        hold = 0 if ends else held_back(self.pending, cfg.stop_strings)
+        emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        out = Chunk(emit, [token], top, token_logprobs=chosen)
+        if ends:
+            return [out, self._last("length")]
+        self.seen.append(token)
+        self.token = token
+        return [out]
+
+    def _last(self, finish: str) -> Chunk:
+        self.done = True
+        return Chunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
+
+
+def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig) -> Iterator[Chunk]:
+    """Prefill one sequence (slot 0), then decode it token by token: text pieces as they become
+    printable; the last chunk carries the finish reason and stats. The cache keeps every fed token."""
+    if cfg.do_sample and not getattr(backend, "can_sample", False):
+        raise UserError("this bundle was converted without --do_sample; convert it with --do_sample to sample")
+    room = cache.capacity - int(cache.lengths[0])
+    if len(prompt.input_ids) >= room:
+        raise UserError(
+            f"the prompt has {len(prompt.input_ids)} tokens but only {room - 1} fit before the bundle's "
+            f"seq_length {cache.capacity}; shorten it, use fewer tiles, or convert with a larger -s"
+        )
+    stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s)
+    seq = SequenceDecoding(tokenizer, cfg, prompt.input_ids, stats, prompt.started)
+    logits = prefill(backend, cache, prompt.embeds)
+    while True:
+        yield from seq.accept(seq.pick(backend, logits), logits, int(cache.lengths[0]), cache.capacity)
+        if seq.done:
+            return
+        logits = backend.forward(cache, backend.embed(np.array([[seq.token]], np.int64)), [1])[0]
 
 
 def collect(chunks: Iterator[Chunk], prompt_ids: list[int]) -> Result:

@@ -17,7 +17,7 @@ Each loop iteration does, in order:
 A sequence leaves its slot when it finishes (stop token, stop string, max_tokens, full cache). Every
 ONNX Runtime call happens on this thread: sessions and IO bindings are not safe for concurrent runs.
 A batched greedy request gives the tokens it gives alone (runtime.py: rows of a batched decode call are
-independent); the per-token rules below are generate.steps/stream's, step for step.
+independent); the per-token rules are generate.SequenceDecoding's, the same object `stream` uses.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ import numpy as np
 
 from ..api import Media, Model
 from ..errors import UserError
-from ..generate import Chunk, GenerationConfig, Stats, _held_back, prefill, select
-from ..sampling import GREEDY_TEMPERATURE, log_softmax, top_logprobs
-from ..tokenizer import StreamDetokenizer
+from ..generate import GenerationConfig, SequenceDecoding, Stats, prefill
 from .protocol import ApiError
 
 log = logging.getLogger("internvl_edge.server")
@@ -50,13 +48,6 @@ class Job:
     media: Media
     config: GenerationConfig
     received: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class ServedChunk(Chunk):
-    """A generate.Chunk plus the logprob of each of its tokens (OpenAI's `logprobs.content[].logprob`)."""
-
-    token_logprobs: list[float] | None = None
 
 
 class Handle:
@@ -82,7 +73,7 @@ class Handle:
         return (self.admitted or time.perf_counter()) - self.job.received
 
     def push(self, item) -> None:
-        """From the engine thread: hand a ServedChunk or ApiError to the request's event loop."""
+        """From the engine thread: hand a Chunk or ApiError to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -101,59 +92,13 @@ class Handle:
         return item
 
 
-class Sequence:
-    """One admitted request in slot `slot`: its sampling state and the text it has produced."""
+class Sequence(SequenceDecoding):
+    """One admitted request in slot `slot`: generate.SequenceDecoding's per-token rules and state, plus
+    where its chunks go."""
 
     def __init__(self, handle: Handle, slot: int, model: Model, prompt_ids: list[int], stats: Stats, started: float):
-        self.handle, self.slot, self.model = handle, slot, model
-        self.cfg = handle.job.config
-        self.rng = np.random.default_rng(self.cfg.seed)
-        self.seen = list(prompt_ids)  # the repetition penalty covers the whole turn
-        self.samples = self.cfg.do_sample and self.cfg.sampling.temperature > GREEDY_TEMPERATURE
-        self.detok = StreamDetokenizer(model.tokenizer)
-        self.pending = ""  # decoded, not sent yet (it might start a stop string)
-        self.stats, self.started = stats, started
-        self.first_at: float | None = None
-        self.token: int | None = None  # the token to feed at the next decode step
-        self.done = False
-
-    def pick(self, backend, logits_row: np.ndarray) -> int:
-        return select(backend, logits_row, self.seen, self.cfg, self.rng)
-
-    def accept(self, token: int, logits_row: np.ndarray, cache_length: int, capacity: int) -> list[ServedChunk]:
-        """One picked token -> the chunks to send; sets `done` and `token` (generate.steps, then stream)."""
-        cfg, stats = self.cfg, self.stats
-        top = top_logprobs(logits_row, cfg.logprobs) if cfg.logprobs else None
-        now = time.perf_counter()
-        if self.first_at is None:
-            self.first_at, stats.ftl_s = now, now - self.started
-        stats.decode_s = now - self.first_at
-        if token in cfg.stop_token_ids and not cfg.ignore_eos:  # a stop token ends the answer unsent
-            return [self._last("stop")]
-        stats.generated_tokens += 1
-        length = cache_length + 1 >= capacity or stats.generated_tokens == cfg.max_new_tokens
-        chosen = [float(log_softmax(logits_row)[token])] if cfg.logprobs else None
-        lps = [top] if top is not None else None
-        self.pending += self.detok.add(token)
-        if length:
-            self.pending += self.detok.flush()
-        hits = [self.pending.find(s) for s in cfg.stop_strings if s in self.pending]
-        if hits:
-            out = ServedChunk(self.pending[: min(hits)], [token], lps, token_logprobs=chosen)
-            self.pending = ""
-            return [out, self._last("stop")]
-        hold = 0 if length else _held_back(self.pending, cfg.stop_strings)
-        emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        out = ServedChunk(emit, [token], lps, token_logprobs=chosen)
-        if length:
-            return [out, self._last("length")]
-        self.seen.append(token)
-        self.token = token
-        return [out]
-
-    def _last(self, finish: str) -> ServedChunk:
-        self.done = True
-        return ServedChunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
+        super().__init__(model.tokenizer, handle.job.config, prompt_ids, stats, started)
+        self.handle, self.slot = handle, slot
 
 
 def batch_sizes(parallel: int) -> list[int]:
