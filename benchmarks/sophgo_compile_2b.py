@@ -1,7 +1,7 @@
 """Compile InternVL3-2B shapes (random weights) for BM1684X with -q w4bf16 -s 2048; run one block of it on
 the chip simulator against a float32 CPU computation of the same layer; record the numbers in BENCHMARKS.md.
 
-    python benchmarks/sophgo_compile_2b.py [--work DIR] [--checkpoint DIR] [--jobs N] [--no-write]
+    python benchmarks/sophgo_compile_2b.py [--work DIR] [--checkpoint DIR] [--jobs N] [--no-write] [--block-json F]
 
 Measured: wall time of `convert` (emitting, the tpuc-opt pipeline of every net, model_tool --combine),
 the peak resident memory of the whole process tree (this process and the tpuc-opt processes it runs,
@@ -168,6 +168,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None, help="an existing 2b-shaped checkpoint (default: make one in --work)")
     ap.add_argument("--jobs", type=int, default=None, help="tpuc-opt processes at once (default: the core count)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
+    ap.add_argument("--block-json", default=None,
+                    help="reuse this saved one-block result (the simulator run takes ~40 min) instead of running it")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from internvl_edge.checkpoint.factory import make_checkpoint
@@ -197,7 +199,13 @@ def main() -> int:
     size = os.path.getsize(bmodel)
     info = sophgo_compile.info(tc, bmodel)
     device_mem = re.search(r"device mem size: (\d+) \(weight: (\d+), instruct: (\d+), runtime: (\d+)\)", info)
-    block = one_block(out, ckpt, args.work)
+    if args.block_json:
+        with open(args.block_json, encoding="utf-8") as f:
+            block = json.load(f)
+    else:
+        block = one_block(out, ckpt, args.work)
+        with open(os.path.join(args.work, "block.json"), "w", encoding="utf-8") as f:
+            json.dump({**block, "date": time.strftime("%Y-%m-%d")}, f)
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "compile_s": round(seconds, 1),
               "peak_rss_gb": round(mem.peak / 2**30, 2), "bmodel": manifest.target["bmodel"], "bmodel_bytes": size,
               "nets": len(manifest.nets), "cores": os.cpu_count(), "toolchain": manifest.target["toolchain"],
@@ -224,12 +232,15 @@ def render(r: dict) -> str:
         f"- peak memory: {r['peak_rss_gb']:.1f} GiB resident, this process and its tpuc-opt processes summed\n"
         f"- bmodel: `{r['bmodel']}`, {r['bmodel_bytes'] / 1e9:.2f} GB ({r['bmodel_bytes']:,} bytes)\n"
         f"{mem_line}"
+        "- the simulator's device memory (about 3 GB) does not hold this bmodel with its working memory, so one "
+        "net is taken out of it as compiled (`model_tool --extract`) and run alone:\n"
         f"- one block on the simulator ({b['library']}): `{b['net']}` (the first layer's prefill net, {b['rows']} rows, "
         f"a {b['prompt']}-token prompt and padding) took {b['simulator_s']:.0f} s; against transformers' "
         "Qwen2DecoderLayer in float32 on the CPU with "
         f"the same 4-bit weights: relative RMS error {b['rel_rms_hidden']:.1e} in the hidden state (max abs "
         f"{b['max_abs_hidden']:.3f} for an RMS of {b['hidden_rms']:.2f}), {b['rel_rms_k']:.1e} in K, "
-        f"{b['rel_rms_v']:.1e} in V (bf16 activations: unit roundoff 3.9e-3)\n"
+        f"{b['rel_rms_v']:.1e} in V (bf16 activations: unit roundoff 3.9e-3)"
+        f"{'; measured ' + b['date'] if b.get('date') else ''}{'; ' + b['note'] if b.get('note') else ''}\n"
     )
 
 

@@ -5,7 +5,8 @@ simulator needs ~12 s per ViT layer at 448 pixels, under 1 s at 224; the nets ar
 compiled for bm1684x in f16 (with --use_block_with_kv and --max_input_length 48, so a prompt with an
 image is prefilled by block_i, then block_kv_i twice; and --do_sample), bf16, w4bf16 (bf16 weights quantised by us to
 4-bit groups of 64) and the AWQ checkpoint (w4bf16 -> w4f16, its 4-bit values as published), and for
-bm1688 in f16 (checked in a child process: a process holds one chip's simulator).
+bm1688 in f16 (checked in a child process: a process holds one chip's simulator); and bm1684x f16
+with --dynamic (end to end).
 
 Per net (tests/sophgo_checks.py), every net fed the reference's own inputs, the relative RMS error
 ||ours - reference|| / ||reference|| must stay under 8 units of roundoff of the half type the chip
@@ -156,9 +157,13 @@ def assert_greedy(result: dict) -> None:
     assert clear[:n].sum() >= 8, (ours, ref, result["margins"])
 
 
-@pytest.mark.parametrize("media", ["text", "one_tile"])
-def test_greedy_tokens_equal_reference(media, tpu_mlir, sim_checkpoint, sim_bundle, tile):
+@pytest.mark.parametrize("media, dynamic", [("text", False), ("one_tile", False), ("text", True)])
+def test_greedy_tokens_equal_reference(media, dynamic, tpu_mlir, sim_checkpoint, sim_bundle, tile):
+    """The f16 bundle (block_kv_i after the first 48 rows of a prompt), and a --dynamic one (prefill
+    blocks whose rows follow the prompt, the causal mask inside the net)."""
     kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-f16"]
+    if dynamic:
+        options = {"dynamic": True}
     bdir = sim_bundle(kind, chip, quantize, **options)
     result = sophgo_checks.greedy_tokens(bdir, sim_checkpoint(kind), STEPS, tile if media == "one_tile" else None)
     assert result["prompt_ids_equal"]
@@ -250,7 +255,7 @@ def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
 
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
-    for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True}, "--dynamic"),
+    for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
                         ({"vision_bits": 8}, "--vision-bits"), ({"accuracy_level": 1}, "--accuracy_level"),
                         ({"lm_head_bits": 8}, "--lm-head-bits")):  # fmt: skip
         out = tmp_path / "b"

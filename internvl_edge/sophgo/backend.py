@@ -10,7 +10,7 @@ in device memory, one buffer pair per layer and per cache slot:
     more rows after history   block_kv_i when compiled (--use_block_with_kv), else one row at a time
 
 Static shapes: a prefill is padded to `max_input_length` rows (padding rows are masked out and their
-K/V never copied). Masks use the seed's "minus infinity": -10000 in f16, -9984 in bf16.
+K/V never copied); with --dynamic the prefill blocks take the prompt's rows as they are. Masks use the seed's "minus infinity": -10000 in f16, -9984 in bf16.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class BmrtBackend:
         ins = [None if t.name.startswith("history_") else self.rt.alloc(t.nbytes) for t in net.inputs]
         return ins, [self.rt.alloc(t.nbytes) for t in net.outputs]
 
-    def _run(self, name: str, inputs: dict | None = None, mems: dict | None = None) -> list:
-        """Upload host inputs by position, bind device inputs by position, launch; the output buffers."""
+    def _run(self, name: str, inputs: dict | None = None, mems: dict | None = None, shapes=None) -> list:
+        """Upload host inputs by position, bind device inputs by position, launch (dynamic nets with the
+        given input shapes); the output buffers."""
         net = self.rt.nets[name]
         ins, outs = self._io[name]
         ins = list(ins)
@@ -81,7 +82,7 @@ class BmrtBackend:
             self.rt.upload(ins[i], to_device_dtype(data, net.inputs[i].dtype))
         for i, mem in (mems or {}).items():
             ins[i] = mem
-        self.rt.launch(net, ins, outs)
+        self.rt.launch(net, ins, outs, shapes)
         return outs
 
     def _read(self, name: str, index: int = 0) -> np.ndarray:
@@ -168,6 +169,9 @@ class BmrtBackend:
 
     def _prefill(self, pairs, x: np.ndarray):
         n, L = len(x), self.max_input_length
+        if self.blocks[0].dynamic:  # rows = the prompt's; the causal mask is inside the net
+            positions = np.arange(n, dtype=np.int32)[None]
+            return self._layers(self.blocks, pairs, x[None], positions, None, n, 0, [(1, n, self.hidden), (1, n)])
         states = np.zeros((1, L, self.hidden), np.float32)
         states[0, :n] = x
         positions = np.zeros((1, L), np.int32)
@@ -194,20 +198,21 @@ class BmrtBackend:
         mask[..., S] = 0.0  # the new token itself, concatenated after the history
         return self._layers(self.caches, pairs, x.reshape(1, 1, -1), np.array([[start]], np.int32), mask, 1, start)
 
-    def _layers(self, nets, pairs, states, positions, mask, n: int, start: int):
+    def _layers(self, nets, pairs, states, positions, mask, n: int, start: int, shapes=None):
         """Run one kind of block over all layers; the hidden rows stay on the device between layers."""
         h = None
+        shared = [1] if mask is None else [1, 2]  # positions and mask: uploaded for layer 0, shared after
         for i, net in enumerate(nets):
-            ins, outs = self._io[net.name]
-            bind = {} if h is None else {0: h}
-            host = {0: states, 1: positions, 2: mask} if h is None else {1: positions, 2: mask}
+            if i == 0:
+                host = {0: states, 1: positions} if mask is None else {0: states, 1: positions, 2: mask}
+                bind = {}
+            else:
+                host = {}
+                first = self._io[nets[0].name][0]
+                bind = {0: h, **{j: first[j] for j in shared}}
             if net.inputs[-1].name == "history_v":
                 bind.update({3: pairs[i][0], 4: pairs[i][1]})
-            if i > 0:  # positions and mask are the same for every layer: share layer 0's buffers
-                first_ins = self._io[nets[0].name][0]
-                bind.update({1: first_ins[1], 2: first_ins[2]})
-                host = {}
-            outs = self._run(net.name, host, bind)
+            outs = self._run(net.name, host, bind, shapes)
             k, v = outs[1], outs[2]
             self.rt.copy(pairs[i][0], start * self.row_bytes, k, 0, n * self.row_bytes)
             self.rt.copy(pairs[i][1], start * self.row_bytes, v, 0, n * self.row_bytes)

@@ -17,7 +17,7 @@ import re
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from . import mlir, toolchain
-from .compile import MAX_CORES, Compiler, clean_work, combine, info, work_dir
+from .compile import MAX_CORES, NPU_NUM, Compiler, clean_work, combine, info, work_dir
 from .mlir import Net
 
 # -q -> (processor-assign mode of the decoder blocks, half type of everything else)
@@ -29,7 +29,8 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
     if opts.quantize not in QUANTIZE:
         raise UserError(f"-q {opts.quantize} is not supported for {opts.chip}; choose one of {', '.join(QUANTIZE)}")
     unsupported = [
-        (opts.dynamic, "--dynamic (dynamic-shape prefill) is not supported for Sophgo targets yet; convert without it"),
+        (opts.dynamic and opts.use_block_with_kv,
+         "--dynamic together with --use_block_with_kv is not supported for Sophgo targets yet; choose one"),
         (opts.lm_head_bits, "--lm-head-bits is a CPU-target option (the seed keeps lm_head in half precision)"),
         (opts.vision_bits, "--vision-bits is a CPU-target option (the seed keeps the vision encoder in half precision)"),
         (opts.accuracy_level != 4, "--accuracy_level is a CPU-target option (the chip computes 4-bit matmuls in half precision)"),
@@ -96,14 +97,16 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
         del m
 
         kinds = [("block", L, "basic"), ("block_cache", 1, "io_alone")] + ([("block_kv", L, "basic")] if opts.use_block_with_kv else [])
+        small_mask = 4 * NPU_NUM[opts.chip] if opts.dynamic else 0
         for i in range(t.num_hidden_layers):
             lw = mlir.layer_weights(ckpt, i, four_bit, group, half, S)
             for kind, rows, addr_mode in kinds:
-                m = mlir.block(ckpt, lw, kind, rows, S, f"../block_{i}.npz")
-                if kind == "block":
+                prefill = kind == "block"  # --dynamic: the prefill's rows follow the prompt (the seed's flow)
+                m = mlir.block(ckpt, lw, kind, rows, S, f"../block_{i}.npz", small_mask if prefill else 0)
+                if prefill:
                     comp.write_weights(f"block_{i}.npz", m.weights)
                 comp.submit(Net(f"{kind}_{i}", m, mode, quant_input=True, quant_output=True, addr_mode=addr_mode,
-                                q_group_size=group))  # fmt: skip
+                                q_group_size=group, dynamic=prefill and opts.dynamic))  # fmt: skip
             del lw, m
         bmodels = comp.finish()
         progress.done()

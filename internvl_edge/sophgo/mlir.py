@@ -401,10 +401,12 @@ def is_quantized(lw: LayerWeights) -> bool:
     return any(isinstance(w, A16Weight) for w in lw.linears.values())
 
 
-def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, weight_file: str) -> Module:
+def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, weight_file: str, small_mask: int = 0) -> Module:
     """One Qwen2 decoder layer (the seed's LlmConverter._gen_block_mlir_impl), `kind` one of
     "block" (prefill from position 0), "block_cache" (one token after `seq` history rows) or
-    "block_kv" (`rows` tokens after `seq` history rows):
+    "block_kv" (`rows` tokens after `seq` history rows). With `small_mask` (--dynamic prefill blocks,
+    whose row count follows the prompt) the causal mask is a [small_mask]^2 weight that FAttention
+    tiles (its mask_size), not an input, as in the seed's dynamic flow:
 
         x ── RMSNorm ── q/k/v proj ── Rope(q, k at position_ids) ──┐  k, v are outputs (the new rows)
                                   history_k/v ── Concat ──────── FAttention(mask) ── o_proj ── + x = h
@@ -419,7 +421,8 @@ def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, we
     keys = seq + rows if history else rows
     x = m.input("input_states", (1, rows, H))
     pos = m.input("position_ids", (1, rows), "si32")
-    mask = m.input("attention_mask", (1, 1, rows, keys))
+    if not small_mask:
+        mask = m.input("attention_mask", (1, 1, rows, keys))
     if history:
         past_k = m.input("history_k", (1, seq, kvh, hd))
         past_v = m.input("history_v", (1, seq, kvh, hd))
@@ -428,6 +431,8 @@ def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, we
     # weights in one fixed order for every kind, so the lowered coefficients are identical
     cos = m.weight("rotary_cos", lw.cos)
     sin = m.weight("rotary_sin", lw.sin)
+    if small_mask:  # 0 on and below the diagonal (LlmConverter.create_small_attn_mask)
+        mask = m.weight("attention_mask.weight", np.triu(np.full((small_mask, small_mask), -1.0e9, np.float32), k=1))
     h = rms_norm(m, x, f"{p}.input_layernorm", lw.input_layernorm, t.rms_norm_eps)
     q = linear(m, h, f"{a}.q_proj", lw.linears["self_attn.q_proj"], lw.biases["self_attn.q_proj"])
     k = linear(m, h, f"{a}.k_proj", lw.linears["self_attn.k_proj"], lw.biases["self_attn.k_proj"])
@@ -444,7 +449,7 @@ def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, we
         k = m.op("Concat", [past_k, k], (1, keys, kvh, hd), f"{a}.k_concat", axis=SI32(1), only_merge=True)
         v = m.op("Concat", [past_v, v], (1, keys, kvh, hd), f"{a}.v_concat", axis=SI32(1), only_merge=True)
     o = m.op("FAttention", [q, k, v, mask, m.none()], (1, rows, nh * hd), f"{a}.fattention", scale=float(hd**-0.5),
-             batch=1, q_head=nh, kv_head=kvh, dim=hd, mq=rows, mk=keys, keep_dims=False, mask_size=SI32(0))  # fmt: skip
+             batch=1, q_head=nh, kv_head=kvh, dim=hd, mq=rows, mk=keys, keep_dims=False, mask_size=SI32(small_mask))  # fmt: skip
     o = linear(m, o, f"{a}.o_proj", lw.linears["self_attn.o_proj"], lw.biases["self_attn.o_proj"])
     x = m.op("Add", [x, o], x.shape, f"{a}.add")
     h = rms_norm(m, x, f"{p}.post_attention_layernorm", lw.post_attention_layernorm, t.rms_norm_eps)
