@@ -253,6 +253,24 @@ def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
             assert np.abs(probs[b, :k] - ref_probs).max() < 1e-5 and np.abs(probs[b, k:]).max(initial=0) < 1e-6
 
 
+def test_batched_cache_and_copy_slot(tpu_mlir, sim_bundle):
+    """The server's use of the contract: a prefilled sequence copied into slot 1 of a batch-2 cache
+    continues exactly as it would alone, and an idle slot is left untouched."""
+    from internvl_edge.api import load
+
+    kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-f16"]
+    backend = load(sim_bundle(kind, chip, quantize, **options)).backend
+    ids = np.arange(5, 30)[None]
+    alone = backend.new_cache(1)
+    backend.forward(alone, backend.embed(ids), [ids.shape[1]])
+    batch = backend.new_cache(2)
+    backend.copy_slot(alone, 0, batch, 1)
+    assert list(batch.lengths) == [0, ids.shape[1]]
+    logits = backend.forward(batch, backend.embed(np.array([[7], [7]])), [0, 1])[1]
+    expected = backend.forward(alone, backend.embed(np.array([[7]])), [1])[0]
+    assert np.array_equal(logits, expected) and list(batch.lengths) == [0, ids.shape[1] + 1]
+
+
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
     for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),

@@ -139,6 +139,15 @@ class BmrtBackend:
         weakref.finalize(cache, _free_all, weakref.ref(self.rt), [m for pairs in slots for kv in pairs for m in kv])
         return cache
 
+    def copy_slot(self, src: KVCache, src_slot: int, dst: KVCache, dst_slot: int) -> None:
+        """Copy one sequence's cached rows (and length) between caches, on the device."""
+        n = int(src.lengths[src_slot])
+        for (sk, sv), (dk, dv) in zip(src.buffers[src_slot], dst.buffers[dst_slot]):
+            if n:
+                self.rt.copy(dk, 0, sk, 0, n * self.row_bytes)
+                self.rt.copy(dv, 0, sv, 0, n * self.row_bytes)
+        dst.lengths[dst_slot] = n
+
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
         query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
         batch, rows, width = embeds.shape
