@@ -25,7 +25,7 @@ reference top-1 margin is unclear (below 5% of the logits' standard deviation, 1
 and at least 8 clear steps must match: text only, and one image tile.
 
 The toolchain is installed once into the user cache (`internvl-edge toolchain install`); without network
-the tests skip. Deselect them with `-m "not sophgo"`. About 3 minutes in all.
+the tests skip. Deselect them with `-m "not sophgo"`. About 3 minutes in all on 2 cores.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from internvl_edge.sophgo import compile as sophgo_compile
 from internvl_edge.sophgo import toolchain
 from internvl_edge.sophgo.convert import parse_info
 
-pytestmark = pytest.mark.sophgo
+sim = pytest.mark.sophgo  # needs TPU-MLIR (installed once into the user cache) and runs its simulator
 
 UNIT_ROUNDOFF = {"f16": 2.0**-11, "bf16": 2.0**-8}
 TOLERANCE = {half: 8 * u for half, u in UNIT_ROUNDOFF.items()}
@@ -139,6 +139,7 @@ def _half(quantize: str) -> str:
     return "bf16" if quantize in ("bf16", "w4bf16") else "f16"
 
 
+@sim
 @pytest.mark.parametrize("case", list(NET_CASES))
 def test_nets_against_reference(case, tpu_mlir, sim_checkpoint, sim_bundle, tile):
     kind, chip, quantize, options, onnx, check_vit = NET_CASES[case]
@@ -157,6 +158,7 @@ def assert_greedy(result: dict) -> None:
     assert clear[:n].sum() >= 8, (ours, ref, result["margins"])
 
 
+@sim
 @pytest.mark.parametrize("media, dynamic", [("text", False), ("one_tile", False), ("text", True)])
 def test_greedy_tokens_equal_reference(media, dynamic, tpu_mlir, sim_checkpoint, sim_bundle, tile):
     """The f16 bundle (block_kv_i after the first 48 rows of a prompt), and a --dynamic one (prefill
@@ -179,6 +181,7 @@ def _child(args: list[str], timeout: int = 600) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+@sim
 def test_bm1688_nets_and_cli_run(tpu_mlir, sim_checkpoint, sim_bundle, tile):
     """BM1688 (two TPU cores) in f16: per net in a child process, then `run --json` (the public CLI)."""
     ckpt = sim_checkpoint("bf16")
@@ -198,6 +201,7 @@ def test_bm1688_nets_and_cli_run(tpu_mlir, sim_checkpoint, sim_bundle, tile):
     assert_greedy({"ours": out["token_ids"], "reference": ref["tokens"], "margins": ref["margins"], "logit_std": ref["logit_std"]})
 
 
+@sim
 def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
     """`model_tool --info` lists the seed's nets with its shapes; the manifest records them."""
     bdir = sim_bundle(*NET_CASES["bm1684x-f16"][:3], **NET_CASES["bm1684x-f16"][3])
@@ -232,6 +236,7 @@ def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
     assert {t["dtype"] for t in parsed["block_0"]["inputs"]} == {"float16", "int32"}
 
 
+@sim
 def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
     """The sampling head (--do_sample) gives the candidates and probabilities of sampling.candidates (the
     CPU target's semantics) for top_k up to the seed's 50: penalty, top-k, temperature, top-p."""
@@ -253,6 +258,7 @@ def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
             assert np.abs(probs[b, :k] - ref_probs).max() < 1e-5 and np.abs(probs[b, k:]).max(initial=0) < 1e-6
 
 
+@sim
 def test_batched_cache_and_copy_slot(tpu_mlir, sim_bundle):
     """The server's use of the contract: a prefilled sequence copied into slot 1 of a batch-2 cache
     continues exactly as it would alone, and an idle slot is left untouched."""
@@ -271,6 +277,7 @@ def test_batched_cache_and_copy_slot(tpu_mlir, sim_bundle):
     assert np.array_equal(logits, expected) and list(batch.lengths) == [0, ids.shape[1] + 1]
 
 
+@sim
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
     for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
@@ -281,3 +288,48 @@ def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
             convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",
                                    **{"quantize": "f16", **opts}), progress=Progress(enabled=False))  # fmt: skip
         assert not out.exists()
+
+
+@sim
+def test_toolchain_info_cli(tpu_mlir):
+    proc = subprocess.run([sys.executable, "-m", "internvl_edge", "toolchain", "info", "--json"], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    info = json.loads(proc.stdout)
+    assert proc.returncode == 0 and info["works"] and info["version"].startswith(f"v{toolchain.VERSION}")
+    assert set(info["simulators"]) == {"bm1684x", "bm1688"}
+
+
+def test_missing_toolchain_is_one_line(sim_checkpoint, tmp_path, monkeypatch):
+    """Without TPU-MLIR a Sophgo convert stops at once, naming the install command, leaving nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TPUC_ROOT", raising=False)
+    out = tmp_path / "bundle"
+    with pytest.raises(UserError, match="internvl-edge toolchain install"):
+        convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1688",
+                               quantize="f16"), progress=Progress(enabled=False))  # fmt: skip
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".bundle")]
+
+
+@sim
+def test_compile_failure_shows_the_log_and_leaves_no_bundle(tpu_mlir, sim_checkpoint, tmp_path, monkeypatch, capsys):
+    """A net that TPU-MLIR cannot compile stops the conversion with one line naming the net, the step and
+    its log; the log's tail is shown, the logs are kept in the work folder, no bundle is written."""
+    real_steps = sophgo_compile.steps
+
+    def broken(net, chip, num_core):
+        out = real_steps(net, chip, num_core)
+        if net.name == "block_cache_1":
+            out[0][1].append("--no-such-pass")  # the lowering step of one net fails
+        return out
+
+    monkeypatch.setattr(sophgo_compile, "steps", broken)
+    out = tmp_path / "bundle"
+    with pytest.raises(UserError, match=r"net block_cache_1 \(lowering step") as err:
+        convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",
+                               quantize="f16"), progress=Progress(stream=sys.stderr))  # fmt: skip
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".bundle.partial")]
+    log = str(err.value).rsplit("its log is ", 1)[1]
+    assert os.path.isfile(log) and "no-such-pass" in open(log).read()
+    work = os.path.dirname(os.path.dirname(log))
+    assert all(f.endswith(".log") for _, _, files in os.walk(work) for f in files)
+    assert "--- last lines of" in capsys.readouterr().err
