@@ -41,10 +41,11 @@ def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def sh(cmd: list[str], cwd: str | None = None, env: dict | None = None, log_to: str | None = None) -> str:
+def sh(cmd: list[str], cwd: str | None = None, env: dict | None = None, log_to: str | None = None,
+       stdout_only: bool = False) -> str:  # fmt: skip
     log(" ".join(cmd))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
+    out = proc.stdout if stdout_only and proc.returncode == 0 else proc.stdout + proc.stderr
     if log_to:
         with open(log_to, "w") as f:
             f.write(out)
@@ -84,8 +85,9 @@ def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
 
 
 def bench_ours(path: str, threads: int, repeats: int) -> dict:
-    out = sh([PY, "-m", "internvl_edge", "bench", "-m", path, "--threads", str(threads), "--repeats", str(repeats), "--json"])
-    return json.loads(out[out.index("{") :])
+    out = sh([PY, "-m", "internvl_edge", "bench", "-m", path, "--threads", str(threads), "--repeats", str(repeats),
+              "--profile", "--json"], stdout_only=True)  # fmt: skip
+    return json.loads(out)
 
 
 def bench_history(path: str, threads: int) -> dict:
@@ -95,18 +97,20 @@ import json, time, numpy as np
 from internvl_edge.api import load
 m = load({path!r}, threads={threads})
 out = {{}}
+the = m.tokenizer.encode(" the")[0]
 for hist in (64, 1024):
+    turn1 = m.tokenizer.decode([the] * hist)  # about `hist` tokens
     times = []
     for r in range(3):
         chat = m.chat()
-        chat.send("word " * hist, max_new_tokens=1)
+        chat.send(turn1, max_new_tokens=1)
         t0 = time.perf_counter()
         chat.send("And then?", max_new_tokens=1)
         times.append(time.perf_counter() - t0)
     out[str(hist)] = sorted(times)[1]
 print(json.dumps(out))
 """
-    out = sh([PY, "-c", code])
+    out = sh([PY, "-c", code], stdout_only=True)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -139,7 +143,7 @@ with torch.no_grad():
     res["decode_tps_300"] = 16 / (time.perf_counter() - t0)
 print(json.dumps(res))
 """
-    out = sh([PY, "-c", code])
+    out = sh([PY, "-c", code], stdout_only=True)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -196,7 +200,7 @@ def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
     res = {}
     for model in ("q4_0", "bf16"):
         out = sh([bench, "-m", files[model], "-t", str(threads), "-p", "64,256,1024", "-n", "64", "-d", "0,300,1500",
-                  "-r", "3", "-o", "json"])  # fmt: skip
+                  "-r", "3", "-o", "json"], stdout_only=True)  # fmt: skip
         rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
         for row in rows:
             depth = row.get("n_depth", 0)
@@ -359,7 +363,10 @@ def main() -> None:
         save()
     log(f"wrote {out_path}")
     if args.write:
-        write_section(args.write, render(results, "python benchmarks/compare.py " + " ".join(sys.argv[1:])))
+        # the table covers every part (a --skip run reuses the others' saved results), so it names the full command
+        command = ["python", "benchmarks/compare.py", "--checkpoint", args.checkpoint, "--work", args.work,
+                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--write", args.write]  # fmt: skip
+        write_section(args.write, render(results, " ".join(command)))
         log(f"updated {args.write}")
 
 

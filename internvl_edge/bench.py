@@ -147,20 +147,22 @@ def time_prefill(model: Model, n: int, repeats: int) -> float:
     return n / _median(times)
 
 
-def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float]:
-    """(tokens/s, milliseconds per token spent outside the decoder net) at a given context."""
+def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float | None]:
+    """(tokens/s, milliseconds per token spent outside the decoder net) at a given context; the second
+    is measured on the ONNX Runtime backend only (None elsewhere)."""
     backend = model.backend
-    sess = backend.sessions["decoder"]
-    run = sess.run_with_iobinding
+    sess = backend.sessions["decoder"] if hasattr(backend, "sessions") else None
     inside = [0.0]
+    if sess is not None:
+        run = sess.run_with_iobinding
 
-    def timed_run(io, *a):
-        t0 = time.perf_counter()
-        run(io, *a)
-        inside[0] += time.perf_counter() - t0
+        def timed_run(io, *a):
+            t0 = time.perf_counter()
+            run(io, *a)
+            inside[0] += time.perf_counter() - t0
 
+        sess.run_with_iobinding = timed_run
     rates, overheads = [], []
-    sess.run_with_iobinding = timed_run
     try:
         for r in range(repeats + 1):
             cache = backend.new_cache(1)
@@ -176,8 +178,9 @@ def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[
                 rates.append(tokens / elapsed)
                 overheads.append((elapsed - inside[0]) / tokens * 1000)
     finally:
-        del sess.run_with_iobinding
-    return _median(rates), _median(overheads)
+        if sess is not None:
+            del sess.run_with_iobinding
+    return _median(rates), (_median(overheads) if sess is not None else None)
 
 
 def time_ftl(model: Model, image, repeats: int) -> float:
@@ -242,7 +245,9 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     model = load(bundle, threads=threads)
     res.load_s = time.perf_counter() - t0
     progress.done()
-    res.machine = machine_info(model.backend.threads)
+    onnxruntime_backend = hasattr(model.backend, "sessions")  # the roofline and profile read ORT's nets
+    threads_used = getattr(model.backend, "threads", None) or threads or 1
+    res.machine = machine_info(threads_used)
     opts = model.manifest.options
     res.bundle = {"path": model.manifest.path, "quantize": opts["quantize"], "dynamic": opts["dynamic"],
                   "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
@@ -274,13 +279,15 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     progress.done()
 
     res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the 1 GiB probe
-    if profile:
+    if profile and onnxruntime_backend:
         progress.step("decoder profile by operator")
         res.decode_profile_ms = profile_decode(model)
         progress.done()
     progress.step("memory bandwidth")
-    res.bandwidth_gbs = read_bandwidth(model.backend.threads)
+    res.bandwidth_gbs = read_bandwidth(threads_used)
     progress.done(f"{res.bandwidth_gbs:.1f} GB/s")
+    if not onnxruntime_backend:
+        return res
     weights = decoder_bytes_per_token(model)
     for ctx, tps in res.decode_tps.items():
         per_token = weights + kv_bytes(model, int(ctx))
@@ -302,11 +309,12 @@ def format_result(r: BenchResult) -> str:
     ]
     lines += [f"prefill {n}: {tps:.1f} tokens/s" for n, tps in r.prefill_tps.items()]
     for ctx, tps in r.decode_tps.items():
-        lines.append(
-            f"decode at {ctx}: {tps:.2f} tokens/s, roofline {r.roofline_tps[ctx]:.1f} "
-            f"({100 * r.roofline_fraction[ctx]:.0f}%), {r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
-            f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net"
-        )
+        line = f"decode at {ctx}: {tps:.2f} tokens/s"
+        if ctx in r.roofline_tps:
+            line += (f", roofline {r.roofline_tps[ctx]:.1f} ({100 * r.roofline_fraction[ctx]:.0f}%), "
+                     f"{r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
+                     f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net")  # fmt: skip
+        lines.append(line)
     lines += [f"FTL {k}: {v:.3f} s" for k, v in r.ftl_s.items()]
     if r.decode_profile_ms:
         total = sum(r.decode_profile_ms.values())

@@ -11,7 +11,8 @@ def add_arguments(p) -> None:
     p.add_argument("-q", "--quantize", default="w4bf16", choices=QUANTIZE_MODES, help="weight precision (default w4bf16)")
     p.add_argument("-c", "--chip", default="cpu", help=f"target ({', '.join(CHIPS)})")
     p.add_argument("--out_dir", "-o", required=True, help="bundle folder to write")
-    p.add_argument("-g", "--q_group_size", type=int, default=64, help="4-bit block size when quantising float weights (default 64)")
+    p.add_argument("-g", "--q_group_size", type=int, default=0,
+                   help="4-bit block size when quantising float weights (default: 128 on the CPU, 64 on Sophgo chips)")
     p.add_argument("--do_sample", action="store_true", help="add the sampling head")
     p.add_argument("--use_block_with_kv", action="store_true", help="keep multi-turn history as KV cache")
     p.add_argument("--max_input_length", type=int, default=0, help="longest single prefill (default seq_length/4)")
