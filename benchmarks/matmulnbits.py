@@ -1,0 +1,83 @@
+"""How fast ONNX Runtime's 4-bit kernel reads weights on this machine, alone, for the decoder's shapes.
+
+Decode is one M=1 `MatMulNBits` per linear layer: its speed bounds ours. This builds graphs of that
+single op on the InternVL3-2B decoder's shapes (Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV
+heads of 128) with distinct random weights per copy (identical weights would stay in cache and
+flatter it), times them after a warm-up, and prints GB/s next to the machine's read bandwidth as the
+bench measures it (ONNX Runtime ReduceSum). Not part of CI.
+
+    python benchmarks/matmulnbits.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from internvl_edge.bench import read_bandwidth
+
+HIDDEN, INTERMEDIATE, LAYERS = 1536, 8960, 28
+SHAPES = {  # name: (K, N, bits, copies): one copy per layer; lm_head once, 8-bit as our default
+    "qkv": (HIDDEN, HIDDEN + 2 * 2 * 128, 4, LAYERS),
+    "o_proj": (HIDDEN, HIDDEN, 4, LAYERS),
+    "gate_up": (HIDDEN, 2 * INTERMEDIATE, 4, LAYERS // 2),  # half the layers: 2 GB of inputs is enough
+    "down_proj": (INTERMEDIATE, HIDDEN, 4, LAYERS // 2),
+    "lm_head 8-bit": (HIDDEN, 151674, 8, 1),
+    "lm_head 4-bit": (HIDDEN, 151674, 4, 1),
+}
+
+
+def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: int):
+    rng = np.random.default_rng(0)
+    blocks = (k + block - 1) // block
+    nodes, weights, outputs = [], [], []
+    for i in range(copies):
+        packed = rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8)
+        scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
+        weights += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))  # fmt: skip
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    g = helper.make_graph(nodes, "matmulnbits", [x], outputs, weights)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def time_shape(k, n, bits, copies, threads, block, accuracy_level, repeats=10) -> tuple[float, float]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    model = graph(k, n, bits, block, copies, accuracy_level).SerializeToString()
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((1, k), dtype=np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    return seconds / copies * 1e3, copies * n * k * bits / 8 / seconds / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--accuracy_level", type=int, default=4)
+    args = ap.parse_args()
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}, "
+          f"accuracy_level {args.accuracy_level}", flush=True)  # fmt: skip
+    print(f"read bandwidth (ReduceSum): {read_bandwidth(args.threads):.1f} GB/s", flush=True)
+    for name, (k, n, bits, copies) in SHAPES.items():
+        ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level)
+        print(f"{name:14s} K={k:5d} N={n:6d} {bits}-bit: {ms:7.3f} ms each, {gbs:5.1f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
