@@ -219,3 +219,18 @@ def test_int8_vision_encoder_is_recorded_and_close_to_float(bundle, images):
 
     ops = {n.op_type for n in onnx.load(fast.manifest.net_path("vision"), load_external_data=False).graph.node}
     assert "DynamicQuantizeMatMul" in ops
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_4bit_block_size_default_and_flag(bundle, group):
+    """-g picks the 4-bit block of the weights we quantise; without it the CPU target uses 128."""
+    import onnx
+
+    options = {"q_group_size": group} if group else {}
+    model = load(bundle("tiny_bf16", "w4bf16", **options))
+    expected = group or 128
+    assert model.manifest.options["q_group_size"] == expected
+    graph = onnx.load(model.manifest.net_path("decoder"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "block_size" and any(b.name == "bits" and b.i == 4 for b in n.attribute)}  # fmt: skip
+    assert blocks == {expected}
