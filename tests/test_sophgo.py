@@ -279,6 +279,23 @@ def test_batched_cache_and_copy_slot(tpu_mlir, sim_bundle):
 
 
 @sim
+def test_bench_runs_on_a_sophgo_bundle(tpu_mlir, sim_bundle):
+    """bench measures what any backend has (load, vision, prefill) and leaves out what reads ONNX
+    Runtime's nets (roofline, profile) and what the bundle's context cannot hold (the FTL prompts)."""
+    from internvl_edge.bench import format_result, run_bench
+    from internvl_edge.progress import Progress
+
+    kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-bf16"]
+    r = run_bench(sim_bundle(kind, chip, quantize, **options), repeats=1, quick=True, profile=True,
+                  progress=Progress(enabled=False))  # fmt: skip
+    assert r.load_s > 0 and r.vision_s_per_tile > 0 and r.prefill_tps["64"] > 0
+    assert not r.decode_tps and not r.roofline_tps and not r.decode_profile_ms  # -s 128: no 300-token context
+    assert not r.ftl_s and r.bandwidth_gbs > 0 and r.peak_rss_bytes > 0
+    text = format_result(r)
+    assert "prefill 64" in text and "peak RSS" in text and "x the bundle" not in text
+
+
+@sim
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
     for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
