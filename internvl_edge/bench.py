@@ -50,6 +50,7 @@ class BenchResult:
     roofline_tps: dict = field(default_factory=dict)
     roofline_fraction: dict = field(default_factory=dict)
     decode_profile_ms: dict = field(default_factory=dict)  # per token, by operator type (--profile)
+    vision_profile_ms: dict = field(default_factory=dict)  # per tile, by operator type (--profile)
 
 
 def machine_info(threads: int) -> dict:
@@ -210,8 +211,9 @@ def time_ftl(model: Model, image, repeats: int) -> float:
     return _median(times)
 
 
-def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[str, float]:
-    """Milliseconds per decoded token by operator type (ONNX Runtime's profiler on the decoder net)."""
+def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
+    """Milliseconds per run by operator type over the last `runs` runs of `net` that `work()` makes
+    (ONNX Runtime's profiler on a second session of the net, swapped in for the call)."""
     import json
 
     import onnxruntime as ort
@@ -219,30 +221,45 @@ def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[s
     backend = model.backend
     so = backend._options()
     so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "internvl-edge-decoder")
-    original = backend.sessions["decoder"]
-    backend.sessions["decoder"] = ort.InferenceSession(model.manifest.net_path("decoder"), so, providers=["CPUExecutionProvider"])
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}")
+    original = backend.sessions[net]
+    backend.sessions[net] = ort.InferenceSession(model.manifest.net_path(net), so, providers=["CPUExecutionProvider"])
     try:
+        work()
+        path = backend.sessions[net].end_profiling()
+    finally:
+        backend.sessions[net] = original
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    first = [e for e in events if e.get("name") == "model_run"][-runs]["ts"]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            op = e["args"].get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[str, float]:
+    """Milliseconds per decoded token by operator type, in the decoder net."""
+    backend = model.backend
+
+    def work():
         cache = backend.new_cache(1)
         logits = prefill(backend, cache, _random_embeds(model, context))
         token = int(backend.greedy(logits[None])[0])
         for _ in range(tokens):
             logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
             token = int(backend.greedy(logits[None])[0])
-        path = backend.sessions["decoder"].end_profiling()
-    finally:
-        backend.sessions["decoder"] = original
-    with open(path) as f:
-        events = json.load(f)
-    os.remove(path)
-    runs = [e for e in events if e.get("name") == "model_run"]
-    first = runs[-tokens]["ts"]
-    per_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
-            op = e["args"].get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000 / tokens
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+    return _profile_net(model, "decoder", work, tokens)
+
+
+def profile_vision(model: Model, runs: int = 2) -> dict[str, float]:
+    """Milliseconds per tile by operator type, in the vision net (after a warm-up tile)."""
+    px = np.random.default_rng(0).standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+    return _profile_net(model, "vision", lambda: [model.backend.encode_images(px) for _ in range(runs + 1)], runs)
 
 
 def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_tokens: int = 32,
@@ -305,8 +322,9 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
 
     res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the profile below not counted
     if profile and onnxruntime_backend:
-        progress.step("decoder profile by operator")
-        res.decode_profile_ms = profile_decode(model)
+        progress.step("profile by operator")
+        res.decode_profile_ms = profile_decode(model) if res.decode_tps else {}
+        res.vision_profile_ms = profile_vision(model)
         progress.done()
     progress.step("memory bandwidth")
     res.bandwidth_samples_gbs.append(sample_bandwidth(threads_used))
@@ -346,6 +364,10 @@ def format_result(r: BenchResult) -> str:
         total = sum(r.decode_profile_ms.values())
         lines.append(f"decoder net per token at context 300, by operator ({total:.2f} ms in kernels):")
         lines += [f"  {op:34s} {ms:7.3f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.decode_profile_ms.items())[:8]]
+    if r.vision_profile_ms:
+        total = sum(r.vision_profile_ms.values())
+        lines.append(f"vision net per tile, by operator ({total:.1f} ms in kernels):")
+        lines += [f"  {op:34s} {ms:7.1f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.vision_profile_ms.items())[:6]]
     samples = ", ".join(f"{b:.1f}" for b in r.bandwidth_samples_gbs)
     lines.append(f"memory read bandwidth ({m['threads']} threads): {r.bandwidth_gbs:.1f} GB/s (best of {samples})")
     rss = f"peak RSS: {r.peak_rss_bytes / 1e9:.2f} GB"

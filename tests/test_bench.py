@@ -23,9 +23,10 @@ def test_bench_reports_every_figure(bundle):
     assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
     assert r["peak_rss_bytes"] > r["weight_bytes"] > 0
     assert "MatMulNBits" in r["decode_profile_ms"] and "GroupQueryAttention" in r["decode_profile_ms"]
-    assert "decoder net" in subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick",
-                                            "--repeats", "1", "--decode-tokens", "2", "--profile"],
-                                           capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+    assert "MatMul" in r["vision_profile_ms"] and "LayerNormalization" in r["vision_profile_ms"]  # float vision
+    out = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick", "--repeats", "1",
+                          "--decode-tokens", "2", "--profile"], capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+    assert "decoder net" in out and "vision net per tile" in out
 
 
 def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
