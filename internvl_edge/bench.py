@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .api import Model, load
+from .bundle import load_manifest
 from .errors import UserError
 from .generate import prefill
 from .progress import Progress
@@ -97,11 +98,19 @@ def sample_bandwidth(threads: int) -> float:
     """read_bandwidth in a child process, so that its 1 GiB array stays out of this one's peak RSS.
     The bench samples it at its start, middle and end: on a shared machine the figure drifts by up to
     2x within minutes (36-64 GB/s seen on 2 cores), and one sample would make the roofline ratio drift."""
+    code = f"from internvl_edge.bench import read_bandwidth; print(read_bandwidth({threads}))"
+    return float(_child(code, "measuring the read bandwidth").split()[-1])
+
+
+def _child(code: str, what: str) -> str:
+    """Run Python code in a child process; its stdout, or a one-line error with its last words."""
     import subprocess
 
-    code = f"from internvl_edge.bench import read_bandwidth; print(read_bandwidth({threads}))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return float(out.split()[-1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{what} failed in a child process: {last}")
+    return proc.stdout
 
 
 def decoder_bytes_per_token(model: Model) -> int:
@@ -266,14 +275,15 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
               quick: bool = False, profile: bool = False, progress: Progress | None = None) -> BenchResult:  # fmt: skip
     from PIL import Image
 
+    if min(repeats, decode_tokens) < 1 or (threads is not None and threads < 1):
+        raise UserError("--repeats, --decode-tokens and --threads must be at least 1")
     progress = progress or Progress("[bench] ")
     res = BenchResult()
     progress.step("loading the bundle")
+    load_manifest(bundle, verify=False)  # a folder that is no bundle: its one-line error, from here
     # the first load (checksums verified and stamped, files in the page cache) in another process, so
     # that this one's load time and peak memory are those of a later load
-    import subprocess
-
-    subprocess.run([sys.executable, "-c", f"import internvl_edge; internvl_edge.load({bundle!r})"], check=True)
+    _child(f"import internvl_edge; internvl_edge.load({bundle!r})", "loading the bundle")
     t0 = time.perf_counter()
     model = load(bundle, threads=threads)
     res.load_s = time.perf_counter() - t0

@@ -148,8 +148,10 @@ class SequenceDecoding:
         if token in cfg.stop_token_ids and not cfg.ignore_eos:
             return [self._last("stop")]
         stats.generated_tokens += 1
-        top = [top_logprobs(logits_row, cfg.logprobs)] if cfg.logprobs else None
-        chosen = [float(log_softmax(logits_row)[token])] if cfg.logprobs else None
+        top = chosen = None
+        if cfg.logprobs:  # one log-softmax over the vocabulary per token, for both
+            lp = log_softmax(logits_row)
+            top, chosen = [top_logprobs(lp, cfg.logprobs, normalized=True)], [float(lp[token])]
         ends = cache_length + 1 >= capacity or stats.generated_tokens >= cfg.max_new_tokens
         self.pending += self.detok.add(token)
         if ends:

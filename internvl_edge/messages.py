@@ -88,7 +88,9 @@ def resolve_image(ref):
     """The Python API's rule: PIL images and bytes as they are; data URLs decoded; `file://` URLs and
     paths read from disk; http(s) URLs refused (nothing is fetched from the network)."""
     if not isinstance(ref, (str, os.PathLike)):
-        return ref
+        if isinstance(ref, (bytes, bytearray)) or hasattr(ref, "convert"):  # bytes, PIL images
+            return ref
+        raise UserError(f"an image must be a path, URL, bytes or PIL image, not {type(ref).__name__}")
     ref = os.fspath(ref)
     kind = url_kind(ref)
     if kind == "data":

@@ -53,6 +53,20 @@ class KVCache:
             self.lengths[slot] = 0
 
 
+def checked_query_lens(backend, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
+    """The contract's rules for a forward call, whatever the backend: embeddings [batch, rows,
+    hidden] for the cache's batch, at most max_input_length new rows per sequence, and room for them
+    within seq_length. Returns the per-sequence row counts as int64."""
+    query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
+    if embeds.shape[0] != cache.batch or embeds.shape[2] != backend.hidden:
+        raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
+    if int(query_lens.max(initial=0)) > backend.max_input_length:
+        raise ValueError(f"a forward call takes at most {backend.max_input_length} rows")
+    if int((cache.lengths + query_lens).max(initial=0)) > backend.seq_length:
+        raise ValueError("the KV cache is full")
+    return query_lens
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -191,15 +205,9 @@ class OrtBackend:
         dst.lengths[dst_slot] = n
 
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
-        query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
+        query_lens = checked_query_lens(self, cache, embeds, query_lens)
         batch, rows, width = embeds.shape
-        if batch != cache.batch or width != self.hidden:
-            raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
-        if int(query_lens.max(initial=0)) > self.max_input_length:
-            raise ValueError(f"a forward call takes at most {self.max_input_length} rows")
         total = cache.lengths + query_lens
-        if int(total.max(initial=0)) > self.seq_length:
-            raise ValueError("the KV cache is full")
         if not self.dynamic and rows > 1 and rows != self.max_input_length:  # static prefill shape
             padded = np.zeros((batch, self.max_input_length, width), np.float32)
             padded[:, :rows] = embeds

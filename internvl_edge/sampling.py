@@ -46,9 +46,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k most likely next tokens of one logits row, as (token_id, logprob), best first."""
-    lp = log_softmax(logits)
+def top_logprobs(logits: np.ndarray, k: int, normalized: bool = False) -> list[tuple[int, float]]:
+    """The k most likely next tokens of one logits row, as (token_id, logprob), best first
+    (`normalized`: the row is log_softmax's output already)."""
+    lp = logits if normalized else log_softmax(logits)
     k = min(k, lp.shape[-1])
     idx = np.argpartition(-lp, k - 1)[:k]
     idx = idx[np.argsort(-lp[idx], kind="stable")]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import internvl_edge
 from internvl_edge.errors import UserError
-from internvl_edge.messages import decode_data_url
+from internvl_edge.messages import decode_data_url, resolve_image
 
 
 @pytest.fixture(scope="module")
@@ -146,4 +146,6 @@ def test_decode_data_url():
     assert decode_data_url(wrapped) == buf.getvalue()
     with pytest.raises(UserError, match="base64 data URLs"):
         decode_data_url("data:image/png,rawbytes")
+    with pytest.raises(UserError, match="not int"):
+        resolve_image(123)
     assert np.asarray(Image.open(io.BytesIO(decode_data_url(url)))).tolist() == np.asarray(png).tolist()

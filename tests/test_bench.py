@@ -37,3 +37,11 @@ def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
     tables = 2 * model.backend.kv_capacity * model.backend.head_dim // 2 * 4
     assert data - tables - 4096 * 200 <= decoder_bytes_per_token(model) <= data - tables
     assert kv_bytes(model, 100) == 2 * 2 * 2 * 32 * 4 * 100
+
+
+def test_bad_input_is_one_line(bundle, tmp_path):
+    b = bundle("tiny_bf16", "w4bf16", dynamic=True)
+    for args in (["-m", str(tmp_path / "missing")], ["-m", b, "--repeats", "0"], ["-m", b, "--threads", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -334,6 +334,13 @@ def test_a_full_queue_answers_429_and_the_server_recovers(greedy_bundle):
         assert http.post(url, json={"model": NAME, "messages": user("Now?"), "max_tokens": 2}).status_code == 200
 
 
+def test_no_queue_still_serves_a_free_slot(greedy_bundle):
+    """--max-queue 0: nothing may wait, but a request that finds a slot free is served."""
+    with serving(greedy_bundle, parallel=1, max_queue=0) as s, httpx.Client(timeout=60) as http:
+        r = http.post(s.url + "/v1/chat/completions", json={"model": NAME, "messages": user("Hi"), "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
 def test_sampling_requests_keep_their_own_state_in_a_batch(bundle):
     """Sampled requests with seeds give, served together, what each gives alone through the API."""
     b = bundle("tiny_bf16", "w4bf16", do_sample=True)
@@ -415,6 +422,7 @@ def assert_error(r: httpx.Response, status: int, needle: str, kind: str = "inval
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, tmp_path):
     base = {"model": NAME, "messages": user("Hi"), "max_tokens": 2}
     assert_error(served.post(b"{not json"), 400, "not valid JSON")
+    assert_error(served.post(b"[" * 100_000), 400, "not valid JSON")  # nested past Python's recursion limit
     assert_error(served.post("[1, 2]"), 400, "JSON object")
     assert_error(served.post({**base, "model": "gpt-4o"}), 404, "not found")
     assert served.post({**base, "model": "gpt-4o"}).json()["error"]["code"] == "model_not_found"
@@ -500,3 +508,12 @@ def test_serve_refuses_a_busy_port(greedy_bundle):
                                "--port", str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on {LOOPBACK}:{port}")
+    assert "[load]" not in proc.stderr  # told before the model's load
+
+
+def test_serve_refuses_bad_limits_before_loading(greedy_bundle):
+    for flag in (["--parallel", "0"], ["--max-queue", "-1"]):
+        proc = subprocess.run([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, *flag],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "[load]" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: --parallel must be at least 1")

@@ -59,13 +59,15 @@ def main(args) -> int:
         raise UserError("--max-body-bytes must be at least 1024")
     if not 0 <= args.port < 65536:
         raise UserError("--port must be between 0 and 65535")
+    if args.parallel < 1 or args.max_queue < 0:  # checked before the model's load, not after it
+        raise UserError("--parallel must be at least 1 and --max-queue 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    sock = listen(args.host, args.port)  # a busy port is told before the model's load too
     model = load_model(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
     settings = ServerSettings(model_name=name, parallel=args.parallel, max_queue=args.max_queue, api_key=args.api_key,
                               allowed_media_path=args.allowed_media_path, max_body_bytes=args.max_body_bytes)  # fmt: skip
     app = create_app(model, settings)
-    sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} on http://{shown}:{port}/v1 (parallel {args.parallel}, queue {args.max_queue}"

@@ -289,8 +289,8 @@ async def read_json(request: Request, limit: int):
         raise ApiError(400, "the client closed the connection while sending the body") from None
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__}: {e})") from None
 
 
 async def cancel_when_gone(request: Request, handle: Handle) -> None:

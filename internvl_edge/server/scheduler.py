@@ -157,7 +157,10 @@ class Engine:
         with self.cond:
             if not self.running:
                 raise ApiError(503, "the server is shutting down", code="unavailable")
-            if len(self.waiting) >= self.max_queue:
+            # the queue limit counts requests that must wait for a slot: with a slot free, even
+            # --max-queue 0 takes the request
+            must_wait = self.active + (self.admission is not None) + len(self.waiting) >= self.parallel
+            if must_wait and len(self.waiting) >= self.max_queue:
                 raise ApiError(429, f"the server is busy: {self.active} requests are generating and "
                                     f"{len(self.waiting)} are waiting (the limit); retry later",
                                code="server_busy")  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..bundle import Manifest
 from ..errors import UserError
-from ..runtime import KVCache, parse_devid
+from ..runtime import KVCache, checked_query_lens, parse_devid
 from ..sampling import GREEDY_TEMPERATURE, SamplingParams
 from .bmrt import Runtime, find_libraries, from_device_dtype, to_device_dtype
 from .mlir import MAX_TOP_K
@@ -149,14 +149,8 @@ class BmrtBackend:
         dst.lengths[dst_slot] = n
 
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
-        query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
-        batch, rows, width = embeds.shape
-        if batch != cache.batch or width != self.hidden:
-            raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
-        if int(query_lens.max(initial=0)) > self.max_input_length:
-            raise ValueError(f"a forward call takes at most {self.max_input_length} rows")
-        if int((cache.lengths + query_lens).max(initial=0)) > self.seq_length:
-            raise ValueError("the KV cache is full")
+        query_lens = checked_query_lens(self, cache, embeds, query_lens)
+        batch = cache.batch
         logits = np.zeros((batch, self.vocab), np.float32)
         for b in range(batch):
             n, start = int(query_lens[b]), int(cache.lengths[b])
