@@ -129,9 +129,15 @@ def finish(tmp: str, manifest: Manifest, out_dir: str) -> None:
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def _stamp_path() -> str:
+def user_cache_dir() -> str:
+    """The user's cache folder for this project (XDG's rule): verified-bundle stamps, the ORT graph
+    cache, the TPU-MLIR toolchain."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "internvl-edge", "verified.json")
+    return os.path.join(base, "internvl-edge")
+
+
+def _stamp_path() -> str:
+    return os.path.join(user_cache_dir(), "verified.json")
 
 
 def _file_key(path: str) -> list:

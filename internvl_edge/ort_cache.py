@@ -21,23 +21,23 @@ import os
 import platform
 import shutil
 import tempfile
+from functools import cache
+
+from .bundle import user_cache_dir
 
 GRAPH = "model.onnx"
 DATA = "model.data"
 
 
 def cache_root() -> str:
-    base = os.environ.get("INTERNVL_EDGE_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(xdg, "internvl-edge")
-    return os.path.join(base, "ort")
+    return os.path.join(os.environ.get("INTERNVL_EDGE_CACHE_DIR") or user_cache_dir(), "ort")
 
 
 def enabled() -> bool:
     return os.environ.get("INTERNVL_EDGE_ORT_CACHE", "0") == "1"
 
 
+@cache  # the same for every net of every load
 def _cpu_signature() -> str:
     flags = ""
     try:
@@ -48,8 +48,8 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
-def cache_key(ort_version: str, checksums: list[str], options: str) -> str:
-    text = "|".join([ort_version, _cpu_signature(), options, *checksums])
+def cache_key(ort_version: str, checksums: list[str]) -> str:
+    text = "|".join([ort_version, _cpu_signature(), "all", *checksums])  # "all": ORT_ENABLE_ALL graphs
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

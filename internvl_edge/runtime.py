@@ -114,7 +114,6 @@ class OrtBackend:
         self.threads = threads or available_cores()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
-        self.cached: dict[str, bool] = {}
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
         # nothing else is resident (it sets the process's peak memory)
         by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
@@ -145,18 +144,17 @@ class OrtBackend:
         net = self.manifest.nets[name]
         files = [net["file"]] + ([net["data"]] if net.get("data") else [])
         try:
-            if not ort_cache.enabled() or not net.get("data"):
-                return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
-            key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files], "all")
-            cached = ort_cache.cached_graph(key)
-            self.cached[name] = cached is not None
-            if cached:
-                return self.ort.InferenceSession(cached, sess_options=self._options(optimize=False),
-                                                 providers=["CPUExecutionProvider"])  # fmt: skip
-            try:
-                return ort_cache.build(self.ort, path, key, self._options)
-            except OSError:  # an unwritable cache folder only costs preparing the net at every load
-                return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
+            if ort_cache.enabled() and net.get("data"):
+                key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
+                cached = ort_cache.cached_graph(key)
+                if cached:
+                    return self.ort.InferenceSession(cached, sess_options=self._options(optimize=False),
+                                                     providers=["CPUExecutionProvider"])  # fmt: skip
+                try:
+                    return ort_cache.build(self.ort, path, key, self._options)
+                except OSError:  # an unwritable cache folder only costs preparing the net at every load
+                    pass
+            return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; all mean the net cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None

@@ -129,14 +129,6 @@ class Int8Weight:
     q: np.ndarray  # int8 [K, N]
     scales: np.ndarray  # float32 [N]
 
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scales.nbytes
-
-    def dequantize(self) -> np.ndarray:
-        """float32 [N, K]."""
-        return (self.q.astype(np.float32) * self.scales[None, :]).T
-
 
 def quantize_int8_columns(weight_nk: np.ndarray) -> Int8Weight:
     w = np.asarray(weight_nk, dtype=np.float32).T  # [K, N]

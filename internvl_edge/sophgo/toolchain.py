@@ -30,6 +30,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 
+from ..bundle import user_cache_dir
 from ..errors import UserError
 from . import CHIPS
 
@@ -44,13 +45,8 @@ MARKER = "installed.json"
 SIMULATOR = {chip: f"libcmodel_{chip}.so" for chip in CHIPS}
 
 
-def cache_base() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "internvl-edge")
-
-
 def install_dir() -> str:
-    return os.path.join(cache_base(), f"tpu-mlir-{VERSION}")
+    return os.path.join(user_cache_dir(), f"tpu-mlir-{VERSION}")
 
 
 @dataclass
@@ -140,7 +136,7 @@ class Toolchain:
 
 def _work_dir_for(root: str) -> str:
     digest = hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:12]
-    return os.path.join(cache_base(), "tpu-mlir-work", digest)
+    return os.path.join(user_cache_dir(), "tpu-mlir-work", digest)
 
 
 def _from_path(path: str, origin: str) -> Toolchain:
