@@ -65,14 +65,13 @@ def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, lis
         raise UserError(f"-q {opts.quantize} is not supported; choose one of {', '.join(QUANTIZE_MODES)}")
     if opts.chip not in CHIPS:
         raise UserError(f"-c {opts.chip} is not supported yet; supported targets: {', '.join(CHIPS)}")
-    if not opts.q_group_size:
-        # on the CPU, 128-blocks decode ~15% faster than 64 (fewer scales to apply; MatMulNBits is
-        # compute-bound on 2 cores) and match the published -AWQ checkpoints' groups
-        opts.q_group_size = 64 if opts.chip in SOPHGO_CHIPS else 128
     if opts.chip in SOPHGO_CHIPS:
         from .sophgo.convert import resolve as resolve_sophgo
 
-        notes += resolve_sophgo(opts, ckpt)
+        notes += resolve_sophgo(opts, ckpt)  # fills the chip's defaults (-g 64 among them)
+    # on the CPU, 128-blocks decode ~15% faster than 64 (fewer scales to apply; MatMulNBits is
+    # compute-bound on 2 cores) and match the published -AWQ checkpoints' groups
+    opts.q_group_size = opts.q_group_size or 128
     t = ckpt.config.text
     if opts.seq_length < 32:
         raise UserError(f"-s {opts.seq_length} is too short (at least 32 tokens)")

@@ -120,6 +120,7 @@ def test_bad_input_gives_one_line_errors(bundle, checkpoint, tmp_path):
     (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
     assert_one_line_error(cli("convert", "-m", ckpt, "--out_dir", tmp_path / "o"), "unsupported checkpoint")
     assert not (tmp_path / "o").exists()
+    assert_one_line_error(cli("toolchain", "install", "--wheel", tmp_path / "missing.whl"), "no such file")
 
 
 def test_images_too_many_for_the_context(bundle, images):

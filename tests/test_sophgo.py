@@ -300,7 +300,8 @@ def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
     for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
                         ({"vision_bits": 8}, "--vision-bits"), ({"accuracy_level": 1}, "--accuracy_level"),
-                        ({"lm_head_bits": 8}, "--lm-head-bits")):  # fmt: skip
+                        ({"lm_head_bits": 8}, "--lm-head-bits"),
+                        ({"quantize": "w4bf16", "q_group_size": 256}, "-g 256")):  # fmt: skip
         out = tmp_path / "b"
         with pytest.raises(UserError, match=words.replace("-", r"\-")):
             convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",

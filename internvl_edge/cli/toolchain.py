@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..errors import UserError
 from ..progress import Progress
@@ -21,6 +22,8 @@ def main(args) -> int:
     if args.action == "install":
         if args.tpu_mlir:
             raise UserError("--tpu-mlir names an existing TPU-MLIR: nothing to install (use `toolchain info --tpu-mlir PATH`)")
+        if args.wheel and not os.path.isfile(args.wheel):
+            raise UserError(f"--wheel {args.wheel}: no such file")
         tc = toolchain.install(Progress("[toolchain] "), force=args.force, wheel=args.wheel)
         print(f"TPU-MLIR {toolchain.VERSION} ready in {tc.root}")
         return 0

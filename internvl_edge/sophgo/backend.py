@@ -16,6 +16,7 @@ K/V never copied); with --dynamic the prefill blocks take the prompt's rows as t
 from __future__ import annotations
 
 import os
+import re
 import weakref
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..bundle import Manifest
 from ..errors import UserError
 from ..runtime import KVCache, checked_query_lens, parse_devid
 from ..sampling import GREEDY_TEMPERATURE, SamplingParams
-from .bmrt import Runtime, find_libraries, from_device_dtype, to_device_dtype
+from .bmrt import Runtime, find_libraries, from_device_dtype, quiet_c_stdout, to_device_dtype
 from .mlir import MAX_TOP_K
 
 MASKED = -10000.0  # rounds to 0xF0E2 in f16 and 0xC61C (-9984) in bf16, the seed's mask values
@@ -68,8 +69,12 @@ class BmrtBackend:
         self._io = {name: self._alloc_io(net) for name, net in nets.items()}
 
     def _alloc_io(self, net) -> tuple[list, list]:
-        """Device buffers for a net's inputs and outputs (history inputs come from the cache)."""
-        ins = [None if t.name.startswith("history_") else self.rt.alloc(t.nbytes) for t in net.inputs]
+        """Device buffers for a net's inputs and outputs. History inputs come from the cache, and a
+        block after the first layer gets all of its inputs bound (the previous layer's output, layer
+        0's positions and mask: see _layers), so neither has buffers of its own (for 2B at -s 2048
+        that would be ~1 GB of device memory never written)."""
+        later_layer = re.fullmatch(r"block(_kv|_cache)?_(\d+)", net.name) and not net.name.endswith("_0")
+        ins = [None if later_layer or t.name.startswith("history_") else self.rt.alloc(t.nbytes) for t in net.inputs]
         return ins, [self.rt.alloc(t.nbytes) for t in net.outputs]
 
     def _run(self, name: str, inputs: dict | None = None, mems: dict | None = None, shapes=None) -> list:
@@ -152,22 +157,23 @@ class BmrtBackend:
         query_lens = checked_query_lens(self, cache, embeds, query_lens)
         batch = cache.batch
         logits = np.zeros((batch, self.vocab), np.float32)
-        for b in range(batch):
-            n, start = int(query_lens[b]), int(cache.lengths[b])
-            if n == 0:
-                continue
-            x = embeds[b, :n]
-            if start == 0:
-                last = self._prefill(cache.buffers[b], x)
-            elif n == 1:
-                last = self._decode(cache.buffers[b], x, start)
-            elif self.kv_blocks is not None:
-                last = self._prefill_after(cache.buffers[b], x, start)
-            else:  # without block_kv_i, rows after a history go through the one-token nets
-                for j in range(n):
-                    last = self._decode(cache.buffers[b], x[j : j + 1], start + j)
-            logits[b] = self._lm_head(*last)
-            cache.lengths[b] = start + n
+        with quiet_c_stdout():  # once for the call, not once per launch and copy
+            for b in range(batch):
+                n, start = int(query_lens[b]), int(cache.lengths[b])
+                if n == 0:
+                    continue
+                x = embeds[b, :n]
+                if start == 0:
+                    last = self._prefill(cache.buffers[b], x)
+                elif n == 1:
+                    last = self._decode(cache.buffers[b], x, start)
+                elif self.kv_blocks is not None:
+                    last = self._prefill_after(cache.buffers[b], x, start)
+                else:  # without block_kv_i, rows after a history go through the one-token nets
+                    for j in range(n):
+                        last = self._decode(cache.buffers[b], x[j : j + 1], start + j)
+                logits[b] = self._lm_head(*last)
+                cache.lengths[b] = start + n
         return logits
 
     def _prefill(self, pairs, x: np.ndarray):

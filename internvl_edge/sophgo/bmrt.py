@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes as C
+import functools
 import glob
 import os
 import sys
@@ -149,8 +150,10 @@ def find_libraries(chip: str, toolchain_path: str | None = None) -> Libraries:
 
 _loaded: dict[str, object] = {}
 _lock = threading.RLock()
+_quiet_depth = 0  # quiet_c_stdout() calls open in this process (guarded by _lock)
 
 
+@functools.cache
 def _libc():
     return C.CDLL(None)
 
@@ -159,7 +162,27 @@ def _libc():
 def quiet_c_stdout():
     """The simulator prints chatter on every launch with printf: keep it off our stdout (`run --json`
     writes there) and off the terminal; with INTERNVL_EDGE_DEBUG=1 it goes to stderr. Errors that the
-    libraries write to stderr stay visible."""
+    libraries write to stderr stay visible. Re-entrant: a caller may hold it around a whole forward
+    call (once per token) and the launches inside then cost no redirection of their own."""
+    global _quiet_depth
+    with _lock:
+        if _quiet_depth:
+            _quiet_depth += 1
+            try:
+                yield
+            finally:
+                _quiet_depth -= 1
+            return
+        _quiet_depth = 1
+        try:
+            with _redirected_stdout():
+                yield
+        finally:
+            _quiet_depth = 0
+
+
+@contextmanager
+def _redirected_stdout():
     libc = _libc()
     sys.stdout.flush()
     libc.fflush(None)

@@ -41,9 +41,16 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
     opts.lm_head_bits = 0  # lm_head stays in the half type, as in the seed (not the CPU target's default)
     if not opts.max_input_length:  # the seed prefills the whole context at once by default
         opts.max_input_length = opts.seq_length
-    awq = ckpt.config.text.awq
-    if awq is not None and opts.quantize.startswith("w4") and awq.group_size != opts.q_group_size:
-        return [f"AWQ checkpoint: its group size {awq.group_size} is used (not -g {opts.q_group_size})"]
+    t, given = ckpt.config.text, opts.q_group_size
+    opts.q_group_size = given or 64  # TPU-MLIR llm_convert's default block
+    if not opts.quantize.startswith("w4"):
+        return []
+    if t.awq is not None:
+        return [f"AWQ checkpoint: its group size {t.awq.group_size} is used (not -g {given})"] if given and given != t.awq.group_size else []
+    for k in (t.hidden_size, t.intermediate_size):  # the decoder linears' input widths
+        if k % opts.q_group_size:
+            raise UserError(f"-g {opts.q_group_size}: the decoder's linear layers with {k} inputs cannot be split "
+                            "into 4-bit groups of that size on Sophgo chips; choose a divisor of it")  # fmt: skip
     return []
 
 
@@ -71,7 +78,7 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
     S, L = opts.seq_length, opts.max_input_length
     plan = _nets_plan(t.num_hidden_layers, opts.use_block_with_kv, opts.do_sample)
     work = work_dir(opts.out_dir)
-    ok = False
+    ok, comp = False, None
     try:
         comp = Compiler(tc, opts.chip, work, progress, total=len(plan))
         progress.step(f"compiling {len(plan)} nets for {opts.chip} ({opts.quantize}) with TPU-MLIR {toolchain.VERSION}")
@@ -119,6 +126,8 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
         progress.done(f"({os.path.getsize(out) / 1e6:.1f} MB)")
         ok = True
     finally:
+        if comp is not None and not ok:  # no queued or running job may read what clean_work removes
+            comp.pool.shutdown(wait=True, cancel_futures=True)
         clean_work(work, keep_logs=not ok)
     if list(nets) != plan:
         raise UserError(f"the combined bmodel holds {list(nets)}, expected {plan}")

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint.reader import Checkpoint, QuantLinear
+from ..checkpoint.reader import Checkpoint
+from ..nets.vision import MLP1_LAYERNORM_EPS  # nn.LayerNorm's default (the seed's converter passes the ViT's 1e-6)
 from .weights import A16Weight, decoder_linear, rotary
 
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.uint8): "ui8", np.dtype(np.int32): "si32"}
-MLP1_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default in mlp1.0 (the seed's converter passes the ViT's 1e-6)
 
 
 class SI32(int):
@@ -466,7 +466,4 @@ def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, we
 
 
 def lm_head_table(ckpt: Checkpoint) -> np.ndarray:
-    head = ckpt.lm_head()
-    if isinstance(head, QuantLinear):
-        return np.ascontiguousarray(head.awq.dequantize().T)
-    return head.weight.to_float32()
+    return decoder_linear(ckpt.lm_head(), False, 0, "f32")  # float32 [vocab, hidden], AWQ dequantised

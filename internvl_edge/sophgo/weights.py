@@ -75,7 +75,7 @@ def _pack(values: np.ndarray) -> np.ndarray:
 
 def from_awq(awq: AwqLinear, half: str) -> A16Weight:
     """AWQ's [K, N] values, zero points and float16 scales, transposed to [N, ...], values unchanged."""
-    k, n, g = awq.in_features, awq.out_features, awq.group_size
+    k, g = awq.in_features, awq.group_size
     if k % g or k % 2:
         raise UserError(f"AWQ input features {k} are not a multiple of the group size {g}")
     return A16Weight(
