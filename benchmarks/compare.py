@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tarfile
 import time
+
+from records import write_atomic
+
+from internvl_edge.bench import machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -188,10 +191,13 @@ def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
     for key, args in (("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
                       ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
                       ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]])):  # fmt: skip
-        if not os.path.isfile(files[key]):
-            sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args)])
+        if not os.path.isfile(files[key]):  # written under a temporary name: a file there is whole
+            partial = files[key] + ".partial"
+            sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args[:-1] + [partial])])
+            os.replace(partial, files[key])
     if not os.path.isfile(files["q4_0"]):
-        sh([os.path.join(llama, "build", "bin", "llama-quantize"), files["bf16"], files["q4_0"], "Q4_0"])
+        sh([os.path.join(llama, "build", "bin", "llama-quantize"), files["bf16"], files["q4_0"] + ".partial", "Q4_0"])
+        os.replace(files["q4_0"] + ".partial", files["q4_0"])
     return files
 
 
@@ -254,7 +260,7 @@ def render(results: dict, command: str) -> str:
     """The comparison as markdown: one row per system, our rows' ratios against llama.cpp Q4_0."""
     m = results.get("machine", {})
     lines = [START, "## Side by side: internvl-edge, llama.cpp and transformers (InternVL3-2B shapes)", "",
-             f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, 2 threads everywhere), random",
+             f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, {m.get('threads')} threads everywhere), random",
              "weights with the exact InternVL3-2B shapes (`internvl-edge make-checkpoint CKPT --size 2b`), one run",
              "after another (never concurrently). Medians of 3 runs after a warm-up. Command:", "",
              f"    {command}", ""]  # fmt: skip
@@ -314,8 +320,7 @@ def write_section(path: str, section: str) -> None:
         text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_atomic(path, text)
 
 
 def main() -> None:
@@ -332,12 +337,10 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     out_path = args.out or os.path.join(args.work, "results.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
-    results["machine"] = {"cpu": platform.processor(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-                          "python": platform.python_version()}  # fmt: skip
+    results["machine"] = machine_info(args.threads)  # as `internvl-edge bench` reports it
 
     def save():
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_atomic(out_path, json.dumps(results, indent=2))
 
     if "ours" not in skip:
         bundles = our_bundles(args.checkpoint, args.work)

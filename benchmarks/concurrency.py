@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -96,17 +95,6 @@ def decode_steps(bundle: str, sizes: list[int], context: int = 256, repeats: int
     return rows
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
-
-
 def start_server(bundle: str, parallel: int, threads: int | None) -> tuple[subprocess.Popen, str, str]:
     """`internvl-edge serve` on a free loopback port; returns the process, its URL and model name."""
     cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", bundle, "--host", "127.0.0.1", "--port", "0",
@@ -153,7 +141,10 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    info = machine()
+    from internvl_edge.bench import machine_info
+    from internvl_edge.runtime import available_cores
+
+    info = {**machine_info(args.threads or available_cores()), "load_average": os.getloadavg()}
     print(f"# {' '.join(sys.argv)}\n# {json.dumps(info)}")
     print("| streams | total tok/s | per-stream tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---:|---:|---:|---:|---:|")

@@ -22,6 +22,7 @@ import threading
 import time
 
 import numpy as np
+from records import write_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -158,8 +159,7 @@ def write_section(text: str) -> None:
         new = old[:start] + text + ("\n" + old[end:] if nxt else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    write_atomic(path, new)
 
 
 def main() -> int:
@@ -204,8 +204,7 @@ def main() -> int:
             block = json.load(f)
     else:
         block = one_block(out, ckpt, args.work)
-        with open(os.path.join(args.work, "block.json"), "w", encoding="utf-8") as f:
-            json.dump({**block, "date": time.strftime("%Y-%m-%d")}, f)
+        write_atomic(os.path.join(args.work, "block.json"), json.dumps({**block, "date": time.strftime("%Y-%m-%d")}))
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "compile_s": round(seconds, 1),
               "peak_rss_gb": round(mem.peak / 2**30, 2), "bmodel": manifest.target["bmodel"], "bmodel_bytes": size,
               "nets": len(manifest.nets), "cores": os.cpu_count(), "toolchain": manifest.target["toolchain"],
