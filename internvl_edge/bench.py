@@ -143,8 +143,28 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _random_tile(model: Model) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+
+
+def _prefilled(model: Model, context: int, seed: int = 0):
+    """A batch-1 cache holding `context` random tokens, and the greedy token that follows them."""
+    backend = model.backend
+    cache = backend.new_cache(1)
+    logits = prefill(backend, cache, _random_embeds(model, context, seed=seed))
+    return cache, int(backend.greedy(logits[None])[0])
+
+
+def _greedy_steps(backend, cache, token: int, tokens: int) -> int:
+    """Decode `tokens` tokens one at a time, as generation does (embed, decoder, greedy head)."""
+    for _ in range(tokens):
+        logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
+        token = int(backend.greedy(logits[None])[0])
+    return token
+
+
 def time_vision(model: Model, repeats: int) -> float:
-    px = np.random.default_rng(0).standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+    px = _random_tile(model)
     model.backend.encode_images(px)
     times = []
     for _ in range(repeats):
@@ -190,14 +210,10 @@ def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[
     rates, overheads = [], []
     try:
         for r in range(repeats + 1):
-            cache = backend.new_cache(1)
-            logits = prefill(backend, cache, _random_embeds(model, context, seed=r))
-            token = int(backend.greedy(logits[None])[0])
+            cache, token = _prefilled(model, context, seed=r)
             inside[0] = 0.0
             t0 = time.perf_counter()
-            for _ in range(tokens):
-                logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
-                token = int(backend.greedy(logits[None])[0])
+            _greedy_steps(backend, cache, token, tokens)
             elapsed = time.perf_counter() - t0
             if r:
                 rates.append(tokens / elapsed)
@@ -252,22 +268,15 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
 
 def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[str, float]:
     """Milliseconds per decoded token by operator type, in the decoder net."""
-    backend = model.backend
-
     def work():
-        cache = backend.new_cache(1)
-        logits = prefill(backend, cache, _random_embeds(model, context))
-        token = int(backend.greedy(logits[None])[0])
-        for _ in range(tokens):
-            logits = backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1])[0]
-            token = int(backend.greedy(logits[None])[0])
+        _greedy_steps(model.backend, *_prefilled(model, context), tokens)
 
     return _profile_net(model, "decoder", work, tokens)
 
 
 def profile_vision(model: Model, runs: int = 2) -> dict[str, float]:
     """Milliseconds per tile by operator type, in the vision net (after a warm-up tile)."""
-    px = np.random.default_rng(0).standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+    px = _random_tile(model)
     return _profile_net(model, "vision", lambda: [model.backend.encode_images(px) for _ in range(runs + 1)], runs)
 
 
