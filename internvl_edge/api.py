@@ -192,6 +192,9 @@ class Model:
             raise TypeError(f"unknown generation options: {', '.join(overrides)}")
         if cfg.max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
+        if cfg.do_sample and not getattr(self.backend, "can_sample", False):
+            raise UserError("this bundle was converted without --do_sample, so it decodes greedily only: "
+                            "ask for greedy decoding (no --do_sample, temperature 0), or convert it with --do_sample")  # fmt: skip
         if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
             raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
         return cfg

@@ -36,6 +36,11 @@ class GenerationConfig:
     logprobs: int = 0  # > 0: the top-k log-probabilities of every generated position
     ignore_eos: bool = False
 
+    @property
+    def samples(self) -> bool:
+        """Whether tokens are drawn (a temperature at or below GREEDY_TEMPERATURE is greedy)."""
+        return self.do_sample and self.sampling.temperature > GREEDY_TEMPERATURE
+
 
 @dataclass
 class PreparedPrompt:
@@ -99,7 +104,7 @@ def prefill(backend, cache: KVCache, embeds: np.ndarray, slot: int = 0) -> np.nd
 
 
 def select(backend, logits: np.ndarray, seen: list[int], cfg: GenerationConfig, rng) -> int:
-    if cfg.do_sample and cfg.sampling.temperature > GREEDY_TEMPERATURE:
+    if cfg.samples:
         probs, ids = backend.sample(logits[None, :], np.asarray([seen], np.int64), cfg.sampling)
         return draw(probs[0], ids[0], rng)
     return int(backend.greedy(logits[None, :])[0])
@@ -122,12 +127,12 @@ class SequenceDecoding:
     a stop token ends the answer unsent; max_new_tokens or a full cache end it after the token; the
     text is detokenised UTF-8-safely and held back while it could still become a stop string."""
 
-    def __init__(self, tokenizer: TextTokenizer, cfg: GenerationConfig, prompt_ids: list[int], stats: Stats,
-                 started: float):  # fmt: skip
-        self.cfg, self.stats, self.started = cfg, stats, started
+    def __init__(self, tokenizer: TextTokenizer, cfg: GenerationConfig, prompt: PreparedPrompt):
+        self.cfg, self.started = cfg, prompt.started
+        self.stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s)
         self.rng = np.random.default_rng(cfg.seed)
-        self.seen = list(prompt_ids)  # the repetition penalty covers the whole turn
-        self.samples = cfg.do_sample and cfg.sampling.temperature > GREEDY_TEMPERATURE
+        self.seen = list(prompt.input_ids)  # the repetition penalty covers the whole turn
+        self.samples = cfg.samples
         self.detok = StreamDetokenizer(tokenizer)
         self.pending = ""  # decoded, not sent yet (it might start a stop string)
         self.first_at: float | None = None
@@ -186,8 +191,7 @@ def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPr
             f"the prompt has {len(prompt.input_ids)} tokens but only {room - 1} fit before the bundle's "
             f"seq_length {cache.capacity}; shorten it, use fewer tiles, or convert with a larger -s"
         )
-    stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s)
-    seq = SequenceDecoding(tokenizer, cfg, prompt.input_ids, stats, prompt.started)
+    seq = SequenceDecoding(tokenizer, cfg, prompt)
     logits = prefill(backend, cache, prompt.embeds)
     while True:
         yield from seq.accept(seq.pick(backend, logits), logits, int(cache.lengths[0]), cache.capacity)

@@ -192,9 +192,6 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                                 f"({model.seq_length} tokens) holds at most {image_limit}", param="messages")  # fmt: skip
         try:
             cfg = model.generation_config(**req.generation_options())
-            if cfg.do_sample and not getattr(model.backend, "can_sample", False):
-                raise UserError("this bundle was converted without --do_sample, so it decodes greedily only: "
-                                "send temperature 0 (or none), or convert it with --do_sample")  # fmt: skip
             ids, media = await run_in_threadpool(model.request, messages=req.messages, max_tiles=req.max_tiles,
                                                  resolve=policy.resolve)  # fmt: skip
         except UserError as e:

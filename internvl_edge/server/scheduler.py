@@ -33,7 +33,7 @@ import numpy as np
 
 from ..api import Media, Model
 from ..errors import UserError
-from ..generate import GenerationConfig, SequenceDecoding, Stats, prefill
+from ..generate import GenerationConfig, PreparedPrompt, SequenceDecoding, prefill
 from .protocol import ApiError
 
 log = logging.getLogger("internvl_edge.server")
@@ -96,8 +96,8 @@ class Sequence(SequenceDecoding):
     """One admitted request in slot `slot`: generate.SequenceDecoding's per-token rules and state, plus
     where its chunks go."""
 
-    def __init__(self, handle: Handle, slot: int, model: Model, prompt_ids: list[int], stats: Stats, started: float):
-        super().__init__(model.tokenizer, handle.job.config, prompt_ids, stats, started)
+    def __init__(self, handle: Handle, slot: int, model: Model, prompt: PreparedPrompt):
+        super().__init__(model.tokenizer, handle.job.config, prompt)
         self.handle, self.slot = handle, slot
 
 
@@ -226,8 +226,7 @@ class Engine:
             self._fit(self.active + 1)
             slot = self.slots.index(None)
             self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
-            stats = Stats(prompt_tokens=len(job.input_ids), num_tiles=prepared.num_tiles, vision_s=prepared.vision_s)
-            seq = Sequence(handle, slot, self.model, job.input_ids, stats, job.received)
+            seq = Sequence(handle, slot, self.model, prepared)  # prepared.started is job.received
             self.slots[slot] = seq
             self._deliver(seq, seq.pick(self.backend, logits), logits)
         except UserError as e:
