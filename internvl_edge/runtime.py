@@ -132,8 +132,9 @@ class OrtBackend:
         so.log_severity_level = 3
         # no memory arena: ORT's arena keeps the largest call's activations (a 1024-token prefill, the
         # vision net), grown in powers of two, for the life of the process; plain malloc hands big
-        # blocks back. Measured on InternVL3-2B shapes (int8 vision): peak RSS 2.25 -> 2.00 GB, the
-        # same vision, prefill and decode speed (BENCHMARKS.md, "Memory and load")
+        # blocks back. `internvl-edge bench` on InternVL3-2B shapes (int8 vision): peak RSS 2.51 -> 1.91
+        # GB together with 128-blocks, the same vision, prefill and decode speed (BENCHMARKS.md,
+        # "Memory and load")
         so.enable_cpu_mem_arena = False
         return so
 
