@@ -4,9 +4,16 @@ Decode is one M=1 `MatMulNBits` per linear layer: its speed bounds ours. This bu
 single op on the InternVL3-2B decoder's shapes (Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV
 heads of 128) with distinct random weights per copy (identical weights would stay in cache and
 flatter it), times them after a warm-up, and prints GB/s next to the machine's read bandwidth as the
-bench measures it (ONNX Runtime ReduceSum). Not part of CI.
+bench measures it (ONNX Runtime ReduceSum). The 4-bit shapes run twice, on ONNX Runtime's kernel
+(MLAS) and on ours (internvl_edge/kernels, the nodes moved as the runtime moves them), one after the
+other. Not part of CI.
 
     python benchmarks/matmulnbits.py --threads 2
+    python benchmarks/matmulnbits.py --threads 1 --hot   # compute ceiling: 1536 x 512 weights, in cache
+
+`--hot` times one small weight that stays in the core's cache, 64 nodes of it in one graph: what the kernel can
+consume when memory is not the limit (on a machine whose bandwidth changes with its load, the
+figure that says whether a kernel can keep up with the fast state).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from internvl_edge import kernels
 from internvl_edge.bench import read_bandwidth
 
 HIDDEN, INTERMEDIATE, LAYERS = 1536, 8960, 28
@@ -31,15 +39,22 @@ SHAPES = {  # name: (K, N, bits, copies): one copy per layer; lm_head once, 8-bi
 }
 
 
-def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: int):
+def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: int, shared: bool = False):
     rng = np.random.default_rng(0)
     blocks = (k + block - 1) // block
     nodes, weights, outputs = [], [], []
     for i in range(copies):
+        if shared and i:  # the same weight again: it stays in cache
+            nodes.append(helper.make_node("MatMulNBits", ["x", "w0", "s0", "z0"], [f"y{i}"], domain="com.microsoft",
+                                          K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))  # fmt: skip
+            outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+            continue
         packed = rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8)
         scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
-        weights += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+        zeros = rng.integers(0, 256, n * (-(-blocks * bits // 8)), dtype=np.uint8)  # as our bundles: always given
+        weights += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}"),
+                    numpy_helper.from_array(zeros, f"z{i}")]  # fmt: skip
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain="com.microsoft",
                                       K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))  # fmt: skip
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
@@ -47,12 +62,16 @@ def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: in
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_shape(k, n, bits, copies, threads, block, accuracy_level, repeats=10) -> tuple[float, float]:
+def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False) -> tuple[float, float]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    model = graph(k, n, bits, block, copies, accuracy_level).SerializeToString()
-    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    model = graph(k, n, bits, block, copies, accuracy_level, shared=hot)
+    repeats = 50 if hot else 10
+    if ours:
+        kernels.rewrite(model)
+        so.register_custom_ops_library(kernels.library_path())
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).random((1, k), dtype=np.float32)
     for _ in range(3):
         sess.run(None, {"x": x})
@@ -70,13 +89,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--accuracy_level", type=int, default=4)
+    ap.add_argument("--hot", action="store_true", help="one 1536 x 512 4-bit weight, in cache: the compute ceiling")
     args = ap.parse_args()
+    shapes = {"hot 1536x512": (HIDDEN, 512, 4, 64)} if args.hot else SHAPES
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}, "
           f"accuracy_level {args.accuracy_level}", flush=True)  # fmt: skip
     print(f"read bandwidth (ReduceSum): {read_bandwidth(args.threads):.1f} GB/s", flush=True)
-    for name, (k, n, bits, copies) in SHAPES.items():
-        ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level)
-        print(f"{name:14s} K={k:5d} N={n:6d} {bits}-bit: {ms:7.3f} ms each, {gbs:5.1f} GB/s", flush=True)
+    ours_here = kernels.library_path() is not None
+    for name, (k, n, bits, copies) in shapes.items():
+        ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, hot=args.hot)
+        line = f"{name:14s} K={k:5d} N={n:6d} {bits}-bit: onnxruntime {ms:7.3f} ms each, {gbs:5.1f} GB/s"
+        if ours_here and bits == 4 and args.accuracy_level == 4:
+            ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True,
+                                 hot=args.hot)  # fmt: skip
+            line += f" | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

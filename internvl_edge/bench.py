@@ -304,7 +304,8 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     res.bundle = {"path": model.manifest.path, "quantize": opts["quantize"], "dynamic": opts["dynamic"],
                   "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
                   "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
-                  "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"]}  # fmt: skip
+                  "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"],
+                  "q4_kernel": getattr(model.backend, "q4_kernel", None)}  # fmt: skip
     res.weight_bytes = model.manifest.weight_bytes
     seq = model.seq_length
 
@@ -367,6 +368,7 @@ def format_result(r: BenchResult) -> str:
         f"bundle: {r.bundle['path']} ({r.bundle['quantize']}, {'dynamic' if r.bundle['dynamic'] else 'static'}, "
         f"max_input_length {r.bundle['max_input_length']}, lm_head bits {r.bundle['lm_head_bits']}, "
         f"vision bits {r.bundle['vision_bits']})",
+        f"4-bit linears: {r.bundle.get('q4_kernel') or '-'}",
         f"load (second): {r.load_s:.2f} s",
         f"vision: {r.vision_s_per_tile:.3f} s per tile",
     ]

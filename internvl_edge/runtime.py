@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ort_cache
+from . import kernels, ort_cache
 from .bundle import Manifest
 from .errors import UserError
 from .nets.decoder import kv_names
@@ -114,6 +114,7 @@ class OrtBackend:
         self.threads = threads or available_cores()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
+        self.q4_kernel = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
         # nothing else is resident (it sets the process's peak memory)
         by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
@@ -138,13 +139,35 @@ class OrtBackend:
         so.enable_cpu_mem_arena = False
         return so
 
+    def _kernel_graph(self, name: str, path: str) -> bytes | None:
+        """The decoder's graph with its 4-bit linears moved to our kernel (kernels/), serialised, when
+        the kernel is installed and runs on this CPU; else None (the graph as it is, MLAS)."""
+        if name != "decoder" or kernels.library_path() is None:
+            return None
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)  # the graph only: a few hundred KB
+        if kernels.rewrite(model, self.threads) == 0:
+            return None
+        self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
+        return model.SerializeToString()
+
     def _session(self, name: str):
         """A session for one net: from the per-machine cache of optimised, pre-packed graphs when it
-        holds this net (memory-mapped, nothing to prepare), else built and added to it."""
+        holds this net (memory-mapped, nothing to prepare), else built and added to it. The decoder
+        runs its 4-bit linears on our kernel when it can (no pre-packing there, so no cache)."""
         path = self.manifest.net_path(name)
         net = self.manifest.nets[name]
         files = [net["file"]] + ([net["data"]] if net.get("data") else [])
         try:
+            graph = self._kernel_graph(name, path)
+            if graph is not None:
+                so = self._options()
+                so.register_custom_ops_library(kernels.library_path())
+                # the graph comes as bytes: its external weights are found next to the bundle's file
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                            os.path.dirname(path))  # fmt: skip
+                return self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
             if ort_cache.enabled() and net.get("data"):
                 key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
                 cached = ort_cache.cached_graph(key)
@@ -250,7 +273,7 @@ class OrtBackend:
         import onnxruntime
 
         return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
-                "devices": self.devices, "python": sys.version.split()[0]}  # fmt: skip
+                "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel}  # fmt: skip
 
 
 def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None) -> OrtBackend:

@@ -1,0 +1,380 @@
+/* ONNX Runtime custom-op library: MatMulNBits in domain ai.internvl_edge (opset 1), a drop-in for
+ * com.microsoft's MatMulNBits restricted to float32 A and bits=4, computed by q4gemm.h's kernel.
+ *
+ *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block/2], scales float [N * ceil(K/block)],
+ *            zero_points uint8 [N * ceil(K/block/2)] (optional), g_idx (optional, must be absent),
+ *            bias float [N] (optional)
+ *   attrs:   K, N, bits (must be 4), block_size; accuracy_level is accepted and ignored
+ *   output:  Y float [..., N]
+ *
+ * Load with SessionOptions.register_custom_ops_library(path); ORT calls RegisterCustomOps. Only the
+ * C ABI is used (ort_abi.h), no ORT headers or libraries are needed to build this.
+ *
+ * When scales (and zero_points, if given) are constant initializers, the kernel's table of them
+ * (q4_blocks_fill) is built once at session creation; otherwise Compute passes them as they come.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_abi.h"
+#include "q4gemm.h"
+
+#define IE_EXPORT __attribute__((visibility("default")))
+#define IE_DOMAIN "ai.internvl_edge"
+#define IE_OP "MatMulNBits"
+#define IE_MAX_RANK 16
+
+enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_COUNT };
+
+static const OrtApi *g_api; /* set once by RegisterCustomOps, before any kernel exists */
+
+typedef struct {
+    int64_t k, n, block;
+    int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
+    void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
+} kernel_t;
+
+typedef struct {
+    ortabi_elem_type type;
+    size_t rank;
+    int64_t dims[IE_MAX_RANK];
+    int64_t count;
+} tensor_desc;
+
+static OrtStatus *error(ortabi_error_code code, const char *fmt, ...) {
+    char msg[320];
+    int head = snprintf(msg, sizeof msg, "%s %s: ", IE_DOMAIN, IE_OP);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg + head, sizeof msg - (size_t)head, fmt, ap);
+    va_end(ap);
+    return ORTABI(g_api, CreateStatus)(code, msg);
+}
+
+#define TRY(expr)                   \
+    do {                            \
+        OrtStatus *try_s_ = (expr); \
+        if (try_s_) return try_s_;  \
+    } while (0)
+
+static OrtStatus *describe(const OrtValue *v, const char *name, tensor_desc *d) {
+    OrtTensorTypeAndShapeInfo *info = NULL;
+    TRY(ORTABI(g_api, GetTensorTypeAndShape)(v, &info));
+    OrtStatus *s = ORTABI(g_api, GetTensorElementType)(info, &d->type);
+    if (!s) s = ORTABI(g_api, GetDimensionsCount)(info, &d->rank);
+    if (!s && d->rank > IE_MAX_RANK) s = error(ORTABI_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported",
+                                               name, d->rank, IE_MAX_RANK);
+    if (!s) s = ORTABI(g_api, GetDimensions)(info, d->dims, d->rank);
+    ORTABI(g_api, ReleaseTensorTypeAndShapeInfo)(info);
+    if (s) return s;
+    d->count = 1;
+    for (size_t i = 0; i < d->rank; i++) d->count *= d->dims[i];
+    return NULL;
+}
+
+static OrtStatus *expect(const tensor_desc *d, const char *name, ortabi_elem_type type, const char *type_name,
+                         int64_t count) {
+    if (d->type != type) return error(ORTABI_INVALID_ARGUMENT, "%s must be %s (element type %d given)", name, type_name,
+                                      (int)d->type);
+    if (d->count != count) return error(ORTABI_INVALID_ARGUMENT, "%s has %lld elements, expected %lld", name,
+                                        (long long)d->count, (long long)count);
+    return NULL;
+}
+
+static void *data_of(const OrtValue *v, OrtStatus **s) {
+    void *p = NULL;
+    *s = ORTABI(g_api, GetTensorMutableData)((OrtValue *)v, &p);
+    return p;
+}
+
+static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
+
+static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
+    const kernel_t *kn = (const kernel_t *)kernel;
+    const int64_t k = kn->k, n = kn->n, block = kn->block;
+    const int64_t blocks = (k + block - 1) / block;
+
+    /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
+     * (an empty name in the node's input list). */
+    size_t count = 0;
+    TRY(ORTABI(g_api, KernelContext_GetInputCount)(ctx, &count));
+    const OrtValue *in[IN_COUNT] = {0};
+    for (size_t i = 0; i < IN_COUNT && i < count; i++) TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, &in[i]));
+    static const char *const required[] = {"A", "B", "scales"};
+    for (int i = IN_A; i <= IN_SCALES; i++)
+        if (!in[i]) return error(ORTABI_INVALID_ARGUMENT, "required input %s is missing", required[i]);
+    if (in[IN_G_IDX]) return error(ORTABI_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
+
+    tensor_desc a, d;
+    TRY(describe(in[IN_A], "A", &a));
+    if (a.type != ORTABI_TYPE_FLOAT) return error(ORTABI_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
+                                                  (int)a.type);
+    if (a.rank < 1) return error(ORTABI_INVALID_ARGUMENT, "A must have at least one dimension");
+    if (a.dims[a.rank - 1] != k)
+        return error(ORTABI_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
+                     (long long)a.dims[a.rank - 1], (long long)k);
+
+    TRY(describe(in[IN_B], "B", &d));
+    if (d.type != ORTABI_TYPE_UINT8) return error(ORTABI_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
+                                                  (int)d.type);
+    if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block / 2)
+        return error(ORTABI_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
+                     (long long)n, (long long)blocks, (long long)(block / 2), d.rank, (long long)d.count);
+    TRY(describe(in[IN_SCALES], "scales", &d));
+    TRY(expect(&d, "scales", ORTABI_TYPE_FLOAT, "float32", n * blocks));
+    if (in[IN_ZERO_POINTS]) {
+        TRY(describe(in[IN_ZERO_POINTS], "zero_points", &d));
+        TRY(expect(&d, "zero_points", ORTABI_TYPE_UINT8, "uint8", n * ((blocks + 1) / 2)));
+    }
+    if (in[IN_BIAS]) {
+        TRY(describe(in[IN_BIAS], "bias", &d));
+        TRY(expect(&d, "bias", ORTABI_TYPE_FLOAT, "float32", n));
+    }
+
+    int64_t out_dims[IE_MAX_RANK];
+    memcpy(out_dims, a.dims, a.rank * sizeof out_dims[0]);
+    out_dims[a.rank - 1] = n;
+    const int64_t m = a.count / k;
+    OrtValue *y = NULL;
+    TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
+    if (m == 0) return NULL;
+
+    OrtStatus *s = NULL;
+    q4_problem p;
+    memset(&p, 0, sizeof p);
+    p.a = (const float *)data_of(in[IN_A], &s);
+    if (!s) p.b = (const uint8_t *)data_of(in[IN_B], &s);
+    if (!s) p.scales = (const float *)data_of(in[IN_SCALES], &s);
+    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)data_of(in[IN_ZERO_POINTS], &s);
+    if (!s && in[IN_BIAS]) p.bias = (const float *)data_of(in[IN_BIAS], &s);
+    if (!s) p.y = (float *)data_of(y, &s);
+    if (s) return s;
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.block = block;
+    p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
+
+    q4_plan_t plan;
+    if (q4_plan(&p, &plan) != 0)
+        return error(ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld with block_size=%lld "
+                     "(block_size must be a multiple of 64, at most 1024)", (long long)k, (long long)block);
+    void *scratch = NULL;
+    if (plan.scratch_bytes) {
+        scratch = aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
+        if (!scratch) return error(ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+    }
+    p.scratch = scratch;
+
+    q4_quantize(&p);
+    if (plan.tasks == 1)
+        q4_run(&p, 0);
+    else if (plan.tasks > 1)
+        /* contiguous ranges of tasks, one callback each: ORT's per-task dispatch (num_batch 0) cost
+         * more than the work here (decode at 15 instead of 33+ tok/s on InternVL3-2B shapes) */
+        s = ORTABI(g_api, KernelContext_ParallelFor)(ctx, run_task, plan.tasks,
+                                                     (size_t)(kn->batches < (int64_t)plan.tasks ? kn->batches
+                                                                                                 : (int64_t)plan.tasks),
+                                                     &p);
+    free(scratch);
+    return s;
+}
+
+static OrtStatus *get_int(const OrtKernelInfo *info, const char *name, int64_t *out) {
+    OrtStatus *s = ORTABI(g_api, KernelInfoGetAttribute_int64)(info, name, out);
+    if (!s) return NULL;
+    ORTABI(g_api, ReleaseStatus)(s);
+    return error(ORTABI_INVALID_ARGUMENT, "required int64 attribute '%s' is missing", name);
+}
+
+/* A status we do not pass on: 1 when there was one (released), else 0. */
+static int dropped(OrtStatus *s) {
+    if (!s) return 0;
+    ORTABI(g_api, ReleaseStatus)(s);
+    return 1;
+}
+
+/* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
+ * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
+ * initializer a feed may override), 1 a constant, with its data when it has the type and element
+ * count Compute will ask for (else *data stays NULL: Compute reports the mismatch). Any error from
+ * ORT reads as 0. */
+static int constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
+                          int64_t elements, void **data) {
+    *data = NULL;
+    if (index >= count) return -1;
+    size_t name_size = 0;
+    if (dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return 0;
+    if (name_size <= 1) return -1; /* "" */
+    int is_constant = 0;
+    const OrtValue *v = NULL;
+    if (dropped(ORTABI(g_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||
+        !v)
+        return 0;
+    tensor_desc d;
+    OrtStatus *s = NULL;
+    if (dropped(describe(v, "constant input", &d)) || d.type != type || d.count != elements) return 1;
+    void *p = data_of(v, &s);
+    if (!dropped(s)) *data = p;
+    return 1;
+}
+
+/* The kernel's table of scales and zero points, when they are constants and the kernel takes one
+ * for these shapes: *table NULL otherwise (Compute then passes the tensors as they come). A copy:
+ * nothing of the constant tensors is kept. */
+static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, void **table) {
+    *table = NULL;
+    const size_t bytes = q4_blocks_bytes(n, k, block);
+    if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
+    size_t count = 0;
+    if (dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
+    const int64_t blocks = (k + block - 1) / block;
+    void *scales = NULL, *zero_points = NULL;
+    if (constant_input(info, count, IN_SCALES, ORTABI_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
+    const int zp = constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, n * ((blocks + 1) / 2),
+                                  &zero_points);
+    if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
+
+    void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!t) return error(ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
+    q4_problem p;
+    memset(&p, 0, sizeof p);
+    p.n = n;
+    p.k = k;
+    p.block = block;
+    p.scales = (const float *)scales;
+    p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
+    q4_blocks_fill(&p, t);
+    *table = t;
+    return NULL;
+}
+
+static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
+                                            void **out) {
+    (void)op;
+    (void)api; /* the same table as g_api, which was asked for the API version that has every slot we use */
+    *out = NULL;
+    int64_t k, n, bits, block;
+    TRY(get_int(info, "K", &k));
+    TRY(get_int(info, "N", &n));
+    TRY(get_int(info, "bits", &bits));
+    TRY(get_int(info, "block_size", &block));
+    if (bits != 4) return error(ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4", (long long)bits);
+    if (k <= 0 || n <= 0 || block <= 0)
+        return error(ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
+                     (long long)n, (long long)block);
+    void *table = NULL;
+    TRY(make_table(info, k, n, block, &table));
+    kernel_t *kn = (kernel_t *)malloc(sizeof *kn);
+    if (!kn) {
+        free(table);
+        return error(ORTABI_FAIL, "out of memory");
+    }
+    kn->k = k;
+    kn->n = n;
+    kn->block = block;
+    kn->batches = 8;
+    OrtStatus *no_attr = ORTABI(g_api, KernelInfoGetAttribute_int64)(info, "batches", &kn->batches);
+    if (no_attr) { /* optional: absent means 8 */
+        ORTABI(g_api, ReleaseStatus)(no_attr);
+        kn->batches = 8;
+    }
+    if (kn->batches < 1) kn->batches = 1;
+    kn->table = table;
+    *out = kn;
+    return NULL;
+}
+
+static void ORTABI_CALL destroy_kernel(void *kernel) {
+    kernel_t *kn = (kernel_t *)kernel;
+    if (kn) free(kn->table);
+    free(kn);
+}
+
+static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
+static const char *ORTABI_CALL op_provider(const ortabi_custom_op *op) { (void)op; return NULL; /* CPU */ }
+static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
+static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return 1; }
+
+static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    switch (i) {
+    case IN_B:
+    case IN_ZERO_POINTS: return ORTABI_TYPE_UINT8;
+    case IN_G_IDX: return ORTABI_TYPE_INT32;
+    default: return ORTABI_TYPE_FLOAT;
+    }
+}
+static ortabi_elem_type ORTABI_CALL output_type(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    (void)i;
+    return ORTABI_TYPE_FLOAT;
+}
+static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    return i >= IN_ZERO_POINTS ? ORTABI_IO_OPTIONAL : ORTABI_IO_REQUIRED;
+}
+static ortabi_io_kind ORTABI_CALL output_kind(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    (void)i;
+    return ORTABI_IO_REQUIRED;
+}
+static ortabi_mem_type ORTABI_CALL input_memory(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    (void)i;
+    return ORTABI_MEM_DEFAULT;
+}
+static int ORTABI_CALL variadic_arity(const ortabi_custom_op *op) { (void)op; return 1; }
+static int ORTABI_CALL variadic_homogeneity(const ortabi_custom_op *op) { (void)op; return 1; }
+
+/* Zeroed room after the struct: should an ORT ever read a field past version 16's, it reads NULL. */
+static const struct {
+    ortabi_custom_op op;
+    void *reserved[16];
+} g_op = {
+    .op = {
+        .version = ORTABI_CUSTOM_OP_VERSION,
+        .create_kernel = NULL, /* create_kernel_v2 is used from version 16 on */
+        .get_name = op_name,
+        .get_execution_provider_type = op_provider,
+        .get_input_type = input_type,
+        .get_input_type_count = input_count,
+        .get_output_type = output_type,
+        .get_output_type_count = output_count,
+        .kernel_compute = NULL, /* kernel_compute_v2 likewise */
+        .kernel_destroy = destroy_kernel,
+        .get_input_characteristic = input_kind,
+        .get_output_characteristic = output_kind,
+        .get_input_memory_type = input_memory,
+        .get_variadic_input_min_arity = variadic_arity,
+        .get_variadic_input_homogeneity = variadic_homogeneity,
+        .get_variadic_output_min_arity = variadic_arity,
+        .get_variadic_output_homogeneity = variadic_homogeneity,
+        .create_kernel_v2 = create_kernel,
+        .kernel_compute_v2 = compute,
+    },
+};
+
+IE_EXPORT const char *internvl_edge_kernel_isa(void) { return q4_isa(); }
+
+/* The domain is handed to the session options and must outlive every session made from them, so it
+ * is never released (one small object per registration). */
+IE_EXPORT OrtStatus *ORTABI_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    const OrtApi *api = base->get_api(ORTABI_API_VERSION);
+    if (!api) {
+        const OrtApi *v1 = base->get_api(1); /* CreateStatus is slot 0 in every version */
+        return v1 ? ORTABI(v1, CreateStatus)(ORTABI_FAIL, IE_DOMAIN " kernels need ONNX Runtime 1.17 or newer") : NULL;
+    }
+    g_api = api;
+    if (q4_supported() != 0)
+        return error(ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2 and FMA); "
+                     "use com.microsoft MatMulNBits instead");
+    OrtCustomOpDomain *domain = NULL;
+    TRY(ORTABI(api, CreateCustomOpDomain)(IE_DOMAIN, &domain));
+    OrtStatus *s = ORTABI(api, CustomOpDomain_Add)(domain, &g_op.op);
+    if (!s) s = ORTABI(api, AddCustomOpDomain)(options, domain);
+    if (s) ORTABI(api, ReleaseCustomOpDomain)(domain);
+    return s;
+}

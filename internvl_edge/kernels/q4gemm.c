@@ -1,0 +1,307 @@
+/* The 4-bit x int8 matmul behind the `ai.internvl_edge` MatMulNBits op (see q4gemm.h and
+ * q4gemm_body.h): one body compiled per x86-64 instruction set, picked at run time, so the
+ * library loads on any x86-64 CPU and says so (q4_supported) where it has nothing to offer. */
+#include "q4gemm.h"
+
+#include <string.h>
+
+#define Q4_CHUNK 64       /* weights per 32-byte load of B */
+#define Q4_TILE_COLS 32   /* columns of one task: a few KB of B, parallel work for every linear */
+#define Q4_TILE_ROWS 256  /* rows of one task: long prefills split across threads by rows too */
+#define Q4_GROUP_ENTRY 40 /* q4_blocks_fill: per 8 columns and block, 8 float scales + 8 zero points */
+#define Q4_MAX_BLOCK 1024 /* largest block size taken (a stack buffer pads a partial last block) */
+#ifndef Q4_PREFETCH
+#define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
+ * (w & 0xF0 = 16 q), which saves a shift per load; the block sum divides that half by 16 exactly. */
+#define Q4_CONSTANTS const __m256i mf0 = _mm256_set1_epi8((char)0xF0);
+#define Q4_BLOCK_SUM(lo, hi) _mm256_add_epi32((lo), _mm256_srai_epi32((hi), 4))
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#define Q4_NAME(x) x##_avx512vnni
+#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                   \
+    do {                                                                               \
+        acc_lo = _mm256_dpbusd_epi32(acc_lo, _mm256_and_si256(w, m0f), a_lo);          \
+        acc_hi = _mm256_dpbusd_epi32(acc_hi, _mm256_and_si256(w, mf0), a_hi);          \
+    } while (0)
+
+/* Decode (one row) on 8 columns at a time, for blocks of a multiple of 128 weights: B is read 64
+ * bytes (one block of 128) per load, and each block's 8 x 16 int32 partial sums are reduced across
+ * lanes together, so that scale, zero point and the float multiply-add happen once per block for
+ * all 8 columns (as vectors over the columns) instead of once per column. Their scales and zero
+ * points come from q4_blocks_fill's table, laid out for exactly this (decoding them per call, or
+ * gathering them, cost a third of the time).
+ *
+ *   8 columns x 16 lanes --(fold 512->256)--> 8 x 8 --(hadd tree)--> [c0 .. c7] int32
+ *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
+ */
+#define Q4_DECODE_TILE8(p, r, n0) tile8_avx512vnni(p, r, n0)
+#define Q4_HAS_TILE8 1
+static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch + r * K;
+    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
+    const float *ts = sa + p->m * nblk;
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const uint8_t *wb = p->b + n0 * (K / 2);
+    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblk; b++) {
+        __m512i acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm512_setzero_si512();
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += 128) {
+            /* the activation layout is per 64 weights [32 even | 32 odd]: pair two of them */
+            const __m512i a_lo = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0))),
+                _mm256_load_si256((const __m256i *)(qa + k0 + 64)), 1);
+            const __m512i a_hi = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0 + 32))),
+                _mm256_load_si256((const __m256i *)(qa + k0 + 96)), 1);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const uint8_t *wp = wb + j * (K / 2) + k0 / 2;
+                _mm_prefetch((const char *)(wp + Q4_PREFETCH * 8 * (K / 2)), _MM_HINT_T0);
+                const __m512i w = _mm512_loadu_si512((const void *)wp);
+                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
+                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
+            }
+        }
+        __m256i v[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            v[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[j]), _mm512_extracti64x4_epi64(acc[j], 1));
+        const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                             _mm256_permute2x128_si256(u0, u1, 0x31));
+        const uint8_t *entry = group + b * Q4_GROUP_ENTRY; /* q4_blocks_fill: 8 scales, 8 zero points */
+        const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
+        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
+        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])), facc);
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
+    }
+    __m256 y = _mm256_sub_ps(facc, corr);
+    if (p->bias)
+        y = _mm256_add_ps(y, _mm256_loadu_ps(p->bias + n0));
+    _mm256_storeu_ps(p->y + r * p->n + n0, y);
+}
+
+/* Prefill (many rows) on 16 columns at a time, blocks of a multiple of 128 weights: each block of
+ * the 16 columns is turned around once into "16 columns x 8 weights" vectors (a dword gather per
+ * column: weights k .. k+7; low nibbles = even k, high = odd k, the order the activations are
+ * stored in), then every row multiplies it with its activations broadcast, 8 rows at a time:
+ * lanes are columns, so a block's scale and zero point are one vector multiply-add per row.
+ *
+ *   y[r, n0..n0+15] += float(sum_k q[k, :] a_q[r, k]) * s[:, b] * sa[r, b] - s[:, b] z[:, b] * ts[r, b]
+ */
+#define Q4_PREFILL_TILE16(p, r_lo, r_hi, n0) prefill16_avx512vnni(p, r_lo, r_hi, n0)
+static inline __attribute__((always_inline)) void rows16_avx512vnni(const q4_problem *p, const __m512i *wt,
+                                                                    int64_t b, int64_t r, const int R, int64_t n0,
+                                                                    __m512 s16, __m512 sz16)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch;
+    const float *sa = (const float *)(qa + p->m * K);
+    const float *ts = sa + p->m * nblk;
+    __m512i acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+        acc[i] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < B / 8; s++) {
+        const int64_t k = b * B + 8 * s, act = k / 64 * 64 + (k % 64) / 2; /* even k here, odd k 32 later */
+        const __m512i lo = _mm512_load_si512((const void *)(wt + 2 * s)), hi = _mm512_load_si512((const void *)(wt + 2 * s + 1));
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            int32_t even, odd;
+            memcpy(&even, qa + (r + i) * K + act, 4);
+            memcpy(&odd, qa + (r + i) * K + act + 32, 4);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(even));
+            acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(odd));
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) {
+        float *y = p->y + (r + i) * p->n + n0;
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(s16, _mm512_set1_ps(sa[(r + i) * nblk + b])),
+                                   _mm512_loadu_ps(y));
+        _mm512_storeu_ps(y, _mm512_fnmadd_ps(sz16, _mm512_set1_ps(ts[(r + i) * nblk + b]), v));
+    }
+}
+
+static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi, int64_t n0)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    const __m512i columns = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)(K / 2)));
+    const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const uint8_t *g1 = g0 + (size_t)nblk * Q4_GROUP_ENTRY;
+    __m512i wt[2 * Q4_MAX_BLOCK / 8];
+    for (int64_t r = r_lo; r < r_hi; r++) {
+        float *y = p->y + r * p->n + n0;
+        _mm512_storeu_ps(y, p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps());
+    }
+    for (int64_t b = 0; b < nblk; b++) {
+        const uint8_t *base = p->b + n0 * (K / 2) + b * B / 2;
+        for (int64_t s = 0; s < B / 8; s++) {
+            const __m512i w = _mm512_i32gather_epi32(columns, (const void *)(base + 4 * s), 1);
+            wt[2 * s] = _mm512_and_si512(w, m0f);
+            wt[2 * s + 1] = _mm512_and_si512(_mm512_srli_epi32(w, 4), m0f);
+        }
+        const uint8_t *e0 = g0 + b * Q4_GROUP_ENTRY, *e1 = g1 + b * Q4_GROUP_ENTRY;
+        const __m512 s16 = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_loadu_pd((const double *)(const void *)e0)),
+            _mm256_loadu_pd((const double *)(const void *)e1), 1)); /* 8 + 8 float scales */
+        const __m128i z0 = _mm_loadl_epi64((const __m128i *)(const void *)(e0 + 32));
+        const __m128i z1 = _mm_loadl_epi64((const __m128i *)(const void *)(e1 + 32));
+        const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(z0, z1))));
+        int64_t r = r_lo;
+        for (; r + 8 <= r_hi; r += 8)
+            rows16_avx512vnni(p, wt, b, r, 8, n0, s16, sz16);
+        for (; r < r_hi; r++)
+            rows16_avx512vnni(p, wt, b, r, 1, n0, s16, sz16);
+    }
+}
+#include "q4gemm_body.h"
+#undef Q4_DECODE_TILE8
+#undef Q4_PREFILL_TILE16
+#undef Q4_NAME
+#undef Q4_DOT_CHUNK
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#define Q4_NAME(x) x##_avxvnni
+#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                   \
+    do {                                                                               \
+        acc_lo = _mm256_dpbusd_avx_epi32(acc_lo, _mm256_and_si256(w, m0f), a_lo);      \
+        acc_hi = _mm256_dpbusd_avx_epi32(acc_hi, _mm256_and_si256(w, mf0), a_hi);      \
+    } while (0)
+#include "q4gemm_body.h"
+#undef Q4_NAME
+#undef Q4_DOT_CHUNK
+#undef Q4_CONSTANTS
+#undef Q4_BLOCK_SUM
+#pragma GCC pop_options
+
+/* AVX2 without VNNI: vpmaddubsw (u8 x s8 pairs into int16; 2 x 15 x 127 per pair, no saturation)
+ * then vpmaddwd by ones into int32. 16 q would saturate int16 here, so the high nibbles are shifted. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define Q4_NAME(x) x##_avx2
+#define Q4_CONSTANTS const __m256i ones16 = _mm256_set1_epi16(1);
+#define Q4_BLOCK_SUM(lo, hi) ((void)(hi), (lo))
+#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                                  \
+    do {                                                                                              \
+        const __m256i lo_ = _mm256_maddubs_epi16(_mm256_and_si256(w, m0f), a_lo);                     \
+        const __m256i hi_ = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi); \
+        acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_add_epi16(lo_, hi_), ones16));   \
+    } while (0)
+#include "q4gemm_body.h"
+#undef Q4_NAME
+#undef Q4_DOT_CHUNK
+#undef Q4_CONSTANTS
+#undef Q4_BLOCK_SUM
+#pragma GCC pop_options
+
+typedef enum { ISA_NONE, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI } isa_t;
+
+static isa_t detect(void)
+{
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        return ISA_NONE;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw"))
+        return ISA_AVX512VNNI;
+    if (__builtin_cpu_supports("avxvnni"))
+        return ISA_AVXVNNI;
+    return ISA_AVX2;
+}
+
+static isa_t isa(void)
+{
+    static int cached = -1;
+    if (cached < 0)
+        cached = (int)detect();
+    return (isa_t)cached;
+}
+
+void q4_quantize(const q4_problem *p)
+{
+    switch (isa()) {
+    case ISA_AVX512VNNI: quantize_avx512vnni(p); break;
+    case ISA_AVXVNNI: quantize_avxvnni(p); break;
+    case ISA_AVX2: quantize_avx2(p); break;
+    default: break;
+    }
+}
+
+void q4_run(const q4_problem *p, size_t task)
+{
+    switch (isa()) {
+    case ISA_AVX512VNNI: run_avx512vnni(p, task); break;
+    case ISA_AVXVNNI: run_avxvnni(p, task); break;
+    case ISA_AVX2: run_avx2(p, task); break;
+    default: break;
+    }
+}
+
+#else /* not x86-64 with GCC or clang: nothing here; the runtime keeps ONNX Runtime's own kernel */
+
+static int isa(void) { return 0; }
+void q4_quantize(const q4_problem *p) { (void)p; }
+void q4_run(const q4_problem *p, size_t task) { (void)p; (void)task; }
+
+#endif
+
+int q4_supported(void) { return isa() != 0 ? 0 : -1; }
+
+const char *q4_isa(void)
+{
+    static const char *names[] = {"none", "avx2", "avxvnni", "avx512vnni"};
+    return names[isa()];
+}
+
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa() == ISA_AVX512VNNI && block > 0 && block % 128 == 0 && n >= 8 && k > 0)
+        return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY;
+#else
+    (void)n, (void)k, (void)block;
+#endif
+    return 0;
+}
+
+void q4_blocks_fill(const q4_problem *p, void *table)
+{
+    const int64_t nblk = (p->k + p->block - 1) / p->block, zstride = (nblk + 1) / 2;
+    uint8_t *out = (uint8_t *)table;
+    for (int64_t g = 0; g < p->n / 8; g++)
+        for (int64_t b = 0; b < nblk; b++, out += Q4_GROUP_ENTRY)
+            for (int j = 0; j < 8; j++) {
+                const int64_t n = g * 8 + j;
+                memcpy(out + 4 * j, p->scales + n * nblk + b, 4);
+                out[32 + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+            }
+}
+
+int q4_plan(const q4_problem *p, q4_plan_t *plan)
+{
+    if (p->block <= 0 || p->block % Q4_CHUNK || p->block > Q4_MAX_BLOCK || p->k <= 0 || p->m < 0 || p->n <= 0)
+        return -1;
+    const int64_t nblk = (p->k + p->block - 1) / p->block;
+    plan->scratch_bytes = (size_t)(p->m * nblk * p->block + 2 * p->m * nblk * (int64_t)sizeof(float));
+    plan->tasks = (size_t)(((p->n + Q4_TILE_COLS - 1) / Q4_TILE_COLS) * ((p->m + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS));
+    return 0;
+}

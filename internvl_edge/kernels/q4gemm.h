@@ -1,0 +1,52 @@
+/* Y = A @ dequant(B)^T for 4-bit block-quantised B in ONNX Runtime's MatMulNBits layout, with the
+ * activations quantised to int8 per block (what MatMulNBits' accuracy_level=4 does), on x86-64
+ * VNNI (AVX512-VNNI or AVX-VNNI) or AVX2.
+ *
+ * Layout (https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperators.md#com.microsoft.MatMulNBits):
+ *   B            uint8 [N, ceil(K/block), block/2]   weight k = 2j of a block in the low nibble of
+ *                                              byte j; a partial last block is padded with zeros
+ *   scales       float [N, ceil(K/block)]
+ *   zero_points  uint8 [N, ceil(K/block/2)]    block 2i in the low nibble of byte i; NULL means 8
+ *
+ * Use: q4_plan() once per call (checks the shapes, says how much scratch), q4_quantize() once
+ * (one thread), then q4_run() for every task 0 .. plan.tasks-1, from any threads, in any order.
+ */
+#ifndef INTERNVL_EDGE_Q4GEMM_H
+#define INTERNVL_EDGE_Q4GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const float *a;           /* [M, K] */
+    const uint8_t *b;         /* [N, ceil(K/block), block/2] */
+    const float *scales;      /* [N, ceil(K/block)] */
+    const uint8_t *zero_points; /* [N, ceil(K/block/2)] or NULL */
+    const float *bias;        /* [N] or NULL */
+    float *y;                 /* [M, N] */
+    int64_t m, n, k, block;
+    void *scratch;            /* q4_plan().scratch_bytes, 64-byte aligned */
+    const void *blocks;       /* q4_blocks_fill()'s table for these scales/zero points, or NULL */
+} q4_problem;
+
+typedef struct {
+    size_t scratch_bytes;
+    size_t tasks;
+} q4_plan_t;
+
+/* 0 when this CPU can run the kernel (x86-64 with AVX2 and FMA at least), else -1. */
+int q4_supported(void);
+/* A name for the instruction set the kernel runs with here ("avx512vnni", "avxvnni", "avx2"). */
+const char *q4_isa(void);
+/* 0 and the plan, or -1 when the shapes are not supported (block not a multiple of 64, or above
+ * 1024). */
+int q4_plan(const q4_problem *p, q4_plan_t *plan);
+void q4_quantize(const q4_problem *p);
+/* Scales and zero points rearranged for the decode path, prepared once per weight (the op does it
+ * when the session is created, from the constant initializers): its size (0: no table is used for
+ * these shapes on this CPU) and the filling, which reads p->n, k, block, scales and zero_points. */
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block);
+void q4_blocks_fill(const q4_problem *p, void *table);
+void q4_run(const q4_problem *p, size_t task);
+
+#endif

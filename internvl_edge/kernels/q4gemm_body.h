@@ -1,0 +1,163 @@
+/* One instruction set's version of the q4gemm kernel: included by q4gemm.c once per ISA with
+ * Q4_NAME(x) (suffixes the function names) and Q4_DOT_CHUNK / Q4_BLOCK_SUM defined, under a
+ * `#pragma GCC target` for that ISA. Not a header to include anywhere else.
+ *
+ * Activations are quantised per block to int8 (scale = max|a| / 127) and stored chunk by chunk in
+ * the order the packed weights come in: for every 64 weights (one 32-byte load of B) the 32
+ * even-k activations, then the 32 odd-k ones, so the low nibbles of the load pair with the first
+ * half and the high nibbles with the second, and u8 x s8 dot products (VNNI's vpdpbusd) need no
+ * shuffles. Zero points are applied once per block: sum(q * a) - z * sum(a).
+ */
+
+static void Q4_NAME(quantize)(const q4_problem *p)
+{
+    const int64_t K = p->k, B = p->block, nblk = (K + B - 1) / B, Kp = nblk * B;
+    int8_t *qa = (int8_t *)p->scratch;
+    float *sa = (float *)(qa + p->m * Kp);
+    float *ts = sa + p->m * nblk;
+    float padded[Q4_MAX_BLOCK];
+    for (int64_t r = 0; r < p->m; r++) {
+        const float *x = p->a + r * K;
+        int8_t *q = qa + r * Kp;
+        for (int64_t b = 0; b < nblk; b++) {
+            const float *xb = x + b * B;
+            if ((b + 1) * B > K) { /* K not a multiple of the block: B holds zeros there, so do we */
+                memset(padded, 0, sizeof padded);
+                memcpy(padded, xb, (size_t)(K - b * B) * sizeof(float));
+                xb = padded;
+            }
+            uint32_t mx = 0; /* max |x| as bits: the order of non-negative floats is their bits' */
+            for (int64_t i = 0; i < B; i++) {
+                uint32_t u;
+                memcpy(&u, xb + i, 4);
+                u &= 0x7fffffffu;
+                mx = u > mx ? u : mx;
+            }
+            float amax;
+            memcpy(&amax, &mx, 4);
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t c = 0; c < B; c += Q4_CHUNK) {
+                int8_t *lo = q + b * B + c, *hi = lo + Q4_CHUNK / 2;
+                const float *xc = xb + c;
+                for (int j = 0; j < Q4_CHUNK / 2; j++) {
+                    const int32_t e = (int32_t)__builtin_rintf(xc[2 * j] * inv);
+                    const int32_t o = (int32_t)__builtin_rintf(xc[2 * j + 1] * inv);
+                    lo[j] = (int8_t)e;
+                    hi[j] = (int8_t)o;
+                    sum += e + o;
+                }
+            }
+            sa[r * nblk + b] = amax / 127.0f;
+            ts[r * nblk + b] = amax / 127.0f * (float)sum;
+        }
+    }
+}
+
+static inline float Q4_NAME(hsum)(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* R rows x C columns of Y from rows r0.. and columns n0..; R and C are constants after inlining, so
+ * the accumulators live in registers. */
+static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem *p, int64_t r0, const int R,
+                                                                int64_t n0, const int C)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B, zstride = (nblk + 1) / 2;
+    const int8_t *qa = (const int8_t *)p->scratch;
+    const float *sa = (const float *)(qa + p->m * K);
+    const float *ts = sa + p->m * nblk;
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    Q4_CONSTANTS
+    __m256 facc[4][4];
+    float corr[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < C; j++) {
+            facc[i][j] = _mm256_setzero_ps();
+            corr[i][j] = 0.0f;
+        }
+    for (int64_t b = 0; b < nblk; b++) {
+        __m256i acc_lo[4][4], acc_hi[4][4];
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < C; j++) {
+                acc_lo[i][j] = _mm256_setzero_si256();
+                acc_hi[i][j] = _mm256_setzero_si256();
+            }
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
+            __m256i a_lo[4], a_hi[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                a_lo[i] = _mm256_load_si256((const __m256i *)(qa + (r0 + i) * K + k0));
+                a_hi[i] = _mm256_load_si256((const __m256i *)(qa + (r0 + i) * K + k0 + 32));
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < C; j++) {
+                const uint8_t *wp = p->b + (n0 + j) * (K / 2) + k0 / 2;
+                _mm_prefetch((const char *)(wp + Q4_PREFETCH * C * (K / 2)), _MM_HINT_T0);
+                const __m256i w = _mm256_loadu_si256((const __m256i *)wp);
+#pragma GCC unroll 4
+                for (int i = 0; i < R; i++)
+                    Q4_DOT_CHUNK(acc_lo[i][j], acc_hi[i][j], w, a_lo[i], a_hi[i]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < C; j++) {
+            const int64_t n = n0 + j;
+            const float s = p->scales[n * nblk + b];
+            const int z = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                const float sab = s * sa[(r0 + i) * nblk + b];
+                const __m256i dot = Q4_BLOCK_SUM(acc_lo[i][j], acc_hi[i][j]);
+                facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sab), facc[i][j]);
+                corr[i][j] += s * (float)z * ts[(r0 + i) * nblk + b];
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < C; j++) {
+            const int64_t n = n0 + j;
+            p->y[(r0 + i) * p->n + n] = Q4_NAME(hsum)(facc[i][j]) - corr[i][j] + (p->bias ? p->bias[n] : 0.0f);
+        }
+}
+
+static void Q4_NAME(run)(const q4_problem *p, size_t task)
+{
+    const int64_t col_tiles = (p->n + Q4_TILE_COLS - 1) / Q4_TILE_COLS;
+    int64_t n_lo = (int64_t)(task % col_tiles) * Q4_TILE_COLS;
+    const int64_t n_hi = n_lo + Q4_TILE_COLS < p->n ? n_lo + Q4_TILE_COLS : p->n;
+    const int64_t r_lo = (int64_t)(task / col_tiles) * Q4_TILE_ROWS;
+    const int64_t r_hi = r_lo + Q4_TILE_ROWS < p->m ? r_lo + Q4_TILE_ROWS : p->m;
+#ifdef Q4_PREFILL_TILE16
+    if (p->blocks && r_hi - r_lo >= 8) { /* from 8 rows on (fewer: the gathers cost more than they save) */
+        for (; n_lo + 16 <= n_hi && n_lo + 16 <= p->n / 8 * 8; n_lo += 16)
+            Q4_PREFILL_TILE16(p, r_lo, r_hi, n_lo);
+    }
+#endif
+    int64_t r = r_lo;
+    for (; r + 4 <= r_hi; r += 4) /* prefill: four rows share every weight load */
+        for (int64_t n = n_lo; n < n_hi; n++)
+            Q4_NAME(tile)(p, r, 4, n, 1);
+    for (; r < r_hi; r++) { /* decode: four columns share every activation load */
+        int64_t n = n_lo;
+#ifdef Q4_DECODE_TILE8
+        if (p->blocks) /* full groups of 8 only: the table covers columns 0 .. 8 * (N / 8) - 1 */
+            for (; n + 8 <= n_hi && n + 8 <= p->n / 8 * 8; n += 8)
+                Q4_DECODE_TILE8(p, r, n);
+#endif
+        for (; n + 4 <= n_hi; n += 4)
+            Q4_NAME(tile)(p, r, 1, n, 4);
+        for (; n < n_hi; n++)
+            Q4_NAME(tile)(p, r, 1, n, 1);
+    }
+}

@@ -1,0 +1,23 @@
+"""Build step for the one compiled part: the 4-bit matmul kernel for ONNX Runtime
+(internvl_edge/kernels). Everything else is in pyproject.toml.
+
+The library is optional: where it does not compile (no C compiler, another compiler) the install
+still succeeds and the runtime keeps ONNX Runtime's own MatMulNBits kernel. It is plain C against
+ONNX Runtime's C ABI, so it needs neither ORT headers nor Python headers' API; it is built as an
+extension module only so that pip compiles and installs it with the package.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "internvl_edge.kernels._q4",
+            sources=["internvl_edge/kernels/ort_op.c", "internvl_edge/kernels/q4gemm.c"],
+            depends=["internvl_edge/kernels/q4gemm.h", "internvl_edge/kernels/q4gemm_body.h",
+                     "internvl_edge/kernels/ort_abi.h"],
+            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden"],
+            optional=True,
+        )
+    ]
+)

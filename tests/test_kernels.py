@@ -1,0 +1,137 @@
+"""Our 4-bit matmul (internvl_edge/kernels) against ONNX Runtime's own MatMulNBits and numpy.
+
+The kernel quantises activations to int8 per block as MatMulNBits' accuracy_level 4 does, so on the
+same inputs the two independent implementations agree to float rounding (different summation
+order); against the float product of the dequantised weights they differ by the int8 activation
+error (~0.3-1% RMS). Shapes cover decode (1 row), the server's batches (2-5), prefill tiles (4-row
+groups and remainders, more rows than one task's 256), K that is not a multiple of the block (the
+padded last block of nets/quant.py), odd block counts (a half-used zero-point byte) and bias.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from internvl_edge import kernels
+from internvl_edge.nets.quant import quantize
+
+X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def test_library_is_built_here():
+    """On x86-64 Linux (this project's CI) the install must have compiled the kernel: the build
+    is optional so that other machines still install, which would otherwise hide a broken build."""
+    if not X86_LINUX:
+        pytest.skip("the kernel is built for x86-64 Linux")
+    assert kernels.library_path() is not None
+    assert kernels.isa() in ("avx512vnni", "avxvnni", "avx2")
+
+
+needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm kernel not available here")
+
+
+def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4):
+    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
+             numpy_helper.from_array(w.zero_points.reshape(-1), "Z")]  # fmt: skip
+    inputs = ["A", "B", "S", "Z"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        inputs += ["", "bias"]
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=w.K, N=w.N, bits=4,
+                            block_size=w.block_size, accuracy_level=accuracy_level)  # fmt: skip
+    graph = helper.make_graph([node], "q4", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if domain == kernels.DOMAIN:
+        so.register_custom_ops_library(kernels.library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+CASES = [  # (rows, K, N, block, bias)
+    (1, 256, 96, 128, False),
+    (1, 1536, 200, 128, True),
+    (2, 640, 37, 64, False),
+    (3, 192, 33, 128, True),  # K padded to 256 in B
+    (4, 384, 64, 128, False),  # three blocks: the last zero-point byte half used
+    (5, 512, 41, 256, True),
+    (9, 320, 70, 64, False),
+    (300, 256, 40, 128, True),  # more rows than one task holds
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,K,N,block,with_bias", CASES)
+def test_matches_onnxruntime_and_numpy(rows, K, N, block, with_bias):
+    rng = np.random.default_rng(rows * 1000 + K + N)
+    w = quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 4, block)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    a = rng.standard_normal((1, rows, K)).astype(np.float32)
+    a[0, 0, : K // 3] *= 20.0  # blocks of very different ranges in one row
+    ours = _graph(w, kernels.DOMAIN, bias).run(None, {"A": a})[0]
+    theirs = _graph(w, "com.microsoft", bias).run(None, {"A": a})[0]
+    exact = a @ w.dequantize().T + (bias if bias is not None else 0)
+    assert ours.shape == theirs.shape == (1, rows, N)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 2e-4 * scale, "differs from MatMulNBits accuracy_level 4"
+    rel_rms = np.sqrt(np.mean((ours - exact) ** 2)) / np.sqrt(np.mean(exact**2))
+    assert rel_rms < 0.02, f"int8 activation error {rel_rms:.4f} is too large"
+    assert rel_rms > 0, "the kernel cannot be exact with int8 activations: is it being run at all?"
+
+
+@needs_kernel
+def test_shapes_and_errors():
+    w = quantize(np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32), 4, 128)
+    sess = _graph(w, kernels.DOMAIN, None)
+    assert sess.run(None, {"A": np.zeros((2, 0, 128), np.float32)})[0].shape == (2, 0, 24)
+    assert sess.run(None, {"A": np.ones((128,), np.float32)})[0].shape == (24,)
+    with pytest.raises(Exception, match="A's last dimension is 100, expected K=128"):
+        sess.run(None, {"A": np.ones((1, 100), np.float32)})
+
+
+def test_rewrite_takes_only_what_the_kernel_computes():
+    def node(bits=4, level=4, block=128, g_idx=""):
+        return helper.make_node("MatMulNBits", ["A", "B", "S", "Z", g_idx], ["Y"], domain="com.microsoft",
+                                K=256, N=8, bits=bits, block_size=block, accuracy_level=level)  # fmt: skip
+
+    nodes = [node(), node(bits=8), node(level=1), node(block=32), node(g_idx="g"),
+             helper.make_node("MatMul", ["A", "W"], ["Y"])]  # fmt: skip
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    assert kernels.rewrite(model) == 1
+    assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.microsoft", "com.microsoft",
+                                                     "com.microsoft", "com.microsoft", ""]  # fmt: skip
+    assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
+
+
+@needs_kernel
+def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch):
+    """A w4 bundle's decoder runs on q4gemm by default; INTERNVL_EDGE_KERNELS=0 and accuracy level 1
+    keep MatMulNBits (MLAS); both give logits within the int8 activation noise of each other."""
+    from internvl_edge.api import load
+
+    path = bundle("tiny_bf16", "w4bf16")
+    fast = load(path)
+    assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
+    ids = np.arange(3, 40, dtype=np.int64)[None]
+    cache = fast.backend.new_cache(1)
+    ours = fast.backend.forward(cache, fast.backend.embed(ids), [ids.shape[1]]).copy()
+
+    monkeypatch.setenv("INTERNVL_EDGE_KERNELS", "0")
+    kernels.library_path.cache_clear()
+    try:
+        mlas = load(path)
+        assert mlas.backend.q4_kernel == "onnxruntime"
+        cache = mlas.backend.new_cache(1)
+        theirs = mlas.backend.forward(cache, mlas.backend.embed(ids), [ids.shape[1]])
+    finally:
+        monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
+        kernels.library_path.cache_clear()
+    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    assert load(bundle("tiny_bf16", "w4bf16", accuracy_level=1)).backend.q4_kernel == "onnxruntime"
