@@ -42,7 +42,6 @@
  *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
  */
 #define Q4_DECODE_TILE8(p, r, n0) tile8_avx512vnni(p, r, n0)
-#define Q4_HAS_TILE8 1
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0)
 {
     const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
