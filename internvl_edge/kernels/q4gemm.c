@@ -21,15 +21,16 @@
  * (w & 0xF0 = 16 q), which saves a shift per load; the block sum divides that half by 16 exactly. */
 #define Q4_CONSTANTS const __m256i mf0 = _mm256_set1_epi8((char)0xF0);
 #define Q4_BLOCK_SUM(lo, hi) _mm256_add_epi32((lo), _mm256_srai_epi32((hi), 4))
+#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                          \
+    do {                                                                      \
+        acc_lo = Q4_DPBUSD(acc_lo, _mm256_and_si256(w, m0f), a_lo);           \
+        acc_hi = Q4_DPBUSD(acc_hi, _mm256_and_si256(w, mf0), a_hi);           \
+    } while (0)
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
 #define Q4_NAME(x) x##_avx512vnni
-#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                   \
-    do {                                                                               \
-        acc_lo = _mm256_dpbusd_epi32(acc_lo, _mm256_and_si256(w, m0f), a_lo);          \
-        acc_hi = _mm256_dpbusd_epi32(acc_hi, _mm256_and_si256(w, mf0), a_hi);          \
-    } while (0)
+#define Q4_DPBUSD _mm256_dpbusd_epi32
 
 /* Decode (one row) on 8 columns at a time, for blocks of a multiple of 128 weights: B is read 64
  * bytes (one block of 128) per load, and each block's 8 x 16 int32 partial sums are reduced across
@@ -174,19 +175,16 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #undef Q4_DECODE_TILE8
 #undef Q4_PREFILL_TILE16
 #undef Q4_NAME
-#undef Q4_DOT_CHUNK
+#undef Q4_DPBUSD
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avxvnni")
 #define Q4_NAME(x) x##_avxvnni
-#define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                   \
-    do {                                                                               \
-        acc_lo = _mm256_dpbusd_avx_epi32(acc_lo, _mm256_and_si256(w, m0f), a_lo);      \
-        acc_hi = _mm256_dpbusd_avx_epi32(acc_hi, _mm256_and_si256(w, mf0), a_hi);      \
-    } while (0)
+#define Q4_DPBUSD _mm256_dpbusd_avx_epi32 /* the same instruction in its VEX encoding */
 #include "q4gemm_body.h"
 #undef Q4_NAME
+#undef Q4_DPBUSD
 #undef Q4_DOT_CHUNK
 #undef Q4_CONSTANTS
 #undef Q4_BLOCK_SUM
