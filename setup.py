@@ -13,10 +13,12 @@ setup(
     ext_modules=[
         Extension(
             "internvl_edge.kernels._q4",
-            sources=["internvl_edge/kernels/ort_op.c", "internvl_edge/kernels/q4gemm.c"],
-            depends=["internvl_edge/kernels/q4gemm.h", "internvl_edge/kernels/q4gemm_body.h",
-                     "internvl_edge/kernels/ort_abi.h"],
-            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden"],
+            sources=[f"internvl_edge/kernels/{name}.c" for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm",
+                                                                    "attention")],
+            depends=[f"internvl_edge/kernels/{name}.h" for name in ("q4gemm", "q4gemm_body", "attention", "ort_abi",
+                                                                    "ort_glue")],
+            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi"],
+            libraries=["m"],  # expf in the fused SwiGLU
             optional=True,
         )
     ]

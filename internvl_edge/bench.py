@@ -3,7 +3,9 @@
 Every decoded token reads all decoder weights (plus the KV cache) once, so the best possible decode
 speed is read bandwidth / bytes per token: the roofline. The bandwidth is measured here, in the same
 run (sampled at the start, middle and end, the best kept), with as many threads as the model uses, so
-the ratio does not depend on remembered figures. Where decode falls short of it, the profile
+the ratio does not depend on remembered figures. On a shared machine whose bandwidth drifts by up to
+2x within minutes, that ratio mixes two machine states; so every decode run is also paired with a
+bandwidth read taken right after it, and the median of those per-run ratios is reported beside it. Where decode falls short of it, the profile
 (--profile) and benchmarks/matmulnbits.py tell whether the 4-bit kernel or our graph is the limit.
 Every figure is a median over repeated runs after a warm-up run.
 """
@@ -50,6 +52,8 @@ class BenchResult:
     bandwidth_samples_gbs: list = field(default_factory=list)
     roofline_tps: dict = field(default_factory=dict)
     roofline_fraction: dict = field(default_factory=dict)
+    decode_runs: dict = field(default_factory=dict)  # per context: [tokens/s, GB/s read right after] per run
+    roofline_fraction_paired: dict = field(default_factory=dict)  # median of the per-run ratios
     decode_profile_ms: dict = field(default_factory=dict)  # per token, by operator type (--profile)
     vision_profile_ms: dict = field(default_factory=dict)  # per tile, by operator type (--profile)
 
@@ -94,11 +98,11 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
-def sample_bandwidth(threads: int) -> float:
+def sample_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     """read_bandwidth in a child process, so that its 1 GiB array stays out of this one's peak RSS.
     The bench samples it at its start, middle and end: on a shared machine the figure drifts by up to
     2x within minutes (36-64 GB/s seen on 2 cores), and one sample would make the roofline ratio drift."""
-    code = f"from internvl_edge.bench import read_bandwidth; print(read_bandwidth({threads}))"
+    code = f"from internvl_edge.bench import read_bandwidth; print(read_bandwidth({threads}, {gib}, {repeats}))"
     return float(_child(code, "measuring the read bandwidth").split()[-1])
 
 
@@ -192,9 +196,10 @@ def time_prefill(model: Model, n: int, repeats: int) -> float:
     return n / _median(times)
 
 
-def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float | None]:
+def time_decode(model: Model, context: int, tokens: int, repeats: int, after_each=None) -> tuple[float, float | None]:
     """(tokens/s, milliseconds per token spent outside the decoder net) at a given context; the second
-    is measured on the ONNX Runtime backend only (None elsewhere)."""
+    is measured on the ONNX Runtime backend only (None elsewhere). `after_each(tokens_per_s)` is called
+    after every measured run, outside its timing."""
     backend = model.backend
     sess = backend.sessions["decoder"] if hasattr(backend, "sessions") else None
     inside = [0.0]
@@ -215,10 +220,12 @@ def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[
             t0 = time.perf_counter()
             _greedy_steps(backend, cache, token, tokens)
             elapsed = time.perf_counter() - t0
+            del cache
             if r:
                 rates.append(tokens / elapsed)
                 overheads.append((elapsed - inside[0]) / tokens * 1000)
-            del cache
+                if after_each is not None:
+                    after_each(rates[-1])
     finally:
         if sess is not None:
             del sess.run_with_iobinding
@@ -241,14 +248,10 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
     (ONNX Runtime's profiler on a second session of the net, swapped in for the call)."""
     import json
 
-    import onnxruntime as ort
-
     backend = model.backend
-    so = backend._options()
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}")
     original = backend.sessions[net]
-    backend.sessions[net] = ort.InferenceSession(model.manifest.net_path(net), so, providers=["CPUExecutionProvider"])
+    # the net as the backend builds it (our 4-bit kernel included), so the profile times what runs
+    backend.sessions[net] = backend._session(net, profile_prefix=os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}"))
     try:
         work()
         path = backend.sessions[net].end_profiling()
@@ -305,7 +308,8 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
                   "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
                   "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
                   "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"],
-                  "q4_kernel": getattr(model.backend, "q4_kernel", None)}  # fmt: skip
+                  "q4_kernel": getattr(model.backend, "q4_kernel", None),
+                  "attention_kernel": getattr(model.backend, "attention_kernel", None)}  # fmt: skip
     res.weight_bytes = model.manifest.weight_bytes
     seq = model.seq_length
 
@@ -327,7 +331,10 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
         if i == 1:
             res.bandwidth_samples_gbs.append(sample_bandwidth(threads_used))
         progress.step(f"decode at context {ctx}")
-        tps, overhead = time_decode(model, ctx, decode_tokens, repeats)
+        runs = res.decode_runs.setdefault(str(ctx), [])
+        # half a GiB, best of 3 (~1 s with the child's start): close enough in time to see the same machine
+        paired = (lambda tps: runs.append([tps, sample_bandwidth(threads_used, 0.5, 3)])) if onnxruntime_backend else None
+        tps, overhead = time_decode(model, ctx, decode_tokens, repeats, after_each=paired)
         res.decode_tps[str(ctx)], res.decode_overhead_ms[str(ctx)] = tps, overhead
         progress.done(f"{tps:.2f} tokens/s")
     progress.step("first-token latency")
@@ -358,6 +365,8 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
         res.bytes_per_token[ctx] = per_token
         res.roofline_tps[ctx] = res.bandwidth_gbs * 1e9 / per_token
         res.roofline_fraction[ctx] = tps / res.roofline_tps[ctx]
+        if res.decode_runs.get(ctx):
+            res.roofline_fraction_paired[ctx] = _median([t / (g * 1e9 / per_token) for t, g in res.decode_runs[ctx]])
     return res
 
 
@@ -368,7 +377,7 @@ def format_result(r: BenchResult) -> str:
         f"bundle: {r.bundle['path']} ({r.bundle['quantize']}, {'dynamic' if r.bundle['dynamic'] else 'static'}, "
         f"max_input_length {r.bundle['max_input_length']}, lm_head bits {r.bundle['lm_head_bits']}, "
         f"vision bits {r.bundle['vision_bits']})",
-        f"4-bit linears: {r.bundle.get('q4_kernel') or '-'}",
+        f"4-bit linears: {r.bundle.get('q4_kernel') or '-'}; attention: {r.bundle.get('attention_kernel') or '-'}",
         f"load (second): {r.load_s:.2f} s",
         f"vision: {r.vision_s_per_tile:.3f} s per tile",
     ]
@@ -376,7 +385,9 @@ def format_result(r: BenchResult) -> str:
     for ctx, tps in r.decode_tps.items():
         line = f"decode at {ctx}: {tps:.2f} tokens/s"
         if ctx in r.roofline_tps:
-            line += (f", roofline {r.roofline_tps[ctx]:.1f} ({100 * r.roofline_fraction[ctx]:.0f}%), "
+            paired = r.roofline_fraction_paired.get(ctx)
+            line += (f", roofline {r.roofline_tps[ctx]:.1f} ({100 * r.roofline_fraction[ctx]:.0f}%"
+                     + (f"; {100 * paired:.0f}% run by run" if paired else "") + "), "
                      f"{r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
                      f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net")  # fmt: skip
         lines.append(line)

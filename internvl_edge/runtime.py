@@ -115,6 +115,7 @@ class OrtBackend:
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
         self.q4_kernel = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
+        self.attention_kernel = "onnxruntime"  # and its attention
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
         # nothing else is resident (it sets the process's peak memory)
         by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
@@ -123,8 +124,11 @@ class OrtBackend:
             self.sessions[name] = self._session(name)
             self.load_seconds[name] = time.perf_counter() - t0
 
-    def _options(self, optimize: bool = True):
+    def _options(self, optimize: bool = True, profile_prefix: str | None = None):
         so = self.ort.SessionOptions()
+        if profile_prefix:  # bench --profile: ORT's per-node timings, written at end_profiling()
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
@@ -140,35 +144,40 @@ class OrtBackend:
         return so
 
     def _kernel_graph(self, name: str, path: str) -> bytes | None:
-        """The decoder's graph with its 4-bit linears moved to our kernel (kernels/), serialised, when
-        the kernel is installed and runs on this CPU; else None (the graph as it is, MLAS)."""
+        """The decoder's graph with its 4-bit linears and attention moved to our kernels (kernels/),
+        serialised, when they are installed and run on this CPU; else None (the graph as it is)."""
         if name != "decoder" or kernels.library_path() is None:
             return None
         import onnx
 
         model = onnx.load(path, load_external_data=False)  # the graph only: a few hundred KB
-        if kernels.rewrite(model, self.threads) == 0:
+        moved = kernels.rewrite(model, self.threads)
+        if not any(moved.values()):
             return None
-        self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
+        if moved[kernels.OP]:
+            self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
+        if moved[kernels.ATTENTION_OP]:
+            self.attention_kernel = "internvl-edge"
         return model.SerializeToString()
 
-    def _session(self, name: str):
+    def _session(self, name: str, profile_prefix: str | None = None):
         """A session for one net: from the per-machine cache of optimised, pre-packed graphs when it
         holds this net (memory-mapped, nothing to prepare), else built and added to it. The decoder
-        runs its 4-bit linears on our kernel when it can (no pre-packing there, so no cache)."""
+        runs its 4-bit linears on our kernel when it can (no pre-packing there, so no cache). With
+        `profile_prefix` (bench --profile): the same graph and kernels, profiled, never cached."""
         path = self.manifest.net_path(name)
         net = self.manifest.nets[name]
         files = [net["file"]] + ([net["data"]] if net.get("data") else [])
         try:
             graph = self._kernel_graph(name, path)
             if graph is not None:
-                so = self._options()
+                so = self._options(profile_prefix=profile_prefix)
                 so.register_custom_ops_library(kernels.library_path())
                 # the graph comes as bytes: its external weights are found next to the bundle's file
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                             os.path.dirname(path))  # fmt: skip
                 return self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
-            if ort_cache.enabled() and net.get("data"):
+            if ort_cache.enabled() and net.get("data") and not profile_prefix:
                 key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
                 cached = ort_cache.cached_graph(key)
                 if cached:
@@ -178,7 +187,8 @@ class OrtBackend:
                     return ort_cache.build(self.ort, path, key, self._options)
                 except OSError:  # an unwritable cache folder only costs preparing the net at every load
                     pass
-            return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
+            return self.ort.InferenceSession(path, sess_options=self._options(profile_prefix=profile_prefix),
+                                             providers=["CPUExecutionProvider"])  # fmt: skip
         except Exception as e:  # ORT raises its own exception types; all mean the net cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
@@ -273,7 +283,8 @@ class OrtBackend:
         import onnxruntime
 
         return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
-                "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel}  # fmt: skip
+                "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel,
+                "attention_kernel": self.attention_kernel}  # fmt: skip
 
 
 def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None) -> OrtBackend:

@@ -21,7 +21,12 @@ def test_bench_reports_every_figure(bundle):
     assert set(r["decode_tps"]) == {"300"} and r["decode_overhead_ms"]["300"] >= 0
     assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens"}
     assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
+    runs = r["decode_runs"]["300"]  # --repeats 1: one run, paired with the bandwidth read after it
+    assert len(runs) == 1 and runs[0][0] > 0 and runs[0][1] > 1
+    assert r["roofline_fraction_paired"]["300"] > 0
+    assert r["bundle"]["attention_kernel"] in ("internvl-edge", "onnxruntime")
     assert r["peak_rss_bytes"] > r["weight_bytes"] > 0
+    # the profile times the decoder as it runs (our kernels included: their ops keep their names)
     assert "MatMulNBits" in r["decode_profile_ms"] and "GroupQueryAttention" in r["decode_profile_ms"]
     assert "MatMul" in r["vision_profile_ms"] and "LayerNormalization" in r["vision_profile_ms"]  # float vision
     out = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick", "--repeats", "1",

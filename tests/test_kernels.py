@@ -1,4 +1,5 @@
 """Our 4-bit matmul (internvl_edge/kernels) against ONNX Runtime's own MatMulNBits and numpy.
+(Our attention kernel: tests/test_attention_kernel.py.)
 
 The kernel quantises activations to int8 per block as MatMulNBits' accuracy_level 4 does, so on the
 same inputs the two independent implementations agree to float rounding (different summation
@@ -104,7 +105,7 @@ def test_rewrite_takes_only_what_the_kernel_computes():
     nodes = [node(), node(bits=8), node(level=1), node(block=32), node(g_idx="g"),
              helper.make_node("MatMul", ["A", "W"], ["Y"])]  # fmt: skip
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
-    assert kernels.rewrite(model) == 1
+    assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.microsoft", "com.microsoft",
                                                      "com.microsoft", "com.microsoft", ""]  # fmt: skip
     assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
@@ -135,3 +136,60 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch):
         kernels.library_path.cache_clear()
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
     assert load(bundle("tiny_bf16", "w4bf16", accuracy_level=1)).backend.q4_kernel == "onnxruntime"
+
+
+def _swiglu_graph(w, fused: bool):
+    """gate/up linear then silu(gate) * up: as nets/decoder.py writes it, or fused into our node."""
+    half = w.N // 2
+    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
+             numpy_helper.from_array(w.zero_points.reshape(-1), "Z"), numpy_helper.from_array(np.array([half, half]), "halves")]  # fmt: skip
+    mm = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["GU"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
+                          block_size=w.block_size, accuracy_level=4)  # fmt: skip
+    nodes = [mm, helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
+             helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+             helper.make_node("Mul", ["silu", "up"], ["Y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    if fused:
+        assert kernels.fuse_swiglu(model) == 1
+        assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernels.library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 40, 300])
+def test_fused_swiglu_matches_the_unfused_graph(rows):
+    """The fused node computes the same columns with the same kernel, so it matches the graph of
+    separate nodes to float rounding (expf against ONNX Runtime's Sigmoid)."""
+    rng = np.random.default_rng(rows)
+    w = quantize(rng.standard_normal((2 * 176, 256)).astype(np.float32) * 0.1, 4, 128)
+    a = rng.standard_normal((1, rows, 256)).astype(np.float32)
+    ours = _swiglu_graph(w, fused=True).run(None, {"A": a})[0]
+    theirs = _swiglu_graph(w, fused=False).run(None, {"A": a})[0]
+    assert ours.shape == theirs.shape == (1, rows, 176)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=1e-5)
+
+
+def test_swiglu_is_fused_only_where_the_pattern_is_whole():
+    w = quantize(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32), 4, 128)
+
+    def model(extra_use: bool = False, sizes=(32, 32)):
+        nodes = [helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["GU"], domain=kernels.DOMAIN, K=128, N=64,
+                                  bits=4, block_size=128),  # fmt: skip
+                 helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
+                 helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["sig", "gate"], ["silu"]),
+                 helper.make_node("Mul", ["up", "silu"], ["Y"])]  # fmt: skip
+        outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+        if extra_use:  # the gate half is needed elsewhere: it must stay
+            outputs.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, None))
+        inits = [numpy_helper.from_array(np.array(sizes), "halves"), numpy_helper.from_array(w.packed, "B")]
+        return helper.make_model(helper.make_graph(nodes, "g", [], outputs, inits))
+
+    fused = model()
+    assert kernels.fuse_swiglu(fused) == 1 and [n.op_type for n in fused.graph.node] == ["MatMulNBits"]
+    assert fused.graph.node[0].output[0] == "Y"
+    assert kernels.fuse_swiglu(model(extra_use=True)) == 0
+    assert kernels.fuse_swiglu(model(sizes=(40, 24))) == 0

@@ -1,4 +1,4 @@
-"""Our own 4-bit matmul for ONNX Runtime's CPU provider, used for the decoder's 4-bit linears.
+"""Our own kernels for ONNX Runtime's CPU provider: the decoder's 4-bit linears and its attention.
 
 Why a kernel of our own (the architecture says "ORT contrib ops where they are the fast path"):
 ONNX Runtime 1.32's MatMulNBits re-packs every 4-bit weight when a session is created (most of a
@@ -8,12 +8,21 @@ Runtime's"). `q4gemm.c` computes the same thing (int8 activations per block, the
 stored, results equal to MLAS's within float rounding): scales and zero points laid out once at
 load, 64-byte weight loads prefetched ahead for decode, a column-major int8 GEMM for prefill.
 
-It is a custom-op library (`ort_op.c`, plain C against ONNX Runtime's C ABI) built by `pip install`
-as `_q4*.so`. The bundle keeps standard `com.microsoft.MatMulNBits` nodes; at load the decoder's
-4-bit nodes with int8 activations (accuracy_level 4) are moved to the `ai.internvl_edge` domain in
-memory when the library is here and the CPU can run it (x86-64 with AVX2+FMA; VNNI when present).
-Elsewhere (another CPU, no compiler at install, INTERNVL_EDGE_KERNELS=0) nothing changes: the same
-bundle runs on MLAS.
+Attention (`attention.c`): ONNX Runtime's CPU GroupQueryAttention reads a KV head's cache once per
+query head, and its per-head dispatch costs more than the reading at decode. Ours reads each KV head
+once for the query heads that share it, with a running softmax; on InternVL3-2B shapes the decoder's
+28 attention nodes take 2.8 ms of a 26.6 ms token on ORT's at context 300 (BENCHMARKS.md, "Our
+attention against ONNX Runtime's"). Prefill chunks of 8 rows and more take a tiled path (keys turned
+around once per call, 4 queries x 64 keys of multiply-add chains).
+
+It is a custom-op library (`ort_op.c`, `ort_attention.c`: plain C against ONNX Runtime's C ABI)
+built by `pip install` as `_q4*.so`. The bundle keeps standard `com.microsoft` nodes; at load the
+decoder's 4-bit MatMulNBits with int8 activations (accuracy_level 4) and its GroupQueryAttention
+nodes of the form nets/decoder.py writes are moved to the `ai.internvl_edge` domain in memory when
+the library is here and the CPU can run it (x86-64 with AVX2+FMA; VNNI when present). Elsewhere
+(another CPU, no compiler at install, INTERNVL_EDGE_KERNELS=0) nothing changes: the same bundle runs
+on ONNX Runtime's kernels. INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
+(to compare them one at a time).
 """
 
 from __future__ import annotations
@@ -26,13 +35,22 @@ from functools import cache
 DOMAIN = "ai.internvl_edge"
 SOURCE_DOMAIN = "com.microsoft"
 OP = "MatMulNBits"
+ATTENTION_OP = "GroupQueryAttention"
 CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
+LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
+
+
+def enabled(kind: str) -> bool:
+    """Whether our kernel of this kind ("matmul", "attention") may replace ONNX Runtime's, by
+    INTERNVL_EDGE_KERNELS: 1 (default) both, 0 neither, or the one kind to keep."""
+    setting = os.environ.get("INTERNVL_EDGE_KERNELS", "1")
+    return setting == "1" or setting == kind
 
 
 @cache
 def library_path() -> str | None:
     """The compiled library when it is installed, loadable and the CPU can run it; else None."""
-    if os.environ.get("INTERNVL_EDGE_KERNELS", "1") == "0":
+    if not (enabled("matmul") or enabled("attention")):
         return None
     here = os.path.dirname(os.path.abspath(__file__))
     for path in sorted(glob.glob(os.path.join(here, "_q4*.so")) + glob.glob(os.path.join(here, "_q4*.pyd"))):
@@ -74,19 +92,119 @@ def takes(node) -> bool:
             and not has_g_idx)  # fmt: skip
 
 
-def rewrite(model, threads: int | None = None) -> int:
-    """Move the nodes q4gemm takes to our domain (in place, graph only). Returns how many moved.
-    `threads`: the session's intra-op threads; each node then splits its work into 2 contiguous
-    ranges per thread (attribute `batches`; the op's default is 8)."""
+def _shape(model, name: str) -> list[int | None] | None:
+    for value in list(model.graph.input) + list(model.graph.value_info):
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return None
+
+
+def takes_attention(node, model) -> bool:
+    """Whether attention.c computes this node: a com.microsoft GroupQueryAttention as nets/decoder.py
+    writes it (packed QKV, rotate-half rotary from cos/sin caches, query_seqlens, nothing else: no
+    softcap, window, custom scale, position ids or bias) on float caches whose head size it takes."""
+    if node.op_type != ATTENTION_OP or node.domain != SOURCE_DOMAIN:
+        return False
+    a = _attrs(node)
+    ins = list(node.input)
+    if len(ins) != 17 or ins[1] or ins[2] or any(ins[9:16]) or not all(ins[i] for i in (0, 3, 4, 5, 6, 7, 8, 16)):
+        return False
+    plain = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"}
+    if set(a) - plain or a.get("do_rotary") != 1 or a.get("rotary_interleaved", 0) != 0:
+        return False
+    heads, kv_heads = a.get("num_heads", 0), a.get("kv_num_heads", 0)
+    shape = _shape(model, ins[3])  # past_key [batch, kv_heads, capacity, head_dim]
+    if not shape or len(shape) != 4 or not shape[3] or shape[1] != kv_heads:
+        return False
+    return (kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= 16 and shape[3] % LANES == 0
+            and shape[3] <= 256)  # fmt: skip
+
+
+def _constant(model, name: str):
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name and not t.data_location:  # an inline initializer (small constants are)
+            return numpy_helper.to_array(t)
+    return None
+
+
+def fuse_swiglu(model) -> int:
+    """Fold silu(gate) * up into the gate/up linear that feeds it (our MatMulNBits, attribute swiglu=1):
+    the pattern nets/decoder.py writes, MatMulNBits -> Split in two equal halves -> Sigmoid(gate),
+    Mul(gate, sigmoid) -> Mul(silu, up), each intermediate used by that pattern only. The four
+    elementwise nodes cost 0.5-0.9 ms per decoded token on InternVL3-2B shapes (BENCHMARKS.md) and
+    a round trip of the [rows, 2 x intermediate] result through memory in prefill. Returns how many."""
     from onnx import helper
 
-    moved = 0
+    nodes = model.graph.node
+    users: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def only_user(name: str, op_type: str):
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type and name not in graph_outputs else None
+
+    fused, dropped = 0, []
+    for mm in nodes:
+        if mm.domain != DOMAIN or mm.op_type != OP or any(a.name == "swiglu" for a in mm.attribute):
+            continue
+        split = only_user(mm.output[0], "Split")
+        if split is None or len(split.output) != 2 or len(split.input) != 2 or _attrs(split).get("axis", 0) != -1:
+            continue
+        sizes = _constant(model, split.input[1])
+        n = _attrs(mm).get("N", 0)
+        if sizes is None or list(sizes) != [n // 2, n // 2] or n % 16:
+            continue
+        gate, up = split.output
+        gate_users = users.get(gate, [])
+        sigmoid = next((u for u in gate_users if u.op_type == "Sigmoid"), None)
+        silu = next((u for u in gate_users if u.op_type == "Mul"), None)
+        if (len(gate_users) != 2 or gate in graph_outputs or sigmoid is None or silu is None
+                or sorted(silu.input) != sorted([gate, sigmoid.output[0]])):  # fmt: skip
+            continue
+        if only_user(sigmoid.output[0], "Mul") is not silu:
+            continue
+        product = only_user(silu.output[0], "Mul")
+        if product is None or sorted(product.input) != sorted([silu.output[0], up]) or only_user(up, "Mul") is not product:
+            continue
+        mm.output[0] = product.output[0]
+        mm.attribute.append(helper.make_attribute("swiglu", 1))
+        dropped += [split, sigmoid, silu, product]
+        fused += 1
+    for n in dropped:
+        nodes.remove(n)
+    return fused
+
+
+def rewrite(model, threads: int | None = None) -> dict[str, int]:
+    """Move the nodes our kernels take to our domain (in place, graph only), then fuse SwiGLU into
+    the moved gate/up linears. Returns how many moved, by op type, and how many were fused. `threads`: the session's intra-op threads; each MatMulNBits node then splits its work
+    into 2 contiguous ranges per thread (attribute `batches`; the op's default is 8)."""
+    from onnx import helper
+
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0}
     for node in model.graph.node:
-        if takes(node):
+        if enabled("matmul") and takes(node):
             node.domain = DOMAIN
             if threads:
                 node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))
-            moved += 1
-    if moved and not any(o.domain == DOMAIN for o in model.opset_import):
+            moved[OP] += 1
+        elif enabled("attention") and takes_attention(node, model):
+            # ours takes the used inputs only: qkv, past k/v, seqlens_k, total length, cos, sin, query_seqlens
+            kept = [node.input[i] for i in (0, 3, 4, 5, 6, 7, 8, 16)]
+            del node.input[:]
+            node.input.extend(kept)
+            for name in ("do_rotary", "rotary_interleaved"):
+                for attr in [x for x in node.attribute if x.name == name]:
+                    node.attribute.remove(attr)
+            node.domain = DOMAIN
+            moved[ATTENTION_OP] += 1
+    moved["swiglu"] = fuse_swiglu(model)
+    if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return moved

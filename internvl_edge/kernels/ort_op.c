@@ -4,8 +4,11 @@
  *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block/2], scales float [N * ceil(K/block)],
  *            zero_points uint8 [N * ceil(K/block/2)] (optional), g_idx (optional, must be absent),
  *            bias float [N] (optional)
- *   attrs:   K, N, bits (must be 4), block_size; accuracy_level is accepted and ignored
- *   output:  Y float [..., N]
+ *   attrs:   K, N, bits (must be 4), block_size; accuracy_level is accepted and ignored;
+ *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0)
+ *   output:  Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
+ *            gate/up pair of a SwiGLU MLP computed by one fused linear (kernels/__init__.py fuses
+ *            the Split -> Sigmoid -> Mul -> Mul that follow it into the node)
  *
  * Load with SessionOptions.register_custom_ops_library(path); ORT calls RegisterCustomOps. Only the
  * C ABI is used (ort_abi.h), no ORT headers or libraries are needed to build this.
@@ -13,81 +16,25 @@
  * When scales (and zero_points, if given) are constant initializers, the kernel's table of them
  * (q4_blocks_fill) is built once at session creation; otherwise Compute passes them as they come.
  */
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "ort_abi.h"
+#include "ort_glue.h"
 #include "q4gemm.h"
 
 #define IE_EXPORT __attribute__((visibility("default")))
-#define IE_DOMAIN "ai.internvl_edge"
 #define IE_OP "MatMulNBits"
-#define IE_MAX_RANK 16
+
+const ortabi_custom_op *ie_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
 
 enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_COUNT };
-
-static const OrtApi *g_api; /* set once by RegisterCustomOps, before any kernel exists */
 
 typedef struct {
     int64_t k, n, block;
     int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
+    int64_t swiglu;  /* attribute `swiglu`: output silu(Y[..., :N/2]) * Y[..., N/2:] */
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
 } kernel_t;
-
-typedef struct {
-    ortabi_elem_type type;
-    size_t rank;
-    int64_t dims[IE_MAX_RANK];
-    int64_t count;
-} tensor_desc;
-
-static OrtStatus *error(ortabi_error_code code, const char *fmt, ...) {
-    char msg[320];
-    int head = snprintf(msg, sizeof msg, "%s %s: ", IE_DOMAIN, IE_OP);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg + head, sizeof msg - (size_t)head, fmt, ap);
-    va_end(ap);
-    return ORTABI(g_api, CreateStatus)(code, msg);
-}
-
-#define TRY(expr)                   \
-    do {                            \
-        OrtStatus *try_s_ = (expr); \
-        if (try_s_) return try_s_;  \
-    } while (0)
-
-static OrtStatus *describe(const OrtValue *v, const char *name, tensor_desc *d) {
-    OrtTensorTypeAndShapeInfo *info = NULL;
-    TRY(ORTABI(g_api, GetTensorTypeAndShape)(v, &info));
-    OrtStatus *s = ORTABI(g_api, GetTensorElementType)(info, &d->type);
-    if (!s) s = ORTABI(g_api, GetDimensionsCount)(info, &d->rank);
-    if (!s && d->rank > IE_MAX_RANK) s = error(ORTABI_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported",
-                                               name, d->rank, IE_MAX_RANK);
-    if (!s) s = ORTABI(g_api, GetDimensions)(info, d->dims, d->rank);
-    ORTABI(g_api, ReleaseTensorTypeAndShapeInfo)(info);
-    if (s) return s;
-    d->count = 1;
-    for (size_t i = 0; i < d->rank; i++) d->count *= d->dims[i];
-    return NULL;
-}
-
-static OrtStatus *expect(const tensor_desc *d, const char *name, ortabi_elem_type type, const char *type_name,
-                         int64_t count) {
-    if (d->type != type) return error(ORTABI_INVALID_ARGUMENT, "%s must be %s (element type %d given)", name, type_name,
-                                      (int)d->type);
-    if (d->count != count) return error(ORTABI_INVALID_ARGUMENT, "%s has %lld elements, expected %lld", name,
-                                        (long long)d->count, (long long)count);
-    return NULL;
-}
-
-static void *data_of(const OrtValue *v, OrtStatus **s) {
-    void *p = NULL;
-    *s = ORTABI(g_api, GetTensorMutableData)((OrtValue *)v, &p);
-    return p;
-}
 
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
@@ -104,38 +51,38 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     for (size_t i = 0; i < IN_COUNT && i < count; i++) TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, &in[i]));
     static const char *const required[] = {"A", "B", "scales"};
     for (int i = IN_A; i <= IN_SCALES; i++)
-        if (!in[i]) return error(ORTABI_INVALID_ARGUMENT, "required input %s is missing", required[i]);
-    if (in[IN_G_IDX]) return error(ORTABI_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
+        if (!in[i]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "required input %s is missing", required[i]);
+    if (in[IN_G_IDX]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
 
     tensor_desc a, d;
-    TRY(describe(in[IN_A], "A", &a));
-    if (a.type != ORTABI_TYPE_FLOAT) return error(ORTABI_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
+    TRY(ie_describe(IE_OP, in[IN_A], "A", &a));
+    if (a.type != ORTABI_TYPE_FLOAT) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
                                                   (int)a.type);
-    if (a.rank < 1) return error(ORTABI_INVALID_ARGUMENT, "A must have at least one dimension");
+    if (a.rank < 1) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A must have at least one dimension");
     if (a.dims[a.rank - 1] != k)
-        return error(ORTABI_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
                      (long long)a.dims[a.rank - 1], (long long)k);
 
-    TRY(describe(in[IN_B], "B", &d));
-    if (d.type != ORTABI_TYPE_UINT8) return error(ORTABI_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
+    TRY(ie_describe(IE_OP, in[IN_B], "B", &d));
+    if (d.type != ORTABI_TYPE_UINT8) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
                                                   (int)d.type);
     if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block / 2)
-        return error(ORTABI_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
                      (long long)n, (long long)blocks, (long long)(block / 2), d.rank, (long long)d.count);
-    TRY(describe(in[IN_SCALES], "scales", &d));
-    TRY(expect(&d, "scales", ORTABI_TYPE_FLOAT, "float32", n * blocks));
+    TRY(ie_describe(IE_OP, in[IN_SCALES], "scales", &d));
+    TRY(ie_expect(IE_OP, &d, "scales", ORTABI_TYPE_FLOAT, "float32", n * blocks));
     if (in[IN_ZERO_POINTS]) {
-        TRY(describe(in[IN_ZERO_POINTS], "zero_points", &d));
-        TRY(expect(&d, "zero_points", ORTABI_TYPE_UINT8, "uint8", n * ((blocks + 1) / 2)));
+        TRY(ie_describe(IE_OP, in[IN_ZERO_POINTS], "zero_points", &d));
+        TRY(ie_expect(IE_OP, &d, "zero_points", ORTABI_TYPE_UINT8, "uint8", n * ((blocks + 1) / 2)));
     }
     if (in[IN_BIAS]) {
-        TRY(describe(in[IN_BIAS], "bias", &d));
-        TRY(expect(&d, "bias", ORTABI_TYPE_FLOAT, "float32", n));
+        TRY(ie_describe(IE_OP, in[IN_BIAS], "bias", &d));
+        TRY(ie_expect(IE_OP, &d, "bias", ORTABI_TYPE_FLOAT, "float32", n));
     }
 
     int64_t out_dims[IE_MAX_RANK];
     memcpy(out_dims, a.dims, a.rank * sizeof out_dims[0]);
-    out_dims[a.rank - 1] = n;
+    out_dims[a.rank - 1] = kn->swiglu ? n / 2 : n;
     const int64_t m = a.count / k;
     OrtValue *y = NULL;
     TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
@@ -144,13 +91,20 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     OrtStatus *s = NULL;
     q4_problem p;
     memset(&p, 0, sizeof p);
-    p.a = (const float *)data_of(in[IN_A], &s);
-    if (!s) p.b = (const uint8_t *)data_of(in[IN_B], &s);
-    if (!s) p.scales = (const float *)data_of(in[IN_SCALES], &s);
-    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)data_of(in[IN_ZERO_POINTS], &s);
-    if (!s && in[IN_BIAS]) p.bias = (const float *)data_of(in[IN_BIAS], &s);
-    if (!s) p.y = (float *)data_of(y, &s);
+    p.a = (const float *)ie_data_of(in[IN_A], &s);
+    if (!s) p.b = (const uint8_t *)ie_data_of(in[IN_B], &s);
+    if (!s) p.scales = (const float *)ie_data_of(in[IN_SCALES], &s);
+    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ie_data_of(in[IN_ZERO_POINTS], &s);
+    if (!s && in[IN_BIAS]) p.bias = (const float *)ie_data_of(in[IN_BIAS], &s);
+    if (!s) p.y = (float *)ie_data_of(y, &s);
     if (s) return s;
+    float *pair = NULL; /* swiglu: the gate/up result, never seen outside this call */
+    if (kn->swiglu) {
+        pair = (float *)malloc((size_t)(m * n) * sizeof(float));
+        if (!pair) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
+        p.swiglu = p.y;
+        p.y = pair;
+    }
     p.m = m;
     p.n = n;
     p.k = k;
@@ -158,13 +112,19 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
 
     q4_plan_t plan;
-    if (q4_plan(&p, &plan) != 0)
-        return error(ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld with block_size=%lld "
-                     "(block_size must be a multiple of 64, at most 1024)", (long long)k, (long long)block);
+    if (q4_plan(&p, &plan) != 0) {
+        free(pair);
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
+                        "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
+                        (long long)k, (long long)n, (long long)block);
+    }
     void *scratch = NULL;
     if (plan.scratch_bytes) {
         scratch = aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
-        if (!scratch) return error(ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+        if (!scratch) {
+            free(pair);
+            return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+        }
     }
     p.scratch = scratch;
 
@@ -179,46 +139,8 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
                                                                                                  : (int64_t)plan.tasks),
                                                      &p);
     free(scratch);
+    free(pair);
     return s;
-}
-
-static OrtStatus *get_int(const OrtKernelInfo *info, const char *name, int64_t *out) {
-    OrtStatus *s = ORTABI(g_api, KernelInfoGetAttribute_int64)(info, name, out);
-    if (!s) return NULL;
-    ORTABI(g_api, ReleaseStatus)(s);
-    return error(ORTABI_INVALID_ARGUMENT, "required int64 attribute '%s' is missing", name);
-}
-
-/* A status we do not pass on: 1 when there was one (released), else 0. */
-static int dropped(OrtStatus *s) {
-    if (!s) return 0;
-    ORTABI(g_api, ReleaseStatus)(s);
-    return 1;
-}
-
-/* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
- * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
- * initializer a feed may override), 1 a constant, with its data when it has the type and element
- * count Compute will ask for (else *data stays NULL: Compute reports the mismatch). Any error from
- * ORT reads as 0. */
-static int constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
-                          int64_t elements, void **data) {
-    *data = NULL;
-    if (index >= count) return -1;
-    size_t name_size = 0;
-    if (dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return 0;
-    if (name_size <= 1) return -1; /* "" */
-    int is_constant = 0;
-    const OrtValue *v = NULL;
-    if (dropped(ORTABI(g_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||
-        !v)
-        return 0;
-    tensor_desc d;
-    OrtStatus *s = NULL;
-    if (dropped(describe(v, "constant input", &d)) || d.type != type || d.count != elements) return 1;
-    void *p = data_of(v, &s);
-    if (!dropped(s)) *data = p;
-    return 1;
 }
 
 /* The kernel's table of scales and zero points, when they are constants and the kernel takes one
@@ -229,16 +151,16 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     const size_t bytes = q4_blocks_bytes(n, k, block);
     if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
     size_t count = 0;
-    if (dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
+    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     const int64_t blocks = (k + block - 1) / block;
     void *scales = NULL, *zero_points = NULL;
-    if (constant_input(info, count, IN_SCALES, ORTABI_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
-    const int zp = constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, n * ((blocks + 1) / 2),
+    if (ie_constant_input(info, count, IN_SCALES, ORTABI_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
+    const int zp = ie_constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, n * ((blocks + 1) / 2),
                                   &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
     void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!t) return error(ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
+    if (!t) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
     q4_problem p;
     memset(&p, 0, sizeof p);
     p.n = n;
@@ -257,31 +179,27 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     (void)api; /* the same table as g_api, which was asked for the API version that has every slot we use */
     *out = NULL;
     int64_t k, n, bits, block;
-    TRY(get_int(info, "K", &k));
-    TRY(get_int(info, "N", &n));
-    TRY(get_int(info, "bits", &bits));
-    TRY(get_int(info, "block_size", &block));
-    if (bits != 4) return error(ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4", (long long)bits);
+    TRY(ie_get_int(IE_OP, info, "K", &k));
+    TRY(ie_get_int(IE_OP, info, "N", &n));
+    TRY(ie_get_int(IE_OP, info, "bits", &bits));
+    TRY(ie_get_int(IE_OP, info, "block_size", &block));
+    if (bits != 4) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4", (long long)bits);
     if (k <= 0 || n <= 0 || block <= 0)
-        return error(ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
                      (long long)n, (long long)block);
     void *table = NULL;
     TRY(make_table(info, k, n, block, &table));
     kernel_t *kn = (kernel_t *)malloc(sizeof *kn);
     if (!kn) {
         free(table);
-        return error(ORTABI_FAIL, "out of memory");
+        return ie_error(IE_OP, ORTABI_FAIL, "out of memory");
     }
     kn->k = k;
     kn->n = n;
     kn->block = block;
-    kn->batches = 8;
-    OrtStatus *no_attr = ORTABI(g_api, KernelInfoGetAttribute_int64)(info, "batches", &kn->batches);
-    if (no_attr) { /* optional: absent means 8 */
-        ORTABI(g_api, ReleaseStatus)(no_attr);
-        kn->batches = 8;
-    }
+    kn->batches = ie_get_int_or(info, "batches", 8);
     if (kn->batches < 1) kn->batches = 1;
+    kn->swiglu = ie_get_int_or(info, "swiglu", 0) != 0;
     kn->table = table;
     *out = kn;
     return NULL;
@@ -369,11 +287,13 @@ IE_EXPORT OrtStatus *ORTABI_CALL RegisterCustomOps(OrtSessionOptions *options, c
     }
     g_api = api;
     if (q4_supported() != 0)
-        return error(ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2 and FMA); "
+        return ie_error(IE_OP, ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2 and FMA); "
                      "use com.microsoft MatMulNBits instead");
     OrtCustomOpDomain *domain = NULL;
     TRY(ORTABI(api, CreateCustomOpDomain)(IE_DOMAIN, &domain));
     OrtStatus *s = ORTABI(api, CustomOpDomain_Add)(domain, &g_op.op);
+    const ortabi_custom_op *attention = ie_attention_op();
+    if (!s && attention) s = ORTABI(api, CustomOpDomain_Add)(domain, attention);
     if (!s) s = ORTABI(api, AddCustomOpDomain)(options, domain);
     if (s) ORTABI(api, ReleaseCustomOpDomain)(domain);
     return s;

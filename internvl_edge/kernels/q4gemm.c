@@ -8,6 +8,10 @@
 #define Q4_CHUNK 64       /* weights per 32-byte load of B */
 #define Q4_TILE_COLS 32   /* columns of one task: a few KB of B, parallel work for every linear */
 #define Q4_TILE_ROWS 256  /* rows of one task: long prefills split across threads by rows too */
+#ifndef Q4_SWIGLU_COLS
+#define Q4_SWIGLU_COLS 128 /* gate (and as many up) columns of one fused SwiGLU task: each task jumps
+                              from the gate half to the up half once, where prefetching restarts */
+#endif
 #define Q4_GROUP_ENTRY 40 /* q4_blocks_fill: per 8 columns and block, 8 float scales + 8 zero points */
 #define Q4_MAX_BLOCK 1024 /* largest block size taken (a stack buffer pads a partial last block) */
 #ifndef Q4_PREFETCH
@@ -16,6 +20,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+typedef float q4_v8f __attribute__((vector_size(32))); /* GCC vector extensions: the SwiGLU epilogue */
+typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
  * (w & 0xF0 = 16 q), which saves a shift per load; the block sum divides that half by 16 exactly. */
@@ -299,6 +306,9 @@ int q4_plan(const q4_problem *p, q4_plan_t *plan)
         return -1;
     const int64_t nblk = (p->k + p->block - 1) / p->block;
     plan->scratch_bytes = (size_t)(p->m * nblk * p->block + 2 * p->m * nblk * (int64_t)sizeof(float));
-    plan->tasks = (size_t)(((p->n + Q4_TILE_COLS - 1) / Q4_TILE_COLS) * ((p->m + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS));
+    if (p->swiglu && p->n % 16) /* the up half must start on a group of 8 columns */
+        return -1;
+    const int64_t width = p->swiglu ? p->n / 2 : p->n, cols = p->swiglu ? Q4_SWIGLU_COLS : Q4_TILE_COLS;
+    plan->tasks = (size_t)(((width + cols - 1) / cols) * ((p->m + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS));
     return 0;
 }

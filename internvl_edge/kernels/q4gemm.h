@@ -8,6 +8,9 @@
  *   scales       float [N, ceil(K/block)]
  *   zero_points  uint8 [N, ceil(K/block/2)]    block 2i in the low nibble of byte i; NULL means 8
  *
+ * With `swiglu` set, a task computes matching gate and up columns and writes their product, so
+ * the pair's [M, N] result never leaves the cache it was computed in.
+ *
  * Use: q4_plan() once per call (checks the shapes, says how much scratch), q4_quantize() once
  * (one thread), then q4_run() for every task 0 .. plan.tasks-1, from any threads, in any order.
  */
@@ -27,6 +30,8 @@ typedef struct {
     int64_t m, n, k, block;
     void *scratch;            /* q4_plan().scratch_bytes, 64-byte aligned */
     const void *blocks;       /* q4_blocks_fill()'s table for these scales/zero points, or NULL */
+    float *swiglu;            /* NULL, or [M, N/2]: silu(Y[:, :N/2]) * Y[:, N/2:] (Qwen's gate/up
+                                 pair fused in one linear), with y then a scratch [M, N] */
 } q4_problem;
 
 typedef struct {
@@ -39,7 +44,7 @@ int q4_supported(void);
 /* A name for the instruction set the kernel runs with here ("avx512vnni", "avxvnni", "avx2"). */
 const char *q4_isa(void);
 /* 0 and the plan, or -1 when the shapes are not supported (block not a multiple of 64, or above
- * 1024). */
+ * 1024; with swiglu, N not a multiple of 16). */
 int q4_plan(const q4_problem *p, q4_plan_t *plan);
 void q4_quantize(const q4_problem *p);
 /* Scales and zero points rearranged for the decode path, prepared once per weight (the op does it

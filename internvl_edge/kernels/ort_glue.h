@@ -1,0 +1,50 @@
+/* What the custom ops of this library (ort_op.c: MatMulNBits, ort_attention.c: GroupQueryAttention)
+ * share: the OrtApi table, tensor descriptions, errors that name the op, constant-input lookup. */
+#ifndef INTERNVL_EDGE_ORT_GLUE_H
+#define INTERNVL_EDGE_ORT_GLUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ort_abi.h"
+
+#define IE_DOMAIN "ai.internvl_edge"
+#define IE_MAX_RANK 16
+
+extern const OrtApi *g_api; /* set once by RegisterCustomOps, before any kernel exists */
+
+typedef struct {
+    ortabi_elem_type type;
+    size_t rank;
+    int64_t dims[IE_MAX_RANK];
+    int64_t count;
+} tensor_desc;
+
+#define TRY(expr)                   \
+    do {                            \
+        OrtStatus *try_s_ = (expr); \
+        if (try_s_) return try_s_;  \
+    } while (0)
+
+/* A status "ai.internvl_edge <op>: <message>". */
+OrtStatus *ie_error(const char *op, ortabi_error_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+OrtStatus *ie_describe(const char *op, const OrtValue *v, const char *name, tensor_desc *d);
+OrtStatus *ie_expect(const char *op, const tensor_desc *d, const char *name, ortabi_elem_type type,
+                     const char *type_name, int64_t count);
+void *ie_data_of(const OrtValue *v, OrtStatus **s);
+/* A status we do not pass on: 1 when there was one (released), else 0. */
+int ie_dropped(OrtStatus *s);
+/* Required int64 attribute: its value, or an error naming it. */
+OrtStatus *ie_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out);
+/* Optional int64 attribute: its value, or `fallback` when absent. */
+int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
+/* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
+ * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
+ * initializer a feed may override), 1 a constant, with its data when it has the type and element
+ * count Compute will ask for (else *data stays NULL: Compute reports the mismatch). Any error from
+ * ORT reads as 0. */
+int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
+                      int64_t elements, void **data);
+
+#endif

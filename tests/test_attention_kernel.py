@@ -1,0 +1,170 @@
+"""Our attention (internvl_edge/kernels/attention.c) against ONNX Runtime's GroupQueryAttention.
+
+Both compute float32 causal attention with rotary embeddings over an in-place cache, so on the same
+inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
+short and long contexts), prefill chunks from an empty cache and after history (the tiled path from 8
+rows on, block edges at 16 and 64 keys), right-padded chunks (static bundles), batches whose entries
+have different histories and chunk lengths (the server), head sizes 16/32/64/128, one query head per
+KV head, and a cache not bound in place (present copied from past).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from internvl_edge import kernels
+
+needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="our kernels are not available here")
+
+
+def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.ndarray):
+    names = ["qkv", "past_k", "past_v", "seqlens_k", "total", "query_lens"]
+    types = [TensorProto.FLOAT] * 3 + [TensorProto.INT32] * 3
+    inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+    if domain == "com.microsoft":  # as nets/decoder.py writes it
+        ins = ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
+        node = helper.make_node("GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads,
+                                kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)  # fmt: skip
+    else:
+        ins = ["qkv", "past_k", "past_v", "seqlens_k", "total", "cos", "sin", "query_lens"]
+        node = helper.make_node("GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads,
+                                kv_num_heads=kv_heads)  # fmt: skip
+    graph = helper.make_graph([node], "attention", inputs, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                            for n in ("out", "k", "v")],
+                              [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if domain == kernels.DOMAIN:
+        so.register_custom_ops_library(kernels.library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(sess, feeds: dict, past_k: np.ndarray, past_v: np.ndarray, in_place: bool):
+    if not in_place:
+        return sess.run(None, {**feeds, "past_k": past_k, "past_v": past_v})
+    k, v = past_k.copy(), past_v.copy()  # the runtime's binding: present written into past's buffer
+    io = sess.io_binding()
+    io.bind_output("out")  # first: get_outputs() lists outputs in the order they were bound
+    for name, array in (("past_k", k), ("past_v", v)):
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        io.bind_ortvalue_input(name, value)
+        io.bind_ortvalue_output(name[-1], value)
+    for name, array in feeds.items():
+        io.bind_cpu_input(name, array)
+    sess.run_with_iobinding(io)
+    return [io.get_outputs()[0].numpy(), k, v]
+
+
+CASES = [  # (heads, kv_heads, head_dim, capacity, rows, past per entry, real rows per entry, in place)
+    (12, 2, 128, 64, 1, [20], [1], True),  # decode
+    (12, 2, 128, 2560, 1, [1499], [1], True),  # decode, long context
+    (12, 2, 128, 160, 37, [0], [37], True),  # prefill, tiled path
+    (12, 2, 128, 256, 20, [50], [20], True),  # a chunk after history
+    (12, 2, 128, 128, 64, [30], [50], True),  # right-padded chunk (static shapes), past a 64-key block
+    (12, 2, 128, 64, 5, [3], [4], True),  # short padded chunk: row path
+    (4, 2, 32, 128, 24, [3, 10, 0], [20, 24, 9], True),  # a batch of different lengths, tiled
+    (4, 2, 32, 64, 1, [3, 40, 0], [1, 1, 0], True),  # batched decode with an idle entry
+    (8, 8, 16, 200, 33, [7], [33], False),  # one query head per KV head, not in place
+    (14, 2, 64, 96, 1, [70], [1], False),  # InternVL3-1B's heads, not in place
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim,capacity,rows,past,real,in_place", CASES)
+def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, real, in_place):
+    rng = np.random.default_rng(heads * 100 + rows + capacity)
+    batch = len(past)
+    cos, sin = (rng.standard_normal((capacity, head_dim // 2)).astype(np.float32) for _ in range(2))
+    qkv = rng.standard_normal((batch, rows, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    past_k, past_v = (rng.standard_normal((batch, kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
+    query_lens = np.array(real, np.int32)
+    totals = np.array(past) + query_lens
+    feeds = {"qkv": qkv, "seqlens_k": (np.maximum(totals, 1) - 1).astype(np.int32),
+             "total": np.array(max(int(totals.max()), rows), np.int32), "query_lens": query_lens}  # fmt: skip
+    theirs = _run(_session("com.microsoft", heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
+    ours = _run(_session(kernels.DOMAIN, heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
+    assert ours[0].shape == theirs[0].shape == (batch, rows, heads * head_dim)
+    for b in range(batch):
+        q, n = real[b], int(totals[b])
+        np.testing.assert_allclose(ours[0][b, :q], theirs[0][b, :q], atol=1e-5, rtol=1e-5)
+        assert not ours[0][b, q:].any(), "padded rows must be zeros"
+        for mine, ref in zip(ours[1:], theirs[1:]):  # cache rows up to the new length: history kept, new rows rotated
+            np.testing.assert_allclose(mine[b, :, :n], ref[b, :, :n], atol=1e-5, rtol=1e-5)
+            assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), "rows past the length are untouched"
+
+
+@needs_kernel
+def test_errors_are_reported():
+    cos = sin = np.zeros((32, 16), np.float32)
+    sess = _session(kernels.DOMAIN, 4, 2, cos, sin)
+    cache = np.zeros((1, 2, 32, 32), np.float32)
+    feeds = {"qkv": np.zeros((1, 1, 8 * 32), np.float32), "past_k": cache, "past_v": cache, "total": np.array(1, np.int32),
+             "query_lens": np.array([1], np.int32)}  # fmt: skip
+    with pytest.raises(Exception, match="does not fit 1 new rows in a cache of 32"):
+        sess.run(None, {**feeds, "seqlens_k": np.array([40], np.int32)})
+    with pytest.raises(Exception, match="qkv width 100 is not"):
+        sess.run(None, {**feeds, "qkv": np.zeros((1, 1, 100), np.float32), "seqlens_k": np.array([0], np.int32)})
+
+
+def _attention_node(**changes):
+    ins = ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total", "cos", "sin"]
+    ins += [""] * 7 + ["query_seqlens"]
+    attrs = {"num_heads": 12, "kv_num_heads": 2, "do_rotary": 1, "rotary_interleaved": 0}
+    inputs = changes.pop("inputs", ins)
+    attrs.update(changes)
+    return helper.make_node("GroupQueryAttention", inputs, ["o", "k", "v"], domain="com.microsoft", **attrs)
+
+
+def test_rewrite_takes_only_the_decoders_attention():
+    kv = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, 64, 128])
+    unpacked = ["q", "k_in", "v_in"] + _attention_node().input[3:]
+    nodes = [_attention_node(), _attention_node(softcap=30.0), _attention_node(local_window_size=16),
+             _attention_node(rotary_interleaved=1), _attention_node(inputs=unpacked), _attention_node(kv_num_heads=4)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
+    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0}
+    assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
+    moved = model.graph.node[0]
+    assert list(moved.input) == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
+                                 "cos", "sin", "query_seqlens"]  # fmt: skip
+    assert {a.name for a in moved.attribute} == {"num_heads", "kv_num_heads"}
+    odd = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, 64, 72])
+    model = helper.make_model(helper.make_graph([_attention_node()], "g", [odd], []))
+    assert kernels.rewrite(model)["GroupQueryAttention"] == 0, "head_dim 72 is not a multiple of 16"
+
+
+@needs_kernel
+def test_decoder_attention_is_ours_unless_disabled(bundle, monkeypatch):
+    """The decoder's attention runs on our kernel by default and on ORT's with INTERNVL_EDGE_KERNELS=matmul;
+    a prefill and decode steps give the same logits within float rounding either way."""
+    from internvl_edge.api import load
+
+    path = bundle("tiny_bf16", "w4bf16")
+
+    def logits(model):
+        backend = model.backend
+        cache = backend.new_cache(1)
+        ids = np.arange(3, 40, dtype=np.int64)[None]
+        rows = [backend.forward(cache, backend.embed(ids), [ids.shape[1]]).copy()]
+        for token in (5, 9, 11):
+            rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
+        return np.concatenate(rows)
+
+    ours = load(path)
+    assert ours.backend.attention_kernel == "internvl-edge"
+    assert ours.backend.describe()["attention_kernel"] == "internvl-edge"
+    mine = logits(ours)
+    monkeypatch.setenv("INTERNVL_EDGE_KERNELS", "matmul")
+    kernels.library_path.cache_clear()
+    try:
+        theirs_model = load(path)
+        assert theirs_model.backend.attention_kernel == "onnxruntime"
+        assert theirs_model.backend.q4_kernel.startswith("internvl-edge q4gemm")
+        theirs = logits(theirs_model)
+    finally:
+        monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
+        kernels.library_path.cache_clear()
+    np.testing.assert_allclose(mine, theirs, atol=1e-4 * np.abs(theirs).max())
