@@ -1,49 +1,85 @@
-"""Our kernels against ONNX Runtime's on one bundle, alternating in one process.
+"""Our kernels against ONNX Runtime's on one bundle, interleaved step by step in one process.
 
-This machine's bandwidth drifts by more than the kernels differ, so one bench after the other says
-little; this loads the bundle afresh for each setting of INTERNVL_EDGE_KERNELS in turn (`--modes`:
-1 = all of ours, matmul = our 4-bit matmul with ONNX Runtime's attention, attention = the other way
-round, 0 = ONNX Runtime's alone) and times prefill and decode with the bench's own helpers, `--rounds`
-times. Each decode is followed by a read-bandwidth sample (ReduceSum, as the bench measures it), so
-every decode figure has its own roofline fraction. Not part of CI.
+This machine's speed drifts by more than the kernels differ (decode 28-47 tok/s within minutes), so
+one bench after the other says little. This loads the bundle once per setting of
+INTERNVL_EDGE_KERNELS (`--modes`: 1 = all of ours, matmul = our 4-bit matmul and SwiGLU with ONNX
+Runtime's attention, attention = the other way round, 0 = ONNX Runtime's alone), keeps them all
+loaded, and then, round after round, times the same work on each in turn: a prefill of 256 and of
+1024 tokens, and 16 greedy decode steps at contexts 300 and 1500 (from a cache prefilled once per
+setting, rewound to the context every round, so every round decodes the same positions). Medians,
+bests (the machine's fast state) and the median per-round speed ratio against the last mode. Not
+part of CI.
 
-    python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 3 --modes 1,matmul,0
+    python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import internvl_edge
 from internvl_edge import kernels
-from internvl_edge.bench import decoder_bytes_per_token, kv_bytes, read_bandwidth, time_decode, time_prefill
+from internvl_edge.bench import _greedy_steps, _prefilled, _random_embeds
+from internvl_edge.generate import prefill
+
+CONTEXTS = (300, 1500)
+PREFILLS = (256, 1024)
+STEPS = 16
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--modes", default="1,0", help="INTERNVL_EDGE_KERNELS settings, comma-separated")
+    ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
     args = ap.parse_args()
-    print("round | INTERNVL_EDGE_KERNELS | 4-bit linears | attention | prefill 256 / 1024 tok/s | "
-          "decode @300 tok/s (of roofline) | decode @1500 tok/s (of roofline)", flush=True)  # fmt: skip
-    for rnd in range(1, args.rounds + 1):
-        for mode in args.modes.split(","):
-            os.environ["INTERNVL_EDGE_KERNELS"] = mode
-            kernels.library_path.cache_clear()
-            model = internvl_edge.load(args.bundle, threads=args.threads)
-            weights = decoder_bytes_per_token(model)
-            prefill = [time_prefill(model, n, 1) for n in (256, 1024)]
-            decode = []
-            for ctx in (300, 1500):
-                tps, _ = time_decode(model, ctx, 32, 2)
-                roofline = read_bandwidth(args.threads, 0.5, 3) * 1e9 / (weights + kv_bytes(model, ctx))
-                decode.append(f"{tps:.1f} ({100 * tps / roofline:.0f}%)")
-            print(f"{rnd} | {mode} | {model.backend.q4_kernel} | {model.backend.attention_kernel} | "
-                  f"{prefill[0]:.0f} / {prefill[1]:.0f} | {decode[0]} | {decode[1]}", flush=True)  # fmt: skip
-            del model
+    modes = args.modes.split(",")
+    loaded = {}
+    for mode in modes:
+        os.environ["INTERNVL_EDGE_KERNELS"] = mode
+        kernels.library_path.cache_clear()
+        model = internvl_edge.load(args.bundle, threads=args.threads)
+        caches = {ctx: _prefilled(model, ctx) for ctx in CONTEXTS}
+        loaded[mode] = (model, caches)
+        print(f"loaded INTERNVL_EDGE_KERNELS={mode}: 4-bit linears {model.backend.q4_kernel}, attention "
+              f"{model.backend.attention_kernel}", flush=True)  # fmt: skip
+    embeds = {n: _random_embeds(loaded[modes[0]][0], n) for n in PREFILLS}
+    step_ms = {(m, c): [] for m in modes for c in CONTEXTS}
+    prefill_tps = {(m, n): [] for m in modes for n in PREFILLS}
+    for rnd in range(args.rounds):
+        for mode in modes:
+            model, caches = loaded[mode]
+            for ctx in CONTEXTS:
+                cache, token = caches[ctx]
+                cache.lengths[:] = ctx
+                t0 = time.perf_counter()
+                _greedy_steps(model.backend, cache, token, STEPS)
+                step_ms[mode, ctx].append((time.perf_counter() - t0) / STEPS * 1000)
+            if rnd % args.prefill_every == 0:
+                for n in PREFILLS:
+                    cache = model.backend.new_cache(1)
+                    t0 = time.perf_counter()
+                    prefill(model.backend, cache, embeds[n])
+                    prefill_tps[mode, n].append(n / (time.perf_counter() - t0))
+                    del cache
+        print(f"round {rnd + 1}/{args.rounds}", flush=True)
+    base = modes[-1]
+    print(f"\n| INTERNVL_EDGE_KERNELS | " + " | ".join(f"decode @{c}: ms/token median (best), speed vs {base}" for c in CONTEXTS)
+          + " | " + " | ".join(f"prefill {n} tok/s median" for n in PREFILLS) + " |")  # fmt: skip
+    print("|---|" + "---:|" * (len(CONTEXTS) + len(PREFILLS)))
+    for mode in modes:
+        cells = []
+        for ctx in CONTEXTS:
+            mine, theirs = step_ms[mode, ctx], step_ms[base, ctx]
+            ratio = statistics.median(t / m for m, t in zip(mine, theirs))
+            cells.append(f"{statistics.median(mine):.2f} ({min(mine):.2f}), {ratio:.3f}x")
+        cells += [f"{statistics.median(prefill_tps[mode, n]):.0f}" for n in PREFILLS]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ Runtime's"). `q4gemm.c` computes the same thing (int8 activations per block, the
 stored, results equal to MLAS's within float rounding): scales and zero points laid out once at
 load, 64-byte weight loads prefetched ahead for decode, a column-major int8 GEMM for prefill.
 
-Attention (`attention.c`): ONNX Runtime's CPU GroupQueryAttention reads a KV head's cache once per
-query head, and its per-head dispatch costs more than the reading at decode. Ours reads each KV head
+Attention (`attention.c`): ONNX Runtime's CPU GroupQueryAttention works one query head at a time,
+reading a KV head's cache once for each of the query heads that share it. Ours reads each KV head
 once for the query heads that share it, with a running softmax; on InternVL3-2B shapes the decoder's
-28 attention nodes take 2.8 ms of a 26.6 ms token on ORT's at context 300 (BENCHMARKS.md, "Our
-attention against ONNX Runtime's"). Prefill chunks of 8 rows and more take a tiled path (keys turned
-around once per call, 4 queries x 64 keys of multiply-add chains).
+28 attention nodes take 1.3 ms per token at context 300 against ORT's 2.6, and decode at context 1500
+is 1.17x faster (BENCHMARKS.md, "Our attention and fused SwiGLU against ONNX Runtime's"). Prefill
+chunks of 8 rows and more take a tiled path (keys turned around once per call, 4 queries x 64 keys of
+multiply-add chains).
 
 It is a custom-op library (`ort_op.c`, `ort_attention.c`: plain C against ONNX Runtime's C ABI)
 built by `pip install` as `_q4*.so`. The bundle keeps standard `com.microsoft` nodes; at load the

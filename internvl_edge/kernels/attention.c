@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "attention.h"
+#include "vec_exp.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,26 +44,8 @@ static inline __attribute__((always_inline)) v16f select16(v16i mask, v16f yes, 
     return (v16f)(((v16i)yes & mask) | ((v16i)no & ~mask));
 }
 
-/* e^x for x <= 0 (scores minus their running maximum), to ~2 ulp: Cody-Waite reduction by ln 2 and
- * Cephes' expf polynomial (https://www.netlib.org/cephes/, single/expf.c); below -87 it returns
- * 2^-126-ish, which the caller masks where it matters. */
-static inline __attribute__((always_inline)) v16f exp16(v16f x) {
-    const v16f lo = splat(-87.0f);
-    x = select16(x < lo, lo, x);
-    const v16f round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    const v16f n = (x * 1.44269504088896341f + round) - round;
-    v16f r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    v16f y = splat(1.9875691500e-4f);
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return y * (v16f)e;
-}
+/* e^x (vec_exp.h) for the scores minus their running maximum */
+IE_DEFINE_VEC_EXP(exp16, v16f, v16i)
 
 /* Horizontal sum and maximum as trees of shuffles: 4 dependent steps instead of 15. */
 static inline __attribute__((always_inline)) float hsum16(v16f v) {

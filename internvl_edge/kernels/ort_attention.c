@@ -149,30 +149,17 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
 static void ORTABI_CALL destroy_kernel(void *kernel) { free(kernel); }
 
 static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
-static const char *ORTABI_CALL op_provider(const ortabi_custom_op *op) { (void)op; return NULL; /* CPU */ }
 static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
 static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return OUT_COUNT; }
 static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
     (void)op;
     return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORTABI_TYPE_INT32 : ORTABI_TYPE_FLOAT;
 }
-static ortabi_elem_type ORTABI_CALL output_type(const ortabi_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORTABI_TYPE_FLOAT;
-}
 static ortabi_io_kind ORTABI_CALL required(const ortabi_custom_op *op, size_t i) {
     (void)op;
     (void)i;
     return ORTABI_IO_REQUIRED;
 }
-static ortabi_mem_type ORTABI_CALL input_memory(const ortabi_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORTABI_MEM_DEFAULT;
-}
-static int ORTABI_CALL variadic_arity(const ortabi_custom_op *op) { (void)op; return 1; }
-static int ORTABI_CALL variadic_homogeneity(const ortabi_custom_op *op) { (void)op; return 1; }
 
 static const struct {
     ortabi_custom_op op;
@@ -181,19 +168,19 @@ static const struct {
     .op = {
         .version = ORTABI_CUSTOM_OP_VERSION,
         .get_name = op_name,
-        .get_execution_provider_type = op_provider,
+        .get_execution_provider_type = ie_cpu_provider,
         .get_input_type = input_type,
         .get_input_type_count = input_count,
-        .get_output_type = output_type,
+        .get_output_type = ie_float_output,
         .get_output_type_count = output_count,
         .kernel_destroy = destroy_kernel,
         .get_input_characteristic = required,
         .get_output_characteristic = required,
-        .get_input_memory_type = input_memory,
-        .get_variadic_input_min_arity = variadic_arity,
-        .get_variadic_input_homogeneity = variadic_homogeneity,
-        .get_variadic_output_min_arity = variadic_arity,
-        .get_variadic_output_homogeneity = variadic_homogeneity,
+        .get_input_memory_type = ie_default_memory,
+        .get_variadic_input_min_arity = ie_variadic_one,
+        .get_variadic_input_homogeneity = ie_variadic_one,
+        .get_variadic_output_min_arity = ie_variadic_one,
+        .get_variadic_output_homogeneity = ie_variadic_one,
         .create_kernel_v2 = create_kernel,
         .kernel_compute_v2 = compute,
     },

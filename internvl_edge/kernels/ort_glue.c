@@ -83,3 +83,25 @@ int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ort
     if (!ie_dropped(s)) *data = p;
     return 1;
 }
+
+const char *ORTABI_CALL ie_cpu_provider(const ortabi_custom_op *op) {
+    (void)op;
+    return NULL; /* NULL: the CPU execution provider */
+}
+
+ortabi_mem_type ORTABI_CALL ie_default_memory(const ortabi_custom_op *op, size_t index) {
+    (void)op;
+    (void)index;
+    return ORTABI_MEM_DEFAULT;
+}
+
+ortabi_elem_type ORTABI_CALL ie_float_output(const ortabi_custom_op *op, size_t index) {
+    (void)op;
+    (void)index;
+    return ORTABI_TYPE_FLOAT;
+}
+
+int ORTABI_CALL ie_variadic_one(const ortabi_custom_op *op) {
+    (void)op;
+    return 1;
+}

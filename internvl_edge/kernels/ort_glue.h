@@ -47,4 +47,11 @@ int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallb
 int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
                       int64_t elements, void **data);
 
+/* OrtCustomOp callbacks both ops answer alike: the CPU provider, inputs in default (CPU) memory,
+ * float outputs, and the variadic queries (asked only of variadic inputs, which neither op has). */
+const char *ORTABI_CALL ie_cpu_provider(const ortabi_custom_op *op);
+ortabi_mem_type ORTABI_CALL ie_default_memory(const ortabi_custom_op *op, size_t index);
+ortabi_elem_type ORTABI_CALL ie_float_output(const ortabi_custom_op *op, size_t index);
+int ORTABI_CALL ie_variadic_one(const ortabi_custom_op *op);
+
 #endif

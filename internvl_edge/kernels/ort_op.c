@@ -212,7 +212,6 @@ static void ORTABI_CALL destroy_kernel(void *kernel) {
 }
 
 static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
-static const char *ORTABI_CALL op_provider(const ortabi_custom_op *op) { (void)op; return NULL; /* CPU */ }
 static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
 static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return 1; }
 
@@ -225,11 +224,6 @@ static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_
     default: return ORTABI_TYPE_FLOAT;
     }
 }
-static ortabi_elem_type ORTABI_CALL output_type(const ortabi_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORTABI_TYPE_FLOAT;
-}
 static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t i) {
     (void)op;
     return i >= IN_ZERO_POINTS ? ORTABI_IO_OPTIONAL : ORTABI_IO_REQUIRED;
@@ -239,13 +233,6 @@ static ortabi_io_kind ORTABI_CALL output_kind(const ortabi_custom_op *op, size_t
     (void)i;
     return ORTABI_IO_REQUIRED;
 }
-static ortabi_mem_type ORTABI_CALL input_memory(const ortabi_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORTABI_MEM_DEFAULT;
-}
-static int ORTABI_CALL variadic_arity(const ortabi_custom_op *op) { (void)op; return 1; }
-static int ORTABI_CALL variadic_homogeneity(const ortabi_custom_op *op) { (void)op; return 1; }
 
 /* Zeroed room after the struct: should an ORT ever read a field past version 16's, it reads NULL. */
 static const struct {
@@ -256,20 +243,20 @@ static const struct {
         .version = ORTABI_CUSTOM_OP_VERSION,
         .create_kernel = NULL, /* create_kernel_v2 is used from version 16 on */
         .get_name = op_name,
-        .get_execution_provider_type = op_provider,
+        .get_execution_provider_type = ie_cpu_provider,
         .get_input_type = input_type,
         .get_input_type_count = input_count,
-        .get_output_type = output_type,
+        .get_output_type = ie_float_output,
         .get_output_type_count = output_count,
         .kernel_compute = NULL, /* kernel_compute_v2 likewise */
         .kernel_destroy = destroy_kernel,
         .get_input_characteristic = input_kind,
         .get_output_characteristic = output_kind,
-        .get_input_memory_type = input_memory,
-        .get_variadic_input_min_arity = variadic_arity,
-        .get_variadic_input_homogeneity = variadic_homogeneity,
-        .get_variadic_output_min_arity = variadic_arity,
-        .get_variadic_output_homogeneity = variadic_homogeneity,
+        .get_input_memory_type = ie_default_memory,
+        .get_variadic_input_min_arity = ie_variadic_one,
+        .get_variadic_input_homogeneity = ie_variadic_one,
+        .get_variadic_output_min_arity = ie_variadic_one,
+        .get_variadic_output_homogeneity = ie_variadic_one,
         .create_kernel_v2 = create_kernel,
         .kernel_compute_v2 = compute,
     },

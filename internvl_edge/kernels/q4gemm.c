@@ -2,6 +2,7 @@
  * q4gemm_body.h): one body compiled per x86-64 instruction set, picked at run time, so the
  * library loads on any x86-64 CPU and says so (q4_supported) where it has nothing to offer. */
 #include "q4gemm.h"
+#include "vec_exp.h"
 
 #include <string.h>
 

@@ -131,29 +131,9 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
         }
 }
 
-/* e^x on 8 floats (the fused SwiGLU's sigmoid: 250k of them per decoded token on InternVL3-2B, too
- * many for libm's scalar expf), to ~2 ulp over [-87, 88]: Cody-Waite reduction by ln 2 and Cephes'
- * expf polynomial (https://www.netlib.org/cephes/, single/expf.c). Clamped at both ends, so
- * sigmoid saturates to 0 or 1 instead of producing inf / inf. */
-static inline __attribute__((always_inline)) q4_v8f Q4_NAME(exp8)(q4_v8f x)
-{
-    const q4_v8f lo = x - x - 87.0f, hi = x - x + 88.0f;
-    q4_v8i below = x < lo, above = x > hi; /* lanes of -1 where true */
-    x = (q4_v8f)(((q4_v8i)lo & below) | ((q4_v8i)x & ~below));
-    x = (q4_v8f)(((q4_v8i)hi & above) | ((q4_v8i)x & ~above));
-    const q4_v8f round = x - x + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const q4_v8f n = (x * 1.44269504088896341f + round) - round;
-    q4_v8f r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    q4_v8f y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    const q4_v8i e = (__builtin_convertvector(n, q4_v8i) + 127) << 23;
-    return y * (q4_v8f)e;
-}
+/* e^x on 8 floats (vec_exp.h) for the fused SwiGLU's sigmoid: 250k of them per decoded token on
+ * InternVL3-2B, too many for libm's scalar expf */
+IE_DEFINE_VEC_EXP(Q4_NAME(exp8), q4_v8f, q4_v8i)
 
 /* Rows r_lo .. r_hi-1 and columns n_lo .. n_hi-1 of Y. */
 static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_problem *p, int64_t r_lo, int64_t r_hi,

@@ -1,0 +1,91 @@
+"""Our attention kernel against ONNX Runtime's GroupQueryAttention, alone, on the decoder's shapes.
+
+28 attention nodes in one graph (InternVL3-2B: 12 query heads, 2 KV heads of 128, a KV buffer of
+2560 rows per layer, each layer its own cache so that nothing stays in cache between layers), the
+caches bound in place as the runtime binds them; decode (one new row) at contexts 300 and 1500 and
+prefill chunks of 256 and 1024 rows from an empty cache. Milliseconds for all 28, medians, the two
+kernels one after the other. Not part of CI.
+
+    python benchmarks/attention.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from internvl_edge import kernels
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
+
+
+def session(domain: str, rows: int, threads: int):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.random((CAPACITY, HEAD_DIM // 2), dtype=np.float32), n) for n in ("cos", "sin")]
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, rows, width])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, s) for n, s in (("seqlens_k", [1]), ("total", []), ("query_lens", [1]))]
+    nodes, outputs = [], []
+    for layer in range(LAYERS):
+        k, v = f"past_k{layer}", f"past_v{layer}"
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV_HEADS, CAPACITY, HEAD_DIM]) for n in (k, v)]
+        outs = [f"out{layer}", f"present_k{layer}", f"present_v{layer}"]
+        if domain == kernels.SOURCE_DOMAIN:
+            ins = ["qkv", "", "", k, v, "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
+            extra = {"do_rotary": 1, "rotary_interleaved": 0}
+        else:
+            ins, extra = ["qkv", k, v, "seqlens_k", "total", "cos", "sin", "query_lens"], {}
+        nodes.append(helper.make_node("GroupQueryAttention", ins, outs, domain=domain, num_heads=HEADS, kv_num_heads=KV_HEADS, **extra))
+        outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
+    model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])  # fmt: skip
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if domain == kernels.DOMAIN:
+        so.register_custom_ops_library(kernels.library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def time_ms(sess, caches, rows: int, context: int, repeats: int) -> float:
+    io = sess.io_binding()
+    for layer, (k, v) in enumerate(caches):
+        for name, array in ((f"k{layer}", k), (f"v{layer}", v)):
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            io.bind_ortvalue_input(f"past_{name}", value)
+            io.bind_ortvalue_output(f"present_{name}", value)
+        io.bind_output(f"out{layer}")
+    io.bind_cpu_input("qkv", np.random.default_rng(1).random((1, rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype=np.float32))
+    io.bind_cpu_input("seqlens_k", np.array([context - 1], np.int32))
+    io.bind_cpu_input("total", np.array(context, np.int32))
+    io.bind_cpu_input("query_lens", np.array([rows], np.int32))
+    sess.run_with_iobinding(io)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(io)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if kernels.library_path() is None:
+        raise SystemExit("error: our kernels are not built here (pip install . compiles them)")
+    rng = np.random.default_rng(2)
+    caches = [tuple(rng.random((1, KV_HEADS, CAPACITY, HEAD_DIM), dtype=np.float32) for _ in range(2)) for _ in range(LAYERS)]
+    print("| case | ONNX Runtime ms | ours ms | ours / ORT |\n|---|---:|---:|---:|")
+    for rows, context, repeats in ((1, 300, 30), (1, 1500, 30), (256, 256, 5), (1024, 1024, 3)):
+        theirs = time_ms(session(kernels.SOURCE_DOMAIN, rows, args.threads), caches, rows, context, repeats)
+        ours = time_ms(session(kernels.DOMAIN, rows, args.threads), caches, rows, context, repeats)
+        case = f"decode @{context}" if rows == 1 else f"prefill {rows}"
+        print(f"| {case} | {theirs:.2f} | {ours:.2f} | {ours / theirs:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
