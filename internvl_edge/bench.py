@@ -5,8 +5,9 @@ speed is read bandwidth / bytes per token: the roofline. The bandwidth is measur
 run (sampled at the start, middle and end, the best kept), with as many threads as the model uses, so
 the ratio does not depend on remembered figures. On a shared machine whose bandwidth drifts by up to
 2x within minutes, that ratio mixes two machine states; so every decode run is also paired with a
-bandwidth read taken right after it, and the median of those per-run ratios is reported beside it. Where decode falls short of it, the profile
-(--profile) and benchmarks/matmulnbits.py tell whether the 4-bit kernel or our graph is the limit.
+bandwidth read taken right after it, and the median of those per-run ratios is reported beside it.
+Where decode falls short of the roofline, the profile (--profile), benchmarks/matmulnbits.py and
+benchmarks/attention.py tell whether a kernel or our graph is the limit.
 Every figure is a median over repeated runs after a warm-up run.
 """
 
@@ -250,7 +251,7 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
 
     backend = model.backend
     original = backend.sessions[net]
-    # the net as the backend builds it (our 4-bit kernel included), so the profile times what runs
+    # the net as the backend builds it (our kernels included), so the profile times what runs
     backend.sessions[net] = backend._session(net, profile_prefix=os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}"))
     try:
         work()

@@ -134,9 +134,10 @@ def _constant(model, name: str):
 def fuse_swiglu(model) -> int:
     """Fold silu(gate) * up into the gate/up linear that feeds it (our MatMulNBits, attribute swiglu=1):
     the pattern nets/decoder.py writes, MatMulNBits -> Split in two equal halves -> Sigmoid(gate),
-    Mul(gate, sigmoid) -> Mul(silu, up), each intermediate used by that pattern only. The four
-    elementwise nodes cost 0.5-0.9 ms per decoded token on InternVL3-2B shapes (BENCHMARKS.md) and
-    a round trip of the [rows, 2 x intermediate] result through memory in prefill. Returns how many."""
+    Mul(gate, sigmoid) -> Mul(silu, up), each intermediate used by that pattern only. The separate
+    nodes cost 0.8 ms per decoded token on InternVL3-2B shapes (BENCHMARKS.md, "Our attention and
+    fused SwiGLU") and a round trip of the [rows, 2 x intermediate] result through memory in
+    prefill. Returns how many."""
     from onnx import helper
 
     nodes = model.graph.node
@@ -184,8 +185,9 @@ def fuse_swiglu(model) -> int:
 
 def rewrite(model, threads: int | None = None) -> dict[str, int]:
     """Move the nodes our kernels take to our domain (in place, graph only), then fuse SwiGLU into
-    the moved gate/up linears. Returns how many moved, by op type, and how many were fused. `threads`: the session's intra-op threads; each MatMulNBits node then splits its work
-    into 2 contiguous ranges per thread (attribute `batches`; the op's default is 8)."""
+    the moved gate/up linears. Returns how many moved, by op type, and how many were fused.
+    `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
+    contiguous ranges per thread (attribute `batches`; the op's default is 8)."""
     from onnx import helper
 
     moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0}

@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 #define IEA_LANES 16       /* floats per vector: keys scored per step */
 #define IEA_MAX_HEAD_DIM 256
 #define IEA_MAX_GROUP 16   /* query heads per KV head (Qwen2.5: 6 for 1.5B, 7 for 7B) */
@@ -19,9 +18,6 @@
 #define IEA_TILE_ROWS 16    /* prefill: query rows of one task, every key block read once for all of them */
 #define IEA_TILE_FROM 8     /* chunks of at least this many rows take the prefill path */
 #define IEA_SCORED 4        /* prefill: queries scored together (x 4 vectors of keys: 16 FMA chains) */
-#ifndef IEA_AHEAD
-#define IEA_AHEAD 2         /* decode: key blocks prefetched ahead */
-#endif
 #define IEA_TILE_KEYS 64    /* prefill: keys per block, the running softmax updated once per block */
 
 typedef float v16f __attribute__((vector_size(64)));

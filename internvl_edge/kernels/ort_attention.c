@@ -44,8 +44,8 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
         fn(p, 0);
         return NULL;
     }
-    /* tasks are a query row each (tens of microseconds in prefill, a context's read in decode):
-     * up to 256 ranges spread uneven causal rows over the threads without per-task dispatch */
+    /* a task is a query row (decode: one context's read) or a tile of 16 rows (prefill: causal, so
+     * later tiles cost more): up to 256 ranges spread them over the threads without per-task dispatch */
     return tasks ? ORTABI(g_api, KernelContext_ParallelFor)(ctx, fn, tasks, tasks < 256 ? tasks : 256, p) : NULL;
 }
 
