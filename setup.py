@@ -14,9 +14,9 @@ setup(
         Extension(
             "internvl_edge.kernels._q4",
             sources=[f"internvl_edge/kernels/{name}.c" for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm",
-                                                                    "attention")],
+                                                                    "attention", "isa")],
             depends=[f"internvl_edge/kernels/{name}.h" for name in ("q4gemm", "q4gemm_body", "attention", "vec_exp",
-                                                                    "ort_abi", "ort_glue")],
+                                                                    "ort_abi", "ort_glue", "isa")],
             extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi"],
             libraries=["m"],  # expf in the fused SwiGLU
             optional=True,

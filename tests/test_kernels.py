@@ -11,7 +11,9 @@ padded last block of nets/quant.py), odd block counts (a half-used zero-point by
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -193,3 +195,23 @@ def test_swiglu_is_fused_only_where_the_pattern_is_whole():
     assert fused.graph.node[0].output[0] == "Y"
     assert kernels.fuse_swiglu(model(extra_use=True)) == 0
     assert kernels.fuse_swiglu(model(sizes=(40, 24))) == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["avx2", "avxvnni"])
+def test_every_instruction_set_variant(variant):
+    """The AVX2 and AVX-VNNI variants (what CPUs without AVX-512 run) pass the same comparisons with
+    ONNX Runtime's kernels, forced on this CPU with INTERNVL_EDGE_ISA in a child process."""
+    env = {**os.environ, "INTERNVL_EDGE_ISA": variant}
+    probe = subprocess.run([sys.executable, "-c", "from internvl_edge import kernels; print(kernels.isa())"], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    if probe.stdout.strip() != variant:
+        pytest.skip(f"this CPU cannot run {variant}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = [f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
+             f"{here}/test_kernels.py::test_fused_swiglu_matches_the_unfused_graph",
+             f"{here}/test_attention_kernel.py::test_matches_onnxruntime"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout

@@ -22,7 +22,7 @@ decoder's 4-bit MatMulNBits with int8 activations (accuracy_level 4) and its Gro
 nodes of the form nets/decoder.py writes are moved to the `ai.internvl_edge` domain in memory when
 the library is here and the CPU can run it (x86-64 with AVX2+FMA; VNNI when present). Elsewhere
 (another CPU, no compiler at install, INTERNVL_EDGE_KERNELS=0) nothing changes: the same bundle runs
-on ONNX Runtime's kernels. INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
+on ONNX Runtime's kernels. Attention moves only where the kernels run with AVX-512 (ATTENTION_ISAS). INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
 (to compare them one at a time).
 """
 
@@ -39,6 +39,10 @@ OP = "MatMulNBits"
 ATTENTION_OP = "GroupQueryAttention"
 CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
 LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
+# attention.c is written for 16-float vectors: on AVX2 they lower to pairs of 256-bit ones and its
+# prefill ran 17-23x slower than ONNX Runtime's (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2),
+# so the runtime moves attention to it only where AVX-512 runs it; the op itself works on AVX2 too
+ATTENTION_ISAS = ("avx512vnni",)
 
 
 def enabled(kind: str) -> bool:
@@ -67,7 +71,8 @@ def library_path() -> str | None:
 
 @cache
 def isa() -> str | None:
-    """The instruction set the kernel runs with here ("avx512vnni", "avxvnni", "avx2"), or None."""
+    """The instruction set the kernels run with here ("avx512vnni", "avxvnni", "avx2"), or None: the
+    best this CPU has, or the one INTERNVL_EDGE_ISA names (the tests run every variant that way)."""
     path = library_path()
     if path is None:
         return None
@@ -197,7 +202,7 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
             if threads:
                 node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))
             moved[OP] += 1
-        elif enabled("attention") and takes_attention(node, model):
+        elif enabled("attention") and isa() in ATTENTION_ISAS and takes_attention(node, model):
             # ours takes the used inputs only: qkv, past k/v, seqlens_k, total length, cos, sin, query_seqlens
             kept = [node.input[i] for i in (0, 3, 4, 5, 6, 7, 8, 16)]
             del node.input[:]

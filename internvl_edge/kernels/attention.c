@@ -1,10 +1,11 @@
 /* The attention kernel of attention.h. Written with GCC vector extensions (16 floats per vector)
- * and compiled per instruction set with target_clones, so one source runs as 512-bit vectors on
- * AVX-512 and as pairs of 256-bit ones on AVX2. */
+ * and compiled once per instruction set (the entry points at the end), so one source runs as 512-bit
+ * vectors on AVX-512 and as pairs of 256-bit ones on AVX2; isa.h picks one at run time. */
 /* 16-float vectors only pass between inlined helpers: GCC's note on their ABI does not apply */
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "attention.h"
+#include "isa.h"
 #include "vec_exp.h"
 
 #include <stdio.h>
@@ -22,12 +23,6 @@
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define IEA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define IEA_CLONES
-#endif
 
 static inline __attribute__((always_inline)) v16f load16(const float *p) {
     v16f v;
@@ -106,14 +101,7 @@ static inline __attribute__((always_inline)) void rotate(const ie_attention *p, 
     }
 }
 
-int ie_attention_supported(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 0 : -1;
-#else
-    return -1;
-#endif
-}
+int ie_attention_supported(void) { return ie_isa() != IE_ISA_NONE ? 0 : -1; }
 
 int ie_attention_plan(const ie_attention *p, ie_attention_plan_t *plan, char *why, size_t why_size) {
     const int64_t hd = p->head_dim;
@@ -153,7 +141,7 @@ int ie_attention_plan(const ie_attention *p, ie_attention_plan_t *plan, char *wh
 
 /* Rows of one batch entry: queries rotated and scaled into scratch, keys rotated and values copied
  * into their cache rows. */
-IEA_CLONES void ie_attention_prepare(const ie_attention *p, size_t task) {
+static inline __attribute__((always_inline)) void prepare(const ie_attention *p, size_t task) {
     const int64_t chunks = (p->rows + IEA_PREPARE_ROWS - 1) / IEA_PREPARE_ROWS;
     const int64_t b = (int64_t)task / chunks, i0 = (int64_t)task % chunks * IEA_PREPARE_ROWS;
     const int64_t hd = p->head_dim, nh = p->heads, kvh = p->kv_heads, width = (nh + 2 * kvh) * hd;
@@ -174,7 +162,7 @@ IEA_CLONES void ie_attention_prepare(const ie_attention *p, size_t task) {
 
 /* One block of IEA_TILE_KEYS cache rows of (b, g), turned around for the prefill path: kt[d][j] =
  * dimension d of key j0 + j (zeros past the entry's keys), once per call instead of once per tile. */
-IEA_CLONES void ie_attention_transpose(const ie_attention *p, size_t task) {
+static inline __attribute__((always_inline)) void transpose(const ie_attention *p, size_t task) {
     const int64_t blocks = key_blocks(p), hd = p->head_dim;
     const int64_t b = (int64_t)task / (p->kv_heads * blocks), g = (int64_t)task / blocks % p->kv_heads;
     const int64_t j0 = (int64_t)task % blocks * IEA_TILE_KEYS;
@@ -352,7 +340,7 @@ static inline __attribute__((always_inline)) void attend_tile(const ie_attention
     free(acc);
 }
 
-IEA_CLONES void ie_attention_run(const ie_attention *p, size_t task) {
+static inline __attribute__((always_inline)) void run(const ie_attention *p, size_t task) {
     const int64_t kvh = p->kv_heads, g = (int64_t)task % kvh;
     if (p->rows >= IEA_TILE_FROM) {
         const int64_t tiles = (p->rows + IEA_TILE_ROWS - 1) / IEA_TILE_ROWS;
@@ -369,3 +357,35 @@ IEA_CLONES void ie_attention_run(const ie_attention *p, size_t task) {
             attend_row(p, b, g, i, p->head_dim / IEA_LANES);
     }
 }
+
+/* The entry points, once per instruction set: everything above is inlined into them. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define IEA_VARIANTS(suffix)                                                                        \
+    static void prepare_##suffix(const ie_attention *p, size_t task) { prepare(p, task); }         \
+    static void transpose_##suffix(const ie_attention *p, size_t task) { transpose(p, task); }     \
+    static void run_##suffix(const ie_attention *p, size_t task) { run(p, task); }
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+IEA_VARIANTS(avx2)
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+IEA_VARIANTS(avx512)
+#pragma GCC pop_options
+
+#define IEA_DISPATCH(name)                                                                          \
+    void ie_attention_##name(const ie_attention *p, size_t task) {                                 \
+        if (ie_isa() == IE_ISA_AVX512VNNI)                                                          \
+            name##_avx512(p, task);                                                                 \
+        else if (ie_isa() != IE_ISA_NONE)                                                           \
+            name##_avx2(p, task);                                                                   \
+    }
+#else /* elsewhere the op is not registered (ie_attention_supported) */
+#define IEA_DISPATCH(name)                                                                          \
+    void ie_attention_##name(const ie_attention *p, size_t task) { name(p, task); }
+#endif
+IEA_DISPATCH(prepare)
+IEA_DISPATCH(transpose)
+IEA_DISPATCH(run)

@@ -2,6 +2,7 @@
  * q4gemm_body.h): one body compiled per x86-64 instruction set, picked at run time, so the
  * library loads on any x86-64 CPU and says so (q4_supported) where it has nothing to offer. */
 #include "q4gemm.h"
+#include "isa.h"
 #include "vec_exp.h"
 
 #include <string.h>
@@ -218,69 +219,41 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #undef Q4_BLOCK_SUM
 #pragma GCC pop_options
 
-typedef enum { ISA_NONE, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI } isa_t;
-
-static isa_t detect(void)
-{
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-        return ISA_NONE;
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw"))
-        return ISA_AVX512VNNI;
-    if (__builtin_cpu_supports("avxvnni"))
-        return ISA_AVXVNNI;
-    return ISA_AVX2;
-}
-
-static isa_t isa(void)
-{
-    static int cached = -1;
-    if (cached < 0)
-        cached = (int)detect();
-    return (isa_t)cached;
-}
-
 void q4_quantize(const q4_problem *p)
 {
-    switch (isa()) {
-    case ISA_AVX512VNNI: quantize_avx512vnni(p); break;
-    case ISA_AVXVNNI: quantize_avxvnni(p); break;
-    case ISA_AVX2: quantize_avx2(p); break;
+    switch (ie_isa()) {
+    case IE_ISA_AVX512VNNI: quantize_avx512vnni(p); break;
+    case IE_ISA_AVXVNNI: quantize_avxvnni(p); break;
+    case IE_ISA_AVX2: quantize_avx2(p); break;
     default: break;
     }
 }
 
 void q4_run(const q4_problem *p, size_t task)
 {
-    switch (isa()) {
-    case ISA_AVX512VNNI: run_avx512vnni(p, task); break;
-    case ISA_AVXVNNI: run_avxvnni(p, task); break;
-    case ISA_AVX2: run_avx2(p, task); break;
+    switch (ie_isa()) {
+    case IE_ISA_AVX512VNNI: run_avx512vnni(p, task); break;
+    case IE_ISA_AVXVNNI: run_avxvnni(p, task); break;
+    case IE_ISA_AVX2: run_avx2(p, task); break;
     default: break;
     }
 }
 
 #else /* not x86-64 with GCC or clang: nothing here; the runtime keeps ONNX Runtime's own kernel */
 
-static int isa(void) { return 0; }
 void q4_quantize(const q4_problem *p) { (void)p; }
 void q4_run(const q4_problem *p, size_t task) { (void)p; (void)task; }
 
 #endif
 
-int q4_supported(void) { return isa() != 0 ? 0 : -1; }
+int q4_supported(void) { return ie_isa() != IE_ISA_NONE ? 0 : -1; }
 
-const char *q4_isa(void)
-{
-    static const char *names[] = {"none", "avx2", "avxvnni", "avx512vnni"};
-    return names[isa()];
-}
+const char *q4_isa(void) { return ie_isa_name(ie_isa()); }
 
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block)
 {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (isa() == ISA_AVX512VNNI && block > 0 && block % 128 == 0 && n >= 8 && k > 0)
+    if (ie_isa() == IE_ISA_AVX512VNNI && block > 0 && block % 128 == 0 && n >= 8 && k > 0)
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY;
 #else
     (void)n, (void)k, (void)block;
