@@ -17,7 +17,8 @@ setup(
                                                                     "attention", "isa")],
             depends=[f"internvl_edge/kernels/{name}.h" for name in ("q4gemm", "q4gemm_body", "attention", "vec_exp",
                                                                     "ort_abi", "ort_glue", "isa")],
-            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi"],
+            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi",
+                                "-ffp-contract=fast"],  # ISO C mode would not fuse a * b + c into FMAs
             libraries=["m"],  # expf in the fused SwiGLU
             optional=True,
         )
