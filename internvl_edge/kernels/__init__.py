@@ -22,7 +22,7 @@ decoder's 4-bit MatMulNBits with int8 activations (accuracy_level 4) and its Gro
 nodes of the form nets/decoder.py writes are moved to the `ai.internvl_edge` domain in memory when
 the library is here and the CPU can run it (x86-64 with AVX2+FMA; VNNI when present). Elsewhere
 (another CPU, no compiler at install, INTERNVL_EDGE_KERNELS=0) nothing changes: the same bundle runs
-on ONNX Runtime's kernels. Attention moves only where the kernels run with AVX-512 (ATTENTION_ISAS). INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
+on ONNX Runtime's kernels. INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
 (to compare them one at a time).
 """
 
@@ -39,10 +39,11 @@ OP = "MatMulNBits"
 ATTENTION_OP = "GroupQueryAttention"
 CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
 LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
-# attention.c is written for 16-float vectors: on AVX2 they lower to pairs of 256-bit ones and its
-# prefill ran 17-23x slower than ONNX Runtime's (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2),
-# so the runtime moves attention to it only where AVX-512 runs it; the op itself works on AVX2 too
-ATTENTION_ISAS = ("avx512vnni",)
+# where the runtime moves attention to attention.c: every ISA it is built for. Its AVX2 build (8-float
+# vectors) decodes as fast as the AVX-512 one and prefills 1.5-2.2x slower than ONNX Runtime's AVX-512
+# kernel (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2; BENCHMARKS.md), against which an AVX2-only
+# CPU's ORT would also be slower; take "avx2" and "avxvnni" out here to keep ORT's attention there
+ATTENTION_ISAS = ("avx512vnni", "avxvnni", "avx2")
 
 
 def enabled(kind: str) -> bool:
