@@ -1,7 +1,7 @@
-/* The attention kernel of attention.h. Written with GCC vector extensions (16 floats per vector)
- * and compiled once per instruction set (the entry points at the end), so one source runs as 512-bit
- * vectors on AVX-512 and as pairs of 256-bit ones on AVX2; isa.h picks one at run time. */
-/* 16-float vectors only pass between inlined helpers: GCC's note on their ABI does not apply */
+/* The attention kernel of attention.h: checks, plan and dispatch here; the vector code, written with
+ * GCC vector extensions, in attention_body.h, compiled once per instruction set at the end (16-float
+ * vectors for AVX-512, 8-float ones for AVX2); isa.h picks one at run time. */
+/* the vectors only pass between inlined helpers: GCC's note on their ABI does not apply */
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "attention.h"
@@ -21,6 +21,7 @@
 #define IEA_SCORED 4        /* prefill: queries scored together on AVX-512 (x 4 vectors of keys: 16 chains;
                                AVX2's 16 registers hold the chains of one) */
 #define IEA_TILE_KEYS 64    /* prefill: keys per block, the running softmax updated once per block */
+
 static int64_t past_length(const ie_attention *p, int64_t b) {
     return (int64_t)p->seqlens_k[b] + 1 - (int64_t)p->query_lens[b];
 }

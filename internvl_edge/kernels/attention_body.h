@@ -158,7 +158,7 @@ static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_at
                 VF part[IEA_W];
                 const int64_t here = n - v * IEA_W; /* keys of this vector that exist */
                 for (int j = 0; j < IEA_W; j++) part[j] = IEA_FN(splat)(0.0f);
-                if (here >= IEA_W) /* chunk-major: 16 independent multiply-add chains */
+                if (here >= IEA_W) /* chunk-major: IEA_W independent multiply-add chains */
                     for (int64_t c = 0; c < chunks; c++)
                         for (int j = 0; j < IEA_W; j++)
                             part[j] += qv[c] * IEA_FN(load)(Kb + (v * IEA_W + j) * hd + c * IEA_W);
