@@ -165,7 +165,7 @@ def _swiglu_graph(w, fused: bool):
 @pytest.mark.parametrize("rows", [1, 3, 40, 300])
 def test_fused_swiglu_matches_the_unfused_graph(rows):
     """The fused node computes the same columns with the same kernel, so it matches the graph of
-    separate nodes to float rounding (expf against ONNX Runtime's Sigmoid)."""
+    separate nodes to float rounding (our vector exp against ONNX Runtime's Sigmoid)."""
     rng = np.random.default_rng(rows)
     w = quantize(rng.standard_normal((2 * 176, 256)).astype(np.float32) * 0.1, 4, 128)
     a = rng.standard_normal((1, rows, 256)).astype(np.float32)
