@@ -54,32 +54,36 @@ def enabled(kind: str) -> bool:
 
 
 @cache
-def library_path() -> str | None:
-    """The compiled library when it is installed, loadable and the CPU can run it; else None."""
-    if not (enabled("matmul") or enabled("attention")):
-        return None
+def _library() -> tuple[str, str] | None:
+    """(path, instruction set) of the compiled library when it is installed, loadable and the CPU
+    can run it (its ISA is not "none"); else None."""
     here = os.path.dirname(os.path.abspath(__file__))
     for path in sorted(glob.glob(os.path.join(here, "_q4*.so")) + glob.glob(os.path.join(here, "_q4*.pyd"))):
         try:
             lib = ctypes.CDLL(path)
             lib.internvl_edge_kernel_isa.restype = ctypes.c_char_p
-            if lib.internvl_edge_kernel_isa().decode() != "none":
-                return path
+            name = lib.internvl_edge_kernel_isa().decode()
         except (OSError, AttributeError):
             continue
+        if name != "none":
+            return path, name
     return None
 
 
 @cache
+def library_path() -> str | None:
+    """The compiled library when it is installed, loadable, the CPU can run it and
+    INTERNVL_EDGE_KERNELS allows any of it; else None."""
+    if not (enabled("matmul") or enabled("attention")):
+        return None
+    found = _library()
+    return found[0] if found else None
+
+
 def isa() -> str | None:
     """The instruction set the kernels run with here ("avx512vnni", "avxvnni", "avx2"), or None: the
     best this CPU has, or the one INTERNVL_EDGE_ISA names (the tests run every variant that way)."""
-    path = library_path()
-    if path is None:
-        return None
-    lib = ctypes.CDLL(path)
-    lib.internvl_edge_kernel_isa.restype = ctypes.c_char_p
-    return lib.internvl_edge_kernel_isa().decode()
+    return _library()[1] if library_path() is not None else None
 
 
 def _attrs(node) -> dict:
