@@ -39,16 +39,22 @@ def test_library_is_built_here():
 needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm kernel not available here")
 
 
-def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4):
-    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
+def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4, b_fed: bool = False, **attrs):
+    """One MatMulNBits node; `b_fed`: B is a graph input (fed with each run), not a constant."""
+    inits = [numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
              numpy_helper.from_array(w.zero_points.reshape(-1), "Z")]  # fmt: skip
+    graph_inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)]
+    if b_fed:
+        graph_inputs.append(helper.make_tensor_value_info("B", TensorProto.UINT8, list(w.packed.shape)))
+    else:
+        inits.append(numpy_helper.from_array(w.packed, "B"))
     inputs = ["A", "B", "S", "Z"]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
         inputs += ["", "bias"]
     node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=w.K, N=w.N, bits=4,
-                            block_size=w.block_size, accuracy_level=accuracy_level)  # fmt: skip
-    graph = helper.make_graph([node], "q4", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                            block_size=w.block_size, accuracy_level=accuracy_level, **attrs)  # fmt: skip
+    graph = helper.make_graph([node], "q4", graph_inputs,
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
     so = ort.SessionOptions()
@@ -90,6 +96,29 @@ def test_matches_onnxruntime_and_numpy(rows, K, N, block, with_bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows,N", [(1, 64), (1, 40), (12, 40), (9, 56)])
+def test_weights_repacked_or_not_give_the_same_result(rows, N):
+    """A constant B whose shapes the sequential layout takes (q4_pack: N a multiple of 8, blocks of
+    128 or 256) is repacked once; a fed B, or pack=0, is read as stored. All three agree with ORT.
+    Rows cover decode (its 8-column tiles), prefill's 16-column tiles, and the 8 columns left over
+    past the last 16 (N=40, 56), which take the generic tile on the packed layout."""
+    rng = np.random.default_rng(rows + N)
+    for K, block in ((512, 128), (640, 256)):  # 640: the last block of 256 half padding
+        w = quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 4, block)
+        a = rng.standard_normal((1, rows, K)).astype(np.float32)
+        theirs = _graph(w, "com.microsoft", None).run(None, {"A": a})[0]
+        before = kernels.pack_stats()[0]
+        packed = _graph(w, kernels.DOMAIN, None).run(None, {"A": a})[0]
+        assert kernels.pack_stats()[0] - before == w.packed.size, "a constant B is repacked once"
+        as_stored = _graph(w, kernels.DOMAIN, None, pack=0).run(None, {"A": a})[0]
+        fed = _graph(w, kernels.DOMAIN, None, b_fed=True).run(None, {"A": a, "B": w.packed})[0]
+        assert kernels.pack_stats()[0] - before == w.packed.size, "pack=0 and a fed B are not repacked"
+        scale = np.abs(theirs).max()
+        for ours in (packed, as_stored, fed):
+            assert np.abs(ours - theirs).max() <= 2e-4 * scale
+
+
+@needs_kernel
 def test_shapes_and_errors():
     w = quantize(np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32), 4, 128)
     sess = _graph(w, kernels.DOMAIN, None)
@@ -115,13 +144,18 @@ def test_rewrite_takes_only_what_the_kernel_computes():
 
 @needs_kernel
 def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch):
-    """A w4 bundle's decoder runs on q4gemm by default; INTERNVL_EDGE_KERNELS=0 and accuracy level 1
-    keep MatMulNBits (MLAS); both give logits within the int8 activation noise of each other."""
+    """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once;
+    INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS); both give logits within
+    the int8 activation noise of each other."""
     from internvl_edge.api import load
 
     path = bundle("tiny_bf16", "w4bf16")
+    packed, released = kernels.pack_stats()
     fast = load(path)
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
+    # the 4-bit weights were repacked, and ORT's memory-mapped originals handed back (whole pages)
+    packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released)))
+    assert packed > 0 and released >= 0.9 * packed
     ids = np.arange(3, 40, dtype=np.int64)[None]
     cache = fast.backend.new_cache(1)
     ours = fast.backend.forward(cache, fast.backend.embed(ids), [ids.shape[1]]).copy()
@@ -209,6 +243,7 @@ def test_every_instruction_set_variant(variant):
         pytest.skip(f"this CPU cannot run {variant}")
     here = os.path.dirname(os.path.abspath(__file__))
     tests = [f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
+             f"{here}/test_kernels.py::test_weights_repacked_or_not_give_the_same_result",
              f"{here}/test_kernels.py::test_fused_swiglu_matches_the_unfused_graph",
              f"{here}/test_attention_kernel.py::test_matches_onnxruntime"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,

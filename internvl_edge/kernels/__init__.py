@@ -48,9 +48,22 @@ ATTENTION_ISAS = ("avx512vnni", "avxvnni", "avx2")
 
 def enabled(kind: str) -> bool:
     """Whether our kernel of this kind ("matmul", "attention") may replace ONNX Runtime's, by
-    INTERNVL_EDGE_KERNELS: 1 (default) both, 0 neither, or the one kind to keep."""
+    INTERNVL_EDGE_KERNELS: 1 (default) both, 0 neither, or the one kind to keep; "unpacked" is 1
+    with the 4-bit weights read as stored instead of repacked (to measure what the repacking gives)."""
     setting = os.environ.get("INTERNVL_EDGE_KERNELS", "1")
-    return setting == "1" or setting == kind
+    return setting in ("1", "unpacked") or setting == kind
+
+
+def pack_stats() -> tuple[int, int]:
+    """(bytes of 4-bit weights our MatMulNBits kernels copied into their sequential layout in this
+    process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
+    found = _library()
+    if found is None:
+        return 0, 0
+    lib = ctypes.CDLL(found[0])  # the same library ORT loaded: one copy of its counters
+    packed, released = ctypes.c_uint64(), ctypes.c_uint64()
+    lib.internvl_edge_pack_stats(ctypes.byref(packed), ctypes.byref(released))
+    return packed.value, released.value
 
 
 @cache
@@ -206,6 +219,8 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
             node.domain = DOMAIN
             if threads:
                 node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))
+            if os.environ.get("INTERNVL_EDGE_KERNELS") == "unpacked":
+                node.attribute.append(helper.make_attribute("pack", 0))
             moved[OP] += 1
         elif enabled("attention") and isa() in ATTENTION_ISAS and takes_attention(node, model):
             # ours takes the used inputs only: qkv, past k/v, seqlens_k, total length, cos, sin, query_seqlens

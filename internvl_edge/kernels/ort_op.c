@@ -5,7 +5,8 @@
  *            zero_points uint8 [N * ceil(K/block/2)] (optional), g_idx (optional, must be absent),
  *            bias float [N] (optional)
  *   attrs:   K, N, bits (must be 4), block_size; accuracy_level is accepted and ignored;
- *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0)
+ *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0);
+ *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored)
  *   output:  Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
  *            gate/up pair of a SwiGLU MLP computed by one fused linear (kernels/__init__.py fuses
  *            the Split -> Sigmoid -> Mul -> Mul that follow it into the node)
@@ -15,9 +16,17 @@
  *
  * When scales (and zero_points, if given) are constant initializers, the kernel's table of them
  * (q4_blocks_fill) is built once at session creation; otherwise Compute passes them as they come.
+ * Likewise a constant B is copied once into q4_pack's layout (one sequential stream for decode). ORT's
+ * custom-op ABI has no PrePack, so ORT keeps its own B: where that is a memory-mapped file (ORT maps
+ * external initializers), the pages the copy read are handed back (see release_file_pages), and
+ * the weights are held once, not twice.
  */
+#define _GNU_SOURCE /* madvise */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "ort_glue.h"
 #include "q4gemm.h"
@@ -34,7 +43,12 @@ typedef struct {
     int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
     int64_t swiglu;  /* attribute `swiglu`: output silu(Y[..., :N/2]) * Y[..., N/2:] */
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
+    uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
 } kernel_t;
+
+/* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
+ * (internvl_edge_pack_stats: the tests check that the weights are not held twice). */
+static size_t g_packed_bytes, g_released_bytes;
 
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
@@ -92,7 +106,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     q4_problem p;
     memset(&p, 0, sizeof p);
     p.a = (const float *)ie_data_of(in[IN_A], &s);
-    if (!s) p.b = (const uint8_t *)ie_data_of(in[IN_B], &s);
+    if (!s) p.b = kn->packed ? kn->packed : (const uint8_t *)ie_data_of(in[IN_B], &s);
     if (!s) p.scales = (const float *)ie_data_of(in[IN_SCALES], &s);
     if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ie_data_of(in[IN_ZERO_POINTS], &s);
     if (!s && in[IN_BIAS]) p.bias = (const float *)ie_data_of(in[IN_BIAS], &s);
@@ -110,6 +124,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.k = k;
     p.block = block;
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
+    p.packed = kn->packed != NULL;
 
     q4_plan_t plan;
     if (q4_plan(&p, &plan) != 0) {
@@ -173,6 +188,58 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     return NULL;
 }
 
+/* Hand back to the page cache the whole pages of [data, data + bytes) when they belong to one
+ * file-backed mapping (/proc/self/maps: an inode), as ORT's memory-mapped external initializers do:
+ * MADV_DONTNEED drops them from this process; should anything read them again, they come back from
+ * the file unchanged. Anywhere else (anonymous memory, where MADV_DONTNEED would zero them, or no
+ * /proc) nothing is done. Returns the bytes handed back. */
+static size_t release_file_pages(const void *data, size_t bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)data + page - 1) & ~(page - 1), hi = ((uintptr_t)data + bytes) & ~(page - 1);
+    if (hi <= lo) return 0;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (!maps) return 0;
+    char line[512];
+    int file_backed = 0;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long start, end, offset, inode;
+        char perms[8], dev[16];
+        if (sscanf(line, "%lx-%lx %7s %lx %15s %lu", &start, &end, perms, &offset, dev, &inode) != 6) continue;
+        if (start <= (uintptr_t)data && (uintptr_t)data + bytes <= end) {
+            file_backed = inode != 0;
+            break;
+        }
+    }
+    fclose(maps);
+    if (!file_backed || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0) return 0;
+    return hi - lo;
+}
+
+/* q4_pack's copy of B when B is a constant and the kernel takes packed weights for these shapes:
+ * *packed NULL otherwise (Compute then reads B as it comes). */
+static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, uint8_t **packed) {
+    *packed = NULL;
+    const size_t bytes = q4_packed_bytes(n, k, block);
+    if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
+    size_t count = 0;
+    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
+    void *b = NULL;
+    if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, (int64_t)bytes, &b) != 1 || !b) return NULL;
+    uint8_t *out = (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!out) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
+    q4_problem p;
+    memset(&p, 0, sizeof p);
+    p.n = n;
+    p.k = k;
+    p.block = block;
+    p.b = (const uint8_t *)b;
+    q4_pack(&p, out);
+    __atomic_add_fetch(&g_packed_bytes, bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_released_bytes, release_file_pages(b, bytes), __ATOMIC_RELAXED);
+    *packed = out;
+    return NULL;
+}
+
 static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
                                             void **out) {
     (void)op;
@@ -188,11 +255,14 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
         return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
                      (long long)n, (long long)block);
     void *table = NULL;
+    uint8_t *packed = NULL;
     TRY(make_table(info, k, n, block, &table));
-    kernel_t *kn = (kernel_t *)malloc(sizeof *kn);
+    OrtStatus *s = ie_get_int_or(info, "pack", 1) ? make_packed(info, k, n, block, &packed) : NULL;
+    kernel_t *kn = s ? NULL : (kernel_t *)malloc(sizeof *kn);
     if (!kn) {
         free(table);
-        return ie_error(IE_OP, ORTABI_FAIL, "out of memory");
+        free(packed);
+        return s ? s : ie_error(IE_OP, ORTABI_FAIL, "out of memory");
     }
     kn->k = k;
     kn->n = n;
@@ -201,13 +271,17 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     if (kn->batches < 1) kn->batches = 1;
     kn->swiglu = ie_get_int_or(info, "swiglu", 0) != 0;
     kn->table = table;
+    kn->packed = packed;
     *out = kn;
     return NULL;
 }
 
 static void ORTABI_CALL destroy_kernel(void *kernel) {
     kernel_t *kn = (kernel_t *)kernel;
-    if (kn) free(kn->table);
+    if (kn) {
+        free(kn->table);
+        free(kn->packed);
+    }
     free(kn);
 }
 
@@ -263,6 +337,13 @@ static const struct {
 };
 
 IE_EXPORT const char *internvl_edge_kernel_isa(void) { return q4_isa(); }
+
+/* Bytes of weights packed by this process's MatMulNBits kernels so far, and of those, how many of
+ * ORT's copies were handed back to the page cache. */
+IE_EXPORT void internvl_edge_pack_stats(uint64_t *packed, uint64_t *released) {
+    *packed = __atomic_load_n(&g_packed_bytes, __ATOMIC_RELAXED);
+    *released = __atomic_load_n(&g_released_bytes, __ATOMIC_RELAXED);
+}
 
 /* The domain is handed to the session options and must outlive every session made from them, so it
  * is never released (one small object per registration). */

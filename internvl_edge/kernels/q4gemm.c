@@ -20,6 +20,20 @@
 #define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
 #endif
 
+#ifndef Q4_PACKED_PREFETCH
+#define Q4_PACKED_PREFETCH 4096 /* bytes ahead in q4_pack's layout, one stream: tuned on 2 cores */
+#endif
+
+/* Column n's 32 bytes of weights k0 .. k0+63 (k0 a multiple of 64), in the stored layout or q4_pack's;
+ * kp: K padded to whole blocks. */
+static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_problem *p, int64_t kp, int64_t n,
+                                                                     int64_t k0)
+{
+    if (p->packed)
+        return p->b + (n >> 3) * (kp * 4) + (k0 >> 7) * 512 + (n & 7) * 64 + ((k0 & 127) >> 1);
+    return p->b + n * (kp / 2) + k0 / 2;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -51,8 +65,9 @@ typedef int32_t q4_v8i __attribute__((vector_size(32)));
  *   8 columns x 16 lanes --(fold 512->256)--> 8 x 8 --(hadd tree)--> [c0 .. c7] int32
  *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
  */
-#define Q4_DECODE_TILE8(p, r, n0) tile8_avx512vnni(p, r, n0)
-static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0)
+#define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
+static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
+                                                                   const int packed)
 {
     const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
     const int8_t *qa = (const int8_t *)p->scratch + r * K;
@@ -60,7 +75,11 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const float *ts = sa + p->m * nblk;
     const __m512i m0f = _mm512_set1_epi8(0x0F);
     const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
-    const uint8_t *wb = p->b + n0 * (K / 2);
+    /* packed (q4_pack): the 8 columns' 64 bytes follow each other, 512 bytes per 128 weights; else
+     * each column's weights are a run of K/2 bytes */
+    const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
+    const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
+    const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
     __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m512i acc[8];
@@ -77,8 +96,8 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
                 _mm256_load_si256((const __m256i *)(qa + k0 + 96)), 1);
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
-                const uint8_t *wp = wb + j * (K / 2) + k0 / 2;
-                _mm_prefetch((const char *)(wp + Q4_PREFETCH * 8 * (K / 2)), _MM_HINT_T0);
+                const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
+                _mm_prefetch((const char *)(wp + ahead), _MM_HINT_T0);
                 const __m512i w = _mm512_loadu_si512((const void *)wp);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
@@ -150,8 +169,14 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 {
     const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
     const __m512i m0f = _mm512_set1_epi8(0x0F);
-    const __m512i columns = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32((int)(K / 2)));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    /* where each of the 16 columns starts: packed (q4_pack), lanes 8-15 are the next group and a
+     * column's 64 bytes per 128 weights are 64 apart; else a column is K/2 bytes */
+    const __m512i columns = p->packed
+        ? _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(lane, 3), _mm512_set1_epi32((int)(K * 4))),
+                           _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 6))
+        : _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(K / 2)));
+    const uint8_t *w0 = p->packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
     const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
     const uint8_t *g1 = g0 + (size_t)nblk * Q4_GROUP_ENTRY;
     __m512i wt[2 * Q4_MAX_BLOCK / 8];
@@ -160,9 +185,10 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
         _mm512_storeu_ps(y, p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps());
     }
     for (int64_t b = 0; b < nblk; b++) {
-        const uint8_t *base = p->b + n0 * (K / 2) + b * B / 2;
         for (int64_t s = 0; s < B / 8; s++) {
-            const __m512i w = _mm512_i32gather_epi32(columns, (const void *)(base + 4 * s), 1);
+            const int64_t k = b * B + 8 * s; /* weights k .. k+7 of each column: 4 bytes */
+            const uint8_t *at = w0 + (p->packed ? k / 128 * 512 + (k % 128) / 2 : k / 2);
+            const __m512i w = _mm512_i32gather_epi32(columns, (const void *)at, 1);
             wt[2 * s] = _mm512_and_si512(w, m0f);
             wt[2 * s + 1] = _mm512_and_si512(_mm512_srli_epi32(w, 4), m0f);
         }
@@ -272,6 +298,22 @@ void q4_blocks_fill(const q4_problem *p, void *table)
                 memcpy(out + 4 * j, p->scales + n * nblk + b, 4);
                 out[32 + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
             }
+}
+
+size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block)
+{
+    if (n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
+        return 0;
+    return (size_t)n * (size_t)((k + block - 1) / block * block) / 2;
+}
+
+void q4_pack(const q4_problem *p, uint8_t *out)
+{
+    const int64_t kp = (p->k + p->block - 1) / p->block * p->block;
+    for (int64_t g = 0; g < p->n / 8; g++)
+        for (int64_t k0 = 0; k0 < kp; k0 += 128)
+            for (int64_t j = 0; j < 8; j++, out += 64)
+                memcpy(out, p->b + (g * 8 + j) * (kp / 2) + k0 / 2, 64);
 }
 
 int q4_plan(const q4_problem *p, q4_plan_t *plan)

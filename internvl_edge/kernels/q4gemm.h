@@ -22,7 +22,7 @@
 
 typedef struct {
     const float *a;           /* [M, K] */
-    const uint8_t *b;         /* [N, ceil(K/block), block/2] */
+    const uint8_t *b;         /* [N, ceil(K/block), block/2], or q4_pack's layout when `packed` */
     const float *scales;      /* [N, ceil(K/block)] */
     const uint8_t *zero_points; /* [N, ceil(K/block/2)] or NULL */
     const float *bias;        /* [N] or NULL */
@@ -32,6 +32,7 @@ typedef struct {
     const void *blocks;       /* q4_blocks_fill()'s table for these scales/zero points, or NULL */
     float *swiglu;            /* NULL, or [M, N/2]: silu(Y[:, :N/2]) * Y[:, N/2:] (Qwen's gate/up
                                  pair fused in one linear), with y then a scratch [M, N] */
+    int packed;               /* b is in q4_pack()'s layout */
 } q4_problem;
 
 typedef struct {
@@ -53,5 +54,17 @@ void q4_quantize(const q4_problem *p);
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block);
 void q4_blocks_fill(const q4_problem *p, void *table);
 void q4_run(const q4_problem *p, size_t task);
+
+/* B rearranged so that decode reads it as one sequential stream (what the hardware prefetcher
+ * follows at full speed; the stored layout is 8 interleaved column streams to it, read ~20% slower
+ * on 2 cores: BENCHMARKS.md, "Weights repacked for sequential reads"): per group of 8 columns, per
+ * 128 weights of the (padded) K, the 8 columns' 64 bytes one after the other, each as stored:
+ *
+ *   packed[n / 8][k / 128][n % 8][64 bytes]   (the same size as B)
+ *
+ * q4_packed_bytes: its size, or 0 where the kernel takes no packed B (N not a multiple of 8, or
+ * blocks not a multiple of 128). q4_pack reads p->n, k, block, b (stored layout) and writes `out`. */
+size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block);
+void q4_pack(const q4_problem *p, uint8_t *out);
 
 #endif

@@ -73,6 +73,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
     const float *ts = sa + p->m * nblk;
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     Q4_CONSTANTS
+    const int64_t ahead = p->packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * C * (K / 2); /* the next columns' */
     __m256 facc[4][4];
     float corr[4][4];
 #pragma GCC unroll 4
@@ -100,8 +101,8 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
             }
 #pragma GCC unroll 4
             for (int j = 0; j < C; j++) {
-                const uint8_t *wp = p->b + (n0 + j) * (K / 2) + k0 / 2;
-                _mm_prefetch((const char *)(wp + Q4_PREFETCH * C * (K / 2)), _MM_HINT_T0);
+                const uint8_t *wp = q4_chunk(p, K, n0 + j, k0);
+                _mm_prefetch((const char *)(wp + ahead), _MM_HINT_T0);
                 const __m256i w = _mm256_loadu_si256((const __m256i *)wp);
 #pragma GCC unroll 4
                 for (int i = 0; i < R; i++)
