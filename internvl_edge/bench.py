@@ -4,8 +4,10 @@ Every decoded token reads all decoder weights (plus the KV cache) once, so the b
 speed is read bandwidth / bytes per token: the roofline. The bandwidth is measured here, in the same
 run (sampled at the start, middle and end, the best kept), with as many threads as the model uses, so
 the ratio does not depend on remembered figures. On a shared machine whose bandwidth drifts by up to
-2x within minutes, that ratio mixes two machine states; so every decode run is also paired with a
-bandwidth read taken right after it, and the median of those per-run ratios is reported beside it.
+3x within seconds (22-70 GB/s seen on 2 cores), that ratio mixes machine states; so the decode is
+also timed step by step against the bandwidth: every decoded token is followed by one read of a
+256 MiB array, and the ratio of the two summed rates (bytes decoded per second of decoding, bytes
+read per second of reading) is reported beside it: both sample the same moments of the machine.
 Where decode falls short of the roofline, the profile (--profile), benchmarks/matmulnbits.py and
 benchmarks/attention.py tell whether a kernel or our graph is the limit.
 Every figure is a median over repeated runs after a warm-up run.
@@ -34,6 +36,8 @@ from .runtime import available_cores
 PREFILL_LENGTHS = (64, 256, 1024)
 DECODE_CONTEXTS = (300, 1500)
 FTL_TEXT_TOKENS = 40  # the seed's case: one 448 tile + a short question
+PAIRED_PROBE_GIB = 0.25  # read after every decoded token: a few ms, about a fifth of a 2B model's step
+PAIRED_STEPS_PER_TOKEN = 2  # steps of the step-by-step roofline, per --decode-tokens
 
 
 @dataclass
@@ -53,8 +57,9 @@ class BenchResult:
     bandwidth_samples_gbs: list = field(default_factory=list)
     roofline_tps: dict = field(default_factory=dict)
     roofline_fraction: dict = field(default_factory=dict)
-    decode_runs: dict = field(default_factory=dict)  # per context: [tokens/s, GB/s read right after] per run
-    roofline_fraction_paired: dict = field(default_factory=dict)  # median of the per-run ratios
+    decode_pairs: dict = field(default_factory=dict)  # per context: [step seconds, GB/s read right after] per token
+    probe_bytes: int = 0  # what each of those reads read
+    roofline_fraction_paired: dict = field(default_factory=dict)  # step by step: summed rates' ratio
     decode_profile_ms: dict = field(default_factory=dict)  # per token, by operator type (--profile)
     vision_profile_ms: dict = field(default_factory=dict)  # per tile, by operator type (--profile)
 
@@ -72,31 +77,39 @@ def machine_info(threads: int) -> dict:
             "numpy": np.__version__, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s reading a `gib` GiB float32 array with ONNX Runtime's ReduceSum on `threads` threads (the
+class ReadProbe:
+    """Reads of a `gib` GiB float32 array with ONNX Runtime's ReduceSum on `threads` threads (the
     runtime and thread pool that decode with; numpy's sum would hold the GIL and use one core)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
 
-    rows = 64  # the reduction is split over rows, one per task
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "bandwidth",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows])],
-        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
-    sess.run(None, {"x": data})  # warm-up: pages touched
-    best = 0.0
-    for _ in range(repeats):
+    def __init__(self, threads: int, gib: float):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        rows = 64  # the reduction is split over rows, one per task
+        graph = helper.make_graph(
+            [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "bandwidth",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, None])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows])],
+            [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
+        self.sess.run(None, {"x": self.data})  # warm-up: pages touched
+
+    def read(self) -> float:
+        """GB/s of one pass over the array."""
         t0 = time.perf_counter()
-        sess.run(None, {"x": data})
-        best = max(best, data.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
+        self.sess.run(None, {"x": self.data})
+        return self.data.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """The best GB/s of `repeats` reads of a `gib` GiB array (ReadProbe)."""
+    probe = ReadProbe(threads, gib)
+    return max(probe.read() for _ in range(repeats))
 
 
 def sample_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -197,10 +210,9 @@ def time_prefill(model: Model, n: int, repeats: int) -> float:
     return n / _median(times)
 
 
-def time_decode(model: Model, context: int, tokens: int, repeats: int, after_each=None) -> tuple[float, float | None]:
+def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float | None]:
     """(tokens/s, milliseconds per token spent outside the decoder net) at a given context; the second
-    is measured on the ONNX Runtime backend only (None elsewhere). `after_each(tokens_per_s)` is called
-    after every measured run, outside its timing."""
+    is measured on the ONNX Runtime backend only (None elsewhere)."""
     backend = model.backend
     sess = backend.sessions["decoder"] if hasattr(backend, "sessions") else None
     inside = [0.0]
@@ -225,12 +237,33 @@ def time_decode(model: Model, context: int, tokens: int, repeats: int, after_eac
             if r:
                 rates.append(tokens / elapsed)
                 overheads.append((elapsed - inside[0]) / tokens * 1000)
-                if after_each is not None:
-                    after_each(rates[-1])
     finally:
         if sess is not None:
             del sess.run_with_iobinding
     return _median(rates), (_median(overheads) if sess is not None else None)
+
+
+def time_decode_paired(model: Model, context: int, tokens: int, probe: ReadProbe) -> list[list[float]]:
+    """[seconds of the decode step, GB/s of the probe read right after it] for `tokens` greedy steps
+    from a cache holding `context` tokens (one warm-up step first, not returned)."""
+    cache, token = _prefilled(model, context)
+    pairs = []
+    for step in range(tokens + 1):
+        t0 = time.perf_counter()
+        token = _greedy_steps(model.backend, cache, token, 1)
+        elapsed = time.perf_counter() - t0
+        gbs = probe.read()
+        if step:
+            pairs.append([elapsed, gbs])
+    return pairs
+
+
+def paired_fraction(pairs: list[list[float]], bytes_per_token: int, probe_bytes: int) -> float:
+    """Decode's byte rate over the probe's, each summed over the pairs: (n x bytes per token / time
+    decoding) / (n x probe bytes / time reading)."""
+    decoding = sum(step for step, _ in pairs)
+    reading = sum(probe_bytes / 1e9 / gbs for _, gbs in pairs)
+    return (bytes_per_token / decoding) / (probe_bytes / reading) if decoding > 0 and reading > 0 else 0.0
 
 
 def time_ftl(model: Model, image, repeats: int) -> float:
@@ -332,10 +365,7 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
         if i == 1:
             res.bandwidth_samples_gbs.append(sample_bandwidth(threads_used))
         progress.step(f"decode at context {ctx}")
-        runs = res.decode_runs.setdefault(str(ctx), [])
-        # half a GiB, best of 3 (~1 s with the child's start): close enough in time to see the same machine
-        paired = (lambda tps: runs.append([tps, sample_bandwidth(threads_used, 0.5, 3)])) if onnxruntime_backend else None
-        tps, overhead = time_decode(model, ctx, decode_tokens, repeats, after_each=paired)
+        tps, overhead = time_decode(model, ctx, decode_tokens, repeats)
         res.decode_tps[str(ctx)], res.decode_overhead_ms[str(ctx)] = tps, overhead
         progress.done(f"{tps:.2f} tokens/s")
     progress.step("first-token latency")
@@ -348,7 +378,15 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
             skipped.append(f"{case} skipped: {e}")
     progress.done("; ".join(skipped))
 
-    res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the profile below not counted
+    res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the probe and profile below not counted
+    if onnxruntime_backend and res.decode_tps:
+        probe = ReadProbe(threads_used, PAIRED_PROBE_GIB)
+        res.probe_bytes = probe.data.nbytes
+        for ctx in res.decode_tps:
+            progress.step(f"decode at context {ctx} against the bandwidth, step by step")
+            res.decode_pairs[ctx] = time_decode_paired(model, int(ctx), PAIRED_STEPS_PER_TOKEN * decode_tokens, probe)
+            progress.done()
+        del probe
     if profile and onnxruntime_backend:
         progress.step("profile by operator")
         res.decode_profile_ms = profile_decode(model) if res.decode_tps else {}
@@ -366,8 +404,8 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
         res.bytes_per_token[ctx] = per_token
         res.roofline_tps[ctx] = res.bandwidth_gbs * 1e9 / per_token
         res.roofline_fraction[ctx] = tps / res.roofline_tps[ctx]
-        if res.decode_runs.get(ctx):
-            res.roofline_fraction_paired[ctx] = _median([t / (g * 1e9 / per_token) for t, g in res.decode_runs[ctx]])
+        if res.decode_pairs.get(ctx):
+            res.roofline_fraction_paired[ctx] = paired_fraction(res.decode_pairs[ctx], per_token, res.probe_bytes)
     return res
 
 
@@ -388,7 +426,7 @@ def format_result(r: BenchResult) -> str:
         if ctx in r.roofline_tps:
             paired = r.roofline_fraction_paired.get(ctx)
             line += (f", roofline {r.roofline_tps[ctx]:.1f} ({100 * r.roofline_fraction[ctx]:.0f}%"
-                     + (f"; {100 * paired:.0f}% run by run" if paired else "") + "), "
+                     + (f"; {100 * paired:.0f}% step by step" if paired else "") + "), "
                      f"{r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
                      f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net")  # fmt: skip
         lines.append(line)

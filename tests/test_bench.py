@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from internvl_edge.api import load
-from internvl_edge.bench import decoder_bytes_per_token, kv_bytes
+from internvl_edge.bench import decoder_bytes_per_token, kv_bytes, paired_fraction
 
 
 def test_bench_reports_every_figure(bundle):
@@ -21,9 +21,9 @@ def test_bench_reports_every_figure(bundle):
     assert set(r["decode_tps"]) == {"300"} and r["decode_overhead_ms"]["300"] >= 0
     assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens"}
     assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
-    runs = r["decode_runs"]["300"]  # --repeats 1: one run, paired with the bandwidth read after it
-    assert len(runs) == 1 and runs[0][0] > 0 and runs[0][1] > 1
-    assert r["roofline_fraction_paired"]["300"] > 0
+    pairs = r["decode_pairs"]["300"]  # 2 x --decode-tokens steps, each paired with the read after it
+    assert len(pairs) == 8 and all(step > 0 and gbs > 1 for step, gbs in pairs) and r["probe_bytes"] >= 2**28
+    assert r["roofline_fraction_paired"]["300"] == paired_fraction(pairs, r["bytes_per_token"]["300"], r["probe_bytes"])
     assert r["bundle"]["attention_kernel"] in ("internvl-edge", "onnxruntime")
     assert r["peak_rss_bytes"] > r["weight_bytes"] > 0
     # the profile times the decoder as it runs (our kernels included: their ops keep their names)
@@ -32,6 +32,14 @@ def test_bench_reports_every_figure(bundle):
     out = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick", "--repeats", "1",
                           "--decode-tokens", "2", "--profile"], capture_output=True, text=True, timeout=300).stdout  # fmt: skip
     assert "decoder net" in out and "vision net per tile" in out
+
+
+def test_paired_fraction_is_the_ratio_of_summed_rates():
+    """Two steps of 1 GB in 0.1 s and 0.3 s (5 GB/s decoding), each followed by a 2 GB read at 20
+    and at 5 GB/s (0.1 + 0.4 s: 8 GB/s reading): 5 / 8. The mean of the per-pair ratios would
+    say (10/20 + 3.33/5) / 2 = 0.58, weighting the short step as much as the long one."""
+    assert abs(paired_fraction([[0.1, 20.0], [0.3, 5.0]], 10**9, 2 * 10**9) - 5 / 8) < 1e-12
+    assert paired_fraction([], 10**9, 10**9) == 0.0
 
 
 def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
