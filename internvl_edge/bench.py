@@ -95,6 +95,7 @@ class ReadProbe:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's (runtime._options)
         self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self.data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
         self.sess.run(None, {"x": self.data})  # warm-up: pages touched

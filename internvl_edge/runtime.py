@@ -143,6 +143,11 @@ class OrtBackend:
         # GB together with 128-blocks, the same vision, prefill and decode speed (BENCHMARKS.md,
         # "Memory and load")
         so.enable_cpu_mem_arena = False
+        # the pool's threads spin between the parallel parts of a run (ORT's default, which decode
+        # needs), but stop when the run returns: left spinning 20-50 ms, they took a core from the
+        # next net's threads (vision -> prefill, another session, another process), which then ran
+        # up to 1.8x slower (BENCHMARKS.md, "Spinning threads between runs")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
     def _kernel_graph(self, name: str, path: str) -> bytes | None:

@@ -21,6 +21,11 @@
 #define IEA_SCORED 4        /* prefill: queries scored together on AVX-512 (x 4 vectors of keys: 16 chains;
                                AVX2's 16 registers hold the chains of one) */
 #define IEA_TILE_KEYS 64    /* prefill: keys per block, the running softmax updated once per block */
+#ifndef IEA_ROW_KEYS
+#define IEA_ROW_KEYS 32     /* decode (row path): keys per block. A block's keys and values (2 x 32 x 512
+                               bytes at head_dim 128) stay in L1 while every head of the group reads them;
+                               64 keys' did not, and decode attention ran 6-7% slower (BENCHMARKS.md) */
+#endif
 
 static int64_t past_length(const ie_attention *p, int64_t b) {
     return (int64_t)p->seqlens_k[b] + 1 - (int64_t)p->query_lens[b];

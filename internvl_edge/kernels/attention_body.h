@@ -127,7 +127,7 @@ static void IEA_FN(transpose)(const ie_attention *p, size_t task) {
  * each head's IEA_W partial-sum vectors per IEA_W keys folded into IEA_W scores by reduce. */
 static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_attention *p, int64_t b, int64_t g, int64_t i,
                                                              const int64_t chunks) {
-    enum { KEYS = IEA_TILE_KEYS, VECS = IEA_TILE_KEYS / IEA_W };
+    enum { KEYS = IEA_ROW_KEYS, VECS = IEA_ROW_KEYS / IEA_W };
     const int64_t kvh = p->kv_heads, hd = chunks * IEA_W, nh = p->heads, G = nh / kvh;
     float *o = p->out + (b * p->rows + i) * nh * hd + g * G * hd;
     if (i >= p->query_lens[b]) { /* a padded row */
