@@ -3,10 +3,13 @@
 28 attention nodes in one graph (InternVL3-2B: 12 query heads, 2 KV heads of 128, a KV buffer of
 2560 rows per layer, each layer its own cache so that nothing stays in cache between layers), the
 caches bound in place as the runtime binds them; decode (one new row) at contexts 300 and 1500 and
-prefill chunks of 256 and 1024 rows from an empty cache. Milliseconds for all 28, medians, the two
-kernels one after the other. Not part of CI.
+prefill chunks of 256 and 1024 rows from an empty cache. Milliseconds for all 28, medians over
+rounds in which the kernels take turns (their sessions stop spinning when a run returns, as the
+runtime's do, so one does not slow the next). `--against LIB` adds another build of our library
+(another commit's `_q4*.so`) as a third column, with its time over ours. Not part of CI.
 
     python benchmarks/attention.py --threads 2
+    python benchmarks/attention.py --threads 2 --against /tmp/old/_q4.so
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from internvl_edge import kernels
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
 
 
-def session(domain: str, rows: int, threads: int):
+def session(domain: str, rows: int, threads: int, library: str | None = None):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.random((CAPACITY, HEAD_DIM // 2), dtype=np.float32), n) for n in ("cos", "sin")]
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
@@ -45,8 +48,9 @@ def session(domain: str, rows: int, threads: int):
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])  # fmt: skip
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's sessions
     if domain == kernels.DOMAIN:
-        so.register_custom_ops_library(kernels.library_path())
+        so.register_custom_ops_library(library or kernels.library_path())
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -74,17 +78,29 @@ def time_ms(sess, caches, rows: int, context: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--against", help="another build of our library to time beside this one")
     args = ap.parse_args()
     if kernels.library_path() is None:
         raise SystemExit("error: our kernels are not built here (pip install . compiles them)")
     rng = np.random.default_rng(2)
     caches = [tuple(rng.random((1, KV_HEADS, CAPACITY, HEAD_DIM), dtype=np.float32) for _ in range(2)) for _ in range(LAYERS)]
-    print("| case | ONNX Runtime ms | ours ms | ours / ORT |\n|---|---:|---:|---:|")
-    for rows, context, repeats in ((1, 300, 30), (1, 1500, 30), (256, 256, 5), (1024, 1024, 3)):
-        theirs = time_ms(session(kernels.SOURCE_DOMAIN, rows, args.threads), caches, rows, context, repeats)
-        ours = time_ms(session(kernels.DOMAIN, rows, args.threads), caches, rows, context, repeats)
+    other = " | other build ms | other / ours" if args.against else ""
+    print(f"| case | ONNX Runtime ms | ours ms | ours / ORT{other} |\n|---|---:|---:|---:|" + "---:|---:|" * bool(other))
+    for rows, context, repeats in ((1, 300, 5), (1, 1500, 5), (256, 256, 1), (1024, 1024, 1)):
+        sessions = {"ort": session(kernels.SOURCE_DOMAIN, rows, args.threads), "ours": session(kernels.DOMAIN, rows, args.threads)}
+        if args.against:
+            sessions["other"] = session(kernels.DOMAIN, rows, args.threads, args.against)
+        ms = {name: [] for name in sessions}
+        for _ in range(args.rounds if rows == 1 else max(2, args.rounds // 4)):
+            for name, sess in sessions.items():
+                ms[name].append(time_ms(sess, caches, rows, context, repeats))
+        med = {name: float(np.median(v)) for name, v in ms.items()}
         case = f"decode @{context}" if rows == 1 else f"prefill {rows}"
-        print(f"| {case} | {theirs:.2f} | {ours:.2f} | {ours / theirs:.2f} |", flush=True)
+        line = f"| {case} | {med['ort']:.2f} | {med['ours']:.2f} | {med['ours'] / med['ort']:.2f} |"
+        if args.against:
+            line += f" {med['other']:.2f} | {np.median([o / u for o, u in zip(ms['other'], ms['ours'])]):.3f} |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,10 @@ def machine_info(threads: int) -> dict:
 
 class ReadProbe:
     """Reads of a `gib` GiB float32 array with ONNX Runtime's ReduceSum on `threads` threads (the
-    runtime and thread pool that decode with; numpy's sum would hold the GIL and use one core)."""
+    runtime and thread pool that decode with; numpy's sum would hold the GIL and use one core).
+    Its threads stop spinning when a read returns, as the runtime's do (`stop_spinning`)."""
 
-    def __init__(self, threads: int, gib: float):
+    def __init__(self, threads: int, gib: float, stop_spinning: bool = True):
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -95,7 +96,8 @@ class ReadProbe:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's (runtime._options)
+        if stop_spinning:  # as the runtime's sessions (runtime._options)
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self.data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
         self.sess.run(None, {"x": self.data})  # warm-up: pages touched

@@ -215,6 +215,22 @@ static size_t release_file_pages(const void *data, size_t bytes) {
     return hi - lo;
 }
 
+#define IE_HUGE_PAGE ((size_t)2 << 20)
+/* Room for packed weights: from a huge page's size on, aligned to huge pages and marked for them
+ * (transparent huge pages in "madvise" mode, a common default and this machine's, give anonymous
+ * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
+ * probe reads huge pages too). Decode streams every weight once per token; on 4 KB pages the
+ * sequential kernel read 88% of an AVX-512 read loop's bandwidth, on 2 MB pages 97-100%
+ * (BENCHMARKS.md, "Weights repacked for sequential reads"). The last huge page may be partly
+ * unused: at most 2 MB per linear, 38 MB over InternVL3-2B's 56 linears of 2 MB or more. */
+static uint8_t *alloc_weights(size_t bytes) {
+    if (bytes < IE_HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    const size_t rounded = (bytes + IE_HUGE_PAGE - 1) & ~(IE_HUGE_PAGE - 1);
+    uint8_t *p = (uint8_t *)aligned_alloc(IE_HUGE_PAGE, rounded);
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+    return p;
+}
+
 /* q4_pack's copy of B when B is a constant and the kernel takes packed weights for these shapes:
  * *packed NULL otherwise (Compute then reads B as it comes). */
 static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, uint8_t **packed) {
@@ -225,7 +241,7 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     void *b = NULL;
     if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, (int64_t)bytes, &b) != 1 || !b) return NULL;
-    uint8_t *out = (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    uint8_t *out = alloc_weights(bytes);
     if (!out) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
     q4_problem p;
     memset(&p, 0, sizeof p);
