@@ -144,9 +144,9 @@ class OrtBackend:
         # "Memory and load")
         so.enable_cpu_mem_arena = False
         # the pool's threads spin between the parallel parts of a run (ORT's default, which decode
-        # needs), but stop when the run returns: left spinning 20-50 ms, they took a core from the
-        # next net's threads (vision -> prefill, another session, another process), which then ran
-        # up to 1.8x slower (BENCHMARKS.md, "Spinning threads between runs")
+        # needs), but stop when the run returns: left spinning, they took a core from the next net's
+        # threads (vision -> prefill, another session), which then ran up to 1.8x slower
+        # (benchmarks/spinning.py; BENCHMARKS.md, "Spinning threads between runs")
         so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
@@ -265,8 +265,8 @@ class OrtBackend:
     # -- heads -------------------------------------------------------------------------------------
     def greedy(self, logits: np.ndarray) -> np.ndarray:
         """The greedy head's ArgMax, computed by numpy on this backend: the same first-maximum rule
-        as the bundle's net (ONNX ArgMax, select_last_index=0), 0.05 ms a token in the decode loop
-        where ONNX Runtime's session takes 0.2 ms (InternVL3-2B's 151k logits, 2 cores)."""
+        as the bundle's net (ONNX ArgMax, select_last_index=0), without a session run's fixed cost,
+        which the decode loop pays every token."""
         return np.argmax(logits, axis=-1).astype(np.int64)
 
     @property

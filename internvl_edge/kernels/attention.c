@@ -24,7 +24,8 @@
 #ifndef IEA_ROW_KEYS
 #define IEA_ROW_KEYS 32     /* decode (row path): keys per block. A block's keys and values (2 x 32 x 512
                                bytes at head_dim 128) stay in L1 while every head of the group reads them;
-                               64 keys' did not, and decode attention ran 6-7% slower (BENCHMARKS.md) */
+                               64 keys' did not: decode attention at context 300 is 1.14x faster than with
+                               64, at 1500 the same (benchmarks/attention.py --against; BENCHMARKS.md) */
 #endif
 
 static int64_t past_length(const ie_attention *p, int64_t b) {

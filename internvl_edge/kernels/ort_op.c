@@ -219,10 +219,11 @@ static size_t release_file_pages(const void *data, size_t bytes) {
 /* Room for packed weights: from a huge page's size on, aligned to huge pages and marked for them
  * (transparent huge pages in "madvise" mode, a common default and this machine's, give anonymous
  * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
- * probe reads huge pages too). Decode streams every weight once per token; on 4 KB pages the
- * sequential kernel read 88% of an AVX-512 read loop's bandwidth, on 2 MB pages 97-100%
- * (BENCHMARKS.md, "Weights repacked for sequential reads"). The last huge page may be partly
- * unused: at most 2 MB per linear, 38 MB over InternVL3-2B's 56 linears of 2 MB or more. */
+ * probe reads huge pages too). Decode streams every weight once per token: a model of the kernel's
+ * loop on the packed layout read 93% of a plain read's bandwidth (2 MB pages) from 4 KB pages and
+ * 96% from 2 MB pages (benchmarks/stream_layouts.c; BENCHMARKS.md, "Weights repacked for
+ * sequential reads"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
+ * over InternVL3-2B's 56 linears of 2 MB or more. */
 static uint8_t *alloc_weights(size_t bytes) {
     if (bytes < IE_HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     const size_t rounded = (bytes + IE_HUGE_PAGE - 1) & ~(IE_HUGE_PAGE - 1);

@@ -55,10 +55,12 @@ size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block);
 void q4_blocks_fill(const q4_problem *p, void *table);
 void q4_run(const q4_problem *p, size_t task);
 
-/* B rearranged so that decode reads it as one sequential stream (what the hardware prefetcher
- * follows at full speed; the stored layout is 8 interleaved column streams to it, read ~20% slower
- * on 2 cores: BENCHMARKS.md, "Weights repacked for sequential reads"): per group of 8 columns, per
- * 128 weights of the (padded) K, the 8 columns' 64 bytes one after the other, each as stored:
+/* B rearranged so that decode reads it as one sequential stream, what the hardware prefetcher
+ * follows at full speed (the stored layout is 8 interleaved column streams to it: a model of the
+ * decode loop read it at 76% of a plain read's speed, this one at 93-96%, on 2 cores;
+ * benchmarks/stream_layouts.c, BENCHMARKS.md "Weights repacked for sequential reads"). Per group
+ * of 8 columns, per 128 weights of the (padded) K, the 8 columns' 64 bytes one after the other,
+ * each as stored:
  *
  *   packed[n / 8][k / 128][n % 8][64 bytes]   (the same size as B)
  *
