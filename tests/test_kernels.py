@@ -11,6 +11,7 @@ padded last block of nets/quant.py), odd block counts (a half-used zero-point by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -41,18 +42,19 @@ needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm
 
 def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4, b_fed: bool = False, **attrs):
     """One MatMulNBits node; `b_fed`: B is a graph input (fed with each run), not a constant."""
-    inits = [numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
-             numpy_helper.from_array(w.zero_points.reshape(-1), "Z")]  # fmt: skip
+    inits = [numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S")]
+    if w.zero_points is not None:
+        inits.append(numpy_helper.from_array(w.zero_points.reshape(-1), "Z"))
     graph_inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)]
     if b_fed:
         graph_inputs.append(helper.make_tensor_value_info("B", TensorProto.UINT8, list(w.packed.shape)))
     else:
         inits.append(numpy_helper.from_array(w.packed, "B"))
-    inputs = ["A", "B", "S", "Z"]
+    inputs = ["A", "B", "S", "Z" if w.zero_points is not None else ""]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
         inputs += ["", "bias"]
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=w.K, N=w.N, bits=4,
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=w.K, N=w.N, bits=w.bits,
                             block_size=w.block_size, accuracy_level=accuracy_level, **attrs)  # fmt: skip
     graph = helper.make_graph([node], "q4", graph_inputs,
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
@@ -118,6 +120,43 @@ def test_weights_repacked_or_not_give_the_same_result(rows, N):
             assert np.abs(ours - theirs).max() <= 2e-4 * scale
 
 
+EIGHT_BIT_CASES = [  # (rows, K, N, block, bias, zero points given)
+    (1, 256, 96, 128, False, True),
+    (1, 1536, 203, 128, True, True),  # N not a multiple of 8: the last group padded
+    (3, 192, 33, 64, False, True),  # K padded to 256 in B
+    (5, 640, 40, 256, True, False),  # no zero points: 128, as MatMulNBits' default
+    (40, 128, 8, 64, False, True),  # more rows than decode has (the server's batches)
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,K,N,block,with_bias,zero_points", EIGHT_BIT_CASES)
+def test_8bit_weights_match_onnxruntime(rows, K, N, block, with_bias, zero_points):
+    """8-bit weights (the decoder's lm_head at --lm-head-bits 8) on the VNNI instruction sets: equal to
+    ONNX Runtime's MatMulNBits bits=8 within float rounding; elsewhere the op refuses them (the
+    runtime leaves such nodes to ONNX Runtime)."""
+    rng = np.random.default_rng(rows * 7 + K + N)
+    w = quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 8, block)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    a = rng.standard_normal((1, rows, K)).astype(np.float32)
+    a[0, 0, : K // 3] *= 20.0
+    if kernels.isa() not in kernels.EIGHT_BIT_ISAS:
+        with pytest.raises(Exception, match="bits=8 needs"):
+            _graph(w, kernels.DOMAIN, bias)
+        return
+    if not zero_points:  # the node without its zero-point input: both kernels then take 128
+        w = dataclasses.replace(w, zero_points=None)
+    before = kernels.pack_stats()[0]
+    ours = _graph(w, kernels.DOMAIN, bias).run(None, {"A": a})[0]
+    assert kernels.pack_stats()[0] - before == w.packed.size
+    theirs = _graph(w, "com.microsoft", bias).run(None, {"A": a})[0]
+    assert ours.shape == theirs.shape == (1, rows, N)
+    assert np.abs(ours - theirs).max() <= 2e-4 * np.abs(theirs).max()
+    if zero_points:  # against the float product of the dequantised weights: the int8 activation error only
+        exact = a @ w.dequantize().T + (bias if bias is not None else 0)
+        assert np.sqrt(np.mean((ours - exact) ** 2)) / np.sqrt(np.mean(exact**2)) < 0.02
+
+
 @needs_kernel
 def test_shapes_and_errors():
     w = quantize(np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32), 4, 128)
@@ -143,13 +182,21 @@ def test_rewrite_takes_only_what_the_kernel_computes():
 
 
 @needs_kernel
-def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch):
-    """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once;
-    INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS); both give logits within
-    the int8 activation noise of each other."""
+@pytest.mark.parametrize("lm_head_bits", [0, 8])
+def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head_bits):
+    """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once (an 8-bit
+    lm_head too, on VNNI CPUs); INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS);
+    both give logits within the int8 activation noise of each other."""
+    import onnx
+
     from internvl_edge.api import load
 
-    path = bundle("tiny_bf16", "w4bf16")
+    path = bundle("tiny_bf16", "w4bf16", **({"lm_head_bits": lm_head_bits} if lm_head_bits else {}))
+    if lm_head_bits:  # the lm_head node is moved where the 8-bit path runs, left to ORT elsewhere
+        decoder = onnx.load(os.path.join(path, "decoder.onnx"), load_external_data=False)
+        kernels.rewrite(decoder, 2)
+        head = next(n for n in decoder.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+        assert head.domain == (kernels.DOMAIN if kernels.isa() in kernels.EIGHT_BIT_ISAS else "com.microsoft")
     packed, released = kernels.pack_stats()
     fast = load(path)
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
@@ -244,6 +291,7 @@ def test_every_instruction_set_variant(variant):
     here = os.path.dirname(os.path.abspath(__file__))
     tests = [f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
              f"{here}/test_kernels.py::test_weights_repacked_or_not_give_the_same_result",
+             f"{here}/test_kernels.py::test_8bit_weights_match_onnxruntime",
              f"{here}/test_kernels.py::test_fused_swiglu_matches_the_unfused_graph",
              f"{here}/test_attention_kernel.py::test_matches_onnxruntime"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,

@@ -105,15 +105,26 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def takes(node) -> bool:
-    """Whether q4gemm computes this node: a com.microsoft MatMulNBits with 4-bit weights in blocks of
-    a multiple of 64, int8 activations (accuracy_level 4: what the kernel does) and no g_idx."""
+EIGHT_BIT_ISAS = ("avx512vnni", "avxvnni")  # q4gemm's 8-bit path needs u8 x s8 products summed in int32
+
+
+def takes(node, model=None) -> bool:
+    """Whether q4gemm computes this node: a com.microsoft MatMulNBits with int8 activations
+    (accuracy_level 4: what the kernel does), blocks of a multiple of 64 and no g_idx, and 4-bit
+    weights; or 8-bit ones (the decoder's lm_head at --lm-head-bits 8) on a VNNI CPU when B, scales and
+    zero points are initializers of `model` (the kernel packs them once; q4gemm.h)."""
     if node.op_type != OP or node.domain != SOURCE_DOMAIN:
         return False
     a = _attrs(node)
     has_g_idx = len(node.input) > 4 and node.input[4] != ""
-    return (a.get("bits") == 4 and a.get("accuracy_level", 0) == 4 and a.get("block_size", 0) % CHUNK == 0
-            and not has_g_idx)  # fmt: skip
+    if a.get("accuracy_level", 0) != 4 or a.get("block_size", 0) % CHUNK or a.get("block_size", 0) > 1024 or has_g_idx:
+        return False
+    if a.get("bits") == 8:
+        if model is None or isa() not in EIGHT_BIT_ISAS:
+            return False
+        constants = {t.name for t in model.graph.initializer}
+        return all(name in constants for name in node.input[1:4] if name)
+    return a.get("bits") == 4
 
 
 def _shape(model, name: str) -> list[int | None] | None:
@@ -178,6 +189,8 @@ def fuse_swiglu(model) -> int:
     for mm in nodes:
         if mm.domain != DOMAIN or mm.op_type != OP or any(a.name == "swiglu" for a in mm.attribute):
             continue
+        if _attrs(mm).get("bits") != 4:  # the fused epilogue is the 4-bit path's
+            continue
         split = only_user(mm.output[0], "Split")
         if split is None or len(split.output) != 2 or len(split.input) != 2 or _attrs(split).get("axis", 0) != -1:
             continue
@@ -215,7 +228,7 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
 
     moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0}
     for node in model.graph.node:
-        if enabled("matmul") and takes(node):
+        if enabled("matmul") and takes(node, model):
             node.domain = DOMAIN
             if threads:
                 node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))

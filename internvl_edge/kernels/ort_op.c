@@ -1,10 +1,11 @@
 /* ONNX Runtime custom-op library: MatMulNBits in domain ai.internvl_edge (opset 1), a drop-in for
- * com.microsoft's MatMulNBits restricted to float32 A and bits=4, computed by q4gemm.h's kernel.
+ * com.microsoft's MatMulNBits restricted to float32 A and bits=4 (or 8, with a constant B on a VNNI
+ * CPU), computed by q4gemm.h's kernel.
  *
  *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block/2], scales float [N * ceil(K/block)],
  *            zero_points uint8 [N * ceil(K/block/2)] (optional), g_idx (optional, must be absent),
  *            bias float [N] (optional)
- *   attrs:   K, N, bits (must be 4), block_size; accuracy_level is accepted and ignored;
+ *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
  *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0);
  *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored)
  *   output:  Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
@@ -39,7 +40,7 @@ const ortabi_custom_op *ie_attention_op(void); /* ort_attention.c: NULL where it
 enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_COUNT };
 
 typedef struct {
-    int64_t k, n, block;
+    int64_t k, n, block, bits;
     int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
     int64_t swiglu;  /* attribute `swiglu`: output silu(Y[..., :N/2]) * Y[..., N/2:] */
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
@@ -50,11 +51,14 @@ typedef struct {
  * (internvl_edge_pack_stats: the tests check that the weights are not held twice). */
 static size_t g_packed_bytes, g_released_bytes;
 
+/* zero_points' length: one nibble per block at 4 bits, one byte at 8 */
+static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) { return n * (bits == 8 ? blocks : (blocks + 1) / 2); }
+
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
 static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
-    const int64_t k = kn->k, n = kn->n, block = kn->block;
+    const int64_t k = kn->k, n = kn->n, block = kn->block, bits = kn->bits;
     const int64_t blocks = (k + block - 1) / block;
 
     /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
@@ -80,14 +84,14 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     TRY(ie_describe(IE_OP, in[IN_B], "B", &d));
     if (d.type != ORTABI_TYPE_UINT8) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
                                                   (int)d.type);
-    if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block / 2)
+    if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
         return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
-                     (long long)n, (long long)blocks, (long long)(block / 2), d.rank, (long long)d.count);
+                     (long long)n, (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
     TRY(ie_describe(IE_OP, in[IN_SCALES], "scales", &d));
     TRY(ie_expect(IE_OP, &d, "scales", ORTABI_TYPE_FLOAT, "float32", n * blocks));
     if (in[IN_ZERO_POINTS]) {
         TRY(ie_describe(IE_OP, in[IN_ZERO_POINTS], "zero_points", &d));
-        TRY(ie_expect(IE_OP, &d, "zero_points", ORTABI_TYPE_UINT8, "uint8", n * ((blocks + 1) / 2)));
+        TRY(ie_expect(IE_OP, &d, "zero_points", ORTABI_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
     }
     if (in[IN_BIAS]) {
         TRY(ie_describe(IE_OP, in[IN_BIAS], "bias", &d));
@@ -125,6 +129,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.block = block;
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
     p.packed = kn->packed != NULL;
+    p.bits = (int)bits;
 
     q4_plan_t plan;
     if (q4_plan(&p, &plan) != 0) {
@@ -161,16 +166,17 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
 /* The kernel's table of scales and zero points, when they are constants and the kernel takes one
  * for these shapes: *table NULL otherwise (Compute then passes the tensors as they come). A copy:
  * nothing of the constant tensors is kept. */
-static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, void **table) {
+static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
+                             void **table) {
     *table = NULL;
-    const size_t bytes = q4_blocks_bytes(n, k, block);
+    const size_t bytes = q4_blocks_bytes(n, k, block, (int)bits);
     if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
     size_t count = 0;
     if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     const int64_t blocks = (k + block - 1) / block;
     void *scales = NULL, *zero_points = NULL;
     if (ie_constant_input(info, count, IN_SCALES, ORTABI_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
-    const int zp = ie_constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, n * ((blocks + 1) / 2),
+    const int zp = ie_constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, zero_point_count(n, blocks, bits),
                                   &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
@@ -181,6 +187,7 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     p.n = n;
     p.k = k;
     p.block = block;
+    p.bits = (int)bits;
     p.scales = (const float *)scales;
     p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
     q4_blocks_fill(&p, t);
@@ -234,14 +241,16 @@ static uint8_t *alloc_weights(size_t bytes) {
 
 /* q4_pack's copy of B when B is a constant and the kernel takes packed weights for these shapes:
  * *packed NULL otherwise (Compute then reads B as it comes). */
-static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, uint8_t **packed) {
+static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
+                              uint8_t **packed) {
     *packed = NULL;
-    const size_t bytes = q4_packed_bytes(n, k, block);
-    if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
+    const size_t bytes = q4_packed_bytes(n, k, block, (int)bits);
+    if (bytes == 0 || bytes > SIZE_MAX - IE_HUGE_PAGE) return NULL;
     size_t count = 0;
     if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     void *b = NULL;
-    if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, (int64_t)bytes, &b) != 1 || !b) return NULL;
+    const int64_t stored = n * ((k + block - 1) / block) * (block * bits / 8); /* B's elements */
+    if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
     uint8_t *out = alloc_weights(bytes);
     if (!out) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
     q4_problem p;
@@ -249,10 +258,11 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     p.n = n;
     p.k = k;
     p.block = block;
+    p.bits = (int)bits;
     p.b = (const uint8_t *)b;
     q4_pack(&p, out);
-    __atomic_add_fetch(&g_packed_bytes, bytes, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&g_released_bytes, release_file_pages(b, bytes), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_packed_bytes, (size_t)stored, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_released_bytes, release_file_pages(b, (size_t)stored), __ATOMIC_RELAXED);
     *packed = out;
     return NULL;
 }
@@ -267,14 +277,22 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     TRY(ie_get_int(IE_OP, info, "N", &n));
     TRY(ie_get_int(IE_OP, info, "bits", &bits));
     TRY(ie_get_int(IE_OP, info, "block_size", &block));
-    if (bits != 4) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4", (long long)bits);
+    if (bits != 4 && bits != 8)
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
     if (k <= 0 || n <= 0 || block <= 0)
         return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
                      (long long)n, (long long)block);
     void *table = NULL;
     uint8_t *packed = NULL;
-    TRY(make_table(info, k, n, block, &table));
-    OrtStatus *s = ie_get_int_or(info, "pack", 1) ? make_packed(info, k, n, block, &packed) : NULL;
+    TRY(make_table(info, k, n, block, bits, &table));
+    /* 8-bit weights are computed from the packed layout only (q4gemm.h) */
+    OrtStatus *s = ie_get_int_or(info, "pack", 1) || bits == 8 ? make_packed(info, k, n, block, bits, &packed) : NULL;
+    if (!s && bits == 8 && (!packed || !table)) {
+        free(table);
+        free(packed);
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=8 needs B, scales and zero_points (if given) as constant "
+                        "initializers and a CPU with VNNI; leave the node to com.microsoft MatMulNBits otherwise");
+    }
     kernel_t *kn = s ? NULL : (kernel_t *)malloc(sizeof *kn);
     if (!kn) {
         free(table);
@@ -284,6 +302,7 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     kn->k = k;
     kn->n = n;
     kn->block = block;
+    kn->bits = bits;
     kn->batches = ie_get_int_or(info, "batches", 8);
     if (kn->batches < 1) kn->batches = 1;
     kn->swiglu = ie_get_int_or(info, "swiglu", 0) != 0;

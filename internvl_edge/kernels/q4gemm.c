@@ -276,13 +276,19 @@ int q4_supported(void) { return ie_isa() != IE_ISA_NONE ? 0 : -1; }
 
 const char *q4_isa(void) { return ie_isa_name(ie_isa()); }
 
-size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block)
+static int takes_8bit(int64_t n, int64_t k, int64_t block)
 {
+    return (ie_isa() == IE_ISA_AVX512VNNI || ie_isa() == IE_ISA_AVXVNNI) && n > 0 && k > 0 && block > 0 &&
+           block % Q4_CHUNK == 0 && block <= Q4_MAX_BLOCK;
+}
+
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits)
+{
+    if (bits == 8) /* every group of 8, the last one padded */
+        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY : 0;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (ie_isa() == IE_ISA_AVX512VNNI && block > 0 && block % 128 == 0 && n >= 8 && k > 0)
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY;
-#else
-    (void)n, (void)k, (void)block;
 #endif
     return 0;
 }
@@ -290,18 +296,29 @@ size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block)
 void q4_blocks_fill(const q4_problem *p, void *table)
 {
     const int64_t nblk = (p->k + p->block - 1) / p->block, zstride = (nblk + 1) / 2;
+    const int64_t groups = p->bits == 8 ? (p->n + 7) / 8 : p->n / 8;
     uint8_t *out = (uint8_t *)table;
-    for (int64_t g = 0; g < p->n / 8; g++)
+    for (int64_t g = 0; g < groups; g++)
         for (int64_t b = 0; b < nblk; b++, out += Q4_GROUP_ENTRY)
             for (int j = 0; j < 8; j++) {
                 const int64_t n = g * 8 + j;
+                if (n >= p->n) { /* a padding column: scale and zero point 0, so it adds nothing */
+                    memset(out + 4 * j, 0, 4);
+                    out[32 + j] = 0;
+                    continue;
+                }
                 memcpy(out + 4 * j, p->scales + n * nblk + b, 4);
-                out[32 + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+                if (p->bits == 8)
+                    out[32 + j] = p->zero_points ? p->zero_points[n * nblk + b] : 128;
+                else
+                    out[32 + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
             }
 }
 
-size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block)
+size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits)
 {
+    if (bits == 8)
+        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8 * 8) * (size_t)((k + block - 1) / block * block) : 0;
     if (n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
         return 0;
     return (size_t)n * (size_t)((k + block - 1) / block * block) / 2;
@@ -310,6 +327,23 @@ size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block)
 void q4_pack(const q4_problem *p, uint8_t *out)
 {
     const int64_t kp = (p->k + p->block - 1) / p->block * p->block;
+    if (p->bits == 8) {
+        for (int64_t g = 0; g < (p->n + 7) / 8; g++)
+            for (int64_t k0 = 0; k0 < kp; k0 += Q4_CHUNK)
+                for (int64_t j = 0; j < 8; j++, out += Q4_CHUNK) {
+                    const int64_t n = g * 8 + j;
+                    if (n >= p->n) { /* padding column */
+                        memset(out, 0, Q4_CHUNK);
+                        continue;
+                    }
+                    const uint8_t *w = p->b + n * kp + k0;
+                    for (int i = 0; i < Q4_CHUNK / 2; i++) { /* even k first, then odd: the activations' order */
+                        out[i] = w[2 * i];
+                        out[Q4_CHUNK / 2 + i] = w[2 * i + 1];
+                    }
+                }
+        return;
+    }
     for (int64_t g = 0; g < p->n / 8; g++)
         for (int64_t k0 = 0; k0 < kp; k0 += 128)
             for (int64_t j = 0; j < 8; j++, out += 64)
@@ -320,11 +354,16 @@ int q4_plan(const q4_problem *p, q4_plan_t *plan)
 {
     if (p->block <= 0 || p->block % Q4_CHUNK || p->block > Q4_MAX_BLOCK || p->k <= 0 || p->m < 0 || p->n <= 0)
         return -1;
+    if (p->bits == 8 && (!p->packed || !p->blocks || p->swiglu || !takes_8bit(p->n, p->k, p->block)))
+        return -1;
+    if (p->bits != 0 && p->bits != 4 && p->bits != 8)
+        return -1;
     const int64_t nblk = (p->k + p->block - 1) / p->block;
     plan->scratch_bytes = (size_t)(p->m * nblk * p->block + 2 * p->m * nblk * (int64_t)sizeof(float));
     if (p->swiglu && p->n % 16) /* the up half must start on a group of 8 columns */
         return -1;
-    const int64_t width = p->swiglu ? p->n / 2 : p->n, cols = p->swiglu ? Q4_SWIGLU_COLS : Q4_TILE_COLS;
+    const int64_t width = p->swiglu ? p->n / 2 : p->bits == 8 ? (p->n + 7) / 8 * 8 : p->n;
+    const int64_t cols = p->swiglu ? Q4_SWIGLU_COLS : Q4_TILE_COLS;
     plan->tasks = (size_t)(((width + cols - 1) / cols) * ((p->m + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS));
     return 0;
 }

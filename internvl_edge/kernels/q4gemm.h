@@ -33,6 +33,7 @@ typedef struct {
     float *swiglu;            /* NULL, or [M, N/2]: silu(Y[:, :N/2]) * Y[:, N/2:] (Qwen's gate/up
                                  pair fused in one linear), with y then a scratch [M, N] */
     int packed;               /* b is in q4_pack()'s layout */
+    int bits;                 /* 4 (0 reads as 4) or 8: then b must be packed and blocks given (q4_plan) */
 } q4_problem;
 
 typedef struct {
@@ -51,7 +52,7 @@ void q4_quantize(const q4_problem *p);
 /* Scales and zero points rearranged for the decode path, prepared once per weight (the op does it
  * when the session is created, from the constant initializers): its size (0: no table is used for
  * these shapes on this CPU) and the filling, which reads p->n, k, block, scales and zero_points. */
-size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block);
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits);
 void q4_blocks_fill(const q4_problem *p, void *table);
 void q4_run(const q4_problem *p, size_t task);
 
@@ -65,8 +66,16 @@ void q4_run(const q4_problem *p, size_t task);
  *   packed[n / 8][k / 128][n % 8][64 bytes]   (the same size as B)
  *
  * q4_packed_bytes: its size, or 0 where the kernel takes no packed B (N not a multiple of 8, or
- * blocks not a multiple of 128). q4_pack reads p->n, k, block, b (stored layout) and writes `out`. */
-size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block);
+ * blocks not a multiple of 128). q4_pack reads p->n, k, block, bits, b (stored layout) and writes `out`.
+ *
+ * 8-bit weights (ONNX Runtime's MatMulNBits with bits=8: one byte per weight, zero point 128 unless
+ * given; the decoder's lm_head at --lm-head-bits 8) are computed from this layout only, on the VNNI
+ * instruction sets (u8 x s8 products summed in int32: AVX2's 16-bit pair sums would saturate):
+ *
+ *   packed8[n / 8][k / 64][n % 8][32 even-k bytes | 32 odd-k bytes]   (N padded to whole groups of 8)
+ *
+ * each 64 weights in the order the activations are quantised in, so one load pairs with them as is. */
+size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits);
 void q4_pack(const q4_problem *p, uint8_t *out);
 
 #endif

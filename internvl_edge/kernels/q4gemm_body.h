@@ -164,8 +164,68 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
     }
 }
 
+#ifdef Q4_DPBUSD
+/* 8-bit weights (q4gemm.h: packed8 and the table, VNNI only), one row, 8 columns from n0: every 64
+ * weights of a column are one 32-byte load of even k and one of odd k, paired with the activations
+ * as they are stored; the block's 8 x 8 int32 sums reduced across lanes together, then scales and
+ * zero points as vectors over the columns (as tile8_avx512vnni does for 4 bits). */
+static inline __attribute__((always_inline)) void Q4_NAME(tile8_q8)(const q4_problem *p, int64_t r, int64_t n0)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch + r * K;
+    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
+    const float *ts = sa + p->m * nblk;
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const uint8_t *wb = p->b + (n0 / 8) * (8 * K);
+    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblk; b++) {
+        __m256i acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_setzero_si256();
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
+            const __m256i a_lo = _mm256_load_si256((const __m256i *)(qa + k0));
+            const __m256i a_hi = _mm256_load_si256((const __m256i *)(qa + k0 + 32));
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const uint8_t *wp = wb + (k0 / Q4_CHUNK * 8 + j) * Q4_CHUNK;
+                _mm_prefetch((const char *)(wp + Q4_PACKED_PREFETCH), _MM_HINT_T0);
+                acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)wp), a_lo);
+                acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)(wp + 32)), a_hi);
+            }
+        }
+        const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+        const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]), _mm256_hadd_epi32(acc[6], acc[7]));
+        const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                             _mm256_permute2x128_si256(u0, u1, 0x31));
+        const uint8_t *entry = group + b * Q4_GROUP_ENTRY;
+        const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
+        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
+        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])), facc);
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
+    }
+    float y[8];
+    _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
+    for (int j = 0; j < 8 && n0 + j < p->n; j++) /* the last group's padding columns are not outputs */
+        p->y[r * p->n + n0 + j] = y[j] + (p->bias ? p->bias[n0 + j] : 0.0f);
+}
+#endif
+
 static void Q4_NAME(run)(const q4_problem *p, size_t task)
 {
+#ifdef Q4_DPBUSD
+    if (p->bits == 8) { /* q4_plan: packed, with the table, on a VNNI instruction set */
+        const int64_t width = (p->n + 7) / 8 * 8, col_tiles = (width + Q4_TILE_COLS - 1) / Q4_TILE_COLS;
+        const int64_t n_lo = (int64_t)(task % col_tiles) * Q4_TILE_COLS;
+        const int64_t n_hi = n_lo + Q4_TILE_COLS < width ? n_lo + Q4_TILE_COLS : width;
+        const int64_t r_lo = (int64_t)(task / col_tiles) * Q4_TILE_ROWS;
+        const int64_t r_hi = r_lo + Q4_TILE_ROWS < p->m ? r_lo + Q4_TILE_ROWS : p->m;
+        for (int64_t r = r_lo; r < r_hi; r++)
+            for (int64_t n = n_lo; n < n_hi; n += 8)
+                Q4_NAME(tile8_q8)(p, r, n);
+        return;
+    }
+#endif
     const int64_t width = p->swiglu ? p->n / 2 : p->n; /* columns the tasks cover */
     const int64_t cols = p->swiglu ? Q4_SWIGLU_COLS : Q4_TILE_COLS;
     const int64_t col_tiles = (width + cols - 1) / cols;
