@@ -4,9 +4,9 @@ Decode is one M=1 `MatMulNBits` per linear layer: its speed bounds ours. This bu
 single op on the InternVL3-2B decoder's shapes (Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV
 heads of 128) with distinct random weights per copy (identical weights would stay in cache and
 flatter it), times them after a warm-up, and prints GB/s next to the machine's read bandwidth as the
-bench measures it (ONNX Runtime ReduceSum). The 4-bit shapes run twice, on ONNX Runtime's kernel
-(MLAS) and on ours (internvl_edge/kernels, the nodes moved as the runtime moves them), one after the
-other. Not part of CI.
+bench measures it (ONNX Runtime ReduceSum). The 4-bit shapes, and the 8-bit lm_head on a VNNI CPU,
+run twice, on ONNX Runtime's kernel (MLAS) and on ours (internvl_edge/kernels, the nodes moved as the
+runtime moves them), one after the other. Not part of CI.
 
     python benchmarks/matmulnbits.py --threads 2
     python benchmarks/matmulnbits.py --threads 1 --hot   # compute ceiling: 1536 x 512 weights, in cache
@@ -66,10 +66,11 @@ def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, h
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's sessions
     model = graph(k, n, bits, block, copies, accuracy_level, shared=hot)
     repeats = 50 if hot else 10
     if ours:
-        kernels.rewrite(model)
+        kernels.rewrite(model, threads)
         so.register_custom_ops_library(kernels.library_path())
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).random((1, k), dtype=np.float32)
@@ -99,7 +100,8 @@ def main() -> None:
     for name, (k, n, bits, copies) in shapes.items():
         ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, hot=args.hot)
         line = f"{name:14s} K={k:5d} N={n:6d} {bits}-bit: onnxruntime {ms:7.3f} ms each, {gbs:5.1f} GB/s"
-        if ours_here and bits == 4 and args.accuracy_level == 4:
+        ours_takes = bits == 4 or (bits == 8 and kernels.isa() in kernels.EIGHT_BIT_ISAS)  # its 8-bit path: VNNI
+        if ours_here and ours_takes and args.accuracy_level == 4:
             ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True,
                                  hot=args.hot)  # fmt: skip
             line += f" | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s"
