@@ -51,6 +51,17 @@ typedef struct {
  * (internvl_edge_pack_stats: the tests check that the weights are not held twice). */
 static size_t g_packed_bytes, g_released_bytes;
 
+/* A problem with only the weight's shape set: what the table and packing functions read. */
+static q4_problem weight_shape(int64_t k, int64_t n, int64_t block, int64_t bits) {
+    q4_problem p;
+    memset(&p, 0, sizeof p);
+    p.n = n;
+    p.k = k;
+    p.block = block;
+    p.bits = (int)bits;
+    return p;
+}
+
 /* zero_points' length: one nibble per block at 4 bits, one byte at 8 */
 static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) { return n * (bits == 8 ? blocks : (blocks + 1) / 2); }
 
@@ -182,12 +193,7 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
 
     void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     if (!t) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
-    q4_problem p;
-    memset(&p, 0, sizeof p);
-    p.n = n;
-    p.k = k;
-    p.block = block;
-    p.bits = (int)bits;
+    q4_problem p = weight_shape(k, n, block, bits);
     p.scales = (const float *)scales;
     p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
     q4_blocks_fill(&p, t);
@@ -253,12 +259,7 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
     uint8_t *out = alloc_weights(bytes);
     if (!out) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
-    q4_problem p;
-    memset(&p, 0, sizeof p);
-    p.n = n;
-    p.k = k;
-    p.block = block;
-    p.bits = (int)bits;
+    q4_problem p = weight_shape(k, n, block, bits);
     p.b = (const uint8_t *)b;
     q4_pack(&p, out);
     __atomic_add_fetch(&g_packed_bytes, (size_t)stored, __ATOMIC_RELAXED);

@@ -38,6 +38,23 @@ static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_pr
 #include <immintrin.h>
 
 typedef float q4_v8f __attribute__((vector_size(32))); /* GCC vector extensions: the SwiGLU epilogue */
+
+/* The end of one block of an 8-column decode tile (4-bit tile8_avx512vnni, 8-bit tile8_q8): the 8
+ * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7], then scaled and
+ * zero-point corrected as vectors over the columns from the block's q4_blocks_fill entry:
+ *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
+ * AVX2 code, inlined into every instruction set's tiles (each a superset). */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+q4_block_end(const __m256i v[8], const uint8_t *entry, float sab, float tsb, __m256 *facc, __m256 *corr)
+{
+    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+    const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
+    const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
+    *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
+    *corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *corr);
+}
 typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
@@ -62,8 +79,7 @@ typedef int32_t q4_v8i __attribute__((vector_size(32)));
  * points come from q4_blocks_fill's table, laid out for exactly this (decoding them per call, or
  * gathering them, cost a third of the time).
  *
- *   8 columns x 16 lanes --(fold 512->256)--> 8 x 8 --(hadd tree)--> [c0 .. c7] int32
- *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
+ *   8 columns x 16 lanes --(fold 512->256)--> 8 x 8 --(q4_block_end)--> [c0 .. c7], scaled
  */
 #define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
@@ -107,15 +123,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++)
             v[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[j]), _mm512_extracti64x4_epi64(acc[j], 1));
-        const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                                             _mm256_permute2x128_si256(u0, u1, 0x31));
-        const uint8_t *entry = group + b * Q4_GROUP_ENTRY; /* q4_blocks_fill: 8 scales, 8 zero points */
-        const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
-        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
-        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])), facc);
-        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
+        q4_block_end(v, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
     }
     __m256 y = _mm256_sub_ps(facc, corr);
     if (p->bias)

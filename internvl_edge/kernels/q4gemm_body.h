@@ -167,8 +167,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
 #ifdef Q4_DPBUSD
 /* 8-bit weights (q4gemm.h: packed8 and the table, VNNI only), one row, 8 columns from n0: every 64
  * weights of a column are one 32-byte load of even k and one of odd k, paired with the activations
- * as they are stored; the block's 8 x 8 int32 sums reduced across lanes together, then scales and
- * zero points as vectors over the columns (as tile8_avx512vnni does for 4 bits). */
+ * as they are stored; each block ends in q4_block_end, as tile8_avx512vnni's do for 4 bits. */
 static inline __attribute__((always_inline)) void Q4_NAME(tile8_q8)(const q4_problem *p, int64_t r, int64_t n0)
 {
     const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
@@ -194,15 +193,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_q8)(const q4_pro
                 acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)(wp + 32)), a_hi);
             }
         }
-        const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-        const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]), _mm256_hadd_epi32(acc[6], acc[7]));
-        const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                                             _mm256_permute2x128_si256(u0, u1, 0x31));
-        const uint8_t *entry = group + b * Q4_GROUP_ENTRY;
-        const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
-        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
-        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])), facc);
-        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
+        q4_block_end(acc, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
     }
     float y[8];
     _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
