@@ -1,12 +1,15 @@
-"""Our own kernels for ONNX Runtime's CPU provider: the decoder's 4-bit linears and its attention.
+"""Our own kernels for ONNX Runtime's CPU provider: the decoder's 4-bit (and 8-bit) linears and its attention.
 
 Why a kernel of our own (the architecture says "ORT contrib ops where they are the fast path"):
 ONNX Runtime 1.32's MatMulNBits re-packs every 4-bit weight when a session is created (most of a
 2B bundle's load time: 2.35 s against 0.55 s with this kernel) and its prefill path is slower here;
 decode speed is the same for both, memory-bound (BENCHMARKS.md, "Our 4-bit kernel against ONNX
-Runtime's"). `q4gemm.c` computes the same thing (int8 activations per block, the weight layout as
-stored, results equal to MLAS's within float rounding): scales and zero points laid out once at
-load, 64-byte weight loads prefetched ahead for decode, a column-major int8 GEMM for prefill.
+Runtime's"). `q4gemm.c` computes the same thing (int8 activations per block, results equal to MLAS's
+within float rounding): each constant weight copied once at load into one sequential stream per 8
+columns on 2 MB pages (ORT's memory-mapped original handed back; decode 1.1x faster than on the
+stored layout: BENCHMARKS.md, "Decode against the roofline"), scales and zero points laid out once,
+weight loads prefetched ahead, a column-major int8 GEMM for prefill; on VNNI CPUs also 8-bit
+weights (the lm_head at --lm-head-bits 8).
 
 Attention (`attention.c`): ONNX Runtime's CPU GroupQueryAttention works one query head at a time,
 reading a KV head's cache once for each of the query heads that share it. Ours reads each KV head
@@ -55,8 +58,8 @@ def enabled(kind: str) -> bool:
 
 
 def pack_stats() -> tuple[int, int]:
-    """(bytes of 4-bit weights our MatMulNBits kernels copied into their sequential layout in this
-    process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
+    """(bytes of 4- and 8-bit weights our MatMulNBits kernels copied into their sequential layout in
+    this process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
     found = _library()
     if found is None:
         return 0, 0

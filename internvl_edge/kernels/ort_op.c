@@ -2,9 +2,9 @@
  * com.microsoft's MatMulNBits restricted to float32 A and bits=4 (or 8, with a constant B on a VNNI
  * CPU), computed by q4gemm.h's kernel.
  *
- *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block/2], scales float [N * ceil(K/block)],
- *            zero_points uint8 [N * ceil(K/block/2)] (optional), g_idx (optional, must be absent),
- *            bias float [N] (optional)
+ *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block * bits / 8], scales float
+ *            [N * ceil(K/block)], zero_points uint8 (optional: [N * ceil(K/block/2)] at 4 bits,
+ *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional)
  *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
  *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0);
  *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored)

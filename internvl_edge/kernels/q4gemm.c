@@ -38,6 +38,7 @@ static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_pr
 #include <immintrin.h>
 
 typedef float q4_v8f __attribute__((vector_size(32))); /* GCC vector extensions: the SwiGLU epilogue */
+typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
 /* The end of one block of an 8-column decode tile (4-bit tile8_avx512vnni, 8-bit tile8_q8): the 8
  * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7], then scaled and
@@ -55,7 +56,6 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, float sab, float tsb, __m
     *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
     *corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *corr);
 }
-typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
  * (w & 0xF0 = 16 q), which saves a shift per load; the block sum divides that half by 16 exactly. */
