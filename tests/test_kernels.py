@@ -101,7 +101,8 @@ def test_matches_onnxruntime_and_numpy(rows, K, N, block, with_bias):
 @pytest.mark.parametrize("rows,N", [(1, 64), (1, 40), (12, 40), (9, 56)])
 def test_weights_repacked_or_not_give_the_same_result(rows, N):
     """A constant B whose shapes the sequential layout takes (q4_pack: N a multiple of 8, blocks of
-    128 or 256) is repacked once; a fed B, or pack=0, is read as stored. All three agree with ORT.
+    128 or 256) is repacked once (on AVX512-VNNI; the other instruction sets read it as stored); a fed
+    B, or pack=0, is read as stored. All three agree with ORT.
     Rows cover decode (its 8-column tiles), prefill's 16-column tiles, and the 8 columns left over
     past the last 16 (N=40, 56), which take the generic tile on the packed layout."""
     rng = np.random.default_rng(rows + N)
@@ -111,10 +112,11 @@ def test_weights_repacked_or_not_give_the_same_result(rows, N):
         theirs = _graph(w, "com.microsoft", None).run(None, {"A": a})[0]
         before = kernels.pack_stats()[0]
         packed = _graph(w, kernels.DOMAIN, None).run(None, {"A": a})[0]
-        assert kernels.pack_stats()[0] - before == w.packed.size, "a constant B is repacked once"
+        repacked = w.packed.size if kernels.isa() in kernels.PACKED_4BIT_ISAS else 0
+        assert kernels.pack_stats()[0] - before == repacked, "a constant B is repacked once"
         as_stored = _graph(w, kernels.DOMAIN, None, pack=0).run(None, {"A": a})[0]
         fed = _graph(w, kernels.DOMAIN, None, b_fed=True).run(None, {"A": a, "B": w.packed})[0]
-        assert kernels.pack_stats()[0] - before == w.packed.size, "pack=0 and a fed B are not repacked"
+        assert kernels.pack_stats()[0] - before == repacked, "pack=0 and a fed B are not repacked"
         scale = np.abs(theirs).max()
         for ours in (packed, as_stored, fed):
             assert np.abs(ours - theirs).max() <= 2e-4 * scale
@@ -202,7 +204,8 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
     # the 4-bit weights were repacked, and ORT's memory-mapped originals handed back (whole pages)
     packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released)))
-    assert packed > 0 and released >= 0.9 * packed
+    if kernels.isa() in kernels.PACKED_4BIT_ISAS:
+        assert packed > 0 and released >= 0.9 * packed
     ids = np.arange(3, 40, dtype=np.int64)[None]
     cache = fast.backend.new_cache(1)
     ours = fast.backend.forward(cache, fast.backend.embed(ids), [ids.shape[1]]).copy()

@@ -327,7 +327,10 @@ size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits)
 {
     if (bits == 8)
         return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8 * 8) * (size_t)((k + block - 1) / block * block) : 0;
-    if (n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
+    /* 4 bits: where the 8-column decode tile reads it (AVX512-VNNI). The 256-bit instruction sets'
+     * 4-column tiles read it half a group at a time, and decoded 6% slower on it than on the stored
+     * layout (INTERNVL_EDGE_ISA=avxvnni benchmarks/kernels_ab.py --modes 1,unpacked; BENCHMARKS.md) */
+    if (ie_isa() != IE_ISA_AVX512VNNI || n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
         return 0;
     return (size_t)n * (size_t)((k + block - 1) / block * block) / 2;
 }
