@@ -101,8 +101,7 @@ def test_matches_onnxruntime_and_numpy(rows, K, N, block, with_bias):
 @pytest.mark.parametrize("rows,N", [(1, 64), (1, 40), (12, 40), (9, 56)])
 def test_weights_repacked_or_not_give_the_same_result(rows, N):
     """A constant B whose shapes the sequential layout takes (q4_pack: N a multiple of 8, blocks of
-    128 or 256) is repacked once (on AVX512-VNNI; the other instruction sets read it as stored); a fed
-    B, or pack=0, is read as stored. All three agree with ORT.
+    128 or 256) is repacked once; a fed B, or pack=0, is read as stored. All three agree with ORT.
     Rows cover decode (its 8-column tiles), prefill's 16-column tiles, and the 8 columns left over
     past the last 16 (N=40, 56), which take the generic tile on the packed layout."""
     rng = np.random.default_rng(rows + N)

@@ -109,7 +109,7 @@ def _attrs(node) -> dict:
 
 
 EIGHT_BIT_ISAS = ("avx512vnni", "avxvnni")  # q4gemm's 8-bit path needs u8 x s8 products summed in int32
-PACKED_4BIT_ISAS = ("avx512vnni",)  # where q4gemm repacks 4-bit weights (q4_packed_bytes says why)
+PACKED_4BIT_ISAS = ("avx512vnni", "avxvnni", "avx2")  # where q4gemm repacks 4-bit weights
 
 
 def takes(node, model=None) -> bool:

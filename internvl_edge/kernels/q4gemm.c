@@ -59,13 +59,16 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, float sab, float tsb, __m
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
  * (w & 0xF0 = 16 q), which saves a shift per load; the block sum divides that half by 16 exactly. */
-#define Q4_CONSTANTS const __m256i mf0 = _mm256_set1_epi8((char)0xF0);
+#define Q4_CONSTANTS const __m256i mf0 __attribute__((unused)) = _mm256_set1_epi8((char)0xF0);
 #define Q4_BLOCK_SUM(lo, hi) _mm256_add_epi32((lo), _mm256_srai_epi32((hi), 4))
 #define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                          \
     do {                                                                      \
         acc_lo = Q4_DPBUSD(acc_lo, _mm256_and_si256(w, m0f), a_lo);           \
         acc_hi = Q4_DPBUSD(acc_hi, _mm256_and_si256(w, mf0), a_hi);           \
     } while (0)
+/* the same 64 weights into one accumulator (the high nibbles shifted down): the 8-column tile's */
+#define Q4_DOT_ONE(acc, w, a_lo, a_hi) \
+    (acc = Q4_DPBUSD(Q4_DPBUSD(acc, _mm256_and_si256(w, m0f), a_lo), _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi))
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
@@ -229,6 +232,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #undef Q4_NAME
 #undef Q4_DPBUSD
 #undef Q4_DOT_CHUNK
+#undef Q4_DOT_ONE
 #undef Q4_CONSTANTS
 #undef Q4_BLOCK_SUM
 #pragma GCC pop_options
@@ -240,6 +244,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #define Q4_NAME(x) x##_avx2
 #define Q4_CONSTANTS const __m256i ones16 = _mm256_set1_epi16(1);
 #define Q4_BLOCK_SUM(lo, hi) ((void)(hi), (lo))
+#define Q4_DOT_ONE(acc, w, a_lo, a_hi) Q4_DOT_CHUNK(acc, acc, w, a_lo, a_hi) /* its sums are in acc_lo alone */
 #define Q4_DOT_CHUNK(acc_lo, acc_hi, w, a_lo, a_hi)                                                  \
     do {                                                                                              \
         const __m256i lo_ = _mm256_maddubs_epi16(_mm256_and_si256(w, m0f), a_lo);                     \
@@ -249,6 +254,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #include "q4gemm_body.h"
 #undef Q4_NAME
 #undef Q4_DOT_CHUNK
+#undef Q4_DOT_ONE
 #undef Q4_CONSTANTS
 #undef Q4_BLOCK_SUM
 #pragma GCC pop_options
@@ -294,10 +300,8 @@ size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits)
 {
     if (bits == 8) /* every group of 8, the last one padded */
         return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY : 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (ie_isa() == IE_ISA_AVX512VNNI && block > 0 && block % 128 == 0 && n >= 8 && k > 0)
+    if (ie_isa() != IE_ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY;
-#endif
     return 0;
 }
 
@@ -327,10 +331,7 @@ size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits)
 {
     if (bits == 8)
         return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8 * 8) * (size_t)((k + block - 1) / block * block) : 0;
-    /* 4 bits: where the 8-column decode tile reads it (AVX512-VNNI). The 256-bit instruction sets'
-     * 4-column tiles read it half a group at a time, and decoded 6% slower on it than on the stored
-     * layout (INTERNVL_EDGE_ISA=avxvnni benchmarks/kernels_ab.py --modes 1,unpacked; BENCHMARKS.md) */
-    if (ie_isa() != IE_ISA_AVX512VNNI || n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
+    if (n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
         return 0;
     return (size_t)n * (size_t)((k + block - 1) / block * block) / 2;
 }

@@ -65,8 +65,8 @@ void q4_run(const q4_problem *p, size_t task);
  *
  *   packed[n / 8][k / 128][n % 8][64 bytes]   (the same size as B)
  *
- * q4_packed_bytes: its size, or 0 where the kernel takes no packed B (N not a multiple of 8, blocks
- * not a multiple of 128, or an instruction set below AVX512-VNNI). q4_pack reads p->n, k, block, bits, b (stored layout) and writes `out`.
+ * q4_packed_bytes: its size, or 0 where the kernel takes no packed B (N not a multiple of 8, or
+ * blocks not a multiple of 128). q4_pack reads p->n, k, block, bits, b (stored layout) and writes `out`.
  *
  * 8-bit weights (ONNX Runtime's MatMulNBits with bits=8: one byte per weight, zero point 128 unless
  * given; the decoder's lm_head at --lm-head-bits 8) are computed from this layout only, on the VNNI

@@ -132,6 +132,46 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
         }
 }
 
+#ifndef Q4_DECODE_TILE8
+/* Decode (one row) on 8 columns of q4_pack's layout, 256 bits at a time (the AVX-512 build has its
+ * own, tile8_avx512vnni): per 64 weights of a column one 32-byte load, the 8 columns' loads one after
+ * the other in memory; each block ends in q4_block_end. */
+static inline __attribute__((always_inline)) void Q4_NAME(tile8_packed)(const q4_problem *p, int64_t r, int64_t n0)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch + r * K;
+    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
+    const float *ts = sa + p->m * nblk;
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    Q4_CONSTANTS
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const uint8_t *wb = p->b + (n0 / 8) * (K * 4);
+    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblk; b++) {
+        __m256i acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_setzero_si256();
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
+            const __m256i a_lo = _mm256_load_si256((const __m256i *)(qa + k0));
+            const __m256i a_hi = _mm256_load_si256((const __m256i *)(qa + k0 + 32));
+            const uint8_t *step = wb + k0 / 128 * 512 + (k0 % 128) / 2;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                _mm_prefetch((const char *)(step + j * 64 + Q4_PACKED_PREFETCH), _MM_HINT_T0);
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(step + j * 64));
+                Q4_DOT_ONE(acc[j], w, a_lo, a_hi);
+            }
+        }
+        q4_block_end(acc, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
+    }
+    __m256 y = _mm256_sub_ps(facc, corr);
+    if (p->bias)
+        y = _mm256_add_ps(y, _mm256_loadu_ps(p->bias + n0));
+    _mm256_storeu_ps(p->y + r * p->n + n0, y);
+}
+#endif
+
 /* e^x on 8 floats (vec_exp.h) for the fused SwiGLU's sigmoid: 250k of them per decoded token on
  * InternVL3-2B, too many for libm's scalar expf */
 IE_DEFINE_VEC_EXP(Q4_NAME(exp8), q4_v8f, q4_v8i)
@@ -156,6 +196,10 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
         if (p->blocks) /* full groups of 8 only: the table covers columns 0 .. 8 * (N / 8) - 1 */
             for (; n + 8 <= n_hi && n + 8 <= p->n / 8 * 8; n += 8)
                 Q4_DECODE_TILE8(p, r, n);
+#else
+        if (p->blocks && p->packed)
+            for (; n + 8 <= n_hi && n + 8 <= p->n / 8 * 8; n += 8)
+                Q4_NAME(tile8_packed)(p, r, n);
 #endif
         for (; n + 4 <= n_hi; n += 4)
             Q4_NAME(tile)(p, r, 1, n, 4);
