@@ -40,7 +40,7 @@ static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_pr
 typedef float q4_v8f __attribute__((vector_size(32))); /* GCC vector extensions: the SwiGLU epilogue */
 typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
-/* The end of one block of an 8-column decode tile (4-bit tile8_avx512vnni, 8-bit tile8_q8): the 8
+/* The end of one block of an 8-column decode tile (tile8_avx512vnni, tile8_sequential): the 8
  * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7], then scaled and
  * zero-point corrected as vectors over the columns from the block's q4_blocks_fill entry:
  *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])

@@ -132,11 +132,13 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
         }
 }
 
-#ifndef Q4_DECODE_TILE8
-/* Decode (one row) on 8 columns of q4_pack's layout, 256 bits at a time (the AVX-512 build has its
- * own, tile8_avx512vnni): per 64 weights of a column one 32-byte load, the 8 columns' loads one after
- * the other in memory; each block ends in q4_block_end. */
-static inline __attribute__((always_inline)) void Q4_NAME(tile8_packed)(const q4_problem *p, int64_t r, int64_t n0)
+/* Decode (one row) on 8 columns of q4_pack's layout, 256 bits at a time: the 8 columns' loads for
+ * each 64 weights lie one after the other in memory, and each block ends in q4_block_end. 4 bits:
+ * one 32-byte load per column (the AVX-512 build's 4-bit decode is tile8_avx512vnni); 8 bits
+ * (q4gemm.h: packed8, VNNI only): one load of its even k and one of its odd k, paired with the
+ * activations as they are stored. The last group of 8 may be padding past N (8 bits). */
+static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(const q4_problem *p, int64_t r, int64_t n0,
+                                                                          const int bits)
 {
     const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
     const int8_t *qa = (const int8_t *)p->scratch + r * K;
@@ -145,7 +147,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_packed)(const q4
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     Q4_CONSTANTS
     const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
-    const uint8_t *wb = p->b + (n0 / 8) * (K * 4);
+    const uint8_t *wb = p->b + (n0 / 8) * (bits == 8 ? 8 * K : 4 * K);
     __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m256i acc[8];
@@ -155,22 +157,29 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_packed)(const q4
         for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
             const __m256i a_lo = _mm256_load_si256((const __m256i *)(qa + k0));
             const __m256i a_hi = _mm256_load_si256((const __m256i *)(qa + k0 + 32));
-            const uint8_t *step = wb + k0 / 128 * 512 + (k0 % 128) / 2;
+            const uint8_t *step = wb + (bits == 8 ? k0 / Q4_CHUNK * 8 * Q4_CHUNK : k0 / 128 * 512 + (k0 % 128) / 2);
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
-                _mm_prefetch((const char *)(step + j * 64 + Q4_PACKED_PREFETCH), _MM_HINT_T0);
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(step + j * 64));
-                Q4_DOT_ONE(acc[j], w, a_lo, a_hi);
+                const uint8_t *wp = step + j * (bits == 8 ? Q4_CHUNK : 64);
+                _mm_prefetch((const char *)(wp + Q4_PACKED_PREFETCH), _MM_HINT_T0);
+                if (bits == 8) {
+#ifdef Q4_DPBUSD
+                    acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)wp), a_lo);
+                    acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)(wp + 32)), a_hi);
+#endif
+                } else {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)wp);
+                    Q4_DOT_ONE(acc[j], w, a_lo, a_hi);
+                }
             }
         }
         q4_block_end(acc, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
     }
-    __m256 y = _mm256_sub_ps(facc, corr);
-    if (p->bias)
-        y = _mm256_add_ps(y, _mm256_loadu_ps(p->bias + n0));
-    _mm256_storeu_ps(p->y + r * p->n + n0, y);
+    float y[8];
+    _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
+    for (int j = 0; j < 8 && n0 + j < p->n; j++)
+        p->y[r * p->n + n0 + j] = y[j] + (p->bias ? p->bias[n0 + j] : 0.0f);
 }
-#endif
 
 /* e^x on 8 floats (vec_exp.h) for the fused SwiGLU's sigmoid: 250k of them per decoded token on
  * InternVL3-2B, too many for libm's scalar expf */
@@ -199,7 +208,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
 #else
         if (p->blocks && p->packed)
             for (; n + 8 <= n_hi && n + 8 <= p->n / 8 * 8; n += 8)
-                Q4_NAME(tile8_packed)(p, r, n);
+                Q4_NAME(tile8_sequential)(p, r, n, 4);
 #endif
         for (; n + 4 <= n_hi; n += 4)
             Q4_NAME(tile)(p, r, 1, n, 4);
@@ -207,44 +216,6 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
             Q4_NAME(tile)(p, r, 1, n, 1);
     }
 }
-
-#ifdef Q4_DPBUSD
-/* 8-bit weights (q4gemm.h: packed8 and the table, VNNI only), one row, 8 columns from n0: every 64
- * weights of a column are one 32-byte load of even k and one of odd k, paired with the activations
- * as they are stored; each block ends in q4_block_end, as tile8_avx512vnni's do for 4 bits. */
-static inline __attribute__((always_inline)) void Q4_NAME(tile8_q8)(const q4_problem *p, int64_t r, int64_t n0)
-{
-    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
-    const int8_t *qa = (const int8_t *)p->scratch + r * K;
-    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
-    const float *ts = sa + p->m * nblk;
-    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
-    const uint8_t *wb = p->b + (n0 / 8) * (8 * K);
-    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nblk; b++) {
-        __m256i acc[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++)
-            acc[j] = _mm256_setzero_si256();
-        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
-            const __m256i a_lo = _mm256_load_si256((const __m256i *)(qa + k0));
-            const __m256i a_hi = _mm256_load_si256((const __m256i *)(qa + k0 + 32));
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                const uint8_t *wp = wb + (k0 / Q4_CHUNK * 8 + j) * Q4_CHUNK;
-                _mm_prefetch((const char *)(wp + Q4_PACKED_PREFETCH), _MM_HINT_T0);
-                acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)wp), a_lo);
-                acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)(wp + 32)), a_hi);
-            }
-        }
-        q4_block_end(acc, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
-    }
-    float y[8];
-    _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
-    for (int j = 0; j < 8 && n0 + j < p->n; j++) /* the last group's padding columns are not outputs */
-        p->y[r * p->n + n0 + j] = y[j] + (p->bias ? p->bias[n0 + j] : 0.0f);
-}
-#endif
 
 static void Q4_NAME(run)(const q4_problem *p, size_t task)
 {
@@ -257,7 +228,7 @@ static void Q4_NAME(run)(const q4_problem *p, size_t task)
         const int64_t r_hi = r_lo + Q4_TILE_ROWS < p->m ? r_lo + Q4_TILE_ROWS : p->m;
         for (int64_t r = r_lo; r < r_hi; r++)
             for (int64_t n = n_lo; n < n_hi; n += 8)
-                Q4_NAME(tile8_q8)(p, r, n);
+                Q4_NAME(tile8_sequential)(p, r, n, 8);
         return;
     }
 #endif
