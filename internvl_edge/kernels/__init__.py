@@ -57,6 +57,12 @@ def enabled(kind: str) -> bool:
     return setting in ("1", "unpacked") or setting == kind
 
 
+def repacks() -> bool:
+    """Whether our MatMulNBits copies constant 4-bit weights into its sequential layout: unless
+    INTERNVL_EDGE_KERNELS=unpacked."""
+    return os.environ.get("INTERNVL_EDGE_KERNELS", "1") != "unpacked"
+
+
 def pack_stats() -> tuple[int, int]:
     """(bytes of 4- and 8-bit weights our MatMulNBits kernels copied into their sequential layout in
     this process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
@@ -236,7 +242,7 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
             node.domain = DOMAIN
             if threads:
                 node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))
-            if os.environ.get("INTERNVL_EDGE_KERNELS") == "unpacked":
+            if not repacks():
                 node.attribute.append(helper.make_attribute("pack", 0))
             moved[OP] += 1
         elif enabled("attention") and isa() in ATTENTION_ISAS and takes_attention(node, model):
