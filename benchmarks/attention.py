@@ -6,10 +6,14 @@ caches bound in place as the runtime binds them; decode (one new row) at context
 prefill chunks of 256 and 1024 rows from an empty cache. Milliseconds for all 28, medians over
 rounds in which the kernels take turns (their sessions stop spinning when a run returns, as the
 runtime's do, so one does not slow the next). `--against LIB` adds another build of our library
-(another commit's `_q4*.so`) as a third column, with its time over ours. Not part of CI.
+(another commit's `_q4*.so`) as a third column, with its time over ours. The caches start on a
+page boundary, as the runtime allocates them (runtime.aligned_zeros); `--offsets 0,16` times our
+kernel on caches that many bytes past it as further columns (16: where numpy's own large arrays
+start). Not part of CI.
 
     python benchmarks/attention.py --threads 2
     python benchmarks/attention.py --threads 2 --against /tmp/old/_q4.so
+    python benchmarks/attention.py --threads 2 --offsets 0,16
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
+from internvl_edge.runtime import aligned_zeros
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
 
@@ -54,6 +59,21 @@ def session(domain: str, rows: int, threads: int, library: str | None = None):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def random_caches(offset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every layer's key and value caches, random, starting `offset` bytes past a page boundary."""
+    rng = np.random.default_rng(2)
+    shape, count = (1, KV_HEADS, CAPACITY, HEAD_DIM), KV_HEADS * CAPACITY * HEAD_DIM
+    caches = []
+    for _ in range(LAYERS):
+        pair = []
+        for _ in range(2):
+            flat = aligned_zeros((count + offset // 4,))[offset // 4 :]
+            flat[:] = rng.random(count, dtype=np.float32)
+            pair.append(flat.reshape(shape))
+        caches.append(tuple(pair))
+    return caches
+
+
 def time_ms(sess, caches, rows: int, context: int, repeats: int) -> float:
     io = sess.io_binding()
     for layer, (k, v) in enumerate(caches):
@@ -80,13 +100,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--against", help="another build of our library to time beside this one")
+    ap.add_argument("--offsets", default="", help="also time ours on caches this many bytes past a page boundary (e.g. 0,16)")
     args = ap.parse_args()
     if kernels.library_path() is None:
         raise SystemExit("error: our kernels are not built here (pip install . compiles them)")
-    rng = np.random.default_rng(2)
-    caches = [tuple(rng.random((1, KV_HEADS, CAPACITY, HEAD_DIM), dtype=np.float32) for _ in range(2)) for _ in range(LAYERS)]
+    offsets = [int(x) for x in args.offsets.split(",") if x]
+    caches = random_caches(0)
+    shifted = {off: random_caches(off) for off in offsets}
     other = " | other build ms | other / ours" if args.against else ""
-    print(f"| case | ONNX Runtime ms | ours ms | ours / ORT{other} |\n|---|---:|---:|---:|" + "---:|---:|" * bool(other))
+    other += "".join(f" | ours, offset {off} ms" for off in offsets)
+    print(f"| case | ONNX Runtime ms | ours ms | ours / ORT{other} |\n|---|---:|---:|---:|" + "---:|---:|" * bool(args.against)
+          + "---:|" * len(offsets))
     for rows, context, repeats in ((1, 300, 5), (1, 1500, 5), (256, 256, 1), (1024, 1024, 1)):
         sessions = {"ort": session(kernels.SOURCE_DOMAIN, rows, args.threads), "ours": session(kernels.DOMAIN, rows, args.threads)}
         if args.against:
@@ -95,11 +119,14 @@ def main() -> None:
         for _ in range(args.rounds if rows == 1 else max(2, args.rounds // 4)):
             for name, sess in sessions.items():
                 ms[name].append(time_ms(sess, caches, rows, context, repeats))
+            for off in offsets:
+                ms.setdefault(off, []).append(time_ms(sessions["ours"], shifted[off], rows, context, repeats))
         med = {name: float(np.median(v)) for name, v in ms.items()}
         case = f"decode @{context}" if rows == 1 else f"prefill {rows}"
         line = f"| {case} | {med['ort']:.2f} | {med['ours']:.2f} | {med['ours'] / med['ort']:.2f} |"
         if args.against:
             line += f" {med['other']:.2f} | {np.median([o / u for o, u in zip(ms['other'], ms['ours'])]):.3f} |"
+        line += "".join(f" {med[off]:.2f} |" for off in offsets)
         print(line, flush=True)
 
 

@@ -8,9 +8,11 @@ loaded, and then, round after round, times the same work on each in turn: a pref
 1024 tokens, and 16 greedy decode steps at contexts 300 and 1500 (from a cache prefilled once per
 setting, rewound to the context every round, so every round decodes the same positions). Medians,
 bests (the machine's fast state) and the median per-round speed ratio against the last mode. Not
-part of CI.
+part of CI. `--against LIB` adds another build of our library (another commit's `_q4*.so`, or one
+built with other -D settings) as one more setting, named "against", with all of its kernels.
 
     python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
+    python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against /tmp/other/_q4.so
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--modes", default="1,0", help="INTERNVL_EDGE_KERNELS settings, comma-separated")
     ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
+    ap.add_argument("--against", help="another build of our library, loaded as the setting \"against\"")
     args = ap.parse_args()
-    modes = args.modes.split(",")
+    modes = args.modes.split(",") + (["against"] if args.against else [])
     loaded = {}
+    ours = kernels.library_path
     for mode in modes:
-        os.environ["INTERNVL_EDGE_KERNELS"] = mode
-        kernels.library_path.cache_clear()
+        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode == "against" else mode
+        ours.cache_clear()
+        kernels.library_path = (lambda: args.against) if mode == "against" else ours  # what the runtime loads
         model = internvl_edge.load(args.bundle, threads=args.threads)
+        kernels.library_path = ours
         caches = {ctx: _prefilled(model, ctx) for ctx in CONTEXTS}
         loaded[mode] = (model, caches)
         print(f"loaded INTERNVL_EDGE_KERNELS={mode}: 4-bit linears {model.backend.q4_kernel}, attention "

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import kernels, ort_cache
 from .bundle import Manifest
+from .embedding_table import plain_table
 from .errors import UserError
 from .nets.decoder import kv_names
 from .sampling import SamplingParams
@@ -51,6 +52,18 @@ class KVCache:
             self.lengths[:] = 0
         else:
             self.lengths[slot] = 0
+
+
+def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
+    """Zeros that start on an `align`-byte boundary (lazily zeroed pages, as np.zeros). numpy's large
+    arrays start 16 bytes into the block malloc maps for them, so every 64-byte vector of a KV cache
+    row straddled two cache lines: decode attention at context 1500 ran 1.5x slower on such a cache
+    (benchmarks/attention.py --offsets 0,16; BENCHMARKS.md, "KV cache alignment")."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)  # the view keeps `raw` alive
 
 
 def checked_query_lens(backend, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
@@ -87,6 +100,14 @@ def parse_devid(devid: str | int | None) -> list[int]:
     return ids
 
 
+def _plain_table(path: str):
+    """embedding_table.plain_table, or None when the net cannot be read (its session reports why)."""
+    try:
+        return plain_table(path)
+    except Exception:  # onnx raises its own types for a damaged file; the session load names the problem
+        return None
+
+
 class OrtBackend:
     """ONNX Runtime sessions for a bundle's nets, CPU execution provider."""
 
@@ -116,11 +137,13 @@ class OrtBackend:
         self.sessions = {}
         self.q4_kernel = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
         self.attention_kernel = "onnxruntime"  # and its attention
+        # the converter's plain table lookup is read by numpy, without a session (embedding_table.py)
+        self.embedding_lookup = _plain_table(manifest.net_path("embedding"))
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
         # nothing else is resident (it sets the process's peak memory)
         by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
         for name in by_size:
-            if name == "greedy_head":  # computed by numpy here (greedy())
+            if name == "greedy_head" or (name == "embedding" and self.embedding_lookup is not None):  # numpy here
                 continue
             t0 = time.perf_counter()
             self.sessions[name] = self._session(name)
@@ -210,6 +233,8 @@ class OrtBackend:
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if self.embedding_lookup is not None:
+            return self.embedding_lookup(ids)
         return self.sessions["embedding"].run(None, {"input_ids": ids})[0]
 
     # -- decoder -----------------------------------------------------------------------------------
@@ -222,7 +247,7 @@ class OrtBackend:
         for layer in range(self.layers):
             past_k, past_v, present_k, present_v = kv_names(layer)
             # numpy owns the memory and the OrtValues wrap it (no copy), so slots can be copied with numpy
-            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            k, v = aligned_zeros(shape), aligned_zeros(shape)
             k_val, v_val = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
             binding.bind_ortvalue_input(past_k, k_val)
             binding.bind_ortvalue_input(past_v, v_val)
@@ -231,7 +256,7 @@ class OrtBackend:
             arrays += [k, v]
             values += [k_val, v_val]
         cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=arrays)
-        cache.binding = {"io": binding, "ortvalues": values, "logits": np.empty((batch, self.vocab), np.float32)}
+        cache.binding = {"io": binding, "ortvalues": values, "logits": aligned_zeros((batch, self.vocab))}
         binding.bind_output("logits", "cpu", 0, np.float32, [batch, self.vocab], cache.binding["logits"].ctypes.data)
         return cache
 
@@ -294,7 +319,8 @@ class OrtBackend:
 
         return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
                 "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel,
-                "attention_kernel": self.attention_kernel}  # fmt: skip
+                "attention_kernel": self.attention_kernel,
+                "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime"}  # fmt: skip
 
 
 def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None) -> OrtBackend:

@@ -20,8 +20,17 @@
 #define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
 #endif
 
+#ifndef Q4_PREFETCH_HINT
+#define Q4_PREFETCH_HINT _MM_HINT_NTA /* weights are read once per token: fetched without displacing
+                                         what decode reuses (KV rows, activations, the Python loop's
+                                         state) from L2 and L3. Decode 1.02-1.03x against T0
+                                         (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
+#endif
+
 #ifndef Q4_PACKED_PREFETCH
-#define Q4_PACKED_PREFETCH 4096 /* bytes ahead in q4_pack's layout, one stream: tuned on 2 cores */
+#define Q4_PACKED_PREFETCH 8192 /* bytes ahead in q4_pack's layout, one stream: tuned on 2 cores with
+                                   the NTA hint; decode 1.01-1.04x against 4096 and against 16384
+                                   (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
 #endif
 
 /* Column n's 32 bytes of weights k0 .. k0+63 (k0 a multiple of 64), in the stored layout or q4_pack's;
@@ -116,7 +125,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
                 const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
-                _mm_prefetch((const char *)(wp + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wp + ahead), Q4_PREFETCH_HINT);
                 const __m512i w = _mm512_loadu_si512((const void *)wp);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);

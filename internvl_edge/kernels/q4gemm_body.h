@@ -102,7 +102,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
 #pragma GCC unroll 4
             for (int j = 0; j < C; j++) {
                 const uint8_t *wp = q4_chunk(p, K, n0 + j, k0);
-                _mm_prefetch((const char *)(wp + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wp + ahead), Q4_PREFETCH_HINT);
                 const __m256i w = _mm256_loadu_si256((const __m256i *)wp);
 #pragma GCC unroll 4
                 for (int i = 0; i < R; i++)
@@ -161,7 +161,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(cons
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
                 const uint8_t *wp = step + j * (bits == 8 ? Q4_CHUNK : 64);
-                _mm_prefetch((const char *)(wp + Q4_PACKED_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wp + Q4_PACKED_PREFETCH), Q4_PREFETCH_HINT);
                 if (bits == 8) {
 #ifdef Q4_DPBUSD
                     acc[j] = Q4_DPBUSD(acc[j], _mm256_loadu_si256((const __m256i *)wp), a_lo);
