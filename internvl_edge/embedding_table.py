@@ -2,12 +2,11 @@
 
 nets/heads.build_embedding writes the net as one Gather of the token table (axis 0) and, for a
 half-precision table, a Cast of the gathered rows to float32 (and graph.py an Identity naming the
-output). When a bundle's net is exactly that,
-the CPU backend reads the table's rows straight from the bundle's data file (memory-mapped, as ONNX
-Runtime maps it) instead of running a session: right after a decode step has streamed ~1 GB of
-weights through the caches, a session run of the embedding net took 0.09-0.30 ms, against ~0.01 ms
-for this (`benchmarks/embedding_lookup.py`; BENCHMARKS.md, "Per-token time outside the nets"); at
-InternVL3-2B shapes that is up to 1.5% of a decoded token. Any other graph keeps the session.
+output). When a bundle's net is exactly that, the CPU backend reads the table's rows straight from
+the bundle's data file (memory-mapped, as ONNX Runtime maps it) instead of running a session: right
+after a decode step has streamed ~1 GB of weights through the caches, a session run of the net took
+0.10 ms (median), the lookup 0.06 ms (`benchmarks/embedding_lookup.py`; BENCHMARKS.md, "The token
+embedding without a session"). Any other graph keeps the session.
 
 The results are the same bits: a gather copies rows, and widening float16 or bfloat16 to float32 is
 exact (bfloat16 is the upper half of a float32, as ONNX's Cast defines it).

@@ -57,8 +57,9 @@ class KVCache:
 def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
     """Zeros that start on an `align`-byte boundary (lazily zeroed pages, as np.zeros). numpy's large
     arrays start 16 bytes into the block malloc maps for them, so every 64-byte vector of a KV cache
-    row straddled two cache lines: decode attention at context 1500 ran 1.5x slower on such a cache
-    (benchmarks/attention.py --offsets 0,16; BENCHMARKS.md, "KV cache alignment")."""
+    row straddled two cache lines: decode attention at context 1500 ran 1.15-1.4x slower on such a
+    cache, decode up to 4% (benchmarks/attention.py --offsets 0,16, benchmarks/kv_layout.py;
+    BENCHMARKS.md, "KV cache alignment")."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.zeros(nbytes + align, np.uint8)

@@ -23,7 +23,7 @@
 #ifndef Q4_PREFETCH_HINT
 #define Q4_PREFETCH_HINT _MM_HINT_NTA /* weights are read once per token: fetched without displacing
                                          what decode reuses (KV rows, activations, the Python loop's
-                                         state) from L2 and L3. Decode 1.02-1.03x against T0
+                                         state) from L2 and L3. Decode 1.01-1.03x against T0
                                          (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
 #endif
 
