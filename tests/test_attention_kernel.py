@@ -129,7 +129,7 @@ def test_rewrite_takes_only_the_decoders_attention():
     nodes = [_attention_node(), _attention_node(softcap=30.0), _attention_node(local_window_size=16),
              _attention_node(rotary_interleaved=1), _attention_node(inputs=unpacked), _attention_node(kv_num_heads=4)]
     model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
-    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0}
+    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
     moved = model.graph.node[0]
     assert list(moved.input) == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",

@@ -176,7 +176,7 @@ def test_rewrite_takes_only_what_the_kernel_computes():
     nodes = [node(), node(bits=8), node(level=1), node(block=32), node(g_idx="g"),
              helper.make_node("MatMul", ["A", "W"], ["Y"])]  # fmt: skip
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
-    assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0}
+    assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0, "norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.microsoft", "com.microsoft",
                                                      "com.microsoft", "com.microsoft", ""]  # fmt: skip
     assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
@@ -278,6 +278,100 @@ def test_swiglu_is_fused_only_where_the_pattern_is_whole():
     assert fused.graph.node[0].output[0] == "Y"
     assert kernels.fuse_swiglu(model(extra_use=True)) == 0
     assert kernels.fuse_swiglu(model(sizes=(40, 24))) == 0
+
+
+def _norm_graph(w, skipped: bool, fused: bool, extra_use: str = "", constant_skip: bool = False):
+    """An RMS norm (with a skip: its residual sum a second graph output) feeding one of our linears, as
+    nets/decoder.py writes it; `fused`: folded into the linear (asserted). `extra_use`: one of the
+    norm's outputs is a graph output too, so it must stay a node."""
+    rng = np.random.default_rng(1)
+    gamma = (1 + 0.1 * rng.standard_normal(w.K)).astype(np.float32)
+    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
+             numpy_helper.from_array(w.zero_points.reshape(-1), "Z"), numpy_helper.from_array(gamma, "gamma")]  # fmt: skip
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+    if skipped:
+        if constant_skip:
+            inits.append(numpy_helper.from_array(rng.standard_normal(w.K).astype(np.float32), "R"))
+        else:
+            inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, None))
+        norm = helper.make_node("SkipSimplifiedLayerNormalization", ["X", "R", "gamma"], ["H", "mean", "inv", "sum"],
+                                domain="com.microsoft", epsilon=1e-6)  # fmt: skip
+        outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, None))
+    else:
+        norm = helper.make_node("SimplifiedLayerNormalization", ["X", "gamma"], ["H"], axis=-1, epsilon=1e-6,
+                                stash_type=1)  # fmt: skip
+    if extra_use:
+        outputs.append(helper.make_tensor_value_info(extra_use, TensorProto.FLOAT, None))
+    mm = helper.make_node("MatMulNBits", ["H", "B", "S", "Z"], ["Y"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
+                          block_size=w.block_size, accuracy_level=4)  # fmt: skip
+    graph = helper.make_graph([norm, mm], "norm", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1),
+                                                    helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+    if fused:
+        assert kernels.fuse_norms(model) == 1
+        assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    return model
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.register_custom_ops_library(kernels.library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("skipped", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 40, 300])
+def test_fused_norm_matches_the_unfused_graph(skipped, rows):
+    """The norm folded into our linear gives ONNX Runtime's norm node's residual sum bit for bit and,
+    through the same 4-bit kernel, the same product to float rounding (the squares are summed in
+    another order); 40 and 300 rows are split over the thread pool."""
+    rng = np.random.default_rng(rows)
+    w = quantize(rng.standard_normal((96, 320)).astype(np.float32) * 0.1, 4, 64)
+    feeds = {"X": rng.standard_normal((1, rows, 320)).astype(np.float32) * 3}
+    if skipped:
+        feeds["R"] = rng.standard_normal((1, rows, 320)).astype(np.float32)
+    ours = _session(_norm_graph(w, skipped, fused=True)).run(None, feeds)
+    theirs = _session(_norm_graph(w, skipped, fused=False)).run(None, feeds)
+    assert ours[0].shape == theirs[0].shape == (1, rows, 96)
+    # a product 1e-7 apart can round to the neighbouring int8 step of the activation quantisation
+    np.testing.assert_allclose(ours[0], theirs[0], atol=2e-3 * np.abs(theirs[0]).max())
+    assert np.median(np.abs(ours[0] - theirs[0])) <= 1e-5 * np.abs(theirs[0]).max()
+    if skipped:
+        np.testing.assert_array_equal(ours[1], feeds["X"] + feeds["R"])
+        np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_norm_is_fused_only_where_the_pattern_is_whole():
+    w = quantize(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32), 4, 128)
+    assert kernels.fuse_norms(_norm_graph(w, True, fused=False)) == 1
+    assert kernels.fuse_norms(_norm_graph(w, False, fused=False)) == 1
+    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, extra_use="H")) == 0  # normed rows read elsewhere
+    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, extra_use="mean")) == 0
+    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, constant_skip=True)) == 0  # may broadcast
+    other = _norm_graph(w, True, fused=False)
+    other.graph.node[1].domain = "com.microsoft"  # ONNX Runtime's MatMulNBits: not ours to change
+    assert kernels.fuse_norms(other) == 0
+    fused = _norm_graph(w, True, fused=False)
+    kernels.fuse_norms(fused)
+    node = fused.graph.node[0]
+    assert list(node.input) == ["X", "B", "S", "Z", "", "", "R", "gamma"] and list(node.output) == ["Y", "sum"]
+
+
+@needs_kernel
+def test_fused_norm_refuses_what_it_does_not_take():
+    w = quantize(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32), 4, 128)
+    sess = _session(_norm_graph(w, True, fused=True))
+    x = np.ones((1, 2, 128), np.float32)
+    with pytest.raises(Exception, match=r"skip must have A's shape \(256 elements, 128 given\)"):
+        sess.run(None, {"X": x, "R": np.ones((128,), np.float32)})
+    model = _norm_graph(w, True, fused=True)
+    attr = next(a for a in model.graph.node[0].attribute if a.name == "norm_epsilon")
+    model.graph.node[0].attribute.remove(attr)
+    with pytest.raises(Exception, match="skip and gamma need attribute norm_epsilon"):
+        _session(model).run(None, {"X": x, "R": x})
 
 
 @needs_kernel

@@ -52,9 +52,15 @@ ATTENTION_ISAS = ("avx512vnni", "avxvnni", "avx2")
 def enabled(kind: str) -> bool:
     """Whether our kernel of this kind ("matmul", "attention") may replace ONNX Runtime's, by
     INTERNVL_EDGE_KERNELS: 1 (default) both, 0 neither, or the one kind to keep; "unpacked" is 1
-    with the 4-bit weights read as stored instead of repacked (to measure what the repacking gives)."""
+    with the 4-bit weights read as stored instead of repacked (to measure what the repacking gives),
+    "unfused" is 1 with the norms left as nodes of their own (what folding them gives: fuse_norms)."""
     setting = os.environ.get("INTERNVL_EDGE_KERNELS", "1")
-    return setting in ("1", "unpacked") or setting == kind
+    return setting in ("1", "unpacked", "unfused") or setting == kind
+
+
+def folds_norms() -> bool:
+    """Whether the rewrite folds norms into our linears (fuse_norms): unless INTERNVL_EDGE_KERNELS=unfused."""
+    return os.environ.get("INTERNVL_EDGE_KERNELS", "1") != "unfused"
 
 
 def repacks() -> bool:
@@ -229,14 +235,81 @@ def fuse_swiglu(model) -> int:
     return fused
 
 
+NORM_OPS = {("SkipSimplifiedLayerNormalization", SOURCE_DOMAIN), ("SimplifiedLayerNormalization", "")}
+
+
+def fuse_norms(model) -> int:
+    """Fold the RMS norm that feeds one of our MatMulNBits into it (attribute norm_epsilon, inputs
+    skip and gamma, the residual sum as the node's second output; rms_norm.h): a
+    SkipSimplifiedLayerNormalization (com.microsoft) with input, skip and gamma only, or a
+    SimplifiedLayerNormalization over the last axis, whose normed output that linear alone reads, whose
+    mean and inverse-deviation outputs nothing reads, whose gamma is a float constant of K values and
+    whose skip is computed (ours takes a skip of the input's shape; a constant one may be broadcast).
+    nets/decoder.py writes two per layer plus the final norm; as separate nodes they cost ~0.5 ms per
+    decoded token on InternVL3-2B shapes, mostly ONNX Runtime's dispatch (BENCHMARKS.md, "Norms
+    inside the linears"). Returns how many."""
+    from onnx import TensorProto, helper
+
+    nodes = model.graph.node
+    users: dict[str, list] = {}
+    producer = {}
+    for n in nodes:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+        for name in n.output:
+            producer[name] = n
+    graph_outputs = {o.name for o in model.graph.output}
+    floats = {t.name: list(t.dims) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+
+    def unused(name: str) -> bool:
+        return not users.get(name) and name not in graph_outputs
+
+    fused, dropped = 0, []
+    for mm in nodes:
+        if mm.domain != DOMAIN or mm.op_type != OP or any(a.name == "norm_epsilon" for a in mm.attribute):
+            continue
+        norm = producer.get(mm.input[0])
+        if norm is None or (norm.op_type, norm.domain) not in NORM_OPS or norm.output[0] != mm.input[0]:
+            continue
+        if users.get(mm.input[0]) != [mm] or mm.input[0] in graph_outputs:
+            continue
+        skipped = norm.op_type.startswith("Skip")
+        ins = [x for x in norm.input]
+        width = 3 if skipped else 2
+        if len(ins) < width or any(ins[width:]) or floats.get(ins[width - 1]) != [_attrs(mm)["K"]]:
+            continue
+        if skipped and ins[1] in floats:  # a constant skip may broadcast; ours takes one of A's shape
+            continue
+        a = _attrs(norm)
+        if not skipped and a.get("axis", -1) != -1:
+            continue
+        outs = list(norm.output)
+        if not all(unused(o) for o in outs[1:3] if o):
+            continue
+        total = outs[3] if skipped and len(outs) > 3 and outs[3] and not unused(outs[3]) else ""
+        while len(mm.input) < 6:
+            mm.input.append("")
+        mm.input[0] = ins[0]
+        mm.input.extend([ins[1] if skipped else "", ins[width - 1]])
+        if total:
+            mm.output.append(total)
+        mm.attribute.append(helper.make_attribute("norm_epsilon", float(a.get("epsilon", 1e-5))))
+        dropped.append(norm)
+        fused += 1
+    for n in dropped:
+        nodes.remove(n)
+    return fused
+
+
 def rewrite(model, threads: int | None = None) -> dict[str, int]:
     """Move the nodes our kernels take to our domain (in place, graph only), then fuse SwiGLU into
-    the moved gate/up linears. Returns how many moved, by op type, and how many were fused.
+    the moved gate/up linears and the norms that feed moved linears into them. Returns how many
+    moved, by op type, and how many of each were fused.
     `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
     contiguous ranges per thread (attribute `batches`; the op's default is 8)."""
     from onnx import helper
 
-    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0}
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0}
     for node in model.graph.node:
         if enabled("matmul") and takes(node, model):
             node.domain = DOMAIN
@@ -256,6 +329,7 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
             node.domain = DOMAIN
             moved[ATTENTION_OP] += 1
     moved["swiglu"] = fuse_swiglu(model)
+    moved["norm"] = fuse_norms(model) if folds_norms() else 0
     if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return moved

@@ -112,8 +112,10 @@ enum {
     ORTABI_SLOT_GetDimensionsCount = 61,
     ORTABI_SLOT_GetDimensions = 62,
     ORTABI_SLOT_GetTensorTypeAndShape = 65,
+    ORTABI_SLOT_KernelInfoGetAttribute_float = 85,
     ORTABI_SLOT_KernelInfoGetAttribute_int64 = 86,
     ORTABI_SLOT_KernelContext_GetInputCount = 88,
+    ORTABI_SLOT_KernelContext_GetOutputCount = 89,
     ORTABI_SLOT_KernelContext_GetInput = 90,
     ORTABI_SLOT_KernelContext_GetOutput = 91,
     ORTABI_SLOT_ReleaseStatus = 93,
@@ -131,6 +133,8 @@ typedef OrtStatus *(ORTABI_CALL *ortabi_CreateCustomOpDomain)(const char *domain
 typedef OrtStatus *(ORTABI_CALL *ortabi_CustomOpDomain_Add)(OrtCustomOpDomain *domain, const ortabi_custom_op *op);
 typedef OrtStatus *(ORTABI_CALL *ortabi_AddCustomOpDomain)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
 typedef void (ORTABI_CALL *ortabi_ReleaseCustomOpDomain)(OrtCustomOpDomain *domain);
+typedef OrtStatus *(ORTABI_CALL *ortabi_KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name,
+                                                                      float *out);
 typedef OrtStatus *(ORTABI_CALL *ortabi_KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name,
                                                                       int64_t *out);
 /* Inputs of the node (its input list as written, absent optional ones included, as empty names). */
@@ -144,6 +148,8 @@ typedef OrtStatus *(ORTABI_CALL *ortabi_KernelInfo_GetInputName)(const OrtKernel
 typedef OrtStatus *(ORTABI_CALL *ortabi_KernelInfoGetConstantInput_tensor)(const OrtKernelInfo *info, size_t index,
                                                                           int *is_constant, const OrtValue **out);
 typedef OrtStatus *(ORTABI_CALL *ortabi_KernelContext_GetInputCount)(const OrtKernelContext *ctx, size_t *out);
+/* Outputs of the node (its output list as written: trailing optional ones left out are not counted). */
+typedef OrtStatus *(ORTABI_CALL *ortabi_KernelContext_GetOutputCount)(const OrtKernelContext *ctx, size_t *out);
 typedef OrtStatus *(ORTABI_CALL *ortabi_KernelContext_GetInput)(const OrtKernelContext *ctx, size_t index,
                                                                 const OrtValue **out);
 typedef OrtStatus *(ORTABI_CALL *ortabi_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index,

@@ -64,6 +64,13 @@ int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallb
     return ie_dropped(ORTABI(g_api, KernelInfoGetAttribute_int64)(info, name, &v)) ? fallback : v;
 }
 
+int ie_get_float(const OrtKernelInfo *info, const char *name, float *out) {
+    float v = 0.0f;
+    if (ie_dropped(ORTABI(g_api, KernelInfoGetAttribute_float)(info, name, &v))) return 0;
+    *out = v;
+    return 1;
+}
+
 int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
                       int64_t elements, void **data) {
     *data = NULL;

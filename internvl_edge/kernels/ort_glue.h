@@ -39,6 +39,8 @@ int ie_dropped(OrtStatus *s);
 OrtStatus *ie_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out);
 /* Optional int64 attribute: its value, or `fallback` when absent. */
 int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
+/* Optional float attribute: 1 and its value in *out when present, else 0 (*out untouched). */
+int ie_get_float(const OrtKernelInfo *info, const char *name, float *out);
 /* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
  * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
  * initializer a feed may override), 1 a constant, with its data when it has the type and element

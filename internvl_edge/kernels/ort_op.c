@@ -4,13 +4,17 @@
  *
  *   inputs:  A float [..., K], B uint8 [N, ceil(K/block), block * bits / 8], scales float
  *            [N * ceil(K/block)], zero_points uint8 (optional: [N * ceil(K/block/2)] at 4 bits,
- *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional)
+ *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional),
+ *            skip float (optional, A's shape) and gamma float [K]: with norm_epsilon only
  *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
  *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0);
- *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored)
- *   output:  Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
+ *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored);
+ *            norm_epsilon (float, optional: the linear's input is the RMS norm of A + skip, see
+ *            rms_norm.h; kernels/__init__.py folds the norm node that feeds the linear into it)
+ *   outputs: Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
  *            gate/up pair of a SwiGLU MLP computed by one fused linear (kernels/__init__.py fuses
- *            the Split -> Sigmoid -> Mul -> Mul that follow it into the node)
+ *            the Split -> Sigmoid -> Mul -> Mul that follow it into the node);
+ *            sum float (optional, A's shape, with norm_epsilon and skip): A + skip, the residual
  *
  * Load with SessionOptions.register_custom_ops_library(path); ORT calls RegisterCustomOps. Only the
  * C ABI is used (ort_abi.h), no ORT headers or libraries are needed to build this.
@@ -31,18 +35,22 @@
 
 #include "ort_glue.h"
 #include "q4gemm.h"
+#include "rms_norm.h"
 
 #define IE_EXPORT __attribute__((visibility("default")))
 #define IE_OP "MatMulNBits"
 
 const ortabi_custom_op *ie_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
 
-enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_COUNT };
+enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_SKIP, IN_GAMMA, IN_COUNT };
+enum { OUT_Y, OUT_SUM, OUT_COUNT };
 
 typedef struct {
     int64_t k, n, block, bits;
     int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
     int64_t swiglu;  /* attribute `swiglu`: output silu(Y[..., :N/2]) * Y[..., N/2:] */
+    int norm;        /* attribute `norm_epsilon` given: the input is rms_norm(A + skip) * gamma */
+    float epsilon;
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
     uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
 } kernel_t;
@@ -67,6 +75,46 @@ static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) { retur
 
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
+#define NORM_ROWS_PER_TASK 16 /* a prefill's norm is split over the thread pool in tasks of this many rows */
+
+/* The fused norm's inputs checked, its output `sum` made when the node has one, and the normed rows
+ * computed into `normed` (m x k floats). */
+static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtValue *const in[IN_COUNT],
+                          const tensor_desc *a, float *normed) {
+    tensor_desc d;
+    if (!in[IN_GAMMA]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
+    TRY(ie_describe(IE_OP, in[IN_GAMMA], "gamma", &d));
+    TRY(ie_expect(IE_OP, &d, "gamma", ORTABI_TYPE_FLOAT, "float32", kn->k));
+    if (in[IN_SKIP]) {
+        TRY(ie_describe(IE_OP, in[IN_SKIP], "skip", &d));
+        TRY(ie_expect(IE_OP, &d, "skip", ORTABI_TYPE_FLOAT, "float32", d.count));
+        if (d.count != a->count) /* ONNX Runtime's norm would broadcast a [K] or [S, K] skip; ours does not */
+            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "skip must have A's shape (%lld elements, %lld given)",
+                         (long long)a->count, (long long)d.count);
+    }
+    size_t outputs = 0;
+    TRY(ORTABI(g_api, KernelContext_GetOutputCount)(ctx, &outputs));
+    OrtValue *sum = NULL;
+    if (outputs > OUT_SUM) {
+        if (!in[IN_SKIP]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "output sum needs input skip");
+        TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_SUM, a->dims, a->rank, &sum));
+    }
+    OrtStatus *s = NULL;
+    rms_norm_job job = {.epsilon = kn->epsilon, .m = a->count / kn->k, .k = kn->k, .normed = normed,
+                        .rows_per_task = NORM_ROWS_PER_TASK};
+    job.x = (const float *)ie_data_of(in[IN_A], &s);
+    if (!s) job.gamma = (const float *)ie_data_of(in[IN_GAMMA], &s);
+    if (!s && in[IN_SKIP]) job.skip = (const float *)ie_data_of(in[IN_SKIP], &s);
+    if (!s && sum) job.sum = (float *)ie_data_of(sum, &s);
+    if (s) return s;
+    const size_t tasks = (size_t)((job.m + NORM_ROWS_PER_TASK - 1) / NORM_ROWS_PER_TASK);
+    if (tasks <= 1) {
+        rms_norm_rows(&job, 0, job.m);
+        return NULL;
+    }
+    return ORTABI(g_api, KernelContext_ParallelFor)(ctx, rms_norm_task, tasks, 0, &job);
+}
+
 static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     const int64_t k = kn->k, n = kn->n, block = kn->block, bits = kn->bits;
@@ -82,6 +130,8 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     for (int i = IN_A; i <= IN_SCALES; i++)
         if (!in[i]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "required input %s is missing", required[i]);
     if (in[IN_G_IDX]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
+    if (!kn->norm && (in[IN_SKIP] || in[IN_GAMMA]))
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "inputs skip and gamma need attribute norm_epsilon");
 
     tensor_desc a, d;
     TRY(ie_describe(IE_OP, in[IN_A], "A", &a));
@@ -115,22 +165,34 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const int64_t m = a.count / k;
     OrtValue *y = NULL;
     TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
-    if (m == 0) return NULL;
+    if (m == 0 && !kn->norm) return NULL;
 
+    /* buffers of this call only, freed at `done` */
+    float *normed = NULL; /* the fused norm's result: the linear's input */
+    float *pair = NULL;   /* swiglu: the gate/up result, never seen outside this call */
+    void *scratch = NULL;
     OrtStatus *s = NULL;
     q4_problem p;
     memset(&p, 0, sizeof p);
-    p.a = (const float *)ie_data_of(in[IN_A], &s);
+    if (kn->norm) {
+        normed = (float *)malloc((size_t)(a.count > 0 ? a.count : 1) * sizeof(float));
+        s = normed ? prenorm(kn, ctx, in, &a, normed)
+                   : ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld floats)", (long long)a.count);
+        if (s || m == 0) goto done; /* no rows: the sum output, if any, is made (empty) */
+    }
+    p.a = normed ? normed : (const float *)ie_data_of(in[IN_A], &s);
     if (!s) p.b = kn->packed ? kn->packed : (const uint8_t *)ie_data_of(in[IN_B], &s);
     if (!s) p.scales = (const float *)ie_data_of(in[IN_SCALES], &s);
     if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ie_data_of(in[IN_ZERO_POINTS], &s);
     if (!s && in[IN_BIAS]) p.bias = (const float *)ie_data_of(in[IN_BIAS], &s);
     if (!s) p.y = (float *)ie_data_of(y, &s);
-    if (s) return s;
-    float *pair = NULL; /* swiglu: the gate/up result, never seen outside this call */
+    if (s) goto done;
     if (kn->swiglu) {
         pair = (float *)malloc((size_t)(m * n) * sizeof(float));
-        if (!pair) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
+        if (!pair) {
+            s = ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
+            goto done;
+        }
         p.swiglu = p.y;
         p.y = pair;
     }
@@ -144,17 +206,16 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
 
     q4_plan_t plan;
     if (q4_plan(&p, &plan) != 0) {
-        free(pair);
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
-                        "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
-                        (long long)k, (long long)n, (long long)block);
+        s = ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
+                     "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
+                     (long long)k, (long long)n, (long long)block);
+        goto done;
     }
-    void *scratch = NULL;
     if (plan.scratch_bytes) {
         scratch = aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
         if (!scratch) {
-            free(pair);
-            return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+            s = ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+            goto done;
         }
     }
     p.scratch = scratch;
@@ -169,8 +230,10 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
                                                      (size_t)(kn->batches < (int64_t)plan.tasks ? kn->batches
                                                                                                  : (int64_t)plan.tasks),
                                                      &p);
+done:
     free(scratch);
     free(pair);
+    free(normed);
     return s;
 }
 
@@ -307,6 +370,8 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     kn->batches = ie_get_int_or(info, "batches", 8);
     if (kn->batches < 1) kn->batches = 1;
     kn->swiglu = ie_get_int_or(info, "swiglu", 0) != 0;
+    kn->epsilon = 0.0f;
+    kn->norm = ie_get_float(info, "norm_epsilon", &kn->epsilon);
     kn->table = table;
     kn->packed = packed;
     *out = kn;
@@ -324,7 +389,7 @@ static void ORTABI_CALL destroy_kernel(void *kernel) {
 
 static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
 static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
-static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return 1; }
+static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return OUT_COUNT; }
 
 static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
     (void)op;
@@ -341,8 +406,7 @@ static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t 
 }
 static ortabi_io_kind ORTABI_CALL output_kind(const ortabi_custom_op *op, size_t i) {
     (void)op;
-    (void)i;
-    return ORTABI_IO_REQUIRED;
+    return i == OUT_Y ? ORTABI_IO_REQUIRED : ORTABI_IO_OPTIONAL;
 }
 
 /* Zeroed room after the struct: should an ORT ever read a field past version 16's, it reads NULL. */
