@@ -9,10 +9,13 @@ loaded, and then, round after round, times the same work on each in turn: a pref
 setting, rewound to the context every round, so every round decodes the same positions). Medians,
 bests (the machine's fast state) and the median per-round speed ratio against the last mode. Not
 part of CI. `--against LIB` adds another build of our library (another commit's `_q4*.so`, or one
-built with other -D settings) as one more setting, named "against", with all of its kernels.
+built with other -D settings) as one more setting, named "against", with all of its kernels;
+`--against-bundle B2` another conversion of the same checkpoint (made by another commit, or with
+other options), with all of our kernels, as the setting "bundle2".
 
     python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against /tmp/other/_q4.so
+    python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against-bundle B2
 """
 
 from __future__ import annotations
@@ -40,15 +43,16 @@ def main() -> None:
     ap.add_argument("--modes", default="1,0", help="INTERNVL_EDGE_KERNELS settings, comma-separated")
     ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
     ap.add_argument("--against", help="another build of our library, loaded as the setting \"against\"")
+    ap.add_argument("--against-bundle", help="another bundle of the same checkpoint, loaded as the setting \"bundle2\"")
     args = ap.parse_args()
-    modes = args.modes.split(",") + (["against"] if args.against else [])
+    modes = args.modes.split(",") + (["against"] if args.against else []) + (["bundle2"] if args.against_bundle else [])
     loaded = {}
     ours = kernels.library_path
     for mode in modes:
-        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode == "against" else mode
+        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode in ("against", "bundle2") else mode
         ours.cache_clear()
         kernels.library_path = (lambda: args.against) if mode == "against" else ours  # what the runtime loads
-        model = internvl_edge.load(args.bundle, threads=args.threads)
+        model = internvl_edge.load(args.against_bundle if mode == "bundle2" else args.bundle, threads=args.threads)
         kernels.library_path = ours
         caches = {ctx: _prefilled(model, ctx) for ctx in CONTEXTS}
         loaded[mode] = (model, caches)

@@ -72,3 +72,20 @@ def test_own_quantisation_error_is_bounded_and_zero_is_exact():
     assert np.all(err <= step / 2 + 1e-6)  # round to nearest: at most half a step
     zeros = quantize(np.zeros((2, 64), np.float32), 4, 32)
     assert np.array_equal(zeros.dequantize(), np.zeros((2, 64)))
+
+
+def test_our_4bit_scales_are_float16_values_where_float16_holds_them():
+    """nets/quant.py rounds its scales to float16 (as AWQ stores them), so that our kernel keeps them as
+    float16; scales below float16's normal range stay as computed; the codes follow the rounded scale."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 256)).astype(np.float32) * 0.05
+    w[3] *= 1e-4  # a row of tiny weights: scales below 2^-14
+    nb = quantize(w, 4, 128)
+    scales = nb.scales.reshape(16, 2)
+    normal = np.abs(scales) >= 2.0**-14
+    assert normal[0].all() and not normal[3].any()
+    assert np.array_equal(scales[normal].astype(np.float16).astype(np.float32), scales[normal])
+    exact = (w[3].reshape(2, 128).max(axis=1) - np.minimum(w[3].reshape(2, 128).min(axis=1), 0)) / 15
+    np.testing.assert_allclose(scales[3], exact, rtol=1e-6)
+    err = np.abs(nb.dequantize() - w)
+    assert (err <= nb.scales.reshape(16, 2).repeat(128, axis=1) * 0.5001).all()  # half a step at most

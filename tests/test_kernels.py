@@ -121,6 +121,32 @@ def test_weights_repacked_or_not_give_the_same_result(rows, N):
             assert np.abs(ours - theirs).max() <= 2e-4 * scale
 
 
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 12])
+def test_scale_table_in_float16_or_float(bits, rows):
+    """Weights whose scales are all float16 values (what nets/quant.py and AWQ give) get the table of
+    float16 scales, any other the table of float ones; both agree with ONNX Runtime, which reads the
+    same float32 scales. Rows: decode's 8-column tiles and prefill's 16-column ones."""
+    if bits == 8 and kernels.isa() not in kernels.EIGHT_BIT_ISAS:
+        pytest.skip("8-bit weights run on the VNNI instruction sets")
+    rng = np.random.default_rng(rows + bits)
+    w = quantize(rng.standard_normal((48, 512)).astype(np.float32) * 0.05, bits, 128)
+    assert np.array_equal(w.scales.astype(np.float16).astype(np.float32), w.scales)
+    off = dataclasses.replace(w, scales=(w.scales * np.float32(1 + 2.0**-20)).astype(np.float32))  # no float16 holds these
+    a = rng.standard_normal((1, rows, 512)).astype(np.float32)
+    sizes = []
+    for weight, table in ((w, 0), (off, 1)):
+        before = kernels.table_stats()
+        ours = _graph(weight, kernels.DOMAIN, None).run(None, {"A": a})[0]
+        made = [now - then for now, then in zip(kernels.table_stats(), before)]
+        assert made[table] > 0 and made[1 - table] == 0, made
+        sizes.append(made[table])
+        theirs = _graph(weight, "com.microsoft", None).run(None, {"A": a})[0]
+        assert np.abs(ours - theirs).max() <= 2e-4 * np.abs(theirs).max()
+    assert sizes[0] * 40 == sizes[1] * 24  # 24 bytes per 8 columns and block instead of 40
+
+
 EIGHT_BIT_CASES = [  # (rows, K, N, block, bias, zero points given)
     (1, 256, 96, 128, False, True),
     (1, 1536, 203, 128, True, True),  # N not a multiple of 8: the last group padded

@@ -23,7 +23,7 @@ It is a custom-op library (`ort_op.c`, `ort_attention.c`: plain C against ONNX R
 built by `pip install` as `_q4*.so`. The bundle keeps standard `com.microsoft` nodes; at load the
 decoder's 4-bit MatMulNBits with int8 activations (accuracy_level 4) and its GroupQueryAttention
 nodes of the form nets/decoder.py writes are moved to the `ai.internvl_edge` domain in memory when
-the library is here and the CPU can run it (x86-64 with AVX2+FMA; VNNI when present). Elsewhere
+the library is here and the CPU can run it (x86-64 with AVX2+FMA+F16C; VNNI when present). Elsewhere
 (another CPU, no compiler at install, INTERNVL_EDGE_KERNELS=0) nothing changes: the same bundle runs
 on ONNX Runtime's kernels. INTERNVL_EDGE_KERNELS=matmul or =attention keeps only that one of ours
 (to compare them one at a time).
@@ -79,6 +79,18 @@ def pack_stats() -> tuple[int, int]:
     packed, released = ctypes.c_uint64(), ctypes.c_uint64()
     lib.internvl_edge_pack_stats(ctypes.byref(packed), ctypes.byref(released))
     return packed.value, released.value
+
+
+def table_stats() -> tuple[int, int]:
+    """(bytes of scale tables with float16 scales, bytes with float ones) our MatMulNBits kernels made
+    in this process: float16 where every scale of a weight is a float16 value (q4gemm.h)."""
+    found = _library()
+    if found is None:
+        return 0, 0
+    lib = ctypes.CDLL(found[0])
+    f16, f32 = ctypes.c_uint64(), ctypes.c_uint64()
+    lib.internvl_edge_table_stats(ctypes.byref(f16), ctypes.byref(f32))
+    return f16.value, f32.value
 
 
 @cache

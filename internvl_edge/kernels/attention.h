@@ -44,7 +44,7 @@ typedef struct {
     size_t prepare_tasks, transpose_tasks, tasks;
 } ie_attention_plan_t;
 
-/* 0 when this CPU can run the kernel (x86-64 with AVX2 and FMA at least), else -1. */
+/* 0 when this CPU can run the kernel (x86-64 with AVX2, FMA and F16C at least), else -1. */
 int ie_attention_supported(void);
 /* 0 and the plan; or -1 and a message in `why` (shapes the kernel does not take: head_dim not a
  * multiple of 16 or above 256, heads not a multiple of kv_heads; or lengths out of range). */

@@ -11,7 +11,8 @@ const char *ie_isa_name(ie_isa_t isa) { return names[isa]; }
 #if defined(__x86_64__) && defined(__GNUC__)
 static int has(ie_isa_t isa) {
     __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* F16C (float16 scales in q4gemm's tables) came before AVX2 on every x86-64 line that has both */
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     switch (isa) {
     case IE_ISA_AVX2: return avx2;
     case IE_ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");

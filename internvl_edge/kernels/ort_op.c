@@ -52,12 +52,14 @@ typedef struct {
     int norm;        /* attribute `norm_epsilon` given: the input is rms_norm(A + skip) * gamma */
     float epsilon;
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
+    int table_f16; /* it holds float16 scales */
     uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
 } kernel_t;
 
 /* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
- * (internvl_edge_pack_stats: the tests check that the weights are not held twice). */
-static size_t g_packed_bytes, g_released_bytes;
+ * (internvl_edge_pack_stats: the tests check that the weights are not held twice); the bytes of
+ * their scale tables with float16 and with float scales (internvl_edge_table_stats). */
+static size_t g_packed_bytes, g_released_bytes, g_table_f16_bytes, g_table_f32_bytes;
 
 /* A problem with only the weight's shape set: what the table and packing functions read. */
 static q4_problem weight_shape(int64_t k, int64_t n, int64_t block, int64_t bits) {
@@ -201,6 +203,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.k = k;
     p.block = block;
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
+    p.blocks_f16 = kn->table_f16;
     p.packed = kn->packed != NULL;
     p.bits = (int)bits;
 
@@ -241,10 +244,10 @@ done:
  * for these shapes: *table NULL otherwise (Compute then passes the tensors as they come). A copy:
  * nothing of the constant tensors is kept. */
 static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
-                             void **table) {
+                             void **table, int *f16) {
     *table = NULL;
-    const size_t bytes = q4_blocks_bytes(n, k, block, (int)bits);
-    if (bytes == 0 || bytes > SIZE_MAX - 63) return NULL;
+    *f16 = 0;
+    if (q4_blocks_bytes(n, k, block, (int)bits, 0) == 0) return NULL;
     size_t count = 0;
     if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     const int64_t blocks = (k + block - 1) / block;
@@ -254,12 +257,16 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
                                   &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
+    *f16 = q4_scales_fit_f16((const float *)scales, (size_t)(n * blocks));
+    const size_t bytes = q4_blocks_bytes(n, k, block, (int)bits, *f16);
+    if (bytes > SIZE_MAX - 63) return NULL;
     void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     if (!t) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.scales = (const float *)scales;
     p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
-    q4_blocks_fill(&p, t);
+    q4_blocks_fill(&p, t, *f16);
+    __atomic_add_fetch(*f16 ? &g_table_f16_bytes : &g_table_f32_bytes, bytes, __ATOMIC_RELAXED);
     *table = t;
     return NULL;
 }
@@ -347,8 +354,9 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
         return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
                      (long long)n, (long long)block);
     void *table = NULL;
+    int table_f16 = 0;
     uint8_t *packed = NULL;
-    TRY(make_table(info, k, n, block, bits, &table));
+    TRY(make_table(info, k, n, block, bits, &table, &table_f16));
     /* 8-bit weights are computed from the packed layout only (q4gemm.h) */
     OrtStatus *s = ie_get_int_or(info, "pack", 1) || bits == 8 ? make_packed(info, k, n, block, bits, &packed) : NULL;
     if (!s && bits == 8 && (!packed || !table)) {
@@ -373,6 +381,7 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     kn->epsilon = 0.0f;
     kn->norm = ie_get_float(info, "norm_epsilon", &kn->epsilon);
     kn->table = table;
+    kn->table_f16 = table_f16;
     kn->packed = packed;
     *out = kn;
     return NULL;
@@ -446,6 +455,13 @@ IE_EXPORT void internvl_edge_pack_stats(uint64_t *packed, uint64_t *released) {
     *released = __atomic_load_n(&g_released_bytes, __ATOMIC_RELAXED);
 }
 
+/* Bytes of the scale tables made by this process's MatMulNBits kernels so far: with float16 scales
+ * and with float ones. */
+IE_EXPORT void internvl_edge_table_stats(uint64_t *f16, uint64_t *f32) {
+    *f16 = __atomic_load_n(&g_table_f16_bytes, __ATOMIC_RELAXED);
+    *f32 = __atomic_load_n(&g_table_f32_bytes, __ATOMIC_RELAXED);
+}
+
 /* The domain is handed to the session options and must outlive every session made from them, so it
  * is never released (one small object per registration). */
 IE_EXPORT OrtStatus *ORTABI_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -456,7 +472,7 @@ IE_EXPORT OrtStatus *ORTABI_CALL RegisterCustomOps(OrtSessionOptions *options, c
     }
     g_api = api;
     if (q4_supported() != 0)
-        return ie_error(IE_OP, ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2 and FMA); "
+        return ie_error(IE_OP, ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2, FMA and F16C); "
                      "use com.microsoft MatMulNBits instead");
     OrtCustomOpDomain *domain = NULL;
     TRY(ORTABI(api, CreateCustomOpDomain)(IE_DOMAIN, &domain));

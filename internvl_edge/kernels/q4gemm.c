@@ -14,7 +14,9 @@
 #define Q4_SWIGLU_COLS 128 /* gate (and as many up) columns of one fused SwiGLU task: each task jumps
                               from the gate half to the up half once, where prefetching restarts */
 #endif
-#define Q4_GROUP_ENTRY 40 /* q4_blocks_fill: per 8 columns and block, 8 float scales + 8 zero points */
+/* q4_blocks_fill's entry per 8 columns and block: 8 scales (float or float16), then 8 zero points */
+#define Q4_ENTRY_BYTES(f16) ((f16) ? 24 : 40)
+#define Q4_ENTRY_ZEROS(f16) ((f16) ? 16 : 32)
 #define Q4_MAX_BLOCK 1024 /* largest block size taken (a stack buffer pads a partial last block) */
 #ifndef Q4_PREFETCH
 #define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
@@ -49,19 +51,27 @@ static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_pr
 typedef float q4_v8f __attribute__((vector_size(32))); /* GCC vector extensions: the SwiGLU epilogue */
 typedef int32_t q4_v8i __attribute__((vector_size(32)));
 
+/* The 8 scales of a q4_blocks_fill entry as floats (float16 ones widened: exact). */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) __m256
+q4_entry_scales(const uint8_t *entry, const int f16)
+{
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)entry))
+               : _mm256_loadu_ps((const float *)(const void *)entry);
+}
+
 /* The end of one block of an 8-column decode tile (tile8_avx512vnni, tile8_sequential): the 8
  * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7], then scaled and
  * zero-point corrected as vectors over the columns from the block's q4_blocks_fill entry:
  *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
  * AVX2 code, inlined into every instruction set's tiles (each a superset). */
-__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-q4_block_end(const __m256i v[8], const uint8_t *entry, float sab, float tsb, __m256 *facc, __m256 *corr)
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab, float tsb, __m256 *facc, __m256 *corr)
 {
     const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
     const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-    const __m256 s8 = _mm256_loadu_ps((const float *)(const void *)entry);
-    const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + 32)));
+    const __m256 s8 = q4_entry_scales(entry, f16);
+    const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16))));
     *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
     *corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *corr);
 }
@@ -80,7 +90,7 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, float sab, float tsb, __m
     (acc = Q4_DPBUSD(Q4_DPBUSD(acc, _mm256_and_si256(w, m0f), a_lo), _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi))
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define Q4_NAME(x) x##_avx512vnni
 #define Q4_DPBUSD _mm256_dpbusd_epi32
 
@@ -102,7 +112,9 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
     const float *ts = sa + p->m * nblk;
     const __m512i m0f = _mm512_set1_epi8(0x0F);
-    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const int f16 = p->blocks_f16;
+    const int64_t entry = Q4_ENTRY_BYTES(f16);
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
     /* packed (q4_pack): the 8 columns' 64 bytes follow each other, 512 bytes per 128 weights; else
      * each column's weights are a run of K/2 bytes */
     const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
@@ -135,7 +147,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++)
             v[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[j]), _mm512_extracti64x4_epi64(acc[j], 1));
-        q4_block_end(v, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
+        q4_block_end(v, group + b * entry, f16, sa[b], ts[b], &facc, &corr);
     }
     __m256 y = _mm256_sub_ps(facc, corr);
     if (p->bias)
@@ -197,8 +209,10 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
                            _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 6))
         : _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(K / 2)));
     const uint8_t *w0 = p->packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
-    const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
-    const uint8_t *g1 = g0 + (size_t)nblk * Q4_GROUP_ENTRY;
+    const int f16 = p->blocks_f16;
+    const int64_t entry = Q4_ENTRY_BYTES(f16);
+    const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
+    const uint8_t *g1 = g0 + (size_t)nblk * entry;
     __m512i wt[2 * Q4_MAX_BLOCK / 8];
     for (int64_t r = r_lo; r < r_hi; r++) {
         float *y = p->y + r * p->n + n0;
@@ -212,12 +226,12 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
             wt[2 * s] = _mm512_and_si512(w, m0f);
             wt[2 * s + 1] = _mm512_and_si512(_mm512_srli_epi32(w, 4), m0f);
         }
-        const uint8_t *e0 = g0 + b * Q4_GROUP_ENTRY, *e1 = g1 + b * Q4_GROUP_ENTRY;
+        const uint8_t *e0 = g0 + b * entry, *e1 = g1 + b * entry;
         const __m512 s16 = _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castpd256_pd512(_mm256_loadu_pd((const double *)(const void *)e0)),
-            _mm256_loadu_pd((const double *)(const void *)e1), 1)); /* 8 + 8 float scales */
-        const __m128i z0 = _mm_loadl_epi64((const __m128i *)(const void *)(e0 + 32));
-        const __m128i z1 = _mm_loadl_epi64((const __m128i *)(const void *)(e1 + 32));
+            _mm512_castpd256_pd512(_mm256_castps_pd(q4_entry_scales(e0, f16))),
+            _mm256_castps_pd(q4_entry_scales(e1, f16)), 1)); /* 8 + 8 scales */
+        const __m128i z0 = _mm_loadl_epi64((const __m128i *)(const void *)(e0 + Q4_ENTRY_ZEROS(f16)));
+        const __m128i z1 = _mm_loadl_epi64((const __m128i *)(const void *)(e1 + Q4_ENTRY_ZEROS(f16)));
         const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(z0, z1))));
         int64_t r = r_lo;
         for (; r + 8 <= r_hi; r += 8)
@@ -234,7 +248,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avxvnni")
+#pragma GCC target("avx2,fma,f16c,avxvnni")
 #define Q4_NAME(x) x##_avxvnni
 #define Q4_DPBUSD _mm256_dpbusd_avx_epi32 /* the same instruction in its VEX encoding */
 #include "q4gemm_body.h"
@@ -249,7 +263,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 /* AVX2 without VNNI: vpmaddubsw (u8 x s8 pairs into int16; 2 x 15 x 127 per pair, no saturation)
  * then vpmaddwd by ones into int32. 16 q would saturate int16 here, so the high nibbles are shifted. */
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define Q4_NAME(x) x##_avx2
 #define Q4_CONSTANTS const __m256i ones16 = _mm256_set1_epi16(1);
 #define Q4_BLOCK_SUM(lo, hi) ((void)(hi), (lo))
@@ -305,34 +319,70 @@ static int takes_8bit(int64_t n, int64_t k, int64_t block)
            block % Q4_CHUNK == 0 && block <= Q4_MAX_BLOCK;
 }
 
-size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits)
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16)
 {
     if (bits == 8) /* every group of 8, the last one padded */
-        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY : 0;
+        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16) : 0;
     if (ie_isa() != IE_ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
-        return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_GROUP_ENTRY;
+        return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16);
     return 0;
 }
 
-void q4_blocks_fill(const q4_problem *p, void *table)
+/* x as float16 bits when x is exactly a float16 value (normal, subnormal or zero): 1, else 0. */
+static int f16_bits(float x, uint16_t *out)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, field = (u >> 23) & 0xFFu, mantissa = u & 0x7FFFFFu;
+    if (field == 0) { /* zero (a float32 subnormal is below float16's range) */
+        *out = (uint16_t)sign;
+        return mantissa == 0;
+    }
+    const int e = (int)field - 127;
+    if (e > 15 || e < -24) /* beyond float16 (or inf, nan) */
+        return 0;
+    if (e >= -14) { /* normal: 10 of the 23 mantissa bits */
+        *out = (uint16_t)(sign | (uint32_t)(e + 15) << 10 | mantissa >> 13);
+        return (mantissa & 0x1FFFu) == 0;
+    }
+    const uint32_t significand = mantissa | 0x800000u, dropped = (uint32_t)(-(e + 1)); /* subnormal: m * 2^-24 */
+    *out = (uint16_t)(sign | significand >> dropped);
+    return (significand & ((1u << dropped) - 1)) == 0;
+}
+
+int q4_scales_fit_f16(const float *scales, size_t count)
+{
+    uint16_t h;
+    for (size_t i = 0; i < count; i++)
+        if (!f16_bits(scales[i], &h))
+            return 0;
+    return 1;
+}
+
+void q4_blocks_fill(const q4_problem *p, void *table, int f16)
 {
     const int64_t nblk = (p->k + p->block - 1) / p->block, zstride = (nblk + 1) / 2;
     const int64_t groups = p->bits == 8 ? (p->n + 7) / 8 : p->n / 8;
+    const int width = f16 ? 2 : 4, zeros = Q4_ENTRY_ZEROS(f16);
     uint8_t *out = (uint8_t *)table;
     for (int64_t g = 0; g < groups; g++)
-        for (int64_t b = 0; b < nblk; b++, out += Q4_GROUP_ENTRY)
+        for (int64_t b = 0; b < nblk; b++, out += Q4_ENTRY_BYTES(f16))
             for (int j = 0; j < 8; j++) {
                 const int64_t n = g * 8 + j;
                 if (n >= p->n) { /* a padding column: scale and zero point 0, so it adds nothing */
-                    memset(out + 4 * j, 0, 4);
-                    out[32 + j] = 0;
+                    memset(out + width * j, 0, (size_t)width);
+                    out[zeros + j] = 0;
                     continue;
                 }
-                memcpy(out + 4 * j, p->scales + n * nblk + b, 4);
+                const float scale = p->scales[n * nblk + b];
+                uint16_t h = 0;
+                if (f16)
+                    f16_bits(scale, &h); /* exact: the caller checked q4_scales_fit_f16 */
+                memcpy(out + width * j, f16 ? (const void *)&h : (const void *)&scale, (size_t)width);
                 if (p->bits == 8)
-                    out[32 + j] = p->zero_points ? p->zero_points[n * nblk + b] : 128;
+                    out[zeros + j] = p->zero_points ? p->zero_points[n * nblk + b] : 128;
                 else
-                    out[32 + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+                    out[zeros + j] = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
             }
 }
 

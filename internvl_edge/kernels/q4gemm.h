@@ -30,6 +30,7 @@ typedef struct {
     int64_t m, n, k, block;
     void *scratch;            /* q4_plan().scratch_bytes, 64-byte aligned */
     const void *blocks;       /* q4_blocks_fill()'s table for these scales/zero points, or NULL */
+    int blocks_f16;           /* that table holds the scales as float16 (q4_blocks_fill's f16) */
     float *swiglu;            /* NULL, or [M, N/2]: silu(Y[:, :N/2]) * Y[:, N/2:] (Qwen's gate/up
                                  pair fused in one linear), with y then a scratch [M, N] */
     int packed;               /* b is in q4_pack()'s layout */
@@ -41,7 +42,7 @@ typedef struct {
     size_t tasks;
 } q4_plan_t;
 
-/* 0 when this CPU can run the kernel (x86-64 with AVX2 and FMA at least), else -1. */
+/* 0 when this CPU can run the kernel (x86-64 with AVX2, FMA and F16C at least), else -1. */
 int q4_supported(void);
 /* A name for the instruction set the kernel runs with here ("avx512vnni", "avxvnni", "avx2"). */
 const char *q4_isa(void);
@@ -51,9 +52,16 @@ int q4_plan(const q4_problem *p, q4_plan_t *plan);
 void q4_quantize(const q4_problem *p);
 /* Scales and zero points rearranged for the decode path, prepared once per weight (the op does it
  * when the session is created, from the constant initializers): its size (0: no table is used for
- * these shapes on this CPU) and the filling, which reads p->n, k, block, scales and zero_points. */
-size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits);
-void q4_blocks_fill(const q4_problem *p, void *table);
+ * these shapes on this CPU) and the filling, which reads p->n, k, block, scales and zero_points.
+ * Per 8 columns and block, the 8 scales then the 8 zero points (one byte each): 40 bytes with float
+ * scales, 24 with float16 ones (f16 = 1: allowed when q4_scales_fit_f16 says so). Decode reads the
+ * table with the weights every token: 24 bytes instead of 40 per 512 bytes of 4-bit weights are 3%
+ * less to read (BENCHMARKS.md, "Scales as float16"). */
+size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16);
+void q4_blocks_fill(const q4_problem *p, void *table, int f16);
+/* 1 when every one of the `count` scales is exactly a float16 value (AWQ checkpoints store float16
+ * scales; nets/quant.py rounds its own to float16), else 0. */
+int q4_scales_fit_f16(const float *scales, size_t count);
 void q4_run(const q4_problem *p, size_t task);
 
 /* B rearranged so that decode reads it as one sequential stream, what the hardware prefetcher

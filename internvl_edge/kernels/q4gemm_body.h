@@ -146,7 +146,9 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(cons
     const float *ts = sa + p->m * nblk;
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     Q4_CONSTANTS
-    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * Q4_GROUP_ENTRY;
+    const int f16 = p->blocks_f16;
+    const int64_t entry = Q4_ENTRY_BYTES(f16);
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
     const uint8_t *wb = p->b + (n0 / 8) * (bits == 8 ? 8 * K : 4 * K);
     __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
@@ -173,7 +175,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(cons
                 }
             }
         }
-        q4_block_end(acc, group + b * Q4_GROUP_ENTRY, sa[b], ts[b], &facc, &corr);
+        q4_block_end(acc, group + b * entry, f16, sa[b], ts[b], &facc, &corr);
     }
     float y[8];
     _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
