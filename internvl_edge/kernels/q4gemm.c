@@ -95,13 +95,16 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
 #define Q4_DPBUSD _mm256_dpbusd_epi32
 
 /* Decode (one row) on 8 columns at a time, for blocks of a multiple of 128 weights: B is read 64
- * bytes (one block of 128) per load, and each block's 8 x 16 int32 partial sums are reduced across
- * lanes together, so that scale, zero point and the float multiply-add happen once per block for
- * all 8 columns (as vectors over the columns) instead of once per column. Their scales and zero
- * points come from q4_blocks_fill's table, laid out for exactly this (decoding them per call, or
- * gathering them, cost a third of the time).
+ * bytes (one block of 128) per load. Each column's 16 int32 partial sums of a block are turned to
+ * float and scaled in their lanes (one multiply-add by the block's scale x activation scale,
+ * broadcast from memory) and reduced across lanes once per tile, not once per block: a block of
+ * 128 is one load per column, and reducing every block cost about as much as its dot products
+ * (decode 1.01-1.02x faster, both orders of benchmarks/kernels_ab.py --against; BENCHMARKS.md).
+ * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding
+ * them per call, or gathering them, cost a third of the time).
  *
- *   8 columns x 16 lanes --(fold 512->256)--> 8 x 8 --(q4_block_end)--> [c0 .. c7], scaled
+ *   per block: 8 columns x 16 int32 lanes --(x s[c,b] sa[b])--> 8 x 16 float lanes
+ *   per tile:  8 x 16 --(fold 512->256)--> 8 x 8 --(tree of adds)--> [c0 .. c7]
  */
 #define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
@@ -120,7 +123,11 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
     const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
     const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
-    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    __m512 facc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++)
+        facc[j] = _mm512_setzero_ps();
+    __m256 corr = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m512i acc[8];
 #pragma GCC unroll 8
@@ -143,13 +150,23 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
             }
         }
-        __m256i v[8];
+        const uint8_t *e = group + b * entry;
+        const __m256 s8 = q4_entry_scales(e, f16);
+        float scaled[8]; /* s[c,b] sa[b]: broadcast from memory into each column's multiply-add */
+        _mm256_storeu_ps(scaled, _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])));
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++)
-            v[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[j]), _mm512_extracti64x4_epi64(acc[j], 1));
-        q4_block_end(v, group + b * entry, f16, sa[b], ts[b], &facc, &corr);
+            facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_set1_ps(scaled[j]), facc[j]);
+        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(e + Q4_ENTRY_ZEROS(f16))));
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
     }
-    __m256 y = _mm256_sub_ps(facc, corr);
+    __m256 v[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++)
+        v[j] = _mm256_add_ps(_mm512_castps512_ps256(facc[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(facc[j]), 1)));
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    __m256 y = _mm256_sub_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)), corr);
     if (p->bias)
         y = _mm256_add_ps(y, _mm256_loadu_ps(p->bias + n0));
     _mm256_storeu_ps(p->y + r * p->n + n0, y);
