@@ -22,10 +22,12 @@
                                AVX2's 16 registers hold the chains of one) */
 #define IEA_TILE_KEYS 64    /* prefill: keys per block, the running softmax updated once per block */
 #ifndef IEA_ROW_KEYS
-#define IEA_ROW_KEYS 32     /* decode (row path): keys per block. A block's keys and values (2 x 32 x 512
-                               bytes at head_dim 128) stay in L1 while every head of the group reads them;
-                               64 keys' did not: decode attention at context 300 is 1.14x faster than with
-                               64, at 1500 the same (benchmarks/attention.py --against; BENCHMARKS.md) */
+#define IEA_ROW_KEYS 16     /* decode (row path): keys per block. The block's keys and values and the next
+                               block's, prefetched meanwhile, stay in L1 while every head of the group reads
+                               them (2 x 2 x 16 x 512 bytes at head_dim 128): 64 keys' did not (32 keys were
+                               1.14x faster than 64 at context 300); 16 with the prefetch non-temporal (see
+                               attention_body.h) decode 1.02x faster than 32 at 1500, the same at 300
+                               (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
 #endif
 
 static int64_t past_length(const ie_attention *p, int64_t b) {

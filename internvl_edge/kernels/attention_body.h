@@ -122,7 +122,7 @@ static void IEA_FN(transpose)(const ie_attention *p, size_t task) {
 }
 
 /* One query row of one batch entry against one KV head, for all the query heads that share it:
- * a running maximum and sum per head, updated once per 64 keys (the softmax never materialised).
+ * a running maximum and sum per head, updated once per IEA_ROW_KEYS keys (the softmax never materialised).
  * Decode and short chunks: few queries per task, so the keys are read as they lie (row-major),
  * each head's IEA_W partial-sum vectors per IEA_W keys folded into IEA_W scores by reduce. */
 static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_attention *p, int64_t b, int64_t g, int64_t i,
@@ -158,12 +158,13 @@ static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_at
                 VF part[IEA_W];
                 const int64_t here = n - v * IEA_W; /* keys of this vector that exist */
                 if (j0 + KEYS < keys) { /* the next block's keys and values, fetched while this one is worked on, a share
-                                          per (head, vector): 1.07-1.10x faster at context 1500 (BENCHMARKS.md) */
+                                          per (head, vector): 1.07-1.10x faster at context 1500 (BENCHMARKS.md);
+                                          non-temporal, as the cache rows are read once per token */
                     const int64_t bytes = KEYS * hd * 4, share = (bytes / (G * VECS) + 63) / 64 * 64;
                     const int64_t from = (h * VECS + v) * share, to = from + share < bytes ? from + share : bytes;
                     for (int64_t line = from; line < to; line += 64) {
-                        __builtin_prefetch((const char *)(Kb + KEYS * hd) + line, 0, 3);
-                        __builtin_prefetch((const char *)(Vb + KEYS * hd) + line, 0, 3);
+                        __builtin_prefetch((const char *)(Kb + KEYS * hd) + line, 0, 0);
+                        __builtin_prefetch((const char *)(Vb + KEYS * hd) + line, 0, 0);
                     }
                 }
                 for (int j = 0; j < IEA_W; j++) part[j] = IEA_FN(splat)(0.0f);
