@@ -135,17 +135,20 @@ def _child(code: str, what: str) -> str:
 
 
 def decoder_bytes_per_token(model: Model) -> int:
-    """Bytes of weights one decode step reads, as ONNX Runtime holds them: 4-bit blocks as stored,
-    float weights widened to float32 (a Cast on an initializer is folded at load), rotary tables not
-    counted (one row is read)."""
+    """Bytes of weights one decode step reads, as the decoder's kernels hold them: 4-bit blocks as
+    stored (our kernel's repacked copy is the same size), float weights widened to float32 (a Cast on
+    an initializer is folded at load), rotary tables not counted (one row is read); where our 4-bit
+    kernel reads its own table of scales and zero points (float16 scales where they are float16
+    values: q4gemm.h), that table instead of the float32 scales and 4-bit zero points."""
     import onnx
 
     path = model.manifest.net_path("decoder")
     graph = onnx.load(path, load_external_data=False).graph
     cast_inputs = {n.input[0] for n in graph.node if n.op_type == "Cast"}
-    total = 0
+    replaced = set(getattr(model.backend, "table_inputs", []))
+    total = getattr(model.backend, "table_bytes", 0)
     for t in graph.initializer:
-        if "rotary_emb" in t.name:
+        if "rotary_emb" in t.name or t.name in replaced:
             continue
         numel = int(np.prod(t.dims)) if t.dims else 1
         if t.name in cast_inputs:

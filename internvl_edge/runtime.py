@@ -138,6 +138,9 @@ class OrtBackend:
         self.sessions = {}
         self.q4_kernel = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
         self.attention_kernel = "onnxruntime"  # and its attention
+        # what the decoder's kernels read in place of scale and zero-point initializers (bench's roofline)
+        self.table_inputs: list[str] = []  # those initializers
+        self.table_bytes = 0  # our 4-bit kernel's tables of them
         # the converter's plain table lookup is read by numpy, without a session (embedding_table.py)
         self.embedding_lookup = _plain_table(manifest.net_path("embedding"))
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
@@ -189,6 +192,7 @@ class OrtBackend:
             self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
         if moved[kernels.ATTENTION_OP]:
             self.attention_kernel = "internvl-edge"
+        self.table_inputs = kernels.table_inputs(model)
         return model.SerializeToString()
 
     def _session(self, name: str, profile_prefix: str | None = None):
@@ -207,7 +211,10 @@ class OrtBackend:
                 # the graph comes as bytes: its external weights are found next to the bundle's file
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                             os.path.dirname(path))  # fmt: skip
-                return self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
+                before = sum(kernels.table_stats())  # the tables this session's kernels make
+                sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
+                self.table_bytes = sum(kernels.table_stats()) - before
+                return sess
             if ort_cache.enabled() and net.get("data") and not profile_prefix:
                 key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
                 cached = ort_cache.cached_graph(key)

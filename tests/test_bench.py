@@ -5,6 +5,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from internvl_edge import kernels
 from internvl_edge.api import load
 from internvl_edge.bench import decoder_bytes_per_token, kv_bytes, paired_fraction
 
@@ -50,6 +54,29 @@ def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
     tables = 2 * model.backend.kv_capacity * model.backend.head_dim // 2 * 4
     assert data - tables - 4096 * 200 <= decoder_bytes_per_token(model) <= data - tables
     assert kv_bytes(model, 100) == 2 * 2 * 2 * 32 * 4 * 100
+
+
+@pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm kernel not available here")
+def test_bytes_per_token_count_our_scale_tables_where_the_kernel_reads_them(bundle):
+    """Where our 4-bit kernel runs a linear, decode reads its table of float16 scales and byte zero
+    points (24 bytes per 8 columns and block) instead of the float32 scales and 4-bit zero points."""
+    import onnx
+    from onnx import helper
+
+    model = load(bundle("tiny_bf16", "w4bf16"))
+    graph = onnx.load(model.manifest.net_path("decoder"), load_external_data=False).graph
+    size = {t.name: int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in graph.initializer}
+    held, tables, replaced = sum(v for k, v in size.items() if "rotary_emb" not in k), 0, 0
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            blocks = -(-a["K"] // a["block_size"])
+            groups = -(-a["N"] // 8) if a["bits"] == 8 else a["N"] // 8
+            if a["bits"] == 4 or kernels.isa() in kernels.EIGHT_BIT_ISAS:  # the 8-bit lm_head: ours on VNNI only
+                tables += groups * blocks * 24
+                replaced += size[node.input[2]] + size[node.input[3]]
+    assert tables > 0 and model.backend.table_bytes == tables
+    assert decoder_bytes_per_token(model) == held - replaced + tables
 
 
 def test_bad_input_is_one_line(bundle, tmp_path):

@@ -193,6 +193,21 @@ def _constant(model, name: str):
     return None
 
 
+def table_inputs(model) -> list[str]:
+    """The scales and zero-point initializers of our MatMulNBits nodes in `model` (after rewrite) that
+    q4gemm replaces by its own table, which is what decode then reads (q4gemm.h, q4_blocks_bytes: for
+    constant scales, 8-bit weights, or 4-bit ones in blocks of a multiple of 128 and N >= 8)."""
+    constants = {t.name for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP or node.input[2] not in constants:
+            continue
+        a = _attrs(node)
+        if a.get("bits") == 8 or (a.get("block_size", 0) % 128 == 0 and a.get("N", 0) >= 8):
+            names += [name for name in node.input[2:4] if name]
+    return names
+
+
 def fuse_swiglu(model) -> int:
     """Fold silu(gate) * up into the gate/up linear that feeds it (our MatMulNBits, attribute swiglu=1):
     the pattern nets/decoder.py writes, MatMulNBits -> Split in two equal halves -> Sigmoid(gate),
