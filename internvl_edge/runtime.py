@@ -211,7 +211,8 @@ class OrtBackend:
                 # the graph comes as bytes: its external weights are found next to the bundle's file
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                             os.path.dirname(path))  # fmt: skip
-                before = sum(kernels.table_stats())  # the tables this session's kernels make
+                # the tables this session's kernels make (process-wide counters: one load at a time)
+                before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
                 self.table_bytes = sum(kernels.table_stats()) - before
                 return sess

@@ -370,6 +370,14 @@ def test_fused_norm_matches_the_unfused_graph(skipped, rows):
         np.testing.assert_array_equal(ours[1], theirs[1])
 
 
+@needs_kernel
+def test_fused_norm_of_no_rows():
+    w = quantize(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32), 4, 128)
+    empty = np.zeros((1, 0, 128), np.float32)
+    y, total = _session(_norm_graph(w, True, fused=True)).run(None, {"X": empty, "R": empty})
+    assert y.shape == (1, 0, 32) and total.shape == (1, 0, 128)
+
+
 def test_norm_is_fused_only_where_the_pattern_is_whole():
     w = quantize(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32), 4, 128)
     assert kernels.fuse_norms(_norm_graph(w, True, fused=False)) == 1

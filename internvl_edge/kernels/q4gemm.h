@@ -55,8 +55,8 @@ void q4_quantize(const q4_problem *p);
  * these shapes on this CPU) and the filling, which reads p->n, k, block, scales and zero_points.
  * Per 8 columns and block, the 8 scales then the 8 zero points (one byte each): 40 bytes with float
  * scales, 24 with float16 ones (f16 = 1: allowed when q4_scales_fit_f16 says so). Decode reads the
- * table with the weights every token: 24 bytes instead of 40 per 512 bytes of 4-bit weights are 3%
- * less to read (BENCHMARKS.md, "Scales as float16"). */
+ * table with the weights every token: 24 bytes instead of 40 per 512 bytes of 4-bit weights, 3% less
+ * of a 4-bit linear to read (BENCHMARKS.md, "Scales as float16"). */
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16);
 void q4_blocks_fill(const q4_problem *p, void *table, int f16);
 /* 1 when every one of the `count` scales is exactly a float16 value (AWQ checkpoints store float16
