@@ -157,15 +157,16 @@ static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_at
             for (int v = 0; v < VECS; v++) {
                 VF part[IEA_W];
                 const int64_t here = n - v * IEA_W; /* keys of this vector that exist */
-                if (j0 + KEYS < keys) { /* the next block's keys and values, fetched while this one is worked on, a share
-                                          per (head, vector): 1.07-1.10x faster at context 1500 (BENCHMARKS.md);
-                                          non-temporal, as the cache rows are read once per token */
-                    const int64_t bytes = KEYS * hd * 4, share = (bytes / (G * VECS) + 63) / 64 * 64;
-                    const int64_t from = (h * VECS + v) * share, to = from + share < bytes ? from + share : bytes;
-                    for (int64_t line = from; line < to; line += 64) {
-                        __builtin_prefetch((const char *)(Kb + KEYS * hd) + line, 0, 0);
-                        __builtin_prefetch((const char *)(Vb + KEYS * hd) + line, 0, 0);
-                    }
+                if (j0 + KEYS < keys) { /* the next block's keys, then its values, fetched while this one is worked
+                                          on, a share per (head, vector): 1.07-1.10x faster at context 1500
+                                          (BENCHMARKS.md). Keys first: the next block's first head reads all its
+                                          keys at once, its values only after. Non-temporal, as the cache rows
+                                          are read once per token */
+                    const int64_t bytes = KEYS * hd * 4, share = (2 * bytes / (G * VECS) + 63) / 64 * 64;
+                    const int64_t from = (h * VECS + v) * share, to = from + share < 2 * bytes ? from + share : 2 * bytes;
+                    for (int64_t line = from; line < to; line += 64)
+                        __builtin_prefetch(line < bytes ? (const char *)(Kb + KEYS * hd) + line
+                                                        : (const char *)(Vb + KEYS * hd) + (line - bytes), 0, 0);
                 }
                 for (int j = 0; j < IEA_W; j++) part[j] = IEA_FN(splat)(0.0f);
                 if (here >= IEA_W) /* chunk-major: IEA_W independent multiply-add chains */
