@@ -22,6 +22,7 @@ The table it writes gives medians and the ratios ours / peer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -188,6 +189,8 @@ def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
     files = {"bf16": os.path.join(work, "text-bf16.gguf"), "q4_0": os.path.join(work, "text-q4_0.gguf"),
              "mmproj_bf16": os.path.join(work, "mmproj-bf16.gguf"), "mmproj_f16": os.path.join(work, "mmproj-f16.gguf")}  # fmt: skip
     gguf_py = os.path.join(llama, "gguf-py")
+    if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
+        sys.exit("compare.py: llama.cpp's convert_hf_to_gguf.py needs sentencepiece: pip install sentencepiece")
     for key, args in (("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
                       ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
                       ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]])):  # fmt: skip
