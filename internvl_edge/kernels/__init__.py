@@ -272,9 +272,9 @@ def fuse_norms(model) -> int:
     SimplifiedLayerNormalization over the last axis, whose normed output that linear alone reads, whose
     mean and inverse-deviation outputs nothing reads, whose gamma is a float constant of K values and
     whose skip is computed (ours takes a skip of the input's shape; a constant one may be broadcast).
-    nets/decoder.py writes two per layer plus the final norm; as separate nodes they took 0.5-0.6 ms
-    per decoded token on InternVL3-2B shapes in ONNX Runtime's profiler, and decode is up to 1.03x
-    faster without them (BENCHMARKS.md, "Norms inside the linears"). Returns how many."""
+    nets/decoder.py writes two per layer plus the final norm; without them as nodes of their own,
+    decode on InternVL3-2B shapes is up to 1.03x faster (BENCHMARKS.md, "Norms inside the linears").
+    Returns how many."""
     from onnx import TensorProto, helper
 
     nodes = model.graph.node

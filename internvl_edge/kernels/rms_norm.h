@@ -8,9 +8,9 @@
  * the root, then the product with gamma), with the squares summed in 16 float lanes instead of one
  * (a different rounding order, ~1e-7 relative).
  *
- * Why in the linear's node: decode runs one row, 1536 floats on InternVL3-2B, where a separate norm
- * node cost more in ONNX Runtime's dispatch than in arithmetic (BENCHMARKS.md, "Norms inside the
- * linears").
+ * Why in the linear's node: decode runs one row, 1536 floats on InternVL3-2B, little
+ * arithmetic; as nodes of their own the 57 norms made decode up to 1.03x slower
+ * (BENCHMARKS.md, "Norms inside the linears").
  */
 #ifndef INTERNVL_EDGE_RMS_NORM_H
 #define INTERNVL_EDGE_RMS_NORM_H
