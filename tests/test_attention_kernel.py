@@ -3,7 +3,7 @@
 Both compute float32 causal attention with rotary embeddings over an in-place cache, so on the same
 inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
 short and long contexts), prefill chunks from an empty cache and after history (the tiled path from 8
-rows on, block edges at 16 and 64 keys), right-padded chunks (static bundles), batches whose entries
+rows on, block edges at 16 and 64 keys, decode chunk edges at 32), right-padded chunks (static bundles), batches whose entries
 have different histories and chunk lengths (the server), head sizes 16/32/64/128, one query head per
 KV head, and a cache not bound in place (present copied from past). tests/test_kernels.py runs these
 comparisons again on the AVX2 variant.
@@ -65,6 +65,8 @@ def _run(sess, feeds: dict, past_k: np.ndarray, past_v: np.ndarray, in_place: bo
 CASES = [  # (heads, kv_heads, head_dim, capacity, rows, past per entry, real rows per entry, in place)
     (12, 2, 128, 64, 1, [20], [1], True),  # decode
     (12, 2, 128, 2560, 1, [1499], [1], True),  # decode, long context
+    (12, 2, 128, 128, 1, [63], [1], True),  # decode, keys filling whole chunks of 32
+    (12, 2, 128, 128, 1, [32], [1], True),  # decode, one key past a chunk
     (12, 2, 128, 160, 37, [0], [37], True),  # prefill, tiled path
     (12, 2, 128, 256, 20, [50], [20], True),  # a chunk after history
     (12, 2, 128, 128, 64, [30], [50], True),  # right-padded chunk (static shapes), past a 64-key block

@@ -22,13 +22,16 @@
                                AVX2's 16 registers hold the chains of one) */
 #define IEA_TILE_KEYS 64    /* prefill: keys per block, the running softmax updated once per block */
 #ifndef IEA_ROW_KEYS
-#define IEA_ROW_KEYS 16     /* decode (row path): keys per block. The block's keys and values and the next
-                               block's, prefetched meanwhile, stay in L1 while every head of the group reads
-                               them (2 x 2 x 16 x 512 bytes at head_dim 128): 64 keys' did not (32 keys were
-                               1.14x faster than 64 at context 300); 16 with the prefetch non-temporal (see
-                               attention_body.h) decode 1.02x faster than 32 at 1500, the same at 300
-                               (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
+#define IEA_ROW_KEYS 16     /* decode (row path): keys per block, the unit of the scores and of the prefetch:
+                               the block's keys and values and the next block's stay in L1 while every head
+                               of the group reads them (2 x 2 x 16 x 512 bytes at head_dim 128) */
 #endif
+#ifndef IEA_ROW_CHUNK
+#define IEA_ROW_CHUNK 32    /* decode: keys per chunk, the running softmax updated once per chunk: 32 was the
+                               fastest of 16, 32, 48, 64, 128 and 256 keys (and of blocks of 32) at context
+                               1500 on one thread, in a one-off harness of this file */
+#endif
+_Static_assert(IEA_ROW_CHUNK % IEA_ROW_KEYS == 0, "a chunk is whole blocks");
 
 static int64_t past_length(const ie_attention *p, int64_t b) {
     return (int64_t)p->seqlens_k[b] + 1 - (int64_t)p->query_lens[b];

@@ -121,13 +121,15 @@ static void IEA_FN(transpose)(const ie_attention *p, size_t task) {
         for (int64_t d = 0; d < hd; d++) kt[d * IEA_TILE_KEYS + j] = 0.0f;
 }
 
-/* One query row of one batch entry against one KV head, for all the query heads that share it:
- * a running maximum and sum per head, updated once per IEA_ROW_KEYS keys (the softmax never materialised).
- * Decode and short chunks: few queries per task, so the keys are read as they lie (row-major),
- * each head's IEA_W partial-sum vectors per IEA_W keys folded into IEA_W scores by reduce. */
+/* One query row of one batch entry against one KV head, for all the query heads that share it.
+ * Decode and short chunks: few queries per task, so the keys are read as they lie (row-major).
+ * Chunks of IEA_ROW_CHUNK keys, in two phases: the group's scores for the chunk's keys (each head's
+ * IEA_W partial-sum vectors per IEA_W keys folded into IEA_W scores by reduce), then the running
+ * softmax updated once per chunk and the values accumulated, each head's sums kept in memory
+ * between blocks, so no chain of dependent operations runs from one head or block to the next. */
 static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_attention *p, int64_t b, int64_t g, int64_t i,
                                                              const int64_t chunks) {
-    enum { KEYS = IEA_ROW_KEYS, VECS = IEA_ROW_KEYS / IEA_W };
+    enum { KEYS = IEA_ROW_KEYS, VECS = IEA_ROW_KEYS / IEA_W, CHUNK = IEA_ROW_CHUNK };
     const int64_t kvh = p->kv_heads, hd = chunks * IEA_W, nh = p->heads, G = nh / kvh;
     float *o = p->out + (b * p->rows + i) * nh * hd + g * G * hd;
     if (i >= p->query_lens[b]) { /* a padded row */
@@ -138,69 +140,100 @@ static inline __attribute__((always_inline)) void IEA_FN(attend_row)(const ie_at
     const float *K = p->k_cache + (b * kvh + g) * p->capacity * hd;
     const float *V = p->v_cache + (b * kvh + g) * p->capacity * hd;
     const float *q = p->scratch + (b * p->rows + i) * nh * hd + g * G * hd;
-    VF acc[IEA_MAX_GROUP][IEA_MAX_HEAD_DIM / IEA_W];
+    float acc[IEA_MAX_GROUP * IEA_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float w[IEA_MAX_GROUP][CHUNK] __attribute__((aligned(64)));
     float run_max[IEA_MAX_GROUP], run_sum[IEA_MAX_GROUP];
     for (int64_t h = 0; h < G; h++) {
         run_max[h] = -__builtin_inff();
         run_sum[h] = 0.0f;
-        for (int64_t c = 0; c < chunks; c++) acc[h][c] = IEA_FN(splat)(0.0f);
     }
+    memset(acc, 0, (size_t)(G * hd) * sizeof(float));
     const VI lane = IEA_LANE_INDEX;
-    for (int64_t j0 = 0; j0 < keys; j0 += KEYS) {
-        const int64_t n = keys - j0 < KEYS ? keys - j0 : KEYS;
-        const float *Kb = K + j0 * hd, *Vb = V + j0 * hd;
-        for (int64_t h = 0; h < G; h++) {
-            VF qv[IEA_MAX_HEAD_DIM / IEA_W];
-            for (int64_t c = 0; c < chunks; c++) qv[c] = IEA_FN(load)(q + h * hd + c * IEA_W);
-            VF scores[VECS];
-            VF top_v = IEA_FN(splat)(run_max[h]);
-            for (int v = 0; v < VECS; v++) {
-                VF part[IEA_W];
-                const int64_t here = n - v * IEA_W; /* keys of this vector that exist */
-                if (j0 + KEYS < keys) { /* the next block's keys, then its values, fetched while this one is worked
-                                          on, a share per (head, vector): 1.07-1.10x faster at context 1500
-                                          (BENCHMARKS.md). Keys first: the next block's first head reads all its
-                                          keys at once, its values only after. Non-temporal, as the cache rows
-                                          are read once per token */
-                    const int64_t bytes = KEYS * hd * 4, share = (2 * bytes / (G * VECS) + 63) / 64 * 64;
-                    const int64_t from = (h * VECS + v) * share, to = from + share < 2 * bytes ? from + share : 2 * bytes;
-                    for (int64_t line = from; line < to; line += 64)
-                        __builtin_prefetch(line < bytes ? (const char *)(Kb + KEYS * hd) + line
-                                                        : (const char *)(Vb + KEYS * hd) + (line - bytes), 0, 0);
-                }
-                for (int j = 0; j < IEA_W; j++) part[j] = IEA_FN(splat)(0.0f);
-                if (here >= IEA_W) /* chunk-major: IEA_W independent multiply-add chains */
-                    for (int64_t c = 0; c < chunks; c++)
-                        for (int j = 0; j < IEA_W; j++)
-                            part[j] += qv[c] * IEA_FN(load)(Kb + (v * IEA_W + j) * hd + c * IEA_W);
-                else
-                    for (int64_t j = 0; j < here; j++)
+    const int64_t bytes = KEYS * hd * 4, share = (bytes / (G * VECS) + 63) / 64 * 64;
+    for (int64_t c0 = 0; c0 < keys; c0 += CHUNK) {
+        const int64_t in_chunk = keys - c0 < CHUNK ? keys - c0 : CHUNK;
+        for (int64_t j0 = c0; j0 < c0 + in_chunk; j0 += KEYS) {
+            const int64_t n = keys - j0 < KEYS ? keys - j0 : KEYS;
+            const float *Kb = K + j0 * hd, *Vb = V + j0 * hd;
+            for (int64_t h = 0; h < G; h++) {
+                VF qv[IEA_MAX_HEAD_DIM / IEA_W];
+                for (int64_t c = 0; c < chunks; c++) qv[c] = IEA_FN(load)(q + h * hd + c * IEA_W);
+                for (int v = 0; v < VECS; v++) {
+                    { /* this block's values (for the second phase) and the next block's keys, a share per
+                         (head, vector). Non-temporal: the cache rows are read once per token. Fetching
+                         further ahead was slower (L1 holds little more than this) */
+                        const int64_t from = (h * VECS + v) * share, to = from + share < bytes ? from + share : bytes;
+                        for (int64_t line = from; line < to; line += 64) {
+                            __builtin_prefetch((const char *)(Vb) + line, 0, 0);
+                            if (j0 + KEYS < keys) __builtin_prefetch((const char *)(Kb + KEYS * hd) + line, 0, 0);
+                        }
+                    }
+                    VF part[IEA_W];
+                    const int64_t here = n - v * IEA_W; /* keys of this vector that exist */
+                    for (int j = 0; j < IEA_W; j++) part[j] = IEA_FN(splat)(0.0f);
+                    if (here >= IEA_W) /* chunk-major: IEA_W independent multiply-add chains */
                         for (int64_t c = 0; c < chunks; c++)
-                            part[j] += qv[c] * IEA_FN(load)(Kb + (v * IEA_W + j) * hd + c * IEA_W);
-                scores[v] = IEA_FN(select)(lane + v * IEA_W < (int32_t)n, IEA_FN(reduce)(part), IEA_FN(splat)(-__builtin_inff()));
-                top_v = IEA_FN(max)(top_v, scores[v]);
+                            for (int j = 0; j < IEA_W; j++)
+                                part[j] += qv[c] * IEA_FN(load)(Kb + (v * IEA_W + j) * hd + c * IEA_W);
+                    else
+                        for (int64_t j = 0; j < here; j++)
+                            for (int64_t c = 0; c < chunks; c++)
+                                part[j] += qv[c] * IEA_FN(load)(Kb + (v * IEA_W + j) * hd + c * IEA_W);
+                    IEA_FN(store)(w[h] + (j0 - c0) + v * IEA_W, IEA_FN(reduce)(part));
+                }
             }
+        }
+        /* the running softmax, once per chunk: scores past the chunk's keys masked */
+        const int64_t vecs = (in_chunk + IEA_W - 1) / IEA_W;
+        for (int64_t h = 0; h < G; h++) {
+            VF top_v = IEA_FN(splat)(run_max[h]);
+            for (int64_t v = 0; v < vecs; v++)
+                top_v = IEA_FN(max)(top_v, IEA_FN(select)(lane + (int32_t)(v * IEA_W) < (int32_t)in_chunk, IEA_FN(load)(w[h] + v * IEA_W),
+                                                          IEA_FN(splat)(-__builtin_inff())));
             const float top = IEA_FN(hmax)(top_v);
-            const float rescale = IEA_FN(exp)(IEA_FN(splat)(run_max[h] - top))[0]; /* 0 on the first block */
-            float wv[KEYS];
+            const VF rescale = IEA_FN(exp)(IEA_FN(splat)(run_max[h] - top)); /* 0 on the first chunk */
             VF total = IEA_FN(splat)(0.0f);
-            for (int v = 0; v < VECS; v++) {
-                const VF w = IEA_FN(select)(lane + v * IEA_W < (int32_t)n, IEA_FN(exp)(scores[v] - top), IEA_FN(splat)(0.0f));
-                total += w;
-                IEA_FN(store)(wv + v * IEA_W, w);
+            for (int64_t v = 0; v < vecs; v++) {
+                const VF e = IEA_FN(select)(lane + (int32_t)(v * IEA_W) < (int32_t)in_chunk, IEA_FN(exp)(IEA_FN(load)(w[h] + v * IEA_W) - top),
+                                            IEA_FN(splat)(0.0f));
+                total += e;
+                IEA_FN(store)(w[h] + v * IEA_W, e);
             }
-            run_sum[h] = run_sum[h] * rescale + IEA_FN(hsum)(total);
+            run_sum[h] = run_sum[h] * rescale[0] + IEA_FN(hsum)(total);
             run_max[h] = top;
-            VF x[IEA_MAX_HEAD_DIM / IEA_W];
-            for (int64_t c = 0; c < chunks; c++) x[c] = acc[h][c] * rescale;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t c = 0; c < chunks; c++) x[c] += wv[j] * IEA_FN(load)(Vb + j * hd + c * IEA_W);
-            for (int64_t c = 0; c < chunks; c++) acc[h][c] = x[c];
+            if (c0)
+                for (int64_t c = 0; c < chunks; c++) IEA_FN(store)(acc + h * hd + c * IEA_W, IEA_FN(load)(acc + h * hd + c * IEA_W) * rescale);
+        }
+        for (int64_t j0 = c0; j0 < c0 + in_chunk; j0 += KEYS) {
+            const int64_t n = keys - j0 < KEYS ? keys - j0 : KEYS;
+            const float *Vb = V + j0 * hd, *Kb = K + j0 * hd;
+            for (int64_t h = 0; h < G; h++) {
+                if (j0 + CHUNK < keys) { /* the next chunk's keys, a share per head */
+                    const int64_t from = h * share * VECS, to = from + share * VECS < bytes ? from + share * VECS : bytes;
+                    for (int64_t line = from; line < to; line += 64)
+                        __builtin_prefetch((const char *)(Kb + CHUNK * hd) + line, 0, 0);
+                }
+                const float *wh = w[h] + (j0 - c0);
+                VF x[IEA_MAX_HEAD_DIM / IEA_W], y[IEA_MAX_HEAD_DIM / IEA_W]; /* two sets: chains half as long */
+                for (int64_t c = 0; c < chunks; c++) {
+                    x[c] = IEA_FN(load)(acc + h * hd + c * IEA_W);
+                    y[c] = IEA_FN(splat)(0.0f);
+                }
+                int64_t j = 0;
+                for (; j + 1 < n; j += 2)
+                    for (int64_t c = 0; c < chunks; c++) {
+                        x[c] += wh[j] * IEA_FN(load)(Vb + j * hd + c * IEA_W);
+                        y[c] += wh[j + 1] * IEA_FN(load)(Vb + (j + 1) * hd + c * IEA_W);
+                    }
+                if (j < n)
+                    for (int64_t c = 0; c < chunks; c++) x[c] += wh[j] * IEA_FN(load)(Vb + j * hd + c * IEA_W);
+                for (int64_t c = 0; c < chunks; c++) IEA_FN(store)(acc + h * hd + c * IEA_W, x[c] + y[c]);
+            }
         }
     }
     for (int64_t h = 0; h < G; h++) {
-        const float inv = 1.0f / run_sum[h];
-        for (int64_t c = 0; c < chunks; c++) IEA_FN(store)(o + h * hd + c * IEA_W, acc[h][c] * inv);
+        const VF inv = IEA_FN(splat)(1.0f / run_sum[h]);
+        for (int64_t c = 0; c < chunks; c++) IEA_FN(store)(o + h * hd + c * IEA_W, IEA_FN(load)(acc + h * hd + c * IEA_W) * inv);
     }
 }
 
