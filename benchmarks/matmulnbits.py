@@ -11,6 +11,9 @@ runtime moves them), one after the other. Not part of CI.
     python benchmarks/matmulnbits.py --threads 2
     python benchmarks/matmulnbits.py --threads 1 --hot   # compute ceiling: 1536 x 512 weights, in cache
 
+The gate/up shape also runs fused with its SwiGLU (attribute swiglu=1, as the runtime fuses it:
+kernels.fuse_swiglu), on ours: "gate_up swiglu", the same weights read, half the columns written.
+
 `--hot` times one small weight that stays in the core's cache, 64 nodes of it in one graph: what the kernel can
 consume when memory is not the limit (on a machine whose bandwidth changes with its load, the
 figure that says whether a kernel can keep up with the fast state).
@@ -62,7 +65,8 @@ def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: in
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False) -> tuple[float, float]:
+def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False,
+               swiglu=False) -> tuple[float, float]:  # fmt: skip
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
@@ -72,6 +76,10 @@ def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, h
     if ours:
         kernels.rewrite(model, threads)
         so.register_custom_ops_library(kernels.library_path())
+    if swiglu:  # what fuse_swiglu makes of the gate/up linear and the SwiGLU after it
+        for node, output in zip(model.graph.node, model.graph.output):
+            node.attribute.append(helper.make_attribute("swiglu", 1))
+            output.type.tensor_type.shape.dim[1].dim_value = n // 2
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).random((1, k), dtype=np.float32)
     for _ in range(3):
@@ -106,6 +114,11 @@ def main() -> None:
                                  hot=args.hot)  # fmt: skip
             line += f" | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s"
         print(line, flush=True)
+        if ours_here and name == "gate_up" and args.accuracy_level == 4:
+            ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True,
+                                 swiglu=True)  # fmt: skip
+            print(f"{'gate_up swiglu':14s} K={k:5d} N={n:6d} {bits}-bit: fused with its SwiGLU, ours only"
+                  f"{'':19s} | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -249,12 +249,17 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
     assert load(bundle("tiny_bf16", "w4bf16", accuracy_level=1)).backend.q4_kernel == "onnxruntime"
 
 
-def _swiglu_graph(w, fused: bool):
-    """gate/up linear then silu(gate) * up: as nets/decoder.py writes it, or fused into our node."""
+def _swiglu_graph(w, fused: bool, bias: np.ndarray | None = None):
+    """gate/up linear then silu(gate) * up: as nets/decoder.py writes it, or fused into our node;
+    `bias` on the linear if given."""
     half = w.N // 2
     inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
              numpy_helper.from_array(w.zero_points.reshape(-1), "Z"), numpy_helper.from_array(np.array([half, half]), "halves")]  # fmt: skip
-    mm = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["GU"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
+    inputs = ["A", "B", "S", "Z"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        inputs += ["", "bias"]
+    mm = helper.make_node("MatMulNBits", inputs, ["GU"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
                           block_size=w.block_size, accuracy_level=4)  # fmt: skip
     nodes = [mm, helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
              helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
@@ -274,14 +279,20 @@ def _swiglu_graph(w, fused: bool):
 @pytest.mark.parametrize("rows", [1, 3, 40, 300])
 def test_fused_swiglu_matches_the_unfused_graph(rows):
     """The fused node computes the same columns with the same kernel, so it matches the graph of
-    separate nodes to float rounding (our vector exp against ONNX Runtime's Sigmoid)."""
+    separate nodes to float rounding (our vector exp against ONNX Runtime's Sigmoid). Its weights are
+    put side by side per task (q4_pair_swiglu; 176 columns: a full task of 128 and a short one); with
+    a bias they stay in the stored order, and the results are the same."""
     rng = np.random.default_rng(rows)
     w = quantize(rng.standard_normal((2 * 176, 256)).astype(np.float32) * 0.1, 4, 128)
     a = rng.standard_normal((1, rows, 256)).astype(np.float32)
-    ours = _swiglu_graph(w, fused=True).run(None, {"A": a})[0]
-    theirs = _swiglu_graph(w, fused=False).run(None, {"A": a})[0]
-    assert ours.shape == theirs.shape == (1, rows, 176)
-    np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=1e-5)
+    for bias in (None, rng.standard_normal(2 * 176).astype(np.float32)):
+        before = kernels.paired_swiglus()
+        fused = _swiglu_graph(w, fused=True, bias=bias)
+        assert kernels.paired_swiglus() - before == (1 if bias is None else 0)
+        ours = fused.run(None, {"A": a})[0]
+        theirs = _swiglu_graph(w, fused=False, bias=bias).run(None, {"A": a})[0]
+        assert ours.shape == theirs.shape == (1, rows, 176)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=1e-5)
 
 
 def test_swiglu_is_fused_only_where_the_pattern_is_whole():

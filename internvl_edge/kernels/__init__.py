@@ -93,6 +93,17 @@ def table_stats() -> tuple[int, int]:
     return f16.value, f32.value
 
 
+def paired_swiglus() -> int:
+    """How many fused SwiGLU linears our kernels made in this process hold each task's gate and up
+    weights side by side (q4gemm.h, q4_pair_swiglu): those with a packed B, a table and no bias."""
+    found = _library()
+    if found is None:
+        return 0
+    count = ctypes.c_uint64()
+    ctypes.CDLL(found[0]).internvl_edge_paired_count(ctypes.byref(count))
+    return count.value
+
+
 @cache
 def _library() -> tuple[str, str] | None:
     """(path, instruction set) of the compiled library when it is installed, loadable and the CPU

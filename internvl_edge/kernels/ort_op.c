@@ -54,12 +54,14 @@ typedef struct {
     void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
     int table_f16; /* it holds float16 scales */
     uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
+    int paired;      /* swiglu with packed and table in q4_pair_swiglu()'s order */
 } kernel_t;
 
 /* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
  * (internvl_edge_pack_stats: the tests check that the weights are not held twice); the bytes of
  * their scale tables with float16 and with float scales (internvl_edge_table_stats). */
 static size_t g_packed_bytes, g_released_bytes, g_table_f16_bytes, g_table_f32_bytes;
+static size_t g_paired; /* fused SwiGLU kernels whose weights q4_pair_swiglu put side by side */
 
 /* A problem with only the weight's shape set: what the table and packing functions read. */
 static q4_problem weight_shape(int64_t k, int64_t n, int64_t block, int64_t bits) {
@@ -205,6 +207,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
     p.blocks_f16 = kn->table_f16;
     p.packed = kn->packed != NULL;
+    p.swiglu_paired = kn->paired;
     p.bits = (int)bits;
 
     q4_plan_t plan;
@@ -338,6 +341,13 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     return NULL;
 }
 
+/* Whether the node gives input `index` (present, with a name). */
+static int has_input(const OrtKernelInfo *info, size_t index) {
+    size_t count = 0, name_size = 0;
+    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count)) || index >= count) return 0;
+    return !ie_dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size)) && name_size > 1;
+}
+
 static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
                                             void **out) {
     (void)op;
@@ -383,6 +393,12 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     kn->table = table;
     kn->table_f16 = table_f16;
     kn->packed = packed;
+    kn->paired = 0;
+    if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && !has_input(info, IN_BIAS)) {
+        q4_problem shape = weight_shape(k, n, block, bits);
+        kn->paired = q4_pair_swiglu(&shape, packed, table, table_f16) == 0; /* else the stored order: slower, the same */
+        if (kn->paired) __atomic_add_fetch(&g_paired, 1, __ATOMIC_RELAXED);
+    }
     *out = kn;
     return NULL;
 }
@@ -461,6 +477,9 @@ IE_EXPORT void internvl_edge_table_stats(uint64_t *f16, uint64_t *f32) {
     *f16 = __atomic_load_n(&g_table_f16_bytes, __ATOMIC_RELAXED);
     *f32 = __atomic_load_n(&g_table_f32_bytes, __ATOMIC_RELAXED);
 }
+
+/* How many fused SwiGLU kernels of this process hold their gate and up weights side by side. */
+IE_EXPORT void internvl_edge_paired_count(uint64_t *paired) { *paired = __atomic_load_n(&g_paired, __ATOMIC_RELAXED); }
 
 /* The domain is handed to the session options and must outlive every session made from them, so it
  * is never released (one small object per registration). */

@@ -5,14 +5,16 @@
 #include "isa.h"
 #include "vec_exp.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define Q4_CHUNK 64       /* weights per 32-byte load of B */
 #define Q4_TILE_COLS 32   /* columns of one task: a few KB of B, parallel work for every linear */
 #define Q4_TILE_ROWS 256  /* rows of one task: long prefills split across threads by rows too */
 #ifndef Q4_SWIGLU_COLS
-#define Q4_SWIGLU_COLS 128 /* gate (and as many up) columns of one fused SwiGLU task: each task jumps
-                              from the gate half to the up half once, where prefetching restarts */
+#define Q4_SWIGLU_COLS 128 /* gate (and as many up) columns of one fused SwiGLU task, side by side in
+                              the packed weights (q4_pair_swiglu); without that, each task jumps from
+                              the gate half to the up half once, where prefetching restarts */
 #endif
 /* q4_blocks_fill's entry per 8 columns and block: 8 scales (float or float16), then 8 zero points */
 #define Q4_ENTRY_BYTES(f16) ((f16) ? 24 : 40)
@@ -438,11 +440,45 @@ void q4_pack(const q4_problem *p, uint8_t *out)
                 memcpy(out, p->b + (g * 8 + j) * (kp / 2) + k0 / 2, 64);
 }
 
+/* Where group g (of 8 columns, stored order) of a fused SwiGLU of `groups` groups lies in
+ * q4_pair_swiglu's order. */
+static int64_t paired_group(int64_t g, int64_t groups)
+{
+    const int64_t half = groups / 2, per_task = Q4_SWIGLU_COLS / 8, up = g >= half, h = up ? g - half : g;
+    const int64_t first = h / per_task * per_task, in_task = half - first < per_task ? half - first : per_task;
+    return 2 * first + (up ? in_task : 0) + (h - first);
+}
+
+/* `groups` runs of `bytes` each moved from index g to paired_group(g) through `copy` (as large). */
+static void pair_runs(uint8_t *data, uint8_t *copy, int64_t groups, size_t bytes)
+{
+    memcpy(copy, data, (size_t)groups * bytes);
+    for (int64_t g = 0; g < groups; g++)
+        memcpy(data + (size_t)paired_group(g, groups) * bytes, copy + (size_t)g * bytes, bytes);
+}
+
+int q4_pair_swiglu(const q4_problem *p, uint8_t *packed, void *table, int f16)
+{
+    const int64_t nblk = (p->k + p->block - 1) / p->block, groups = p->n / 8;
+    const size_t weights = q4_packed_bytes(p->n, p->k, p->block, 4), entries = q4_blocks_bytes(p->n, p->k, p->block, 4, f16);
+    if (p->n % 16 || (p->bits != 0 && p->bits != 4) || !weights || !entries)
+        return -1;
+    uint8_t *copy = (uint8_t *)malloc(weights > entries ? weights : entries);
+    if (!copy)
+        return -1;
+    pair_runs(packed, copy, groups, weights / (size_t)groups);
+    pair_runs((uint8_t *)table, copy, groups, (size_t)nblk * Q4_ENTRY_BYTES(f16));
+    free(copy);
+    return 0;
+}
+
 int q4_plan(const q4_problem *p, q4_plan_t *plan)
 {
     if (p->block <= 0 || p->block % Q4_CHUNK || p->block > Q4_MAX_BLOCK || p->k <= 0 || p->m < 0 || p->n <= 0)
         return -1;
     if (p->bits == 8 && (!p->packed || !p->blocks || p->swiglu || !takes_8bit(p->n, p->k, p->block)))
+        return -1;
+    if (p->swiglu_paired && (!p->swiglu || !p->packed || !p->blocks || p->bias))
         return -1;
     if (p->bits != 0 && p->bits != 4 && p->bits != 8)
         return -1;

@@ -34,6 +34,7 @@ typedef struct {
     float *swiglu;            /* NULL, or [M, N/2]: silu(Y[:, :N/2]) * Y[:, N/2:] (Qwen's gate/up
                                  pair fused in one linear), with y then a scratch [M, N] */
     int packed;               /* b is in q4_pack()'s layout */
+    int swiglu_paired;        /* with swiglu: b and blocks in q4_pair_swiglu()'s order, y's columns too */
     int bits;                 /* 4 (0 reads as 4) or 8: then b must be packed and blocks given (q4_plan) */
 } q4_problem;
 
@@ -85,5 +86,16 @@ void q4_run(const q4_problem *p, size_t task);
  * each 64 weights in the order the activations are quantised in, so one load pairs with them as is. */
 size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits);
 void q4_pack(const q4_problem *p, uint8_t *out);
+
+/* A fused SwiGLU's packed weights and table put in the order its tasks read them: for each task
+ * (Q4_SWIGLU_COLS gate columns, the last one maybe fewer), the groups of 8 gate columns it computes,
+ * then the matching up ones. In the stored order a task read two streams 7 MB apart (InternVL3-2B)
+ * and every task started both cold: the fused linear ran 1.17x slower than the same weights
+ * unfused, alone (BENCHMARKS.md, "SwiGLU pairs side by side"); now the tasks of a range of work are
+ * one stream. Takes 4-bit weights with N a multiple of 16, both buffers made for p's shapes (f16:
+ * the table's); 0 when done, -1 (both as they were) when there is no memory for the copy it works
+ * with. Set swiglu_paired for problems that read them: y (the pair's scratch) then holds the
+ * columns in this order too, and bias must be NULL. */
+int q4_pair_swiglu(const q4_problem *p, uint8_t *packed, void *table, int f16);
 
 #endif

@@ -112,8 +112,16 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
 #pragma GCC unroll 4
         for (int j = 0; j < C; j++) {
             const int64_t n = n0 + j;
-            const float s = p->scales[n * nblk + b];
-            const int z = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+            float s;
+            int z;
+            if (p->swiglu_paired) { /* the columns are in the table's order, not the scales' */
+                const uint8_t *entry = (const uint8_t *)p->blocks + ((n / 8) * nblk + b) * Q4_ENTRY_BYTES(p->blocks_f16);
+                s = q4_entry_scales(entry, p->blocks_f16)[n % 8];
+                z = entry[Q4_ENTRY_ZEROS(p->blocks_f16) + n % 8];
+            } else {
+                s = p->scales[n * nblk + b];
+                z = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
+            }
 #pragma GCC unroll 4
             for (int i = 0; i < R; i++) {
                 const float sab = s * sa[(r0 + i) * nblk + b];
@@ -241,12 +249,17 @@ static void Q4_NAME(run)(const q4_problem *p, size_t task)
     const int64_t n_hi = n_lo + cols < width ? n_lo + cols : width;
     const int64_t r_lo = (int64_t)(task / col_tiles) * Q4_TILE_ROWS;
     const int64_t r_hi = r_lo + Q4_TILE_ROWS < p->m ? r_lo + Q4_TILE_ROWS : p->m;
-    Q4_NAME(columns)(p, r_lo, r_hi, n_lo, n_hi);
-    if (!p->swiglu)
+    if (!p->swiglu) {
+        Q4_NAME(columns)(p, r_lo, r_hi, n_lo, n_hi);
         return;
-    Q4_NAME(columns)(p, r_lo, r_hi, width + n_lo, width + n_hi); /* the matching up columns */
+    }
+    /* the gate columns, then the matching up ones: side by side when paired (q4_pair_swiglu) */
+    const int64_t gate_at = p->swiglu_paired ? 2 * n_lo : n_lo;
+    const int64_t up_at = p->swiglu_paired ? 2 * n_lo + (n_hi - n_lo) : width + n_lo;
+    Q4_NAME(columns)(p, r_lo, r_hi, gate_at, gate_at + (n_hi - n_lo));
+    Q4_NAME(columns)(p, r_lo, r_hi, up_at, up_at + (n_hi - n_lo));
     for (int64_t r = r_lo; r < r_hi; r++) {
-        const float *gate = p->y + r * p->n, *up = gate + width;
+        const float *gate = p->y + r * p->n + gate_at - n_lo, *up = p->y + r * p->n + up_at - n_lo;
         float *out = p->swiglu + r * width;
         int64_t n = n_lo;
         for (; n + 8 <= n_hi; n += 8) {
