@@ -27,7 +27,7 @@ import time
 
 import internvl_edge
 from internvl_edge import kernels
-from internvl_edge.bench import _greedy_steps, _prefilled, _random_embeds
+from internvl_edge.bench import PAIRED_PROBE_GIB, ReadProbe, _greedy_steps, _prefilled, _random_embeds
 from internvl_edge.generate import prefill
 
 CONTEXTS = (300, 1500)
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
     ap.add_argument("--against", help="another build of our library, loaded as the setting \"against\"")
     ap.add_argument("--against-bundle", help="another bundle of the same checkpoint, loaded as the setting \"bundle2\"")
+    ap.add_argument("--probe", action="store_true",
+                    help="read the bench's probe array after every step, as its step-by-step roofline does (only the steps timed)")
     args = ap.parse_args()
+    probe = ReadProbe(args.threads, PAIRED_PROBE_GIB) if args.probe else None
     modes = args.modes.split(",") + (["against"] if args.against else []) + (["bundle2"] if args.against_bundle else [])
     loaded = {}
     ours = kernels.library_path
@@ -67,9 +70,19 @@ def main() -> None:
             for ctx in CONTEXTS:
                 cache, token = caches[ctx]
                 cache.lengths[:] = ctx
-                t0 = time.perf_counter()
-                _greedy_steps(model.backend, cache, token, STEPS)
-                step_ms[mode, ctx].append((time.perf_counter() - t0) / STEPS * 1000)
+                if probe is None:
+                    t0 = time.perf_counter()
+                    _greedy_steps(model.backend, cache, token, STEPS)
+                    step_ms[mode, ctx].append((time.perf_counter() - t0) / STEPS * 1000)
+                    continue
+                spent = 0.0
+                for _ in range(STEPS):
+                    probe.read()
+                    t0 = time.perf_counter()
+                    token_after = _greedy_steps(model.backend, cache, token, 1)
+                    spent += time.perf_counter() - t0
+                    token = token_after
+                step_ms[mode, ctx].append(spent / STEPS * 1000)
             if rnd % args.prefill_every == 0:
                 for n in PREFILLS:
                     cache = model.backend.new_cache(1)

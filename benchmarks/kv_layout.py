@@ -6,9 +6,11 @@ round after round with the same sessions: "aligned" (as the runtime does), "nump
 64-byte boundary, where numpy's own large arrays start, as the runtime's caches did before), and
 "2 MB pages" (aligned to 2 MB and madvised for transparent huge pages: faster streaming, but a
 partly used cache is held in whole huge pages). Medians of ms per token and the median per-round
-ratio against "aligned". Not part of CI.
+ratio against "aligned". `--probe` reads the bench's bandwidth probe (a quarter GiB) before every
+step, as its step-by-step roofline does, and times the steps alone. Not part of CI.
 
     python benchmarks/kv_layout.py --bundle /tmp/b2b/fast --threads 2 --rounds 20
+    python benchmarks/kv_layout.py --bundle /tmp/b2b/fast16 --threads 2 --rounds 30 --probe
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def main() -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--probe", action="store_true", help="read the bench's probe array before every step")
     args = ap.parse_args()
     model = load(args.bundle, threads=args.threads)
+    probe = bench.ReadProbe(model.backend.threads or 1, bench.PAIRED_PROBE_GIB) if args.probe else None
     allocators = {"aligned": ALIGNED, "numpy": numpy_placed, "2 MB pages": huge_paged}
     caches = {}
     for name, allocate in allocators.items():
@@ -65,9 +69,14 @@ def main() -> None:
     for rnd in range(args.rounds):
         for (name, ctx), (cache, token) in caches.items():
             cache.lengths[:] = ctx  # every round decodes the same positions
-            t0 = time.perf_counter()
-            bench._greedy_steps(model.backend, cache, token, STEPS)
-            ms[name, ctx].append((time.perf_counter() - t0) / STEPS * 1000)
+            spent, next_token = 0.0, token
+            for _ in range(STEPS):
+                if probe:
+                    probe.read()
+                t0 = time.perf_counter()
+                next_token = bench._greedy_steps(model.backend, cache, next_token, 1)
+                spent += time.perf_counter() - t0
+            ms[name, ctx].append(spent / STEPS * 1000)
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
     print("\n| KV cache | " + " | ".join(f"decode @{c}: ms/token, speed vs aligned" for c in CONTEXTS) + " |")
     print("|---|" + "---:|" * len(CONTEXTS))
