@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--against", help="another build of our library, loaded as the setting \"against\"")
     ap.add_argument("--against-bundle", help="another bundle of the same checkpoint, loaded as the setting \"bundle2\"")
     ap.add_argument("--probe", action="store_true",
-                    help="read the bench's probe array after every step, as its step-by-step roofline does (only the steps timed)")
+                    help="read the bench's probe array between steps, as its step-by-step roofline does (only the steps timed)")
     args = ap.parse_args()
     probe = ReadProbe(args.threads, PAIRED_PROBE_GIB) if args.probe else None
     modes = args.modes.split(",") + (["against"] if args.against else []) + (["bundle2"] if args.against_bundle else [])

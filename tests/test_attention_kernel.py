@@ -2,10 +2,10 @@
 
 Both compute float32 causal attention with rotary embeddings over an in-place cache, so on the same
 inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
-short and long contexts), prefill chunks from an empty cache and after history (the tiled path from 8
-rows on, block edges at 16 and 64 keys, decode chunk edges at 32), right-padded chunks (static bundles), batches whose entries
-have different histories and chunk lengths (the server), head sizes 16/32/64/128, one query head per
-KV head, and a cache not bound in place (present copied from past). tests/test_kernels.py runs these
+short and long contexts, chunk edges at 32 keys), prefill chunks from an empty cache and after history
+(the tiled path from 8 rows on, block edges at 16 and 64 keys), right-padded chunks (static bundles),
+batches whose entries have different histories and chunk lengths (the server), head sizes
+16/32/64/128, one query head per KV head, and a cache not bound in place (present copied from past). tests/test_kernels.py runs these
 comparisons again on the AVX2 variant.
 """
 

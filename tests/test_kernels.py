@@ -212,7 +212,7 @@ def test_rewrite_takes_only_what_the_kernel_computes():
 @pytest.mark.parametrize("lm_head_bits", [0, 8])
 def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head_bits):
     """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once (an 8-bit
-    lm_head too, on VNNI CPUs); INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS);
+    lm_head too, on VNNI CPUs; each gate/up pair side by side); INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS);
     both give logits within the int8 activation noise of each other."""
     import onnx
 
@@ -225,12 +225,14 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
         head = next(n for n in decoder.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
         assert head.domain == (kernels.DOMAIN if kernels.isa() in kernels.EIGHT_BIT_ISAS else "com.microsoft")
     packed, released = kernels.pack_stats()
+    paired = kernels.paired_swiglus()
     fast = load(path)
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
     # the 4-bit weights were repacked, and ORT's memory-mapped originals handed back (whole pages)
     packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released)))
     if kernels.isa() in kernels.PACKED_4BIT_ISAS:
         assert packed > 0 and released >= 0.9 * packed
+        assert kernels.paired_swiglus() - paired == 2, "each layer's fused gate/up weights side by side"
     ids = np.arange(3, 40, dtype=np.int64)[None]
     cache = fast.backend.new_cache(1)
     ours = fast.backend.forward(cache, fast.backend.embed(ids), [ids.shape[1]]).copy()
