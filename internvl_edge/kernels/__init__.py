@@ -69,39 +69,33 @@ def repacks() -> bool:
     return os.environ.get("INTERNVL_EDGE_KERNELS", "1") != "unpacked"
 
 
+def _counters(symbol: str, count: int) -> tuple[int, ...]:
+    """The `count` uint64 counters the library's `symbol` reports (0s without the library): the same
+    library ORT loaded, so one copy of them."""
+    found = _library()
+    if found is None:
+        return (0,) * count
+    values = [ctypes.c_uint64() for _ in range(count)]
+    getattr(ctypes.CDLL(found[0]), symbol)(*(ctypes.byref(v) for v in values))
+    return tuple(v.value for v in values)
+
+
 def pack_stats() -> tuple[int, int]:
     """(bytes of 4- and 8-bit weights our MatMulNBits kernels copied into their sequential layout in
     this process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
-    found = _library()
-    if found is None:
-        return 0, 0
-    lib = ctypes.CDLL(found[0])  # the same library ORT loaded: one copy of its counters
-    packed, released = ctypes.c_uint64(), ctypes.c_uint64()
-    lib.internvl_edge_pack_stats(ctypes.byref(packed), ctypes.byref(released))
-    return packed.value, released.value
+    return _counters("internvl_edge_pack_stats", 2)
 
 
 def table_stats() -> tuple[int, int]:
     """(bytes of scale tables with float16 scales, bytes with float ones) our MatMulNBits kernels made
     in this process: float16 where every scale of a weight is a float16 value (q4gemm.h)."""
-    found = _library()
-    if found is None:
-        return 0, 0
-    lib = ctypes.CDLL(found[0])
-    f16, f32 = ctypes.c_uint64(), ctypes.c_uint64()
-    lib.internvl_edge_table_stats(ctypes.byref(f16), ctypes.byref(f32))
-    return f16.value, f32.value
+    return _counters("internvl_edge_table_stats", 2)
 
 
 def paired_swiglus() -> int:
     """How many fused SwiGLU linears our kernels made in this process hold each task's gate and up
     weights side by side (q4gemm.h, q4_pair_swiglu): those with a packed B, a table and no bias."""
-    found = _library()
-    if found is None:
-        return 0
-    count = ctypes.c_uint64()
-    ctypes.CDLL(found[0]).internvl_edge_paired_count(ctypes.byref(count))
-    return count.value
+    return _counters("internvl_edge_paired_count", 1)[0]
 
 
 @cache

@@ -71,13 +71,18 @@ int ie_get_float(const OrtKernelInfo *info, const char *name, float *out) {
     return 1;
 }
 
+int ie_has_input(const OrtKernelInfo *info, size_t count, size_t index) {
+    size_t name_size = 0;
+    if (index >= count) return 0;
+    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return -1;
+    return name_size > 1; /* "" is an absent optional input */
+}
+
 int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
                       int64_t elements, void **data) {
     *data = NULL;
-    if (index >= count) return -1;
-    size_t name_size = 0;
-    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return 0;
-    if (name_size <= 1) return -1; /* "" */
+    const int present = ie_has_input(info, count, index);
+    if (present <= 0) return present == 0 ? -1 : 0;
     int is_constant = 0;
     const OrtValue *v = NULL;
     if (ie_dropped(ORTABI(g_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||

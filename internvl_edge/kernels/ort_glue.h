@@ -41,6 +41,9 @@ OrtStatus *ie_get_int(const char *op, const OrtKernelInfo *info, const char *nam
 int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
 /* Optional float attribute: 1 and its value in *out when present, else 0 (*out untouched). */
 int ie_get_float(const OrtKernelInfo *info, const char *name, float *out);
+/* Whether the node gives input `index` (of its `count`): 1 present, 0 absent (past the node's inputs,
+ * or an empty name), -1 when ORT could not say. */
+int ie_has_input(const OrtKernelInfo *info, size_t count, size_t index);
 /* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
  * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
  * initializer a feed may override), 1 a constant, with its data when it has the type and element

@@ -341,13 +341,6 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     return NULL;
 }
 
-/* Whether the node gives input `index` (present, with a name). */
-static int has_input(const OrtKernelInfo *info, size_t index) {
-    size_t count = 0, name_size = 0;
-    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count)) || index >= count) return 0;
-    return !ie_dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size)) && name_size > 1;
-}
-
 static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
                                             void **out) {
     (void)op;
@@ -394,7 +387,10 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     kn->table_f16 = table_f16;
     kn->packed = packed;
     kn->paired = 0;
-    if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && !has_input(info, IN_BIAS)) {
+    size_t inputs = 0;
+    const int counted = !ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &inputs));
+    const int bias = counted ? ie_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
+    if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && bias == 0) {
         q4_problem shape = weight_shape(k, n, block, bits);
         kn->paired = q4_pair_swiglu(&shape, packed, table, table_f16) == 0; /* else the stored order: slower, the same */
         if (kn->paired) __atomic_add_fetch(&g_paired, 1, __ATOMIC_RELAXED);

@@ -92,10 +92,10 @@ void q4_pack(const q4_problem *p, uint8_t *out);
  * then the matching up ones. In the stored order a task read two streams 7 MB apart (InternVL3-2B)
  * and every task started both cold: the fused linear ran 1.07x slower than the same weights
  * unfused, alone (benchmarks/matmulnbits.py; BENCHMARKS.md, "SwiGLU pairs side by side"); now the
- * tasks of a range of work are one stream. Takes 4-bit weights with N a multiple of 16, both buffers made for p's shapes (f16:
- * the table's); 0 when done, -1 (both as they were) when there is no memory for the copy it works
- * with. Set swiglu_paired for problems that read them: y (the pair's scratch) then holds the
- * columns in this order too, and bias must be NULL. */
+ * tasks of a range of work are one stream. Takes 4-bit weights with N a multiple of 16, both
+ * buffers made for p's shapes (f16: the table's); 0 when done, -1 (both as they were) when there is
+ * no memory for the copy it works with. Set swiglu_paired for problems that read them: y (the
+ * pair's scratch) then holds the columns in this order too, and bias must be NULL. */
 int q4_pair_swiglu(const q4_problem *p, uint8_t *packed, void *table, int f16);
 
 #endif
