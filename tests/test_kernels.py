@@ -185,6 +185,25 @@ def test_8bit_weights_match_onnxruntime(rows, K, N, block, with_bias, zero_point
 
 
 @needs_kernel
+@pytest.mark.parametrize("batches", [1, 2, 3, 8, 64, 200])
+def test_every_task_runs_once_for_any_number_of_ranges(batches):
+    """The op splits its tasks (32 columns each) into `batches` ranges for the thread pool, and the
+    threads take what is left of each other's ranges from their ends (ort_glue.c, ie_parallel_ranges):
+    every column is computed, whatever the split (one range; fewer ranges than threads; more than
+    tasks; above the 64 it takes). Many runs with different inputs, so that the threads meet inside
+    ranges in some of them, and a column left out keeps an earlier run's value (ORT reuses the
+    output buffer) or holds garbage."""
+    rng = np.random.default_rng(batches)
+    w = quantize(rng.standard_normal((2056, 1024)).astype(np.float32) * 0.05, 4, 128)  # 65 tasks, the last of 8 columns
+    ours_sess = _graph(w, kernels.DOMAIN, None, batches=batches)
+    theirs_sess = _graph(w, "com.microsoft", None)
+    for rows in [1] * 20 + [6] * 5:
+        a = rng.standard_normal((1, rows, 1024)).astype(np.float32)
+        ours, theirs = ours_sess.run(None, {"A": a})[0], theirs_sess.run(None, {"A": a})[0]
+        assert np.abs(ours - theirs).max() <= 2e-4 * np.abs(theirs).max()
+
+
+@needs_kernel
 def test_shapes_and_errors():
     w = quantize(np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32), 4, 128)
     sess = _graph(w, kernels.DOMAIN, None)

@@ -117,3 +117,83 @@ int ORTABI_CALL ie_variadic_one(const ortabi_custom_op *op) {
     (void)op;
     return 1;
 }
+
+/* One range of ie_parallel_ranges: the next task from its start (low 32 bits) and the end, exclusive
+ * (high 32 bits), changed together by compare-and-swap so that a task is taken once; and whether a
+ * thread has started it. Its own cache line: the threads update different ranges. */
+typedef struct {
+    _Alignas(64) uint64_t span;
+    int started;
+} ie_range;
+
+typedef struct {
+    void (*fn)(void *, size_t);
+    void *user;
+    size_t count;
+    ie_range *ranges;
+} ie_ranges;
+
+/* Take a task of range r from its start (front = 1) or its end: 1 and the task, or 0 when it is empty. */
+static int take(ie_range *r, int front, uint32_t *task) {
+    uint64_t cur = __atomic_load_n(&r->span, __ATOMIC_RELAXED);
+    for (;;) {
+        const uint32_t lo = (uint32_t)cur, hi = (uint32_t)(cur >> 32);
+        if (lo >= hi) return 0;
+        const uint64_t next = front ? ((uint64_t)hi << 32) | (lo + 1) : ((uint64_t)(hi - 1) << 32) | lo;
+        if (__atomic_compare_exchange_n(&r->span, &cur, next, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *task = front ? lo : hi - 1;
+            return 1;
+        }
+    }
+}
+
+/* Range r from its start, unless another thread started it: 1 when this thread ran it. */
+static int run_from_start(const ie_ranges *rs, size_t r) {
+    if (__atomic_exchange_n(&rs->ranges[r].started, 1, __ATOMIC_RELAXED)) return 0;
+    uint32_t task;
+    while (take(&rs->ranges[r], 1, &task)) rs->fn(rs->user, task);
+    return 1;
+}
+
+static void run_range(void *user, size_t index) {
+    const ie_ranges *rs = (const ie_ranges *)user;
+    run_from_start(rs, index);
+    for (;;) { /* then ranges no thread has started, from their start; then the tail of the others */
+        size_t most = 0, at = 0, fresh = rs->count;
+        for (size_t i = 0; i < rs->count; i++) {
+            const uint64_t span = __atomic_load_n(&rs->ranges[i].span, __ATOMIC_RELAXED);
+            const uint32_t lo = (uint32_t)span, hi = (uint32_t)(span >> 32);
+            if (hi <= lo) continue;
+            if (!__atomic_load_n(&rs->ranges[i].started, __ATOMIC_RELAXED)) {
+                fresh = i;
+                break;
+            }
+            if (hi - lo > most) most = hi - lo, at = i;
+        }
+        if (fresh < rs->count) {
+            run_from_start(rs, fresh);
+            continue;
+        }
+        if (!most) return;
+        uint32_t task;
+        if (take(&rs->ranges[at], 0, &task)) rs->fn(rs->user, task);
+    }
+}
+
+OrtStatus *ie_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
+                              void *user) {
+    if (segments > tasks) segments = tasks;
+    if (segments > IE_MAX_SEGMENTS) segments = IE_MAX_SEGMENTS;
+    if (tasks > UINT32_MAX) return ORTABI(g_api, KernelContext_ParallelFor)(ctx, fn, tasks, segments, user);
+    if (segments <= 1) {
+        for (size_t t = 0; t < tasks; t++) fn(user, t);
+        return NULL;
+    }
+    ie_range ranges[IE_MAX_SEGMENTS];
+    for (size_t i = 0; i < segments; i++) {
+        ranges[i].span = ((uint64_t)(tasks * (i + 1) / segments) << 32) | (uint64_t)(tasks * i / segments);
+        ranges[i].started = 0;
+    }
+    ie_ranges rs = {fn, user, segments, ranges};
+    return ORTABI(g_api, KernelContext_ParallelFor)(ctx, run_range, segments, segments, &rs);
+}

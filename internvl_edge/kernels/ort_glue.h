@@ -52,6 +52,17 @@ int ie_has_input(const OrtKernelInfo *info, size_t count, size_t index);
 int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
                       int64_t elements, void **data);
 
+/* fn(user, task) for tasks 0 .. tasks-1 on ORT's thread pool, as `segments` contiguous ranges: the
+ * thread that starts a range runs its tasks in order (one sequential stream of weights), and a thread
+ * whose range is done takes the last task left of the range with most left (from its end), so the
+ * threads finish within one task of each other instead of within one range. With ORT's own ranges
+ * (KernelContext_ParallelFor's num_batch), a thread done with its last range waited for the other's
+ * (decode 1.01-1.03x faster: BENCHMARKS.md, "Threads that share the last tasks"). `segments` is
+ * capped at `tasks` and at IE_MAX_SEGMENTS; one runs the tasks in order on the calling thread. */
+#define IE_MAX_SEGMENTS 64
+OrtStatus *ie_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
+                              void *user);
+
 /* OrtCustomOp callbacks both ops answer alike: the CPU provider, inputs in default (CPU) memory,
  * float outputs, and the variadic queries (asked only of variadic inputs, which neither op has). */
 const char *ORTABI_CALL ie_cpu_provider(const ortabi_custom_op *op);

@@ -7,7 +7,7 @@
  *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional),
  *            skip float (optional, A's shape) and gamma float [K]: with norm_epsilon only
  *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
- *            batches (ranges of work for ORT's thread pool, default 8); swiglu (default 0);
+ *            batches (ranges of work for ORT's thread pool, default 8: ie_parallel_ranges); swiglu (default 0);
  *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored);
  *            norm_epsilon (float, optional: the linear's input is the RMS norm of A + skip, see
  *            rms_norm.h; kernels/__init__.py folds the norm node that feeds the linear into it)
@@ -230,12 +230,10 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (plan.tasks == 1)
         q4_run(&p, 0);
     else if (plan.tasks > 1)
-        /* contiguous ranges of tasks, one callback each: ORT's per-task dispatch (num_batch 0) cost
-         * more than the work here (decode at 15 instead of 33+ tok/s on InternVL3-2B shapes) */
-        s = ORTABI(g_api, KernelContext_ParallelFor)(ctx, run_task, plan.tasks,
-                                                     (size_t)(kn->batches < (int64_t)plan.tasks ? kn->batches
-                                                                                                 : (int64_t)plan.tasks),
-                                                     &p);
+        /* contiguous ranges of tasks, one callback each (ORT's per-task dispatch, num_batch 0, cost
+         * more than the work here: decode at 15 instead of 33+ tok/s on InternVL3-2B shapes), the
+         * threads sharing the last tasks of each other's ranges */
+        s = ie_parallel_ranges(ctx, run_task, plan.tasks, (size_t)(kn->batches > 0 ? kn->batches : 1), &p);
 done:
     free(scratch);
     free(pair);
