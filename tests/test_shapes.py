@@ -14,18 +14,28 @@ def spy_shapes(backend):
     """Rows of every decoder call as the net receives them (after any padding), and tiles per vision call."""
     calls = {"decoder": [], "vision": []}
     new_cache, vision = backend.new_cache, backend.sessions["vision"].run
+    decoder_run = backend.sessions["decoder"].run_with_iobinding
 
-    class BindingSpy:
+    class BindingSpy:  # the rows of the embeddings bound last, as a copy (prefill) or in place (decode)
         def __init__(self, io):
-            self.io = io
+            self.io, self.rows = io, None
 
         def bind_cpu_input(self, name, value):
             if name == "inputs_embeds":
-                calls["decoder"].append(value.shape[1])
+                self.rows = value.shape[1]
             return self.io.bind_cpu_input(name, value)
+
+        def bind_ortvalue_input(self, name, value):
+            if name == "inputs_embeds":
+                self.rows = value.shape()[1]
+            return self.io.bind_ortvalue_input(name, value)
 
         def __getattr__(self, name):
             return getattr(self.io, name)
+
+    def spied_run(io, *args):
+        calls["decoder"].append(io.rows)
+        return decoder_run(io, *args)
 
     def spied_cache(batch=1):
         cache = new_cache(batch)
@@ -38,6 +48,7 @@ def spy_shapes(backend):
             return vision(outputs, feeds)
 
     backend.new_cache = spied_cache
+    backend.sessions["decoder"].run_with_iobinding = spied_run
     backend.sessions["vision"] = VisionSpy()
     return calls
 
