@@ -273,8 +273,8 @@ class OrtBackend:
     def _step_inputs(self, batch: int) -> dict:
         """The decoder's inputs for a one-row step, as arrays and the OrtValues that wrap them (no
         copy): bound once, then rewritten in place at every step. Binding them anew (bind_cpu_input
-        makes an OrtValue per input) was most of the 0.1 ms per token that forward spent outside the
-        decoder net."""
+        makes an OrtValue per input) was a third of the 0.1 ms per token that forward spent outside
+        the decoder net (BENCHMARKS.md, stop 16)."""
         arrays = {"inputs_embeds": np.zeros((batch, 1, self.hidden), np.float32),
                   "seqlens_k": np.zeros(batch, np.int32), "query_seqlens": np.zeros(batch, np.int32),
                   "total_sequence_length": np.zeros((), np.int32)}  # fmt: skip

@@ -7,7 +7,8 @@
  *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional),
  *            skip float (optional, A's shape) and gamma float [K]: with norm_epsilon only
  *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
- *            batches (ranges of work for ORT's thread pool, default 8: ie_parallel_ranges); swiglu (default 0);
+ *            batches (ranges of work for ORT's thread pool, default 8; ie_parallel_ranges);
+ *            swiglu (default 0);
  *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored);
  *            norm_epsilon (float, optional: the linear's input is the RMS norm of A + skip, see
  *            rms_norm.h; kernels/__init__.py folds the norm node that feeds the linear into it)
