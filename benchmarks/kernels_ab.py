@@ -70,18 +70,13 @@ def main() -> None:
             for ctx in CONTEXTS:
                 cache, token = caches[ctx]
                 cache.lengths[:] = ctx
-                if probe is None:
-                    t0 = time.perf_counter()
-                    _greedy_steps(model.backend, cache, token, STEPS)
-                    step_ms[mode, ctx].append((time.perf_counter() - t0) / STEPS * 1000)
-                    continue
-                spent = 0.0
+                spent, step_token = 0.0, token
                 for _ in range(STEPS):
-                    probe.read()
+                    if probe:
+                        probe.read()
                     t0 = time.perf_counter()
-                    token_after = _greedy_steps(model.backend, cache, token, 1)
+                    step_token = _greedy_steps(model.backend, cache, step_token, 1)
                     spent += time.perf_counter() - t0
-                    token = token_after
                 step_ms[mode, ctx].append(spent / STEPS * 1000)
             if rnd % args.prefill_every == 0:
                 for n in PREFILLS:

@@ -147,12 +147,11 @@ static int take(ie_range *r, int front, uint32_t *task) {
     }
 }
 
-/* Range r from its start, unless another thread started it: 1 when this thread ran it. */
-static int run_from_start(const ie_ranges *rs, size_t r) {
-    if (__atomic_exchange_n(&rs->ranges[r].started, 1, __ATOMIC_RELAXED)) return 0;
+/* Range r from its start, unless another thread started it. */
+static void run_from_start(const ie_ranges *rs, size_t r) {
+    if (__atomic_exchange_n(&rs->ranges[r].started, 1, __ATOMIC_RELAXED)) return;
     uint32_t task;
     while (take(&rs->ranges[r], 1, &task)) rs->fn(rs->user, task);
-    return 1;
 }
 
 static void run_range(void *user, size_t index) {
