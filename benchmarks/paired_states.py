@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -29,8 +30,7 @@ FAST_GBS = 58.0  # the probe's median reading from which a run counts as in the 
 
 
 def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2 if xs else 0.0
+    return statistics.median(xs) if xs else 0.0
 
 
 def main(argv=None) -> int:
