@@ -12,7 +12,7 @@ kernel on caches that many bytes past it as further columns (16: where numpy's o
 start). Not part of CI.
 
     python benchmarks/attention.py --threads 2
-    python benchmarks/attention.py --threads 2 --against /tmp/old/_q4.so
+    python benchmarks/attention.py --threads 2 --against OLD/_q4.so
     python benchmarks/attention.py --threads 2 --offsets 0,16
 """
 

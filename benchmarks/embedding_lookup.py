@@ -6,7 +6,7 @@ step runs and is followed by one embedding of a random token, by the session and
 turn (so both find the caches as decode leaves them). Milliseconds per embedding, medians. Not part
 of CI.
 
-    python benchmarks/embedding_lookup.py --bundle /tmp/b2b/fast --threads 2 --rounds 200
+    python benchmarks/embedding_lookup.py --bundle B --threads 2 --rounds 200
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ built with other -D settings) as one more setting, named "against", with all of 
 other options), with all of our kernels, as the setting "bundle2".
 
     python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
-    python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against /tmp/other/_q4.so
+    python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against OTHER/_q4.so
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against-bundle B2
 """
 

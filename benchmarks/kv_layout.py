@@ -9,8 +9,8 @@ partly used cache is held in whole huge pages). Medians of ms per token and the 
 ratio against "aligned". `--probe` reads the bench's bandwidth probe (a quarter GiB) before every
 step, as its step-by-step roofline does, and times the steps alone. Not part of CI.
 
-    python benchmarks/kv_layout.py --bundle /tmp/b2b/fast --threads 2 --rounds 20
-    python benchmarks/kv_layout.py --bundle /tmp/b2b/fast16 --threads 2 --rounds 30 --probe
+    python benchmarks/kv_layout.py --bundle B --threads 2 --rounds 20
+    python benchmarks/kv_layout.py --bundle B --threads 2 --rounds 30 --probe
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ kernels.fuse_swiglu), on ours: "gate_up swiglu", the same weights read, half the
 run: what the kernel can consume when memory is not the limit (on a machine whose bandwidth changes
 with its load, the figure that says whether a kernel can keep up with the fast state). Distinct
 weights, not one shared by many nodes: our kernel holds a packed copy per node, so 64 nodes of one
-weight are 64 copies (until 2026-12-01, stop 15, --hot timed that: 25 MB, not in cache for ours).
+weight would be 64 copies (25 MB, not in cache for ours).
 """
 
 from __future__ import annotations

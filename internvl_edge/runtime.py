@@ -274,7 +274,7 @@ class OrtBackend:
         """The decoder's inputs for a one-row step, as arrays and the OrtValues that wrap them (no
         copy): bound once, then rewritten in place at every step. Binding them anew (bind_cpu_input
         makes an OrtValue per input) was a third of the 0.1 ms per token that forward spent outside
-        the decoder net (BENCHMARKS.md, stop 16)."""
+        the decoder net (docs/performance-notes.md, "Python around the decoder")."""
         arrays = {"inputs_embeds": np.zeros((batch, 1, self.hidden), np.float32),
                   "seqlens_k": np.zeros(batch, np.int32), "query_seqlens": np.zeros(batch, np.int32),
                   "total_sequence_length": np.zeros((), np.int32)}  # fmt: skip

@@ -57,9 +57,8 @@ int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ort
  * whose range is done takes the last task left of the range with most left (from its end), so the
  * threads finish within one task of each other instead of within one range. With ORT's own ranges
  * (KernelContext_ParallelFor's num_batch), a thread done with its last range waited for the other's
- * (decode 1.00-1.03x faster: BENCHMARKS.md, "Decode against the roofline: threads that share the
- * last tasks", stop 16). `segments` is capped at `tasks` and at IE_MAX_SEGMENTS; one runs the tasks
- * in order on the calling thread. */
+ * (decode 1.00-1.03x faster: docs/performance-notes.md, "Threading"). `segments` is capped at `tasks`
+ * and at IE_MAX_SEGMENTS; one runs the tasks in order on the calling thread. */
 #define IE_MAX_SEGMENTS 64
 OrtStatus *ie_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
                               void *user);
