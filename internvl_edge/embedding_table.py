@@ -5,8 +5,8 @@ half-precision table, a Cast of the gathered rows to float32 (and graph.py an Id
 output). When a bundle's net is exactly that, the CPU backend reads the table's rows straight from
 the bundle's data file (memory-mapped, as ONNX Runtime maps it) instead of running a session: right
 after a decode step has streamed ~1 GB of weights through the caches, a session run of the net took
-0.10 ms (median), the lookup 0.06 ms (`benchmarks/embedding_lookup.py`; BENCHMARKS.md, "The token
-embedding without a session"). Any other graph keeps the session.
+0.10 ms (median), the lookup 0.06 ms (`benchmarks/embedding_lookup.py`; docs/performance-notes.md, "Python
+around the decoder"). Any other graph keeps the session.
 
 The results are the same bits: a gather copies rows, and widening float16 or bfloat16 to float32 is
 exact (bfloat16 is the upper half of a float32, as ONNX's Cast defines it).

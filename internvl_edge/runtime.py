@@ -59,7 +59,7 @@ def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
     arrays start 16 bytes into the block malloc maps for them, so every 64-byte vector of a KV cache
     row straddled two cache lines: decode attention at context 1500 ran 1.15-1.4x slower on such a
     cache, decode up to 4% (benchmarks/attention.py --offsets 0,16, benchmarks/kv_layout.py;
-    BENCHMARKS.md, "KV cache alignment")."""
+    docs/performance-notes.md, "Attention")."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.zeros(nbytes + align, np.uint8)
@@ -173,7 +173,7 @@ class OrtBackend:
         # the pool's threads spin between the parallel parts of a run (ORT's default, which decode
         # needs), but stop when the run returns: left spinning, they took a core from the next net's
         # threads (vision -> prefill, another session), which then ran up to 1.8x slower
-        # (benchmarks/spinning.py; BENCHMARKS.md, "Spinning threads between runs")
+        # (benchmarks/spinning.py; docs/performance-notes.md)
         so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 

@@ -3,11 +3,11 @@
 Why a kernel of our own (the architecture says "ORT contrib ops where they are the fast path"):
 ONNX Runtime 1.32's MatMulNBits re-packs every 4-bit weight when a session is created (most of a
 2B bundle's load time: 2.35 s against 0.55 s with this kernel) and its prefill path is slower here;
-decode speed is the same for both, memory-bound (BENCHMARKS.md, "Our 4-bit kernel against ONNX
-Runtime's"). `q4gemm.c` computes the same thing (int8 activations per block, results equal to MLAS's
+decode speed is the same for both, memory-bound (docs/performance-notes.md, "4-bit
+linears"). `q4gemm.c` computes the same thing (int8 activations per block, results equal to MLAS's
 within float rounding): each constant weight copied once at load into one sequential stream per 8
 columns on 2 MB pages (ORT's memory-mapped original handed back; decode 1.1x faster than on the
-stored layout: BENCHMARKS.md, "Decode against the roofline"), scales and zero points laid out once,
+stored layout: docs/performance-notes.md), scales and zero points laid out once,
 weight loads prefetched ahead, a column-major int8 GEMM for prefill; on VNNI CPUs also 8-bit
 weights (the lm_head at --lm-head-bits 8).
 
@@ -15,7 +15,7 @@ Attention (`attention.c`): ONNX Runtime's CPU GroupQueryAttention works one quer
 reading a KV head's cache once for each of the query heads that share it. Ours reads each KV head
 once for the query heads that share it, with a running softmax; on InternVL3-2B shapes the decoder's
 28 attention nodes take 1.3 ms per token at context 300 against ORT's 2.6, and decode at context 1500
-is 1.17x faster (BENCHMARKS.md, "Our attention and fused SwiGLU against ONNX Runtime's"). Prefill
+is 1.17x faster (docs/performance-notes.md, "Attention"). Prefill
 chunks of 8 rows and more take a tiled path (keys turned around once per call, 4 queries x 64 keys of
 multiply-add chains).
 
@@ -44,7 +44,7 @@ CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple o
 LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
 # where the runtime moves attention to attention.c: every ISA it is built for. Its AVX2 build (8-float
 # vectors) decodes as fast as the AVX-512 one and prefills 1.5-2.2x slower than ONNX Runtime's AVX-512
-# kernel (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2; BENCHMARKS.md), against which an AVX2-only
+# kernel (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2; docs/performance-notes.md), against which an AVX2-only
 # CPU's ORT would also be slower; take "avx2" and "avxvnni" out here to keep ORT's attention there
 ATTENTION_ISAS = ("avx512vnni", "avxvnni", "avx2")
 
@@ -217,8 +217,8 @@ def fuse_swiglu(model) -> int:
     """Fold silu(gate) * up into the gate/up linear that feeds it (our MatMulNBits, attribute swiglu=1):
     the pattern nets/decoder.py writes, MatMulNBits -> Split in two equal halves -> Sigmoid(gate),
     Mul(gate, sigmoid) -> Mul(silu, up), each intermediate used by that pattern only. The separate
-    nodes cost 0.8 ms per decoded token on InternVL3-2B shapes (BENCHMARKS.md, "Our attention and
-    fused SwiGLU") and a round trip of the [rows, 2 x intermediate] result through memory in
+    nodes cost 0.8 ms per decoded token on InternVL3-2B shapes (docs/performance-notes.md,
+    "4-bit linears") and a round trip of the [rows, 2 x intermediate] result through memory in
     prefill. Returns how many."""
     from onnx import helper
 
@@ -278,7 +278,7 @@ def fuse_norms(model) -> int:
     mean and inverse-deviation outputs nothing reads, whose gamma is a float constant of K values and
     whose skip is computed (ours takes a skip of the input's shape; a constant one may be broadcast).
     nets/decoder.py writes two per layer plus the final norm; without them as nodes of their own,
-    decode on InternVL3-2B shapes is up to 1.03x faster (BENCHMARKS.md, "Norms inside the linears").
+    decode on InternVL3-2B shapes is up to 1.03x faster (docs/performance-notes.md, "4-bit linears").
     Returns how many."""
     from onnx import TensorProto, helper
 

@@ -306,8 +306,8 @@ static size_t release_file_pages(const void *data, size_t bytes) {
  * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
  * probe reads huge pages too). Decode streams every weight once per token: a model of the kernel's
  * loop on the packed layout read 93% of a plain read's bandwidth (2 MB pages) from 4 KB pages and
- * 96% from 2 MB pages (benchmarks/stream_layouts.c; BENCHMARKS.md, "Weights repacked for
- * sequential reads"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
+ * 96% from 2 MB pages (benchmarks/stream_layouts.c; docs/performance-notes.md, "4-bit
+ * linears"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
  * over InternVL3-2B's 56 linears of 2 MB or more. */
 static uint8_t *alloc_weights(size_t bytes) {
     if (bytes < IE_HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);

@@ -28,13 +28,13 @@
 #define Q4_PREFETCH_HINT _MM_HINT_NTA /* weights are read once per token: fetched without displacing
                                          what decode reuses (KV rows, activations, the Python loop's
                                          state) from L2 and L3. Decode 1.01-1.03x against T0
-                                         (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
+                                         (benchmarks/kernels_ab.py --against; docs/performance-notes.md) */
 #endif
 
 #ifndef Q4_PACKED_PREFETCH
 #define Q4_PACKED_PREFETCH 8192 /* bytes ahead in q4_pack's layout, one stream: tuned on 2 cores with
                                    the NTA hint; decode 1.01-1.04x against 4096 and against 16384
-                                   (benchmarks/kernels_ab.py --against; BENCHMARKS.md) */
+                                   (benchmarks/kernels_ab.py --against; docs/performance-notes.md) */
 #endif
 
 /* Column n's 32 bytes of weights k0 .. k0+63 (k0 a multiple of 64), in the stored layout or q4_pack's;
@@ -101,7 +101,7 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
  * float and scaled in their lanes (one multiply-add by the block's scale x activation scale,
  * broadcast from memory) and reduced across lanes once per tile, not once per block: a block of
  * 128 is one load per column, and reducing every block cost about as much as its dot products
- * (decode 1.01-1.02x faster, both orders of benchmarks/kernels_ab.py --against; BENCHMARKS.md).
+ * (decode 1.01-1.02x faster, both orders of benchmarks/kernels_ab.py --against; docs/performance-notes.md).
  * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding
  * them per call, or gathering them, cost a third of the time).
  *

@@ -57,7 +57,7 @@ void q4_quantize(const q4_problem *p);
  * Per 8 columns and block, the 8 scales then the 8 zero points (one byte each): 40 bytes with float
  * scales, 24 with float16 ones (f16 = 1: allowed when q4_scales_fit_f16 says so). Decode reads the
  * table with the weights every token: 24 bytes instead of 40 per 512 bytes of 4-bit weights, 3% less
- * of a 4-bit linear to read (BENCHMARKS.md, "Scales as float16"). */
+ * of a 4-bit linear to read (docs/performance-notes.md, "4-bit linears"). */
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16);
 void q4_blocks_fill(const q4_problem *p, void *table, int f16);
 /* 1 when every one of the `count` scales is exactly a float16 value (AWQ checkpoints store float16
@@ -68,7 +68,7 @@ void q4_run(const q4_problem *p, size_t task);
 /* B rearranged so that decode reads it as one sequential stream, what the hardware prefetcher
  * follows at full speed (the stored layout is 8 interleaved column streams to it: a model of the
  * decode loop read it at 76% of a plain read's speed, this one at 93-96%, on 2 cores;
- * benchmarks/stream_layouts.c, BENCHMARKS.md "Weights repacked for sequential reads"). Per group
+ * benchmarks/stream_layouts.c, docs/performance-notes.md). Per group
  * of 8 columns, per 128 weights of the (padded) K, the 8 columns' 64 bytes one after the other,
  * each as stored:
  *
@@ -91,7 +91,7 @@ void q4_pack(const q4_problem *p, uint8_t *out);
  * (Q4_SWIGLU_COLS gate columns, the last one maybe fewer), the groups of 8 gate columns it computes,
  * then the matching up ones. In the stored order a task read two streams 7 MB apart (InternVL3-2B)
  * and every task started both cold: the fused linear ran 1.07x slower than the same weights
- * unfused, alone (benchmarks/matmulnbits.py; BENCHMARKS.md, "SwiGLU pairs side by side"); now the
+ * unfused, alone (benchmarks/matmulnbits.py; docs/performance-notes.md); now the
  * tasks of a range of work are one stream. Takes 4-bit weights with N a multiple of 16, both
  * buffers made for p's shapes (f16: the table's); 0 when done, -1 (both as they were) when there is
  * no memory for the copy it works with. Set swiglu_paired for problems that read them: y (the

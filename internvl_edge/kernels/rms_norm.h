@@ -10,7 +10,7 @@
  *
  * Why in the linear's node: decode runs one row, 1536 floats on InternVL3-2B, little
  * arithmetic; as nodes of their own the 57 norms made decode up to 1.03x slower
- * (BENCHMARKS.md, "Norms inside the linears").
+ * (docs/performance-notes.md, "4-bit linears").
  */
 #ifndef INTERNVL_EDGE_RMS_NORM_H
 #define INTERNVL_EDGE_RMS_NORM_H

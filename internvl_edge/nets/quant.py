@@ -124,7 +124,7 @@ def _float16_where_normal(scale: np.ndarray) -> np.ndarray:
     """Scales rounded to float16 values where float16 holds them as normal numbers (2^-14 .. 65504;
     the rest stay as they are), as AWQ checkpoints store theirs: our kernel then keeps a weight's
     scales as float16 in the table it reads with the weights every token (2% fewer bytes per token on
-    InternVL3-2B: q4gemm.h, BENCHMARKS.md "Scales as float16"). Rounded up (the scales are positive), by at most
+    InternVL3-2B: q4gemm.h, docs/performance-notes.md "4-bit linears"). Rounded up (the scales are positive), by at most
     2^-10 of themselves, so that a block's range never needs more than the largest code; the codes
     are computed with the rounded scale."""
     half = scale.astype(np.float16)
