@@ -39,6 +39,7 @@ from .sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    NO_SAMPLING,
     SamplingParams,
 )
 from .tokenizer import TextTokenizer
@@ -193,8 +194,7 @@ class Model:
         if cfg.max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
         if cfg.do_sample and not getattr(self.backend, "can_sample", False):
-            raise UserError("this bundle was converted without --do_sample, so it decodes greedily only: "
-                            "ask for greedy decoding (no --do_sample, temperature 0), or convert it with --do_sample")  # fmt: skip
+            raise UserError(NO_SAMPLING)
         if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
             raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
         return cfg

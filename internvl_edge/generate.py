@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 from .runtime import KVCache
-from .sampling import GREEDY_TEMPERATURE, SamplingParams, draw, log_softmax, top_logprobs
+from .sampling import GREEDY_TEMPERATURE, NO_SAMPLING, SamplingParams, draw, log_softmax, top_logprobs
 from .tokenizer import StreamDetokenizer, TextTokenizer
 
 
@@ -184,7 +184,7 @@ def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPr
     """Prefill one sequence (slot 0), then decode it token by token: text pieces as they become
     printable; the last chunk carries the finish reason and stats. The cache keeps every fed token."""
     if cfg.do_sample and not getattr(backend, "can_sample", False):
-        raise UserError("this bundle was converted without --do_sample; convert it with --do_sample to sample")
+        raise UserError(NO_SAMPLING)
     room = cache.capacity - int(cache.lengths[0])
     if len(prompt.input_ids) >= room:
         raise UserError(

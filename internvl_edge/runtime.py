@@ -13,6 +13,8 @@ behind the same methods):
         to the cache and is overwritten by its next forward call (copy what you keep)
     greedy(logits [B, vocab]) -> token ids [B]
     sample(logits [B, vocab], penalty_ids [B, n], params) -> (probs [B, k], token ids [B, k])
+    can_sample                             whether `sample` works on this bundle (CPU: always, on the
+                                           host when the bundle has no sampling head)
 
 Static bundles (the default, as the seed's) run fixed shapes: every prefill call is padded to
 `max_input_length` rows and the vision net sees one tile at a time; dynamic bundles pass the real
@@ -34,7 +36,7 @@ from .bundle import Manifest
 from .embedding_table import plain_table
 from .errors import UserError
 from .nets.decoder import kv_names
-from .sampling import SamplingParams
+from .sampling import SamplingParams, candidates
 
 
 @dataclass
@@ -327,9 +329,20 @@ class OrtBackend:
 
     @property
     def can_sample(self) -> bool:
+        """Always: without the bundle's sampling head (converted without --do_sample) the host samples
+        from the logits, which are in host memory on this backend anyway."""
+        return True
+
+    @property
+    def has_sample_head(self) -> bool:
         return "sample_head" in self.sessions
 
     def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+        """The sampling head's (probs, ids) per row, or without the head sampling.candidates, the function
+        the head is tested against: the same candidates, so the same tokens for a seed either way."""
+        if not self.has_sample_head:
+            rows = [candidates(row, np.asarray(seen).reshape(-1), p) for row, seen in zip(logits, penalty_ids)]
+            return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
         penalty = p.repetition_penalty
         if penalty_ids.size == 0:  # nothing seen yet: a no-op penalty on token 0
             penalty_ids, penalty = np.zeros((logits.shape[0], 1), np.int64), 1.0
@@ -350,7 +363,7 @@ class OrtBackend:
 
         return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
                 "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel,
-                "attention_kernel": self.attention_kernel,
+                "attention_kernel": self.attention_kernel, "sampling": "head" if self.has_sample_head else "host",
                 "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime"}  # fmt: skip
 
 

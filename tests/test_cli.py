@@ -112,7 +112,7 @@ def test_bad_input_gives_one_line_errors(bundle, checkpoint, tmp_path):
     assert_one_line_error(cli("run", "-m", tmp_path / "no_bundle", "-p", "x"), "not found")
     assert_one_line_error(cli("run", "-m", checkpoint("tiny_bf16"), "-p", "x"), "not an internvl-edge bundle")
     assert_one_line_error(cli("run", "-m", b, "-p", "word " * 3000), "seq_length")
-    assert_one_line_error(cli("run", "-m", b, "-p", "x", "--do_sample"), "--do_sample")
+    assert_one_line_error(cli("run", "-m", b, "-p", "x", "--do_sample", "--top_p", "1.5"), "top_p")
     assert_one_line_error(cli("run", "-m", b, "-p", "x", "-d", "zero"), "devid")
     assert_one_line_error(cli("convert", "-m", tmp_path / "nothing", "--out_dir", tmp_path / "o"), "not found")
     ckpt = tmp_path / "llava"

@@ -101,10 +101,32 @@ def test_sampled_run_end_to_end(bundle):
     assert a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
     cold = model.generate("Describe the image.", seed=5, max_new_tokens=12, do_sample=True, temperature=1e-3, ignore_eos=True)
     assert cold.token_ids == greedy.token_ids
-    with pytest.raises(UserError, match="without --do_sample"):
-        load(bundle("tiny_bf16", "w4bf16")).generate("x", do_sample=True)
     with pytest.raises(UserError, match="top_p"):
         model.generate("x", do_sample=True, top_p=1.5)
+
+
+def test_a_bundle_without_the_head_samples_on_the_host_with_the_same_tokens(bundle):
+    """Converted without --do_sample, a CPU bundle samples from the logits on the host: a seed gives the
+    same tokens twice, and the same tokens as the same weights converted with the sampling head."""
+    head, host = load(bundle("tiny_bf16", "w4bf16", do_sample=True)), load(bundle("tiny_bf16", "w4bf16"))
+    assert head.backend.has_sample_head and not host.backend.has_sample_head
+    assert host.backend.describe()["sampling"] == "host"
+    kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95,
+          "repetition_penalty": 1.1, "ignore_eos": True}
+    for seed in (1, 2):
+        a = host.generate("Describe the image.", seed=seed, **kw).token_ids
+        assert a == host.generate("Describe the image.", seed=seed, **kw).token_ids
+        assert a == head.generate("Describe the image.", seed=seed, **kw).token_ids
+    greedy = host.generate("Describe the image.", max_new_tokens=12, ignore_eos=True).token_ids
+    assert host.generate("Describe the image.", seed=1, **{**kw, "temperature": 4.0}).token_ids != greedy
+    # the host's candidates are the head's, row by row of a batch
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 300)) * 3).astype(np.float32)
+    seen = rng.integers(0, 300, size=(3, 9))
+    params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.2)
+    hp, hi = head.backend.sample(logits, seen, params)
+    cp, ci = host.backend.sample(logits, seen, params)
+    assert hi.tolist() == ci.tolist() and np.abs(hp - cp).max() < 1e-5
 
 
 def test_parameters_come_from_generation_config(workdir, bundle):

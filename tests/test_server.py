@@ -362,6 +362,28 @@ def test_sampling_requests_keep_their_own_state_in_a_batch(bundle):
     assert served_ids[0] != served_ids[1]
 
 
+def test_a_bundle_without_the_head_samples(bundle):
+    """`temperature: 0.8, seed: 1` on a bundle converted without --do_sample: the host samples, the same
+    tokens twice and the same tokens as the bundle with the sampling head."""
+    body = {"model": NAME, "messages": user("Say something."), "max_tokens": 12, "ignore_eos": True,
+            "return_token_ids": True, "temperature": 0.8, "seed": 1}  # fmt: skip
+
+    def tokens(path: str) -> list[list[int]]:
+        with serving(path, parallel=2) as s:
+            out = []
+            for _ in range(2):
+                r = s.post(body)
+                assert r.status_code == 200, r.text
+                out.append(r.json()["choices"][0]["token_ids"])
+            return out
+
+    host, head = tokens(bundle("tiny_bf16", "w4bf16")), tokens(bundle("tiny_bf16", "w4bf16", do_sample=True))
+    assert host[0] == host[1] == head[0] == head[1] and len(host[0]) == 12
+    greedy = load(bundle("tiny_bf16", "w4bf16")).generate(messages=user("Say something."), max_new_tokens=12,
+                                                          ignore_eos=True)  # fmt: skip
+    assert host[0] != greedy.token_ids
+
+
 # -- local media -------------------------------------------------------------------------------------
 
 
@@ -430,7 +452,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, tmp_path)
     assert_error(served.post({**base, "messages": [{"role": "assistant", "content": "Hi"}]}), 400, "assistant message must follow")
     assert_error(served.post({**base, "messages": [{"role": "tool", "content": "x"}]}), 400, "unsupported role")
     assert_error(served.post({**base, "temperature": "hot"}), 400, "`temperature` must be a number")
-    assert_error(served.post({**base, "temperature": 0.7}), 400, "without --do_sample")
+    assert_error(served.post({**base, "temperature": 0.7, "top_p": 0}), 400, "top_p")
     assert_error(served.post({**base, "max_tokens": 0}), 400, "`max_tokens` must be at least 1")
     assert_error(served.post({**base, "n": 2}), 400, "n=1")
     assert_error(served.post({**base, "top_logprobs": 2}), 400, "needs `logprobs: true`")

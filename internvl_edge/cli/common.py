@@ -18,7 +18,7 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
     p.add_argument("--max-tiles", dest="max_tiles", type=int, default=None, help="tiles per image (default: the bundle's, 4)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="stop after this many tokens")
-    p.add_argument("--do_sample", "--do-sample", dest="do_sample", action="store_true", help="sample (bundle converted with --do_sample)")
+    p.add_argument("--do_sample", "--do-sample", dest="do_sample", action="store_true", help="sample (--temperature, --top_k, --top_p, --repetition_penalty, --seed)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=None)
     p.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)

@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..errors import UserError
 from ..runtime import KVCache, checked_query_lens, parse_devid
-from ..sampling import GREEDY_TEMPERATURE, SamplingParams
+from ..sampling import GREEDY_TEMPERATURE, NO_SAMPLING, SamplingParams
 from .bmrt import Runtime, find_libraries, from_device_dtype, quiet_c_stdout, to_device_dtype
 from .mlir import MAX_TOP_K
 
@@ -250,7 +250,7 @@ class BmrtBackend:
         """The sampling head per row: at most MAX_TOP_K candidates (top_k 0 or above it means MAX_TOP_K,
         the seed's limit); the penalty covers the most recent distinct ids that fit its input."""
         if not self.can_sample:
-            raise UserError("this bundle was converted without --do_sample; convert it with --do_sample to sample")
+            raise UserError(NO_SAMPLING)
         rows = self.rt.nets["sample_head"].inputs[1].shape[1]
         top_k = p.top_k if 0 < p.top_k <= MAX_TOP_K else MAX_TOP_K
         probs, ids = [], []
