@@ -12,7 +12,7 @@
     chat = model.chat()
     chat.send("What is in the image?", images=["cat.jpg"]); chat.send("And its colour?")
 
-Images may be paths, bytes or PIL images; a video is a path. Generation options (`max_new_tokens`,
+Images may be paths, bytes or PIL images; a video is a path (in `messages`, also bytes or a data URL). Generation options (`max_new_tokens`,
 `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `logprobs`,
 `ignore_eos`) are the keyword arguments of `Model.generation_config`.
 """
@@ -31,7 +31,7 @@ from .bundle import Manifest, load_manifest
 from .errors import UserError
 from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
 from .media import dynamic_preprocess, normalize, preprocess
-from .messages import Conversation, parse_messages, resolve_image
+from .messages import Conversation, parse_messages, resolve_image, resolve_video
 from .prompt import Template, expand_images, get_template, with_media_tags
 from .runtime import open_backend
 from .sampling import (
@@ -93,7 +93,7 @@ class Model:
         prepared = [preprocess(img, max_tiles=tiles, tile=self.image_size) for img in images]
         return Media(np.concatenate([p.pixel_values for p in prepared]), [p.num_tiles for p in prepared])
 
-    def video_to_media(self, path: str, frames: int = DEFAULT_FRAMES) -> Media:
+    def video_to_media(self, path: str | bytes, frames: int = DEFAULT_FRAMES) -> Media:
         """`frames` evenly spaced frames, one 448x448 tile each (no thumbnail), as InternVL's video chat."""
         tiles = [dynamic_preprocess(f, max_tiles=1, tile=self.image_size)[0] for f in read_frames(path, frames)]
         return Media(normalize(tiles), [1] * len(tiles), is_video=True)
@@ -199,10 +199,12 @@ class Model:
             raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
         return cfg
 
-    def conversation_text(self, conversation: Conversation) -> str:
-        """The chat-template text of a conversation: every turn's images introduced by `<image>`
-        placeholders (as `question` does for one turn), earlier answers closed by the separator."""
-        tagged = [with_media_tags(t.question, n_images=len(t.images)) for t in conversation.turns]
+    def conversation_text(self, conversation: Conversation, frames: int = 0) -> str:
+        """The chat-template text of a conversation: every turn's images (or its video's `frames`)
+        introduced by `<image>` placeholders (as `question` does for one turn), earlier answers closed
+        by the separator."""
+        tagged = [with_media_tags(t.question, n_images=len(t.images), n_frames=frames if t.video is not None else 0)
+                  for t in conversation.turns]  # fmt: skip
         history = [(q, t.answer or "") for q, t in zip(tagged[:-1], conversation.turns[:-1])]
         return self.template.conversation(tagged[-1], conversation.system, history)
 
@@ -213,17 +215,55 @@ class Model:
         conversation = parse_messages(messages, resolve)
         return self.conversation_text(conversation), conversation.images
 
+    def conversation_media(self, conversation: Conversation, max_tiles: int | None = None,
+                           video_frames: int = DEFAULT_FRAMES) -> tuple[str, Media]:  # fmt: skip
+        """A parsed conversation -> its prompt text and media in prompt order. Each video gets the same
+        number of frames (one tile each, as `run --video`): `video_frames`, or fewer when the context
+        would not keep ANSWER_ROOM tokens for the answer with them (at least one frame)."""
+        if not conversation.videos:
+            return self.conversation_text(conversation), self.images_to_media(conversation.images, max_tiles)
+        if video_frames < 1:
+            raise UserError("the number of video frames must be at least 1")
+        images = self.images_to_media(conversation.images, max_tiles)
+        image_tiles = iter(images.tiles_per_image)
+        per_turn = [[next(image_tiles) for _ in t.images] for t in conversation.turns]
+
+        def layout(frames: int) -> list[int]:  # tiles per `<image>`, in prompt order
+            return [n for t, tiles in zip(conversation.turns, per_turn) for n in (tiles if t.video is None else [1] * frames)]
+
+        def prompt_tokens(frames: int) -> int:
+            return len(self.tokenize(self.conversation_text(conversation, frames), Media(None, layout(frames))))
+
+        room = self.seq_length - min(ANSWER_ROOM, self.seq_length // 4)
+        frames = video_frames
+        while frames > 1 and prompt_tokens(frames) > room:
+            frames -= 1
+        ends = np.cumsum(images.tiles_per_image, dtype=np.int64)
+        image_pixels = iter(np.split(images.pixel_values, ends[:-1]) if len(ends) else [])
+        pixels = []
+        for t in conversation.turns:
+            if t.video is None:
+                pixels += [next(image_pixels) for _ in t.images]
+            else:
+                try:
+                    pixels.append(self.video_to_media(t.video, frames).pixel_values)
+                except UserError as e:
+                    raise UserError(f"{t.video_at}: {e}") from None
+        text = self.conversation_text(conversation, frames)
+        return text, Media(np.concatenate(pixels), layout(frames), is_video=True)
+
     def request(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
                 max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
-                messages: Sequence[dict] | None = None, resolve=resolve_image) -> tuple[list[int], Media]:  # fmt: skip
-        """One independent request (a question with its media, or OpenAI messages whose image
-        references go through `resolve`) -> prompt token ids and media, checked to fit the bundle;
-        nothing runs on the model yet."""
+                messages: Sequence[dict] | None = None, resolve=resolve_image,
+                resolve_video=resolve_video) -> tuple[list[int], Media]:  # fmt: skip
+        """One independent request (a question with its media, or OpenAI messages whose image and video
+        references go through `resolve` and `resolve_video`) -> prompt token ids and media, checked to
+        fit the bundle; nothing runs on the model yet."""
         if messages is not None:
             if prompt is not None or images or video is not None or system is not None:
                 raise UserError("give either messages or a prompt (with images, video, system), not both")
-            text, images = self.messages_prompt(messages, resolve)
-            media = self.images_to_media(images, max_tiles)
+            conversation = parse_messages(messages, resolve, resolve_video)
+            text, media = self.conversation_media(conversation, max_tiles, video_frames)
         else:
             if prompt is None:
                 raise UserError("give a prompt or messages")

@@ -6,11 +6,13 @@ frame count repeats frames instead of failing.
 https://huggingface.co/OpenGVLab/InternVL3-2B (README, "video multi-round conversation": get_index,
 load_video with num_segments=8, each frame one 448x448 tile, prompt `Frame1: <image>\\n...`)
 Frames are counted by decoding when the container does not record a count (webm, some mkv), and
-decoding stops at the last wanted frame.
+decoding stops at the last wanted frame. A video is a path or its bytes (a request's data URL); errors
+name the path, or "the video file" for bytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -30,45 +32,52 @@ def frame_indices(total_frames: int, num_segments: int) -> list[int]:
     return [min(int(segment / 2 + np.round(segment * i)), total_frames - 1) for i in range(num_segments)]
 
 
-def _open(path: str):
+def _name(source) -> str:
+    return "the video file" if isinstance(source, (bytes, bytearray)) else source
+
+
+def _open(source):
     import av
 
     try:
-        container = av.open(path)
+        container = av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a video PyAV can open ({_first_line(e)})") from None
+        raise UserError(f"{_name(source)} cannot be opened as a video ({_first_line(e)})") from None
     if not container.streams.video:
         container.close()
-        raise UserError(f"{path} has no video stream")
+        raise UserError(f"{_name(source)} has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     return container, stream
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    text = (getattr(e, "strerror", None) or str(e)).strip()  # strerror: without the file name
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _count_frames(path: str) -> int:
+def _count_frames(path) -> int:
     import av
 
     container, stream = _open(path)
     try:
         return sum(1 for _ in container.decode(stream))
     except av.error.FFmpegError as e:
-        raise UserError(f"{path} cannot be decoded ({_first_line(e)})") from None
+        raise UserError(f"{_name(path)} cannot be decoded ({_first_line(e)})") from None
     finally:
         container.close()
 
 
-def read_frames(path: str, num_segments: int = DEFAULT_FRAMES) -> list[Image.Image]:
-    """`num_segments` RGB frames of the video at `path`."""
+def read_frames(path: str | bytes, num_segments: int = DEFAULT_FRAMES) -> list[Image.Image]:
+    """`num_segments` RGB frames of the video at `path` (or in these bytes)."""
     import av
 
     if num_segments < 1:
         raise UserError("the number of video frames must be at least 1")
-    if not os.path.exists(path):
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
+            raise UserError("the video is empty")
+    elif not os.path.exists(path):
         raise UserError(f"video not found: {path}")
     container, stream = _open(path)
     total = int(stream.frames or 0)
@@ -76,7 +85,7 @@ def read_frames(path: str, num_segments: int = DEFAULT_FRAMES) -> list[Image.Ima
     if total <= 0:
         total = _count_frames(path)
     if total <= 0:
-        raise UserError(f"{path} has no video frames")
+        raise UserError(f"{_name(path)} has no video frames")
     for attempt in range(2):
         wanted = frame_indices(total, num_segments)
         needed = set(wanted)
@@ -92,7 +101,7 @@ def read_frames(path: str, num_segments: int = DEFAULT_FRAMES) -> list[Image.Ima
                     break
         except av.error.FFmpegError as e:
             if not found:
-                raise UserError(f"{path} cannot be decoded ({_first_line(e)})") from None
+                raise UserError(f"{_name(path)} cannot be decoded ({_first_line(e)})") from None
         finally:
             container.close()
         if len(found) == len(needed):
@@ -103,4 +112,4 @@ def read_frames(path: str, num_segments: int = DEFAULT_FRAMES) -> list[Image.Ima
                 break
             continue
         break
-    raise UserError(f"{path} is damaged: frames {sorted(needed - set(found))[:3]} could not be decoded")
+    raise UserError(f"{_name(path)} is damaged: frames {sorted(needed - set(found))[:3]} could not be decoded")

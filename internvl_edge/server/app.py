@@ -2,6 +2,7 @@
 request.
 
     GET  /health                 engine state (no key needed)
+    GET  /metrics                counters in Prometheus' text format (metrics.py; behind the key)
     GET  /v1/models[/{id}]       the one served model
     POST /v1/chat/completions    streaming (SSE `data:` chunks, then `data: [DONE]`) or not
 
@@ -33,6 +34,8 @@ from .. import __version__
 from ..api import Model
 from ..errors import UserError
 from .media import MediaPolicy
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .protocol import ApiError, ChatRequest, logprobs_content, parse_chat_request, sse, usage
 from .scheduler import Engine, Handle, Job
 
@@ -65,12 +68,17 @@ class Outcome:
     handle: Handle | None = None
     error: str | None = None
     logged: bool = field(default=False, repr=False)
+    metrics: Metrics | None = field(default=None, repr=False)
 
     def log(self) -> None:
         if self.logged:
             return
         self.logged = True
         total = time.perf_counter() - self.received
+        if self.metrics is not None:
+            status = str(self.status) if self.error is not None or self.finish else "cancelled"
+            self.metrics.finished(status, self.prompt_tokens, self.completion_tokens,
+                                  self.stats.ftl_s if self.stats else None, total)  # fmt: skip
         if self.error is not None:
             log.info("%s %d error=%r total=%.3fs", self.id, self.status, self.error, total)
             return
@@ -91,6 +99,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     engine = Engine(model, settings.parallel, settings.max_queue)
     policy = MediaPolicy(settings.allowed_media_path, settings.max_body_bytes)
     image_limit = max_images(model)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -103,6 +112,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="internvl-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
     app.state.engine = engine
+    app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -139,6 +149,11 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                 "batch": engine.cache.batch, "active": engine.active, "waiting": len(engine.waiting), "decode_steps": engine.steps}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        authorize(request)
+        return Response(metrics.text(engine.active, len(engine.waiting)), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
@@ -154,7 +169,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter())
+        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter(), metrics=metrics)
         headers = {"x-request-id": out.id}
         streaming = False
         try:
@@ -193,7 +208,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
         try:
             cfg = model.generation_config(**req.generation_options())
             ids, media = await run_in_threadpool(model.request, messages=req.messages, max_tiles=req.max_tiles,
-                                                 resolve=policy.resolve)  # fmt: skip
+                                                 resolve=policy.resolve, resolve_video=policy.resolve_video)  # fmt: skip
         except UserError as e:
             raise ApiError(400, str(e)) from None
         out.prompt_tokens = len(ids)

@@ -1,6 +1,6 @@
-"""Which image references a server request may use, and reading them.
+"""Which image (and video) references a server request may use, and reading them.
 
-- `data:image/...;base64,` URLs: always.
+- `data:image/...;base64,` URLs (`data:video/...;base64,` for a video_url part): always.
 - `file://` URLs and plain paths: only with --allowed-local-media-path, and only files under it. The
   path is resolved first (`..`, symlinks, relative paths against the folder), then checked to lie
   under the folder's own resolved path, then opened without following a final symlink and checked to
@@ -23,21 +23,25 @@ class MediaPolicy:
         self.root = os.path.realpath(allowed_root) if allowed_root else None
         self.max_bytes = max_bytes
 
-    def resolve(self, ref) -> bytes:
-        """An image reference from a request -> the image's bytes, or a UserError saying why not."""
+    def resolve(self, ref, media: str = "image") -> bytes:
+        """An image (`media` "video": a video) reference from a request -> its bytes, or a UserError
+        saying why not."""
+        example = "data:image/png;base64,..." if media == "image" else "data:video/mp4;base64,..."
         if not isinstance(ref, str):
-            raise UserError("an image URL must be a string")
+            raise UserError(f"{'an' if media == 'image' else 'a'} {media} URL must be a string")
         kind = url_kind(ref)
         if kind == "data":
-            return decode_data_url(ref)
+            return decode_data_url(ref, media)
         if kind == "remote":
-            raise UserError("this server does not fetch http(s) URLs; send the image as a data URL "
-                            "(data:image/png;base64,...)")  # fmt: skip
+            raise UserError(f"this server does not fetch http(s) URLs; send the {media} as a data URL ({example})")
         path = file_url_path(ref) if kind == "file" else ref
         if self.root is None:
             raise UserError("local files are not served (start the server with --allowed-local-media-path "
-                            "to allow a folder); send the image as a data URL")  # fmt: skip
+                            f"to allow a folder); send the {media} as a data URL")  # fmt: skip
         return self._read_under_root(path)
+
+    def resolve_video(self, ref) -> bytes:
+        return self.resolve(ref, "video")
 
     def _read_under_root(self, path: str) -> bytes:
         if "\x00" in path:

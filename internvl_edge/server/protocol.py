@@ -1,9 +1,10 @@
 """OpenAI chat completions on the wire: request validation, response and chunk bodies, error objects.
 
 Field names follow https://platform.openai.com/docs/api-reference/chat (create, the chat completion
-object, the chunk object). Extra request fields, as vLLM and llama.cpp take them: `max_tiles` (tiles
-per image), `top_k`, `repetition_penalty`, `ignore_eos` and `return_token_ids` (adds `token_ids` to the
-choice and `prompt_token_ids` to the response, as vLLM does). Fields a client may send that change
+object, the chunk object). User messages may also hold `video_url` parts (a data URL), as vLLM takes
+them. Extra request fields, as vLLM and llama.cpp take them: `max_tiles` (tiles per image), `top_k`,
+`repetition_penalty`, `ignore_eos` and `return_token_ids` (adds `token_ids` to the choice and
+`prompt_token_ids` to the response, as vLLM does). Fields a client may send that change
 nothing here (`user`, `store`, `metadata`, penalties of 0, `n` of 1, ...) are accepted; ones whose
 meaning we cannot honour (`n` > 1, tools, logit_bias, non-zero presence/frequency penalties) are
 refused rather than ignored.
@@ -60,7 +61,8 @@ class ChatRequest:
     def image_count(self) -> int:
         parts = [p for m in self.messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                  for p in m["content"]]  # fmt: skip
-        return sum(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in parts)
+        media = ("image_url", "image", "video_url", "video")  # a video takes at least one frame's room
+        return sum(isinstance(p, dict) and p.get("type") in media for p in parts)
 
     def generation_options(self) -> dict:
         """Keyword arguments for Model.generation_config. A temperature above 0 samples; none or 0 is
