@@ -6,8 +6,8 @@ CKPT is an InternVL3 checkpoint in OpenGVLab's original bf16 format (weights can
 so the recorded runs use `internvl-edge make-checkpoint CKPT --size 2b`: random weights, exact
 InternVL3-2B shapes). Not part of CI: it takes about an hour on 2 cores.
 
-- ours: `internvl-edge convert` of CKPT (static and dynamic w4bf16 bundles, with and without the 8-bit
-  vision encoder), each measured by `internvl_edge.bench.run_bench` in a fresh process;
+- ours: `internvl-edge convert` of CKPT (the default w4bf16 bundle, a `--static` one, and the default
+  with the 8-bit vision encoder), each measured by `internvl_edge.bench.run_bench` in a fresh process;
 - transformers 5.x on CPU in float32 and bfloat16 (eager attention), on the same weights;
 - llama.cpp, built from the llama-cpp-python source distribution on PyPI (its vendored llama.cpp,
   `-DLLAMA_CURL=OFF -DGGML_NATIVE=ON`), CKPT converted with its own convert_hf_to_gguf.py (text model
@@ -71,9 +71,9 @@ def timed(cmd: list[str], **kw) -> tuple[str, float, float]:
 # -- ours ------------------------------------------------------------------------------------------
 def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
     variants = {
-        "w4bf16 static": [],
-        "w4bf16 dynamic": ["--dynamic"],
-        "w4bf16 dynamic, int8 vision": ["--dynamic", "--vision-bits", "8"],
+        "w4bf16 static": ["--static"],
+        "w4bf16 dynamic": [],  # the CPU's default
+        "w4bf16 dynamic, int8 vision": ["--vision-bits", "8"],
     }
     out = {}
     for name, flags in variants.items():
@@ -358,7 +358,7 @@ def main() -> None:
     if "history" not in skip:
         path = os.path.join(args.work, "ours_history")
         if not os.path.isfile(os.path.join(path, "manifest.json")):
-            sh([PY, "-m", "internvl_edge", "convert", "-m", args.checkpoint, "-s", "2048", "-q", "w4bf16", "--dynamic",
+            sh([PY, "-m", "internvl_edge", "convert", "-m", args.checkpoint, "-s", "2048", "-q", "w4bf16",
                 "--use_block_with_kv", "--max_input_length", "1100", "--out_dir", path])  # fmt: skip
         results["history_turn2_s"] = bench_history(path, args.threads)
         save()

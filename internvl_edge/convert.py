@@ -1,7 +1,11 @@
 """Checkpoint folder -> bundle: read, build each net, copy the configs, checksum, rename into place.
 
 Flags follow Sophgo's `llm_convert.py` (-m, -s, -q, -c, --out_dir, --do_sample, --use_block_with_kv,
---max_input_length, --max_prefill_kv_length, --dynamic). On the CPU every activation is float32, so
+--max_input_length, --max_prefill_kv_length, --dynamic). Shapes: CPU bundles follow the input's
+lengths by default (`--dynamic` is accepted and changes nothing there); `--static` pads every prefill to
+`--max_input_length` rows and feeds the vision net one tile at a time, for fixed-shape compilers and
+NPUs. Sophgo targets keep the seed's meaning: fixed shapes unless `--dynamic`. The manifest's
+`options.dynamic` records which a bundle is. On the CPU every activation is float32, so
 the quantisation mode chooses how weights are stored:
   w4bf16 / w4f16  decoder linears as 4-bit blocks (AWQ values kept as published, bf16/f16 sources
                   quantised here); everything else in bfloat16 / float16
@@ -49,7 +53,8 @@ class ConvertOptions:
     max_input_length: int = 0  # 0: seq_length // 4 (the longest single prefill call)
     max_prefill_kv_length: int = 0  # 0: seq_length (history a prefill may see, with use_block_with_kv)
     use_block_with_kv: bool = False
-    dynamic: bool = False
+    dynamic: bool = False  # resolved: whether shapes follow the input (CPU default; Sophgo with --dynamic)
+    static: bool = False  # CPU: pad to fixed shapes (bundles meant for export); resolved as `not dynamic`
     do_sample: bool = False
     max_tiles: int = 4  # the seed's default, recorded as the bundle's default
     lm_head_bits: int | None = None  # None: 8 for w4 modes (every token reads lm_head), else float
@@ -65,6 +70,11 @@ def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, lis
         raise UserError(f"-q {opts.quantize} is not supported; choose one of {', '.join(QUANTIZE_MODES)}")
     if opts.chip not in CHIPS:
         raise UserError(f"-c {opts.chip} is not supported yet; supported targets: {', '.join(CHIPS)}")
+    if opts.static and opts.dynamic:
+        raise UserError("--static and --dynamic exclude each other; give one (CPU bundles are dynamic by default)")
+    if opts.chip == "cpu":  # a fixed shape only helps compilers and NPUs; the CPU runs the real lengths
+        opts.dynamic = not opts.static
+    opts.static = not opts.dynamic
     if opts.chip in SOPHGO_CHIPS:
         from .sophgo.convert import resolve as resolve_sophgo
 

@@ -16,9 +16,9 @@ behind the same methods):
     can_sample                             whether `sample` works on this bundle (CPU: always, on the
                                            host when the bundle has no sampling head)
 
-Static bundles (the default, as the seed's) run fixed shapes: every prefill call is padded to
-`max_input_length` rows and the vision net sees one tile at a time; dynamic bundles pass the real
-lengths. The decoder graph is the same for both (its KV buffer is bound in place through IO binding),
+Dynamic bundles (the CPU's default) pass the real lengths; static ones (`convert --static`, the seed's
+fixed shapes) pad every prefill call to `max_input_length` rows and feed the vision net one tile at a
+time. The decoder graph is the same for both (its KV buffer is bound in place through IO binding),
 so prefill and decode share one copy of the prepacked weights.
 """
 

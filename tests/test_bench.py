@@ -14,7 +14,7 @@ from internvl_edge.bench import decoder_bytes_per_token, kv_bytes, paired_fracti
 
 
 def test_bench_reports_every_figure(bundle):
-    b = bundle("tiny_bf16", "w4bf16", dynamic=True)
+    b = bundle("tiny_bf16", "w4bf16")
     proc = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", "-m", b, "--quick", "--repeats", "1",
                            "--decode-tokens", "4", "--profile", "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +80,7 @@ def test_bytes_per_token_count_our_scale_tables_where_the_kernel_reads_them(bund
 
 
 def test_bad_input_is_one_line(bundle, tmp_path):
-    b = bundle("tiny_bf16", "w4bf16", dynamic=True)
+    b = bundle("tiny_bf16", "w4bf16")
     for args in (["-m", str(tmp_path / "missing")], ["-m", b, "--repeats", "0"], ["-m", b, "--threads", "0"]):
         proc = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -95,7 +95,7 @@ CASES = [
     ("tiny_awq", "w4f16", {}),
     ("tiny_awq", "w4f16", {"accuracy_level": 1}),
     ("odd_bf16", "w4bf16", {}),
-    ("tiny_hf", "w4bf16", {"dynamic": True}),
+    ("tiny_hf", "w4bf16", {"static": True}),
 ]
 
 

@@ -1,7 +1,9 @@
-"""Static (fixed, padded) and dynamic shapes give the same tokens; only the work differs. -d/--devid."""
+"""Static (fixed, padded) and dynamic shapes give the same tokens; only the work differs. CPU bundles
+are dynamic unless converted with --static; -d/--devid."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -54,9 +56,10 @@ def spy_shapes(backend):
 
 
 def test_static_and_dynamic_bundles_agree(bundle, images):
-    static = load(bundle("tiny_bf16", "f32", max_input_length=256))
-    dynamic = load(bundle("tiny_bf16", "f32", max_input_length=256, dynamic=True))
+    static = load(bundle("tiny_bf16", "f32", max_input_length=256, static=True))
+    dynamic = load(bundle("tiny_bf16", "f32", max_input_length=256))  # the CPU's default
     assert static.manifest.options["dynamic"] is False and dynamic.manifest.options["dynamic"] is True
+    assert static.manifest.options["static"] is True and dynamic.manifest.options["static"] is False
     for kw in ({}, {"images": [images["wide"]]}):
         s = static.generate("Describe the image.", max_new_tokens=10, ignore_eos=True, logprobs=3, **kw)
         d = dynamic.generate("Describe the image.", max_new_tokens=10, ignore_eos=True, logprobs=3, **kw)
@@ -67,18 +70,34 @@ def test_static_and_dynamic_bundles_agree(bundle, images):
 
 
 def test_static_pads_every_prefill_and_feeds_one_tile_at_a_time(bundle, images):
-    static = load(bundle("tiny_bf16", "f32", max_input_length=256))
+    static = load(bundle("tiny_bf16", "f32", max_input_length=256, static=True))
     calls = spy_shapes(static.backend)
     static.generate("Describe the image.", images=[images["wide"]], max_new_tokens=3)
     n_prompt = 3 * 256 + 40
     prefill = [s for s in calls["decoder"] if s > 1]
     assert prefill and all(s == 256 for s in prefill) and len(prefill) >= n_prompt // 256
     assert calls["vision"] == [1, 1, 1]
-    dynamic = load(bundle("tiny_bf16", "f32", max_input_length=256, dynamic=True))
+    dynamic = load(bundle("tiny_bf16", "f32", max_input_length=256))
     calls = spy_shapes(dynamic.backend)
     r = dynamic.generate("Hello", max_new_tokens=3)
     assert calls["decoder"][0] == len(r.prompt_token_ids) < 256
     assert calls["decoder"][1:] == [1, 1]
+    dynamic.generate("Describe the image.", images=[images["wide"]], max_new_tokens=1)
+    assert calls["vision"] == [3]  # all tiles in one call
+
+
+def test_cpu_shape_flags(checkpoint, tmp_path):
+    """--dynamic is still accepted on the CPU (it is the default there); --static with it is refused."""
+    out = tmp_path / "b"
+    run = [sys.executable, "-m", "internvl_edge", "convert", "-m", checkpoint("tiny_bf16"), "-s", "256", "-q", "f32",
+           "--out_dir", str(out)]  # fmt: skip
+    proc = subprocess.run(run + ["--dynamic"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "dynamic shapes" in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["options"]["dynamic"] is True
+    both = subprocess.run(run[:-1] + [str(tmp_path / "c"), "--static", "--dynamic"], capture_output=True, text=True)
+    assert both.returncode == 2 and "Traceback" not in both.stderr
+    assert "--static and --dynamic" in both.stderr.strip().splitlines()[-1]
 
 
 def test_devid_forms(bundle):

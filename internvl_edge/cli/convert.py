@@ -17,7 +17,12 @@ def add_arguments(p) -> None:
     p.add_argument("--use_block_with_kv", action="store_true", help="keep multi-turn history as KV cache")
     p.add_argument("--max_input_length", type=int, default=0, help="longest single prefill (default seq_length/4)")
     p.add_argument("--max_prefill_kv_length", type=int, default=0, help="history a prefill may see (default seq_length)")
-    p.add_argument("--dynamic", action="store_true", help="shapes follow the real input length instead of fixed padded shapes")
+    p.add_argument("--dynamic", action="store_true",
+                   help="shapes follow the real input length (the CPU's default; on Sophgo chips: "
+                        "prefill rows follow the prompt)")
+    p.add_argument("--static", action="store_true",
+                   help="CPU: pad every prefill to --max_input_length rows and feed one tile per vision call "
+                        "(fixed shapes, for export to compilers and NPUs; Sophgo chips are static unless --dynamic)")
     p.add_argument("--max-tiles", dest="max_tiles", type=int, default=4, help="default image tiles per image (default 4)")
     p.add_argument("--lm-head-bits", dest="lm_head_bits", type=int, default=None, choices=(0, 4, 8),
                    help="lm_head precision: 8 or 4 bits, 0 = float (default: 8 for w4 modes, float otherwise)")
@@ -33,7 +38,7 @@ def main(args) -> int:
         model_path=args.model_path, out_dir=args.out_dir, seq_length=args.seq_length, quantize=args.quantize,
         chip=args.chip, q_group_size=args.q_group_size, max_input_length=args.max_input_length,
         max_prefill_kv_length=args.max_prefill_kv_length, use_block_with_kv=args.use_block_with_kv,
-        dynamic=args.dynamic, do_sample=args.do_sample, max_tiles=args.max_tiles,
+        dynamic=args.dynamic, static=args.static, do_sample=args.do_sample, max_tiles=args.max_tiles,
         lm_head_bits=args.lm_head_bits, vision_bits=args.vision_bits, accuracy_level=args.accuracy_level,
         tpu_mlir=args.tpu_mlir,
     )  # fmt: skip
@@ -43,5 +48,7 @@ def main(args) -> int:
         print(f"wrote {manifest.path} ({manifest.target['bmodel']}, {mb:.1f} MB)")
         return 0
     mb = manifest.weight_bytes / 1e6
-    print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {mb:.1f} MB of weights)")
+    shapes = "dynamic" if opts.dynamic else "static"
+    print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {shapes} shapes, "
+          f"{mb:.1f} MB of weights)")
     return 0
