@@ -1,7 +1,8 @@
 """The HTTP side: OpenAI-compatible routes on FastAPI, errors as OpenAI error objects, one log line per
 request.
 
-    GET  /health                 engine state (no key needed)
+    GET  /health                 engine state (no key needed): 200 "ok", or 503 "draining" while the
+                                 server stops, "unavailable" once the engine is gone
     GET  /metrics                counters in Prometheus' text format (metrics.py; behind the key)
     GET  /v1/models[/{id}]       the one served model
     POST /v1/chat/completions    streaming (SSE `data:` chunks, then `data: [DONE]`) or not
@@ -9,12 +10,18 @@ request.
 A request is checked (key, body size, JSON, fields, model, images), its images decoded and tiled and its
 prompt tokenized in a worker thread; then the engine (scheduler.py) runs it. The response starts when
 the first token exists, so errors found up to then still get their HTTP status. A client that leaves
-(stream closed, or a dropped connection while waiting) cancels its sequence at the engine's next step.
+(stream closed, or a dropped connection while waiting) cancels its sequence at the engine's next step;
+its log line and /metrics say `cancelled`.
+
+A graceful stop (`drain`, which cli/serve.py's server runs on SIGTERM/SIGINT): new requests get a 503
+error object, the admitted and waiting ones get up to `--drain-timeout` seconds to finish, then the rest
+end with a 503 error (a stream: a last chunk holding the error object, then `data: [DONE]`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -51,6 +58,7 @@ class ServerSettings:
     api_key: str | None = None
     allowed_media_path: str | None = None
     max_body_bytes: int = 32 << 20
+    max_tokens: int | None = None  # the most tokens one answer may ask for (None: the bundle's context)
 
 
 @dataclass
@@ -70,22 +78,33 @@ class Outcome:
     logged: bool = field(default=False, repr=False)
     metrics: Metrics | None = field(default=None, repr=False)
 
+    open: set | None = field(default=None, repr=False)  # the app's requests not logged yet (the drain waits on it)
+
+    def __post_init__(self):
+        if self.open is not None:
+            self.open.add(self)
+
+    __hash__ = object.__hash__  # in `open` by identity
+
     def log(self) -> None:
         if self.logged:
             return
         self.logged = True
+        if self.open is not None:
+            self.open.discard(self)
         total = time.perf_counter() - self.received
+        # the client left before the answer ended: no HTTP status reached it
+        status = str(self.status) if self.error is not None or self.finish else "cancelled"
         if self.metrics is not None:
-            status = str(self.status) if self.error is not None or self.finish else "cancelled"
             self.metrics.finished(status, self.prompt_tokens, self.completion_tokens,
                                   self.stats.ftl_s if self.stats else None, total)  # fmt: skip
         if self.error is not None:
-            log.info("%s %d error=%r total=%.3fs", self.id, self.status, self.error, total)
+            log.info("%s %s error=%r total=%.3fs", self.id, status, self.error, total)
             return
         s = self.stats
         queue = self.handle.queue_s if self.handle else 0.0
         timing = f" ftl={s.ftl_s:.3f}s vision={s.vision_s:.3f}s decode={s.decode_tps:.1f}tok/s" if s else ""
-        log.info("%s %d %s prompt=%d completion=%d finish=%s queue=%.3fs%s total=%.3fs", self.id, self.status,
+        log.info("%s %s %s prompt=%d completion=%d finish=%s queue=%.3fs%s total=%.3fs", self.id, status,
                  "stream" if self.stream else "json", self.prompt_tokens, self.completion_tokens,
                  self.finish or "cancelled", queue, timing, total)  # fmt: skip
 
@@ -100,6 +119,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     policy = MediaPolicy(settings.allowed_media_path, settings.max_body_bytes)
     image_limit = max_images(model)
     metrics = Metrics()
+    requests: set[Outcome] = set()  # chat requests not finished yet
+    context_cap = model.seq_length if settings.max_tokens is None else min(settings.max_tokens, model.seq_length)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -113,6 +134,26 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                   openapi_url=None)  # fmt: skip
     app.state.engine = engine
     app.state.metrics = metrics
+
+    async def drain(timeout: float, hurry: asyncio.Event | None = None) -> tuple[int, int]:
+        """The graceful stop: refuse new requests, give those held up to `timeout` seconds (or until
+        `hurry` is set), then end the rest with a 503. Returns (finished, ended) request counts."""
+        engine.drain()
+        held = len(requests)
+        hurry = hurry or asyncio.Event()
+        deadline = time.monotonic() + timeout
+        while requests and time.monotonic() < deadline and not hurry.is_set():
+            await asyncio.sleep(0.05)
+        ended = len(requests)
+        if ended:
+            engine.abort(ApiError(503, f"the server stopped before this answer finished (it waited {timeout:g} s "
+                                       "for answers in progress: --drain-timeout)", code="unavailable"))  # fmt: skip
+            grace = time.monotonic() + 5  # the error chunks and objects are written
+            while requests and time.monotonic() < grace:
+                await asyncio.sleep(0.02)
+        return held - ended, ended
+
+    app.state.drain = drain
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -145,14 +186,16 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         alive = engine.running and engine.thread is not None and engine.thread.is_alive()
-        body = {"status": "ok" if alive else "unavailable", "model": settings.model_name, "parallel": engine.parallel,
-                "batch": engine.cache.batch, "active": engine.active, "waiting": len(engine.waiting), "decode_steps": engine.steps}  # fmt: skip
-        return JSONResponse(body, status_code=200 if alive else 503)
+        status = ("draining" if engine.draining else "ok") if alive else "unavailable"
+        # active: every admitted request (preparing, prefilling or decoding); waiting: those without a slot
+        body = {"status": status, "model": settings.model_name, "parallel": engine.parallel, "batch": engine.cache.batch,
+                **engine.counts(), "decode_steps": engine.steps}  # fmt: skip
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request):
         authorize(request)
-        return Response(metrics.text(engine.active, len(engine.waiting)), media_type=METRICS_CONTENT_TYPE)
+        return Response(metrics.text(engine.admitted, len(engine.waiting)), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -169,7 +212,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter(), metrics=metrics)
+        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter(), metrics=metrics,
+                      open=requests)  # fmt: skip
         headers = {"x-request-id": out.id}
         streaming = False
         try:
@@ -205,15 +249,33 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
         if req.image_count > image_limit:
             raise ApiError(400, f"too many images: {req.image_count}; this bundle's context "
                                 f"({model.seq_length} tokens) holds at most {image_limit}", param="messages")  # fmt: skip
+        if engine.draining:  # refused before the prompt's work (the engine would refuse it after)
+            raise ApiError(503, "the server is shutting down; retry on another instance or later", code="unavailable")
         try:
             cfg = model.generation_config(**req.generation_options())
             ids, media = await run_in_threadpool(model.request, messages=req.messages, max_tiles=req.max_tiles,
                                                  resolve=policy.resolve, resolve_video=policy.resolve_video)  # fmt: skip
+            cfg = dataclasses.replace(cfg, max_new_tokens=answer_limit(req, len(ids)))
         except UserError as e:
             raise ApiError(400, str(e)) from None
         out.prompt_tokens = len(ids)
         out.handle = engine.submit(Job(out.id, ids, media, cfg, out.received), asyncio.get_running_loop())
         return out.handle
+
+    def answer_limit(req: ChatRequest, prompt_tokens: int) -> int:
+        """The request's max_tokens, or the most the context (and --max-tokens) allow; ApiError(400)
+        naming the limit when it asks for more. A prompt that leaves no room is the engine's 400."""
+        room = model.seq_length - prompt_tokens  # the answer's last token needs no KV row
+        limit = min(context_cap, room)
+        if req.max_tokens is None or room < 1:
+            return max(1, limit)
+        if req.max_tokens > limit:
+            why = (f"this server's limit (--max-tokens {context_cap})" if limit == context_cap < room else
+                   f"what the bundle's context ({model.seq_length} tokens) holds after this prompt's "
+                   f"{prompt_tokens} tokens")  # fmt: skip
+            raise ApiError(400, f"`max_tokens` is too large: {req.max_tokens}; at most {limit} tokens may be "
+                                f"generated, {why}", param="max_tokens", code="max_tokens_too_large")  # fmt: skip
+        return req.max_tokens
 
     async def complete(req: ChatRequest, handle: Handle, item, out: Outcome) -> dict | None:
         text, ids, tops, chosen = [], [], [], []

@@ -1,23 +1,31 @@
 """The engine: one thread runs every model call; up to `parallel` sequences decode in one batch.
 
-    requests ──submit──> waiting (bounded: beyond it 429) ──admit──> slot j of the batched KV cache
-                                                                      │ one batched decoder call
-    chunks  <──asyncio queue per request── pick each row's token <────┘ per step, all live slots
+    requests ──submit──> waiting (bounded: beyond it 429) ──admit──> admitting ──join──> slot j of the
+                                                                                  batched KV cache
+    chunks  <──asyncio queue per request── pick each row's token <── one batched decoder call per step
 
 Each loop iteration does, in order:
-  1. drop cancelled sequences (a client that left): their slots are free at once;
-  2. admission work when a slot is free: vision + embedding of the next waiting request (then, if it
-     had images, a decode step for the others before going on), its prefill in a batch-1 cache, copied
-     into a free slot of the decode batch; its first token is picked from the prefill logits;
-  3. one decode step: every live slot feeds its last token, one row each, through ONE forward call
+  1. drop cancelled requests (a client that left): waiting, admitting or decoding, their slots are free
+     at once;
+  2. admit: every free slot takes a waiting request at once (slots = decoding + admitting), so no
+     request waits while a slot is idle;
+  3. one unit of admission work for the oldest admitting request: its vision + embedding, or one
+     PREFILL_CHUNK-row chunk of its prefill into the batch-1 prefill cache, or, after the last chunk,
+     the copy into a free slot of the decode batch and its first token (picked from the prefill
+     logits). Admissions go in arrival order, one unit per step, so a long prompt costs the live
+     streams one chunk's time per token rather than its whole prefill; with no live stream the units
+     run back to back;
+  4. one decode step: every live slot feeds its last token, one row each, through ONE forward call
      (idle slots have query length 0), then every row's next token is picked: the greedy head once for
      the batch, the sampling head per sampling row (its parameters are per call). The batch is sized to
      the live sequences (Engine's docstring).
 
 A sequence leaves its slot when it finishes (stop token, stop string, max_tokens, full cache). Every
 ONNX Runtime call happens on this thread: sessions and IO bindings are not safe for concurrent runs.
-A batched greedy request gives the tokens it gives alone (runtime.py: rows of a batched decode call are
-independent); the per-token rules are generate.SequenceDecoding's, the same object `stream` uses.
+The per-token rules are generate.SequenceDecoding's, the same object `stream` uses.
+
+Stopping (app.py's graceful stop): `drain()` refuses new requests (503) and lets the admitted and
+waiting ones run; `abort(error)` ends whatever is left with `error` at the next step.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ class Handle:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.admitted: float | None = None  # perf_counter when its prefill began
+        self.admitted: float | None = None  # perf_counter when it took a slot
         self.finished = False
 
     def cancel(self) -> None:
@@ -101,6 +109,9 @@ class Sequence(SequenceDecoding):
         self.handle, self.slot = handle, slot
 
 
+PREFILL_CHUNK = 256  # prompt rows per prefill call while streams decode: a chunk costs them ~1 s on a 2B CPU
+
+
 def batch_sizes(parallel: int) -> list[int]:
     """The decode batch sizes the engine uses: 1, 2, 4, ... up to `parallel`."""
     sizes = [1]
@@ -109,28 +120,41 @@ def batch_sizes(parallel: int) -> list[int]:
     return sizes + [parallel] if parallel > 1 else sizes
 
 
+class Admission:
+    """A request that holds a slot and is not decoding yet: `stage` is "preparing" (vision and
+    embedding to do) or "prefilling"; `work` is the generator that does one unit per next()."""
+
+    def __init__(self, handle: Handle, work):
+        self.handle, self.work = handle, work
+        self.stage = "preparing"
+
+
 class Engine:
-    """Owns the model while serving. `submit` is called from the event loop; everything else runs on
-    the engine thread.
+    """Owns the model while serving. `submit`, `drain` and `abort` are called from the event loop;
+    everything else runs on the engine thread.
 
     The decode batch is the smallest of 1, 2, 4, ... `parallel` slots that holds the live sequences:
     ONNX Runtime computes every row of a batch, idle or not (on 2 cores a lone stream in an 8-slot batch
     decodes ~2.5x slower than in a 1-slot one). A cache of each size is made when first needed and
     kept; a join or leave that changes the size copies the live sequences' KV rows across (copy_slot),
-    far cheaper than the prefill that comes with every join. So KV memory is up to 2 x parallel slots.
+    far cheaper than the prefill that comes with every join. So KV memory is up to 2 x parallel slots,
+    plus the batch-1 cache that admissions prefill in.
     """
 
-    def __init__(self, model: Model, parallel: int = 4, max_queue: int = 64):
+    def __init__(self, model: Model, parallel: int = 4, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK):
         if parallel < 1:
             raise UserError("--parallel must be at least 1")
         if max_queue < 0:
             raise UserError("--max-queue must be 0 or more")
         self.model, self.backend = model, model.backend
         self.parallel, self.max_queue = parallel, max_queue
+        self.prefill_chunk = max(1, min(prefill_chunk, self.backend.max_input_length))
         self.waiting: deque[Handle] = deque()
-        self.admission = None  # the generator doing the current admission's units of work
+        self.admitting: deque[Admission] = deque()  # in arrival order; the first one is worked on
         self.cond = threading.Condition()
         self.running = False
+        self.draining = False
+        self.aborting: ApiError | None = None
         self.steps = 0  # decode steps run (tests and /health)
         self.thread: threading.Thread | None = None
         self.sizes = batch_sizes(parallel)
@@ -152,16 +176,28 @@ class Engine:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def drain(self) -> None:
+        """Refuse new requests from now on; the admitted and waiting ones go on."""
+        with self.cond:
+            self.draining = True
+
+    def abort(self, error: ApiError) -> None:
+        """End every request still held (waiting, admitting, decoding) with `error` at the next step."""
+        with self.cond:
+            self.aborting = error
+            self.cond.notify_all()
+
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
         handle = Handle(job, loop)
         with self.cond:
-            if not self.running:
-                raise ApiError(503, "the server is shutting down", code="unavailable")
+            if not self.running or self.draining:
+                raise ApiError(503, "the server is shutting down; retry on another instance or later",
+                               code="unavailable")  # fmt: skip
             # the queue limit counts requests that must wait for a slot: with a slot free, even
             # --max-queue 0 takes the request
-            must_wait = self.active + (self.admission is not None) + len(self.waiting) >= self.parallel
+            must_wait = self.admitted + len(self.waiting) >= self.parallel
             if must_wait and len(self.waiting) >= self.max_queue:
-                raise ApiError(429, f"the server is busy: {self.active} requests are generating and "
+                raise ApiError(429, f"the server is busy: {self.admitted} requests are generating and "
                                     f"{len(self.waiting)} are waiting (the limit); retry later",
                                code="server_busy")  # fmt: skip
             self.waiting.append(handle)
@@ -170,16 +206,36 @@ class Engine:
 
     @property
     def active(self) -> int:
+        """Sequences decoding in a slot of the batch."""
         return sum(s is not None for s in self.slots)
+
+    @property
+    def admitted(self) -> int:
+        """Requests holding a slot: decoding, or preparing/prefilling to join the batch."""
+        return self.active + len(self.admitting)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.admitting and not self.active
+
+    def counts(self) -> dict:
+        """/health's view: every admitted request by stage, and the waiting ones."""
+        stages = [a.stage for a in list(self.admitting)]
+        return {"active": self.admitted, "preparing": stages.count("preparing"),
+                "prefilling": stages.count("prefilling"), "decoding": self.active, "waiting": len(self.waiting)}  # fmt: skip
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.cond:
-                while self.running and not self.waiting and self.admission is None and not self.active:
+                while self.running and self.aborting is None and self.idle:
                     self.cond.wait()
                 if not self.running:
                     break
+                error, self.aborting = self.aborting, None
+            if error is not None:
+                self._fail_all(error)
+                continue
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -193,36 +249,47 @@ class Engine:
         with self.cond:
             for h in [h for h in self.waiting if h.cancelled]:
                 self.waiting.remove(h)
+        for a in [a for a in self.admitting if a.handle.cancelled]:
+            a.work.close()
+            self.admitting.remove(a)
         for seq in self.slots:
             if seq is not None and seq.handle.cancelled:
                 self._free(seq)
 
     def _admit(self) -> None:
-        """One unit of admission work (see the module docstring)."""
-        if self.admission is None:
-            with self.cond:
-                handle = self.waiting.popleft() if self.active < self.parallel and self.waiting else None
-            if handle is None:
-                return
-            self.admission = self._admission(handle)
-        try:
-            next(self.admission)
-        except StopIteration:
-            self.admission = None
-
-    def _admission(self, handle: Handle):
-        handle.admitted = time.perf_counter()
-        job = handle.job
-        if handle.cancelled:
+        """Fill every free slot from the queue, then one unit of the oldest admission's work."""
+        now = time.perf_counter()
+        with self.cond:
+            while self.waiting and self.admitted < self.parallel:
+                handle = self.waiting.popleft()
+                handle.admitted = now
+                self.admitting.append(Admission(handle, None))
+                self.admitting[-1].work = self._admission(self.admitting[-1])
+        if not self.admitting:
             return
+        first = self.admitting[0]
+        try:
+            next(first.work)
+        except StopIteration:
+            self.admitting.popleft()
+
+    def _admission(self, admission: Admission):
+        """The units of one request's admission: prepare (vision + embedding), the prefill's chunks, the
+        join. Yields between units."""
+        handle = admission.handle
+        job = handle.job
         try:
             prepared = self.model.prepare(job.input_ids, job.media, started=job.received)  # vision + embedding
+            admission.stage = "prefilling"
             if prepared.vision_s:
                 yield  # the others decode a step between the vision net and the prefill
-            if handle.cancelled:
-                return
             self.prefill_cache.reset()
-            logits = prefill(self.backend, self.prefill_cache, prepared.embeds)
+            embeds = prepared.embeds
+            logits = None
+            for start in range(0, len(embeds), self.prefill_chunk):
+                if start:
+                    yield
+                logits = prefill(self.backend, self.prefill_cache, embeds[start : start + self.prefill_chunk])
             self._fit(self.active + 1)
             slot = self.slots.index(None)
             self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
@@ -299,10 +366,10 @@ class Engine:
     def _fail_all(self, error: ApiError) -> None:
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
-        for handle in waiting + [s.handle for s in self.slots if s is not None]:
+            admitting, self.admitting = list(self.admitting), deque()
+        for a in admitting:
+            a.work.close()
+        for handle in waiting + [a.handle for a in admitting] + [s.handle for s in self.slots if s is not None]:
             handle.push(error)
         self.slots = [None] * self.cache.batch
         self.cache.reset()
-        if self.admission is not None:
-            self.admission.close()
-            self.admission = None
