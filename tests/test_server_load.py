@@ -17,7 +17,6 @@ from contextlib import contextmanager
 import httpx
 import pytest
 from openai import OpenAI
-
 from test_server import LOOPBACK, NAME, serving, user
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # several seconds of decoding each on the tiny model
