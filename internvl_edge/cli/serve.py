@@ -130,6 +130,7 @@ def main(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} on http://{shown}:{port}/v1 (parallel {args.parallel}, queue {args.max_queue}"
           f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)  # fmt: skip
+    print(f"chat page: http://{shown}:{port}/ (open it in a browser)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     graceful_server(uvicorn)(config, app.state.drain, args.drain_timeout).run(sockets=[sock])
     return 0

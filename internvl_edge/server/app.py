@@ -4,6 +4,7 @@ request.
     GET  /health                 engine state (no key needed): 200 "ok", or 503 "draining" while the
                                  server stops, "unavailable" once the engine is gone
     GET  /metrics                counters in Prometheus' text format (metrics.py; behind the key)
+    GET  /, /chat                the chat page (page.py; static files, no key needed to load it)
     GET  /v1/models[/{id}]       the one served model
     POST /v1/chat/completions    streaming (SSE `data:` chunks, then `data: [DONE]`) or not
 
@@ -43,6 +44,7 @@ from ..errors import UserError
 from .media import MediaPolicy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .page import add_page_routes
 from .protocol import ApiError, ChatRequest, logprobs_content, parse_chat_request, sse, usage
 from .scheduler import Engine, Handle, Job
 
@@ -134,6 +136,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                   openapi_url=None)  # fmt: skip
     app.state.engine = engine
     app.state.metrics = metrics
+    add_page_routes(app)
 
     async def drain(timeout: float, hurry: asyncio.Event | None = None) -> tuple[int, int]:
         """The graceful stop: refuse new requests, give those held up to `timeout` seconds (or until
