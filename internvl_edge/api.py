@@ -12,9 +12,10 @@
     chat = model.chat()
     chat.send("What is in the image?", images=["cat.jpg"]); chat.send("And its colour?")
 
-Images may be paths, bytes or PIL images; a video is a path (in `messages`, also bytes or a data URL). Generation options (`max_new_tokens`,
-`do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `logprobs`,
-`ignore_eos`) are the keyword arguments of `Model.generation_config`.
+Images may be paths, bytes or PIL images; a video is a path (in `messages`, also bytes or a data URL).
+Generation options (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`,
+`repetition_penalty`, `seed`, `stop`, `logprobs`, `ignore_eos`) are the keyword arguments of
+`Model.generation_config`.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ class Model:
         per_turn = [[next(image_tiles) for _ in t.images] for t in conversation.turns]
 
         def layout(frames: int) -> list[int]:  # tiles per `<image>`, in prompt order
-            return [n for t, tiles in zip(conversation.turns, per_turn) for n in (tiles if t.video is None else [1] * frames)]
+            turns = zip(conversation.turns, per_turn)
+            return [n for t, tiles in turns for n in (tiles if t.video is None else [1] * frames)]
 
         def prompt_tokens(frames: int) -> int:
             return len(self.tokenize(self.conversation_text(conversation, frames), Media(None, layout(frames))))

@@ -12,9 +12,9 @@ the prompt is built (api.Model), one tile each, as `run --video`. A message hold
 
 The format is OpenAI's chat completions `messages`
 (https://platform.openai.com/docs/api-reference/chat/create). Every image reference goes through one
-`resolve` function (every video one through `resolve_video`), so the caller decides what a URL may name: the Python API reads data URLs and local
-paths, the server only data URLs and files under its allowed folder (server/media.py). Nothing here
-fetches from the network.
+`resolve` function (every video one through `resolve_video`), so the caller decides what a URL may
+name: the Python API reads data URLs and local paths, the server only data URLs and files under its
+allowed folder (server/media.py). Nothing here fetches from the network.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def _video_ref(part: dict, where: str):
     spec = part.get("video_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url.strip():
-        raise UserError(f"{where}: a video_url part needs a `url` (video_url: {{\"url\": \"data:video/mp4;base64,...\"}})")
+        example = '{"url": "data:video/mp4;base64,..."}'
+        raise UserError(f"{where}: a video_url part needs a `url` (video_url: {example})")
     return url
 
 

@@ -25,7 +25,8 @@ from internvl_edge.api import load
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"),
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                       reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"),
 ]
 WAIT_S = 60
 
@@ -102,11 +103,11 @@ def open_page(driver, url: str, path: str = "/", clear_storage: bool = True):
 
 
 def wait(driver, condition, timeout: float = WAIT_S):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+    waiting = WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    return waiting.until(condition)
 
 
 def by_id(driver, name: str):
@@ -187,7 +188,8 @@ def test_a_question_with_an_image_streams_the_answer_of_run_json_and_turn_two_se
     assert not by_id(page, "key-dialog").is_displayed()  # no key set: no key asked
     settings(page, temperature=0, max_tokens=12)
     first = ask(page, "Describe the image.", files=(images["square"],))
-    expected = cli_run_json(page_bundle, "-p", "Describe the image.", "--image", images["square"], "--max-new-tokens", 12)
+    expected = cli_run_json(page_bundle, "-p", "Describe the image.", "--image", images["square"],
+                            "--max-new-tokens", 12)  # fmt: skip
     assert first.get_attribute("data-raw") == expected["text"]
     stats = first.find_element("css selector", ".stats").text
     assert "12 tokens" in stats and "first token" in stats and "tokens/s" in stats, stats
@@ -195,8 +197,8 @@ def test_a_question_with_an_image_streams_the_answer_of_run_json_and_turn_two_se
     assert len(thumbs) == 1 and thumbs[0].get_attribute("src").startswith("data:image/png;base64,")
     # turn 2 is answered with turn 1 (its image and answer) in the prompt: the API's answer to both turns
     second = ask(page, "And its colour?")
-    both = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."},
-                                         {"type": "image_url", "image_url": {"url": data_url(images["square"], "image/png")}}]},
+    image = {"type": "image_url", "image_url": {"url": data_url(images["square"], "image/png")}}
+    both = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, image]},
             {"role": "assistant", "content": expected["text"]},
             {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]  # fmt: skip
     ref = load(page_bundle)
@@ -301,7 +303,7 @@ def test_a_video_upload_gets_an_answer(page, server, page_bundle, tmp_path):
     turn = ask(page, "What happens?", files=(path,))
     assert turn.get_attribute("data-done") == "done", turn.text
     assert len(all_of(page, ".turn.user .thumbs video")) == 1
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What happens?"},
-                                             {"type": "video_url", "video_url": {"url": data_url(path, "video/mp4")}}]}]  # fmt: skip
+    video = {"type": "video_url", "video_url": {"url": data_url(path, "video/mp4")}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}, video]}]
     assert turn.get_attribute("data-raw") == load(page_bundle).generate(messages=messages, max_new_tokens=8).text
     assert console_errors(page) == []

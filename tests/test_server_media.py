@@ -35,7 +35,8 @@ def greedy_bundle(bundle):
 def test_video_url_answers_as_the_api_with_frames_fitted_to_the_context(greedy_bundle, tmp_path):
     path = write_video(tmp_path / "v.mp4", "libx264", 40, size=(320, 240))
     ref = load(greedy_bundle)
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}, video_part(video_data_url(path))]}]
+    video = video_part(video_data_url(path))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}, video]}]
     with serving(greedy_bundle, parallel=2) as s:
         r = s.post({"model": NAME, "messages": messages, "max_tokens": 6, "return_token_ids": True}, key=None)
         assert r.status_code == 200, r.text
@@ -49,21 +50,25 @@ def test_video_url_answers_as_the_api_with_frames_fitted_to_the_context(greedy_b
     assert body["choices"][0]["token_ids"] == alone.token_ids
     assert body["choices"][0]["message"]["content"] == alone.text
     more = Media(None, [1] * (frames + 1), is_video=True)
-    assert len(ref.tokenize(ref.question("What happens?", more), more)) + ANSWER_ROOM > ref.seq_length  # one frame more would not
+    # one frame more would not have left the answer its room
+    assert len(ref.tokenize(ref.question("What happens?", more), more)) + ANSWER_ROOM > ref.seq_length
 
 
 def test_bad_videos_are_400s_in_the_users_terms(greedy_bundle, tmp_path):
     good = write_video(tmp_path / "good.mp4", "libx264", 30)
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(open(good, "rb").read()[:600])
+    with open(good, "rb") as f:
+        cut.write_bytes(f.read()[:600])
     junk = "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4).decode()
     text = "data:text/plain;base64," + base64.b64encode(b"hello").decode()
 
     def ask(*parts):
-        return {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "What?"}, *parts]}]}
+        content = [{"type": "text", "text": "What?"}, *parts]
+        return {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
 
     with serving(greedy_bundle, parallel=1) as s:
-        assert_error(s.post(ask(video_part(junk)), key=None), 400, "messages[0]: the video file cannot be opened as a video")
+        opened = "messages[0]: the video file cannot be opened as a video"
+        assert_error(s.post(ask(video_part(junk)), key=None), 400, opened)
         assert_error(s.post(ask(video_part(video_data_url(cut))), key=None), 400, "messages[0]: the video file")
         assert_error(s.post(ask(video_part(text)), key=None), 400, "not a video")
         assert_error(s.post(ask(video_part("https://example.com/v.mp4")), key=None), 400, "does not fetch http(s)")
@@ -110,14 +115,16 @@ def test_metrics_count_requests_tokens_and_times(greedy_bundle):
         ttft = ok.json()["timings"]["ftl_s"]
         assert abs(after[p + "time_to_first_token_seconds_sum"] - ttft) < 1e-3
         # a long stream in the slot and one waiting behind it show in the gauges; closing it counts as cancelled
-        long = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        long = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True,
+                "stream": True}  # fmt: skip
         with slowed(s):
             with httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=60,
                               headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
                 lines = r.iter_lines()
                 for _ in range(3):
                     next(lines)
-                waiting = threading.Thread(target=s.post, args=({"model": NAME, "messages": user("Hi"), "max_tokens": 2},))
+                short = {"model": NAME, "messages": user("Hi"), "max_tokens": 2}
+                waiting = threading.Thread(target=s.post, args=(short,))
                 s.engine.max_queue = 1
                 waiting.start()
                 s.wait_for(lambda h: h["waiting"] == 1)
@@ -126,7 +133,8 @@ def test_metrics_count_requests_tokens_and_times(greedy_bundle):
             waiting.join(60)
             s.wait_for(lambda h: h["active"] == 0 and h["waiting"] == 0)
         deadline = time.monotonic() + 10  # the stream's log line (and count) comes as its response ends
-        while (final := scrape(s.url)).get(p + "requests_total{status=cancelled}") is None and time.monotonic() < deadline:
+        while (final := scrape(s.url)).get(p + "requests_total{status=cancelled}") is None:
+            assert time.monotonic() < deadline, final
             time.sleep(0.05)
         assert final[p + 'requests_total{status=cancelled}'] == 1
         assert final[p + 'requests_total{status=200}'] == 2

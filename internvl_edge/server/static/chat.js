@@ -119,7 +119,8 @@
     for (const m of text.matchAll(pattern)) {
       if (m.index > last) parent.append(document.createTextNode(text.slice(last, m.index)));
       const token = m[0];
-      parent.append(token.startsWith("`") ? node("code", "", token.slice(1, -1)) : node("strong", "", token.slice(2, -2)));
+      const code = token.startsWith("`");
+      parent.append(code ? node("code", "", token.slice(1, -1)) : node("strong", "", token.slice(2, -2)));
       last = m.index + token.length;
     }
     if (last < text.length) parent.append(document.createTextNode(text.slice(last)));
@@ -351,7 +352,9 @@
     const content = [];
     if (text) content.push({ type: "text", text });
     for (const a of attachments) {
-      content.push(a.kind === "video" ? { type: "video_url", video_url: { url: a.url } } : { type: "image_url", image_url: { url: a.url } });
+      const part = a.kind === "video" ? { type: "video_url", video_url: { url: a.url } }
+        : { type: "image_url", image_url: { url: a.url } };
+      content.push(part);
     }
     const userTurn = addTurn("user", text, attachments);
     state.messages.push({ role: "user", content });
