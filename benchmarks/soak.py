@@ -94,7 +94,9 @@ class Soak:
         self.stop = threading.Event()
 
     def user(self, text: str, image: bool = False) -> list[dict]:
-        parts = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": self.image}}] if image else [])
+        parts = [{"type": "text", "text": text}]
+        if image:
+            parts.append({"type": "image_url", "image_url": {"url": self.image}})
         return [{"role": "user", "content": parts}]
 
     def count(self, kind: str, status: str) -> None:
@@ -153,8 +155,7 @@ class Soak:
         m = self.model
         bodies = [b"{not json", b'{"model": "x", "messages": [', json.dumps({"model": m}).encode(),
                   json.dumps({"model": m, "messages": "hi"}).encode(),
-                  b'{"model": "%s", "max_tokens": 18446744073709551617, "messages": [{"role": "user", "content": "Hi"}]}'
-                  % m.encode(),  # 2**64+1
+                  json.dumps({"model": m, "max_tokens": 2**64 + 1, "messages": self.user("Hi")}).encode(),
                   json.dumps({"model": m, "max_tokens": 1e9, "messages": self.user("Hi")}).encode(),
                   json.dumps({"model": m, "temperature": "hot", "messages": self.user("Hi")}).encode(),
                   json.dumps({"model": m, "messages": [{"role": "user", "content": [

@@ -191,8 +191,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
         alive = engine.running and engine.thread is not None and engine.thread.is_alive()
         status = ("draining" if engine.draining else "ok") if alive else "unavailable"
         # active: every admitted request (preparing, prefilling or decoding); waiting: those without a slot
-        body = {"status": status, "model": settings.model_name, "parallel": engine.parallel, "batch": engine.cache.batch,
-                **engine.counts(), "decode_steps": engine.steps}  # fmt: skip
+        body = {"status": status, "model": settings.model_name, "parallel": engine.parallel,
+                "batch": engine.cache.batch, **engine.counts(), "decode_steps": engine.steps}  # fmt: skip
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")

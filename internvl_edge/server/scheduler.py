@@ -109,7 +109,7 @@ class Sequence(SequenceDecoding):
         self.handle, self.slot = handle, slot
 
 
-PREFILL_CHUNK = 256  # prompt rows per prefill call while streams decode: a chunk costs them ~1 s on a 2B CPU
+PREFILL_CHUNK = 256  # prompt rows per prefill call (dynamic bundles): ~1 s of the 2B's prefill on 2 cores
 
 
 def batch_sizes(parallel: int) -> list[int]:
@@ -148,7 +148,10 @@ class Engine:
             raise UserError("--max-queue must be 0 or more")
         self.model, self.backend = model, model.backend
         self.parallel, self.max_queue = parallel, max_queue
-        self.prefill_chunk = max(1, min(prefill_chunk, self.backend.max_input_length))
+        # a static bundle pads every prefill call to max_input_length rows: smaller chunks would cost as much each
+        dynamic = getattr(self.backend, "dynamic", False)
+        longest = self.backend.max_input_length
+        self.prefill_chunk = max(1, min(prefill_chunk, longest)) if dynamic else longest
         self.waiting: deque[Handle] = deque()
         self.admitting: deque[Admission] = deque()  # in arrival order; the first one is worked on
         self.cond = threading.Condition()
@@ -220,9 +223,10 @@ class Engine:
 
     def counts(self) -> dict:
         """/health's view: every admitted request by stage, and the waiting ones."""
-        stages = [a.stage for a in list(self.admitting)]
-        return {"active": self.admitted, "preparing": stages.count("preparing"),
-                "prefilling": stages.count("prefilling"), "decoding": self.active, "waiting": len(self.waiting)}  # fmt: skip
+        with self.cond:  # the engine moves a request between admitting and its slot under this lock
+            stages, decoding, waiting = [a.stage for a in self.admitting], self.active, len(self.waiting)
+        return {"active": decoding + len(stages), "preparing": stages.count("preparing"),
+                "prefilling": stages.count("prefilling"), "decoding": decoding, "waiting": waiting}  # fmt: skip
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -250,8 +254,10 @@ class Engine:
             for h in [h for h in self.waiting if h.cancelled]:
                 self.waiting.remove(h)
         for a in [a for a in self.admitting if a.handle.cancelled]:
-            a.work.close()
-            self.admitting.remove(a)
+            a.work.close()  # a started one leaves `admitting` itself
+            with self.cond:
+                if a in self.admitting:
+                    self.admitting.remove(a)
         for seq in self.slots:
             if seq is not None and seq.handle.cancelled:
                 self._free(seq)
@@ -267,17 +273,24 @@ class Engine:
                 self.admitting[-1].work = self._admission(self.admitting[-1])
         if not self.admitting:
             return
-        first = self.admitting[0]
         try:
-            next(first.work)
-        except StopIteration:
-            self.admitting.popleft()
+            next(self.admitting[0].work)
+        except StopIteration:  # it joined the batch or failed, and left `admitting` on its way out
+            pass
 
     def _admission(self, admission: Admission):
         """The units of one request's admission: prepare (vision + embedding), the prefill's chunks, the
         join. Yields between units."""
         handle = admission.handle
         job = handle.job
+        try:
+            yield from self._admission_units(admission, handle, job)
+        finally:
+            with self.cond:
+                if admission in self.admitting:
+                    self.admitting.remove(admission)
+
+    def _admission_units(self, admission: Admission, handle: Handle, job: Job):
         try:
             prepared = self.model.prepare(job.input_ids, job.media, started=job.received)  # vision + embedding
             admission.stage = "prefilling"
@@ -294,7 +307,9 @@ class Engine:
             slot = self.slots.index(None)
             self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
             seq = Sequence(handle, slot, self.model, prepared)  # prepared.started is job.received
-            self.slots[slot] = seq
+            with self.cond:  # from admitting to its slot in one move, as /health sees it
+                self.slots[slot] = seq
+                self.admitting.remove(admission)
             self._deliver(seq, seq.pick(self.backend, logits), logits)
         except UserError as e:
             self._abandon(handle, ApiError(400, str(e)))
