@@ -307,3 +307,33 @@ def test_a_video_upload_gets_an_answer(page, server, page_bundle, tmp_path):
     messages = [{"role": "user", "content": [{"type": "text", "text": "What happens?"}, video]}]
     assert turn.get_attribute("data-raw") == load(page_bundle).generate(messages=messages, max_new_tokens=8).text
     assert console_errors(page) == []
+
+
+ATTACH_JS = """
+const [b64, name, kind] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const files = new DataTransfer();
+files.items.add(new File([bytes], name, {type: "image/png"}));
+if (kind === "paste") {
+  document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true, cancelable: true}));
+} else {
+  window.dispatchEvent(new DragEvent("dragenter", {dataTransfer: files}));
+  window.dispatchEvent(new DragEvent("drop", {dataTransfer: files, cancelable: true}));
+}
+"""
+
+
+def test_images_pasted_and_dropped_are_sent_together(page, server, page_bundle, images):
+    """The clipboard's and a drop's files (the browser's own events, with its DataTransfer) join the turn."""
+    open_page(page, server)
+    settings(page, temperature=0, max_tokens=8)
+    for name, kind in (("square", "paste"), ("wide", "drop")):
+        with open(images[name], "rb") as f:
+            page.execute_script(ATTACH_JS, base64.b64encode(f.read()).decode(), f"{name}.png", kind)
+    wait(page, lambda d: len(all_of(d, "#attachments .attachment")) == 2)
+    turn = ask(page, "Compare the images.")
+    assert len(all_of(page, ".turn.user .thumbs img")) == 2
+    parts = [{"type": "image_url", "image_url": {"url": data_url(images[n], "image/png")}} for n in ("square", "wide")]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare the images."}, *parts]}]
+    assert turn.get_attribute("data-raw") == load(page_bundle).generate(messages=messages, max_new_tokens=8).text
+    assert console_errors(page) == []

@@ -260,6 +260,27 @@ def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
 
 
 @sim
+def test_a_bundle_without_the_head_refuses_to_sample_in_the_requests_terms(tpu_mlir, sim_bundle):
+    """On the chip the logits stay on the chip: without --do_sample a bundle cannot sample, and says so in
+    the terms of the request (a temperature above 0, or --do_sample), through the API and the server."""
+    from internvl_edge.api import load
+    from internvl_edge.server.app import ServerSettings, create_app
+    from starlette.testclient import TestClient
+
+    kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-bf16"]
+    model = load(sim_bundle(kind, chip, quantize, **options))
+    assert not model.backend.can_sample
+    with pytest.raises(UserError, match="a temperature above 0, or --do_sample.*converted without --do_sample"):
+        model.generate("Hi", do_sample=True, temperature=0.8, max_new_tokens=2)
+    with TestClient(create_app(model, ServerSettings(model_name="sim", parallel=1))) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                      "temperature": 0.8, "max_tokens": 2})  # fmt: skip
+        assert r.status_code == 400 and "temperature 0" in r.json()["error"]["message"], r.text
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+@sim
 def test_batched_cache_and_copy_slot(tpu_mlir, sim_bundle):
     """The server's use of the contract: a prefilled sequence copied into slot 1 of a batch-2 cache
     continues exactly as it would alone, and an idle slot is left untouched."""
