@@ -374,12 +374,13 @@ class ChatSession:
 
 
 def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None,
-         verify: bool = True, log=None) -> Model:  # fmt: skip
-    """Open a bundle folder written by `internvl-edge convert`."""
+         verify: bool = True, log=None, edits=None) -> Model:  # fmt: skip
+    """Open a bundle folder written by `internvl-edge convert`. `edits` ({net: function(ModelProto)})
+    change nets in memory before they load (`internvl-edge verify` uses it)."""
     manifest = load_manifest(bundle, verify=verify)
     config_dir = config_path or manifest.config_dir
     if not os.path.isdir(config_dir):
         raise UserError(f"config folder not found: {config_dir}")
     tokenizer = TextTokenizer(config_dir)
-    backend = open_backend(manifest, threads=threads, devid=device, log=log)
+    backend = open_backend(manifest, threads=threads, devid=device, log=log, edits=edits)
     return Model(manifest, backend, tokenizer, config_dir)

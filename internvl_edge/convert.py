@@ -25,6 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass
 
 from . import bundle
+from .checkpoint.identity import identity
 from .checkpoint.reader import Checkpoint
 from .errors import UserError
 from .nets import graph as graphs
@@ -210,6 +211,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
             emit("greedy_head", lambda w: build_greedy_head(), with_weights=False)
             if opts.do_sample:
                 emit("sample_head", lambda w: build_sample_head(), with_weights=False)
+        progress.step("source checksums")
+        source_identity = identity(ckpt, progress.update)
+        progress.done()
         progress.step("configs and checksums")
         _copy_configs(opts.model_path, os.path.join(tmp, "config"))
         manifest = bundle.Manifest(
@@ -218,6 +222,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
                 "format": ckpt.config.format,
                 "dtype": ckpt.storage_dtype,
                 "awq": asdict(ckpt.config.text.awq) if ckpt.config.text.awq else None,
+                "identity": source_identity,  # config hash + tensor checksums: verify refuses another checkpoint
             },
             target=target,
             options={**asdict(opts), "model_path": os.path.abspath(opts.model_path),

@@ -116,10 +116,13 @@ class OrtBackend:
 
     name = "onnxruntime-cpu"
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, devid=None, log=None):
+    def __init__(self, manifest: Manifest, threads: int | None = None, devid=None, log=None, edits=None):
         import onnxruntime as ort
 
         self.ort = ort
+        # {net name: function(onnx.ModelProto)} changing a net's graph in memory before its session is
+        # made (`verify` undoes one lossy option at a time this way); the bundle's files stay as they are
+        self.edits = dict(edits or {})
         self.manifest = manifest
         self.devices = parse_devid(devid)
         if self.devices != [0] and log is not None:
@@ -182,14 +185,19 @@ class OrtBackend:
     def _kernel_graph(self, name: str, path: str) -> bytes | None:
         """The decoder's graph with its 4-bit linears and attention moved to our kernels (kernels/),
         serialised, when they are installed and run on this CPU; else None (the graph as it is)."""
-        if name != "decoder" or kernels.library_path() is None:
+        edit = self.edits.get(name)
+        if edit is None and (name != "decoder" or kernels.library_path() is None):
             return None
         import onnx
 
         model = onnx.load(path, load_external_data=False)  # the graph only: a few hundred KB
+        if edit is not None:
+            edit(model)
+        if name != "decoder" or kernels.library_path() is None:
+            return model.SerializeToString()
         moved = kernels.rewrite(model, self.threads)
         if not any(moved.values()):
-            return None
+            return model.SerializeToString() if edit is not None else None
         if moved[kernels.OP]:
             self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
         if moved[kernels.ATTENTION_OP]:
@@ -209,7 +217,8 @@ class OrtBackend:
             graph = self._kernel_graph(name, path)
             if graph is not None:
                 so = self._options(profile_prefix=profile_prefix)
-                so.register_custom_ops_library(kernels.library_path())
+                if kernels.library_path() is not None:
+                    so.register_custom_ops_library(kernels.library_path())
                 # the graph comes as bytes: its external weights are found next to the bundle's file
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                             os.path.dirname(path))  # fmt: skip
@@ -367,10 +376,10 @@ class OrtBackend:
                 "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime"}  # fmt: skip
 
 
-def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None) -> OrtBackend:
+def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None, edits=None) -> OrtBackend:
     backend = manifest.target.get("backend")
     if backend == "onnxruntime":
-        return OrtBackend(manifest, threads=threads, devid=devid, log=log)
+        return OrtBackend(manifest, threads=threads, devid=devid, log=log, edits=edits)
     if backend == "bmrt":  # Sophgo bmodel: libsophon on a board, else TPU-MLIR's chip simulator
         from .sophgo.backend import BmrtBackend
 

@@ -160,6 +160,13 @@ class Checkpoint:
                 for key in self._file(shard).keys():
                     self._key_file[key] = shard
 
+    def release(self) -> None:
+        """Unmap the shards (their pages leave this process's memory once no array views them);
+        the next tensor asked for maps its shard again. Readers that stream a large checkpoint call
+        it after each part, so the whole file never counts as resident at once."""
+        for f in self._files.values():
+            f._mm = None
+
     def _file(self, path: str) -> SafetensorsFile:
         if path not in self._files:
             self._files[path] = SafetensorsFile(path)

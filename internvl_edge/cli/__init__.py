@@ -22,6 +22,7 @@ COMMANDS = {
     "chat": ("chat", "interactive chat, as the seed's pipeline.py"),
     "serve": ("serve", "serve a bundle over an OpenAI-compatible HTTP API, many clients at once"),
     "bench": ("bench", "measure load, vision, prefill, decode, first-token latency, memory and the roofline"),
+    "verify": ("verify", "measure what the bundle's quantisation costs against its source checkpoint in float32"),
     "toolchain": ("toolchain", "install or show TPU-MLIR, the compiler and chip simulator of the Sophgo targets"),
     "make-checkpoint": ("make_checkpoint", "write a random-weight InternVL3 checkpoint (tests, demo, benchmarks)"),
     "demo": ("demo", "make a tiny model, convert it and ask it about an image, in one go"),

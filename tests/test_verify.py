@@ -1,0 +1,139 @@
+"""`internvl-edge verify` against independent computations.
+
+- an f32 bundle agrees with its float32 reference exactly (top-1 100%, KL ~0, vision cosine 1);
+- a w4 bundle (float activations, so transformers can compute the same function) reports the figures
+  this test computes itself from transformers' model: the source's weights for the reference, the
+  bundle's 4-bit (and 8-bit lm_head) weights dequantised for the bundle;
+- an AWQ bundle keeps the published 4-bit values, so with float activations it equals its reference;
+- a bundle with one damaged weight block is caught, --min-agreement fails, and the attribution points
+  at the stage that was damaged;
+- a checkpoint that is not the bundle's source is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from reference import apply_bundle_quantisation, greedy, load_reference, logits_for
+from test_reference import QUESTION, reference_inputs
+
+from internvl_edge import bundle as bundle_files
+from internvl_edge.checkpoint.factory import make_checkpoint
+from internvl_edge.cli import main as cli
+from internvl_edge.errors import UserError
+from internvl_edge.progress import Progress
+from internvl_edge.verify import verify
+
+STEPS = 6
+
+
+def run_verify(bundle_dir, ckpt_dir, **kw):
+    return verify(bundle_dir, ckpt_dir, steps=kw.pop("steps", STEPS), progress=Progress(enabled=False), **kw)
+
+
+def test_f32_bundle_agrees_exactly(checkpoint, bundle):
+    report = run_verify(bundle("tiny_bf16", "f32"), checkpoint("tiny_bf16"))
+    s = report["summary"]
+    assert report["source_checked"]
+    assert s["top1_agreement"] == 1.0 and s["first_divergence"] is None
+    assert s["kl_max"] < 1e-6 and s["top5_logprob_diff_max"] < 1e-3
+    assert len(report["vision"]) == 4 and s["vision_cosine_min"] > 0.99999 and s["vision_relative_rms_max"] < 1e-4
+    assert report["advice"].startswith("nothing to fix")
+
+
+def _independent(ref_logits: np.ndarray, tokens: list[int], logits: np.ndarray) -> dict:
+    def lsm(x):
+        x = x.astype(np.float64)
+        return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+    lr, lo = lsm(ref_logits), lsm(logits)
+    kl = [float(np.sum(np.exp(lr[i]) * (lr[i] - lo[i]))) for i in range(len(tokens))]
+    agree = [int(np.argmax(logits[i])) == tokens[i] for i in range(len(tokens))]
+    top5 = max(abs(lo[i, t] - lr[i, t]) for i in range(len(tokens)) for t in np.argsort(-ref_logits[i])[:5])
+    return {"top1_agreement": float(np.mean(agree)), "kl_mean": float(np.mean(kl)), "kl_max": max(kl),
+            "top5_logprob_diff_max": float(top5), "first_divergence": agree.index(False) if False in agree else None}
+
+
+@pytest.mark.slow
+def test_w4_figures_equal_transformers(checkpoint, bundle, images):
+    ckpt = checkpoint("tiny_bf16")
+    b = bundle("tiny_bf16", "w4bf16", accuracy_level=1)
+    report = run_verify(b, ckpt, images=[images["square"]], prompts=[QUESTION], builtin=False)
+    ref_model = load_reference(ckpt)
+    quantised = load_reference(ckpt)
+    apply_bundle_quantisation(quantised, b)
+    for probe, paths in zip(report["decoder"]["probes"], [[images["square"]], []]):
+        ids, pv = reference_inputs(ckpt, paths)
+        assert probe["prompt_tokens"] == len(ids)
+        tokens, ref_logits = greedy(ref_model, ids, pv, STEPS)
+        assert probe["reference_answer"] == tokens
+        ours = logits_for(quantised, ids + tokens[:-1], pv, start=len(ids))
+        expected = _independent(ref_logits, tokens, ours)
+        assert expected["kl_mean"] > 1e-3  # the 4-bit weights cost something: the comparison is not trivial
+        assert probe["top1_agreement"] == expected["top1_agreement"]
+        assert probe["first_divergence"] == expected["first_divergence"]
+        for key in ("kl_mean", "kl_max", "top5_logprob_diff_max"):
+            assert probe[key] == pytest.approx(expected[key], rel=2e-2, abs=2e-4), key
+
+
+def test_awq_bundle_with_float_activations_equals_its_reference(checkpoint, bundle):
+    report = run_verify(bundle("tiny_awq", "w4bf16", accuracy_level=1, lm_head_bits=0), checkpoint("tiny_awq"),
+                        prompts=["Count to five."], builtin=False)  # fmt: skip
+    assert report["summary"]["top1_agreement"] == 1.0 and report["summary"]["kl_max"] < 1e-5
+
+
+def _damage(src: str, dst: str, net: str, tensor: str) -> None:
+    """Copy a bundle and overwrite the first 2048 values of one weight, keeping the manifest's checksums
+    true (as a faulty conversion would)."""
+    shutil.copytree(src, dst)
+    model = onnx.load(os.path.join(dst, f"{net}.onnx"), load_external_data=False)
+    init = next(t for t in model.graph.initializer if t.name == tensor)
+    offset = int({e.key: e.value for e in init.external_data}["offset"])
+    rng = np.random.default_rng(0)
+    with open(os.path.join(dst, f"{net}.data"), "r+b") as f:
+        f.seek(offset)
+        f.write(rng.normal(0, 0.5, 2048).astype(np.float32).tobytes())
+    m = bundle_files.load_manifest(dst, verify=False)
+    m.files = bundle_files.file_table(dst)
+    with open(os.path.join(dst, bundle_files.MANIFEST), "w", encoding="utf-8") as f:
+        f.write(m.to_json())
+
+
+@pytest.mark.parametrize("net,tensor,stage", [("vision", "mlp1.1.weight_t", "float vision encoder"),
+                                              ("decoder", "lm_head.weight_t", "float lm_head")])  # fmt: skip
+def test_damaged_block_is_caught_and_attributed(net, tensor, stage, checkpoint, bundle, workdir, capsys):
+    damaged = str(workdir / f"damaged_{net}")
+    if not os.path.exists(damaged):
+        _damage(bundle("tiny_bf16", "f32"), damaged, net, tensor)
+    report = run_verify(damaged, checkpoint("tiny_bf16"))
+    assert report["summary"]["top1_agreement"] < 0.9
+    best = min(report["attribution"], key=lambda a: a["kl_mean"])
+    assert best["undone"] == stage and best["top1_agreement"] == 1.0
+    assert "convert again" in report["advice"] and stage.replace("float ", "") in report["advice"]
+    if net == "vision":
+        assert report["summary"]["vision_cosine_min"] < 0.99
+    capsys.readouterr()
+    rc = cli(["verify", "-m", damaged, "--checkpoint", checkpoint("tiny_bf16"), "--steps", "3", "--json",
+              "--min-agreement", "0.95"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 1 and json.loads(out)["summary"]["top1_agreement"] < 0.95
+    assert err.strip().splitlines()[-1].startswith("error: top-1 agreement")
+
+
+def test_checkpoint_that_is_not_the_source_is_refused(checkpoint, bundle, workdir, capsys):
+    b = bundle("tiny_bf16", "f32")
+    with pytest.raises(UserError, match="config.json differs"):
+        run_verify(b, checkpoint("odd_bf16"))
+    other = make_checkpoint(str(workdir / "ckpt_tiny_seed9"), size="tiny", fmt="original", weights="bf16", seed=9)
+    with pytest.raises(UserError, match=r"is not the checkpoint .* was converted from \(tensor .* differ"):
+        run_verify(b, other)
+    capsys.readouterr()
+    assert cli(["verify", "-m", b, "--checkpoint", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "pass the bundle's source checkpoint" in err[-1]
+    assert not any("Traceback" in line for line in err)
