@@ -106,9 +106,10 @@ class Outcome:
         s = self.stats
         queue = self.handle.queue_s if self.handle else 0.0
         timing = f" ftl={s.ftl_s:.3f}s vision={s.vision_s:.3f}s decode={s.decode_tps:.1f}tok/s" if s else ""
-        log.info("%s %s %s prompt=%d completion=%d finish=%s queue=%.3fs%s total=%.3fs", self.id, status,
+        where = f" replica={self.handle.served_by}" if self.handle and self.handle.served_by else ""
+        log.info("%s %s %s prompt=%d completion=%d finish=%s queue=%.3fs%s total=%.3fs%s", self.id, status,
                  "stream" if self.stream else "json", self.prompt_tokens, self.completion_tokens,
-                 self.finish or "cancelled", queue, timing, total)  # fmt: skip
+                 self.finish or "cancelled", queue, timing, total, where)  # fmt: skip
 
 
 def max_images(model: Model) -> int:
@@ -116,8 +117,10 @@ def max_images(model: Model) -> int:
     return max(1, (model.seq_length - 1) // (model.tokens_per_tile + 2))
 
 
-def create_app(model: Model, settings: ServerSettings) -> FastAPI:
-    engine = Engine(model, settings.parallel, settings.max_queue)
+def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
+    """The app over `engine` (default: an Engine on `model` in this process; ray_app.py passes one whose
+    sequences run on Ray Serve replicas, with the same submit/Handle interface)."""
+    engine = engine if engine is not None else Engine(model, settings.parallel, settings.max_queue)
     policy = MediaPolicy(settings.allowed_media_path, settings.max_body_bytes)
     image_limit = max_images(model)
     metrics = Metrics()
@@ -188,17 +191,15 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = engine.running and engine.thread is not None and engine.thread.is_alive()
-        status = ("draining" if engine.draining else "ok") if alive else "unavailable"
         # active: every admitted request (preparing, prefilling or decoding); waiting: those without a slot
-        body = {"status": status, "model": settings.model_name, "parallel": engine.parallel,
-                "batch": engine.cache.batch, **engine.counts(), "decode_steps": engine.steps}  # fmt: skip
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+        state = engine.health()
+        body = {"status": state.pop("status"), "model": settings.model_name, **state}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request):
         authorize(request)
-        return Response(metrics.text(engine.admitted, len(engine.waiting)), media_type=METRICS_CONTENT_TYPE)
+        return Response(metrics.text(engine.admitted, engine.waiting_count), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -227,6 +228,8 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
             watcher = asyncio.create_task(cancel_when_gone(request, handle))
             try:
                 first = await handle.next()
+                if handle.served_by:  # which replica, when the engine is spread over several
+                    headers["x-served-by"] = handle.served_by
                 if first is not None and req.stream:
                     watcher.cancel()  # the streaming response watches the connection from here
                     streaming = True  # and owns the sequence

@@ -70,6 +70,7 @@ class Handle:
         self.cancelled = False
         self.admitted: float | None = None  # perf_counter when it took a slot
         self.finished = False
+        self.served_by: str | None = None  # the replica, when several serve (ray_app.py)
 
     def cancel(self) -> None:
         if not self.cancelled and not self.finished:
@@ -227,6 +228,17 @@ class Engine:
             stages, decoding, waiting = [a.stage for a in self.admitting], self.active, len(self.waiting)
         return {"active": decoding + len(stages), "preparing": stages.count("preparing"),
                 "prefilling": stages.count("prefilling"), "decoding": decoding, "waiting": waiting}  # fmt: skip
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self.waiting)
+
+    def health(self) -> dict:
+        """What /health reports: whether the engine runs (or drains), its slots and its requests by stage."""
+        alive = self.running and self.thread is not None and self.thread.is_alive()
+        status = ("draining" if self.draining else "ok") if alive else "unavailable"
+        return {"status": status, "parallel": self.parallel, "batch": self.cache.batch, **self.counts(),
+                "decode_steps": self.steps}  # fmt: skip
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
