@@ -91,6 +91,8 @@ class Model:
             raise UserError("max_tiles must be at least 1")
         if not images:
             return Media(None, [])
+        # paths and URLs go through the API's rule (data and file URLs read, http(s) refused in those words)
+        images = [resolve_image(img) if isinstance(img, (str, os.PathLike)) else img for img in images]
         prepared = [preprocess(img, max_tiles=tiles, tile=self.image_size) for img in images]
         return Media(np.concatenate([p.pixel_values for p in prepared]), [p.num_tiles for p in prepared])
 
@@ -100,12 +102,48 @@ class Model:
         return Media(normalize(tiles), [1] * len(tiles), is_video=True)
 
     def media_for(self, images: Sequence = (), video: str | None = None, max_tiles: int | None = None,
-                  video_frames: int = DEFAULT_FRAMES) -> Media:  # fmt: skip
+                  video_frames: int | None = DEFAULT_FRAMES) -> Media:  # fmt: skip
         if video is not None and images:
             raise UserError("give either images or one video, not both")
         if video is not None:
-            return self.video_to_media(video, video_frames)
+            return self.video_to_media(resolve_video(video), video_frames or DEFAULT_FRAMES)
         return self.images_to_media(images, max_tiles)
+
+    def video_prompt_tokens(self, prompt: str, frames: int, system: str | None = None) -> int:
+        """Tokens of a one-turn video question with `frames` frames (frames' pixels play no part)."""
+        media = Media(None, [1] * frames, is_video=True)
+        return len(self.tokenize(self.question(prompt, media, system), media))
+
+    def fit_video_frames(self, prompt: str, frames: int | None = None, system: str | None = None,
+                         room: int | None = None) -> tuple[int, str]:  # fmt: skip
+        """How many frames a video question gets, and one line saying why. `frames` None: as many as fit
+        (up to DEFAULT_FRAMES) while ANSWER_ROOM tokens stay for the answer; a given count that leaves
+        no room at all is refused with the largest count that fits. `room`: the context still free."""
+        room = self.seq_length if room is None else room
+        fits = [n for n in range(1, DEFAULT_FRAMES + 1 if frames is None else frames + 1)
+                if self.video_prompt_tokens(prompt, n, system) < room]  # fmt: skip
+        largest = max(fits, default=0)
+        if frames is not None:
+            if frames < 1:
+                raise UserError("the number of video frames must be at least 1")
+            if largest < frames:
+                tokens = self.video_prompt_tokens(prompt, frames, system)
+                fix = f"use --video-frames {largest} or fewer" if largest else "shorten the question"
+                raise UserError(f"the prompt has {tokens} tokens with {frames} video frames but only {room - 1} fit in "
+                                f"the bundle's seq_length {self.seq_length}: {fix}, or convert with a larger -s")  # fmt: skip
+            return frames, f"video: {frames} frames, as asked"
+        keep = min(ANSWER_ROOM, room // 4)
+        with_answer = [n for n in fits if self.video_prompt_tokens(prompt, n, system) <= room - keep]
+        chosen = max(with_answer, default=1 if fits else 0)
+        if not chosen:
+            tokens = self.video_prompt_tokens(prompt, 1, system)
+            raise UserError(f"the prompt has {tokens} tokens with one video frame but only {room - 1} fit in the "
+                            f"bundle's seq_length {self.seq_length}; shorten the question or convert with a larger -s")  # fmt: skip
+        if chosen == DEFAULT_FRAMES:
+            return chosen, f"video: {chosen} evenly spaced frames (the default)"
+        return chosen, (f"video: {chosen} evenly spaced frames, the most that fit the bundle's seq_length "
+                        f"{self.seq_length} with {keep} tokens left for the answer ({self.tokens_per_tile} "
+                        "tokens per frame; convert with a larger -s for more)")  # fmt: skip
 
     def tokenize(self, text: str, media: Media | None = None) -> list[int]:
         """Prompt text with one `<image>` per image or frame -> token ids with the image blocks expanded."""
@@ -255,7 +293,7 @@ class Model:
         return text, Media(np.concatenate(pixels), layout(frames), is_video=True)
 
     def request(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-                max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+                max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
                 messages: Sequence[dict] | None = None, resolve=resolve_image,
                 resolve_video=resolve_video) -> tuple[list[int], Media]:  # fmt: skip
         """One independent request (a question with its media, or OpenAI messages whose image and video
@@ -265,10 +303,12 @@ class Model:
             if prompt is not None or images or video is not None or system is not None:
                 raise UserError("give either messages or a prompt (with images, video, system), not both")
             conversation = parse_messages(messages, resolve, resolve_video)
-            text, media = self.conversation_media(conversation, max_tiles, video_frames)
+            text, media = self.conversation_media(conversation, max_tiles, video_frames or DEFAULT_FRAMES)
         else:
             if prompt is None:
                 raise UserError("give a prompt or messages")
+            if video is not None:
+                video_frames, _ = self.fit_video_frames(prompt, video_frames, system)
             media = self.media_for(images, video, max_tiles, video_frames)
             text = self.question(prompt, media, system)
         ids = self.tokenize(text, media)
@@ -276,7 +316,7 @@ class Model:
         return ids, media
 
     def stream(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-               max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+               max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
                messages: Sequence[dict] | None = None, **gen) -> Iterator[Chunk]:  # fmt: skip
         """Stream the answer to one independent question (system prompt + question, or `messages`).
         Chunks carry `text` and `token_ids`; the last one `finish_reason` ("stop"/"length") and `stats`."""
@@ -288,7 +328,7 @@ class Model:
         yield from stream(self.backend, self.tokenizer, cache, prepared, cfg)
 
     def generate(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-                 max_tiles: int | None = None, video: str | None = None, video_frames: int = DEFAULT_FRAMES,
+                 max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
                  messages: Sequence[dict] | None = None, **gen) -> Result:  # fmt: skip
         """Answer one independent question (system prompt + question, or `messages`). The Result has
         `text`, `token_ids`, `prompt_token_ids`, `logprobs` (with `logprobs=K`), `finish_reason`

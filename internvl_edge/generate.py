@@ -76,6 +76,7 @@ class Chunk:
     finish_reason: str | None = None
     stats: Stats | None = None
     token_logprobs: list[float] | None = None  # per token: its own logprob (OpenAI's logprobs.content)
+    notice: str | None = None  # on the last chunk: why the answer ended early, in one line (or None)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Result:
     logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str
     stats: Stats
+    notice: str | None = None  # e.g. the context, not max_new_tokens, ended the answer
 
 
 def prefill(backend, cache: KVCache, embeds: np.ndarray, slot: int = 0) -> np.ndarray:
@@ -170,7 +172,11 @@ class SequenceDecoding:
         emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         out = Chunk(emit, [token], top, token_logprobs=chosen)
         if ends:
-            return [out, self._last("length")]
+            last = self._last("length")
+            if stats.generated_tokens < cfg.max_new_tokens:
+                last.notice = (f"the answer was cut at the end of the bundle's context ({capacity} tokens, prompt "
+                               "included); convert with a larger -s or ask a shorter question")  # fmt: skip
+            return [out, last]
         self.seen.append(token)
         self.token = token
         return [out]
@@ -202,8 +208,9 @@ def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPr
 
 def collect(chunks: Iterator[Chunk], prompt_ids: list[int]) -> Result:
     text, ids, lps, finish, stats = [], [], [], "length", Stats()
-    any_lp = False
+    any_lp, notice = False, None
     for c in chunks:
+        notice = c.notice or notice
         text.append(c.text)
         ids += c.token_ids
         if c.logprobs:
@@ -211,4 +218,4 @@ def collect(chunks: Iterator[Chunk], prompt_ids: list[int]) -> Result:
             lps += c.logprobs
         if c.finish_reason:
             finish, stats = c.finish_reason, c.stats or stats
-    return Result("".join(text), ids, list(prompt_ids), lps if any_lp else None, finish, stats)
+    return Result("".join(text), ids, list(prompt_ids), lps if any_lp else None, finish, stats, notice)

@@ -41,8 +41,10 @@ def _open(source):
 
     try:
         container = av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise UserError(f"{_name(source)} cannot be opened as a video ({_first_line(e)})") from None
+    except PermissionError:
+        raise UserError(f"cannot read {_name(source)}: permission denied") from None
+    except (av.error.FFmpegError, OSError, ValueError):
+        raise UserError(f"{_name(source)} is not a video file (or is damaged): {NOT_A_VIDEO}") from None
     if not container.streams.video:
         container.close()
         raise UserError(f"{_name(source)} has no video stream")
@@ -51,9 +53,15 @@ def _open(source):
     return container, stream
 
 
-def _first_line(e: BaseException) -> str:
-    text = (getattr(e, "strerror", None) or str(e)).strip()  # strerror: without the file name
-    return text.splitlines()[0] if text else type(e).__name__
+NOT_A_VIDEO = "give a video such as .mp4, .webm, .mkv or .avi"
+
+
+def probe(path: str | bytes) -> None:
+    """Refuse (UserError) what PyAV cannot open as a video, without decoding more than its header."""
+    if not isinstance(path, (bytes, bytearray)) and not os.path.exists(path):
+        raise UserError(f"video not found: {path}")
+    container, _ = _open(path)
+    container.close()
 
 
 def _count_frames(path) -> int:
@@ -62,8 +70,8 @@ def _count_frames(path) -> int:
     container, stream = _open(path)
     try:
         return sum(1 for _ in container.decode(stream))
-    except av.error.FFmpegError as e:
-        raise UserError(f"{_name(path)} cannot be decoded ({_first_line(e)})") from None
+    except av.error.FFmpegError:
+        raise UserError(f"{_name(path)} cannot be decoded as a video: {NOT_A_VIDEO}") from None
     finally:
         container.close()
 
@@ -99,9 +107,9 @@ def read_frames(path: str | bytes, num_segments: int = DEFAULT_FRAMES) -> list[I
                     found[index] = frame.to_image().convert("RGB")
                 if index >= wanted[-1]:
                     break
-        except av.error.FFmpegError as e:
+        except av.error.FFmpegError:
             if not found:
-                raise UserError(f"{_name(path)} cannot be decoded ({_first_line(e)})") from None
+                raise UserError(f"{_name(path)} cannot be decoded as a video: {NOT_A_VIDEO}") from None
         finally:
             container.close()
         if len(found) == len(needed):

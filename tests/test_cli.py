@@ -17,8 +17,8 @@ from internvl_edge.api import load
 CLI = [sys.executable, "-m", "internvl_edge"]
 
 
-def cli(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+def cli(*args, stdin: str | None = None, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
     return subprocess.run(CLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
 
 

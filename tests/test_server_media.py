@@ -67,7 +67,7 @@ def test_bad_videos_are_400s_in_the_users_terms(greedy_bundle, tmp_path):
         return {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
 
     with serving(greedy_bundle, parallel=1) as s:
-        opened = "messages[0]: the video file cannot be opened as a video"
+        opened = "messages[0]: the video file is not a video file"
         assert_error(s.post(ask(video_part(junk)), key=None), 400, opened)
         assert_error(s.post(ask(video_part(video_data_url(cut))), key=None), 400, "messages[0]: the video file")
         assert_error(s.post(ask(video_part(text)), key=None), 400, "not a video")

@@ -141,7 +141,10 @@ def test_too_many_frames_for_the_bundle(bundle, tmp_path):
     path = write_video(tmp_path / "v.mp4", "libx264", 20)
     model = load(bundle("tiny_bf16", "w4bf16", seq_length=512))
     with pytest.raises(UserError, match="--video-frames 1 or fewer"):
-        model.generate("What happens?", video=path, max_new_tokens=2)  # 8 frames x 256 tokens > 512
+        model.generate("What happens?", video=path, video_frames=8, max_new_tokens=2)  # 8 x 256 tokens > 512
     assert model.generate("What happens?", video=path, video_frames=1, max_new_tokens=2).token_ids
+    # without a count, as many frames as fit with room for an answer: one here
+    assert model.fit_video_frames("What happens?")[0] == 1
+    assert model.generate("What happens?", video=path, max_new_tokens=2).stats.num_tiles == 1
     with pytest.raises(UserError, match="either images or one video"):
         model.generate("x", images=[path], video=path)

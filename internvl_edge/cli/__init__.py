@@ -25,18 +25,42 @@ COMMANDS = {
     "verify": ("verify", "measure what the bundle's quantisation costs against its source checkpoint in float32"),
     "toolchain": ("toolchain", "install or show TPU-MLIR, the compiler and chip simulator of the Sophgo targets"),
     "make-checkpoint": ("make_checkpoint", "write a random-weight InternVL3 checkpoint (tests, demo, benchmarks)"),
+    "list": ("list_bundles", "list the named bundles in the bundle home ($INTERNVL_EDGE_HOME)"),
+    "rm": ("rm", "delete named bundles from the bundle home"),
     "demo": ("demo", "make a tiny model, convert it and ask it about an image, in one go"),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: ...`, exit 2), as every other user mistake is reported."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_spelling_aliases(parser: argparse.ArgumentParser) -> None:
+    """Every long flag answers to both spellings: the seed's (`--max_input_length`, `--out_dir`) and
+    the dashed one (`--max-tiles`), whichever a command declares; help lists both."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if not option.startswith("--"):
+                continue
+            body = option[2:]
+            other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+            if other != option and other not in parser._option_string_actions:
+                action.option_strings.append(other)
+                parser._option_string_actions[other] = action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="internvl-edge", description="Convert InternVL3 checkpoints and chat with them on edge hardware.")
+    parser = Parser(prog="internvl-edge", description="Convert InternVL3 checkpoints and chat with them on edge hardware.")
     parser.add_argument("--version", action="version", version=f"internvl-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         importlib.import_module(f".{module}", __name__).add_arguments(p)
+        add_spelling_aliases(p)
     return parser
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 import sys
 
+from ..convert import QUANTIZE_MODES
 from ..errors import UserError
 from ..progress import Progress
+from .common import int_at_least
 
 
 def add_arguments(p) -> None:
     p.add_argument("--dir", default="internvl-edge-demo", help="working folder (default ./internvl-edge-demo)")
-    p.add_argument("-p", "--prompt", default="Describe the image.", help="the question")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=48)
-    p.add_argument("-q", "--quantize", default="w4bf16", help="conversion precision (default w4bf16)")
+    p.add_argument("-p", "--prompt", default="Describe the image.", help="the question (default: Describe the image.)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int_at_least(1), default=48,
+                   help="length of the answer (default 48)")
+    p.add_argument("-q", "--quantize", default="w4bf16", choices=QUANTIZE_MODES, help="conversion precision (default w4bf16)")
 
 
 def draw_picture(path: str) -> None:

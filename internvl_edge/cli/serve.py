@@ -19,15 +19,15 @@ import socket
 import sys
 
 from ..errors import UserError
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, int_at_least, load_model
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together in one batch (default 4)")
-    p.add_argument("--max-queue", dest="max_queue", type=int, default=64,
+    p.add_argument("--port", type=int_at_least(0), default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--parallel", type=int_at_least(1), default=4, help="sequences decoded together in one batch (default 4)")
+    p.add_argument("--max-queue", dest="max_queue", type=int_at_least(0), default=64,
                    help="requests that may wait for a free slot; beyond it 429 (default 64)")  # fmt: skip
     p.add_argument("--api-key", dest="api_key", default=os.environ.get("INTERNVL_EDGE_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $INTERNVL_EDGE_API_KEY, else none)")  # fmt: skip

@@ -12,9 +12,9 @@ from ..sophgo import toolchain
 
 def add_arguments(p) -> None:
     p.add_argument("action", choices=("install", "info"), help="install: fetch and prepare TPU-MLIR; info: what is found")
-    p.add_argument("--tpu-mlir", dest="tpu_mlir", default=None, help="an existing TPU-MLIR tpu_mlir folder to check (info)")
+    p.add_argument("--tpu-mlir", dest="tpu_mlir", default=None, help="an existing TPU-MLIR tpu_mlir folder to check (info; default: TPUC_ROOT, then the installed copy)")
     p.add_argument("--force", action="store_true", help="install again even if a working copy is there")
-    p.add_argument("--wheel", default=None, help=f"install from this {toolchain.WHEEL} instead of downloading it")
+    p.add_argument("--wheel", default=None, help=f"install from this {toolchain.WHEEL} instead of downloading it (default: download)")
     p.add_argument("--json", action="store_true", help="info as one JSON object")
 
 
