@@ -349,7 +349,8 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
                   "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
                   "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"],
                   "q4_kernel": getattr(model.backend, "q4_kernel", None),
-                  "attention_kernel": getattr(model.backend, "attention_kernel", None)}  # fmt: skip
+                  "attention_kernel": getattr(model.backend, "attention_kernel", None),
+                  "verification": model.manifest.verification or None}  # fmt: skip
     res.weight_bytes = model.manifest.weight_bytes
     seq = model.seq_length
 

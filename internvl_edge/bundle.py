@@ -38,6 +38,9 @@ class Manifest:
     model: dict
     nets: dict
     files: dict = field(default_factory=dict)
+    # `convert --verify`'s summary (verify.py); the manifest is outside the checksummed files, so adding
+    # it later leaves every checksum true
+    verification: dict = field(default_factory=dict)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
     created_by: str = f"internvl-edge {__version__}"
@@ -128,6 +131,15 @@ def finish(tmp: str, manifest: Manifest, out_dir: str) -> None:
         os.rename(tmp, out_dir)
 
 
+def write_manifest(manifest: Manifest) -> None:
+    """Rewrite a finished bundle's manifest in place (temporary file, then rename)."""
+    path = os.path.join(manifest.path, MANIFEST)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+    os.replace(tmp, path)
+
+
 # -- loading ----------------------------------------------------------------------------------------
 def user_cache_dir() -> str:
     """The user's cache folder for this project (XDG's rule): verified-bundle stamps, the ORT graph
@@ -188,7 +200,8 @@ def load_manifest(path: str, verify: bool = True) -> Manifest:
         raise UserError(f"bundle format version {version!r} is not supported (this internvl-edge reads {FORMAT_VERSION}); convert again")
     try:
         m = Manifest(**{k: raw[k] for k in ("source", "target", "options", "model", "nets", "files")},
-                     created_by=raw.get("created_by", ""), created_at=raw.get("created_at", ""))  # fmt: skip
+                     created_by=raw.get("created_by", ""), created_at=raw.get("created_at", ""),
+                     verification=raw.get("verification") or {})  # fmt: skip
     except (KeyError, TypeError) as e:
         raise UserError(f"{mpath} lacks {e}; convert again") from None
     m.path = os.path.abspath(path)

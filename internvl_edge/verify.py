@@ -100,10 +100,19 @@ def _public(figures: dict) -> dict:
 
 # -- probes --------------------------------------------------------------------------------------------
 def build_probes(model, specs: list[ProbeSpec], steps: int, max_tiles: int | None) -> list[Probe]:
+    """The probes as prompt ids and tiles. A built-in probe that does not fit the bundle's context
+    with `steps` answer tokens gets fewer tiles (or is left out); the user's own are refused."""
     probes = []
     for spec in specs:
-        media = model.images_to_media(spec.images, max_tiles)
-        ids = model.tokenize(model.question(spec.question, media), media)
+        tiles = max_tiles or model.max_tiles
+        while True:
+            media = model.images_to_media(spec.images, tiles)
+            ids = model.tokenize(model.question(spec.question, media), media)
+            if not spec.builtin or len(ids) + steps <= model.seq_length or tiles == 1:
+                break
+            tiles -= 1
+        if spec.builtin and len(ids) + steps > model.seq_length:
+            continue
         if len(ids) + steps > model.seq_length:
             raise UserError(f"probe {spec.name!r} has {len(ids)} prompt tokens; with --steps {steps} it does "
                             f"not fit the bundle's seq_length {model.seq_length} (use fewer --steps or --max-tiles)")
@@ -240,6 +249,8 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
     if not specs:
         raise UserError("no probes: give --image or --prompts, or keep the built-in probes")
     probes = build_probes(model, specs, steps, max_tiles)
+    if not probes:
+        raise UserError(f"no probe fits the bundle's seq_length {model.seq_length} with --steps {steps}; use fewer --steps")
 
     progress.step(f"reference ({reference}), {len(probes)} probes x {steps} tokens")
     if reference == "transformers":
@@ -327,6 +338,28 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         "vision": vision, "decoder": {"probes": [_public(p) for p in per_probe], "summary": decoder},
         "attribution": attribution, "advice": advice, "summary": summary,
     }  # fmt: skip
+
+
+def record(bundle: str, report: dict) -> dict:
+    """Store the report's summary (and the attribution's headline figures) in the bundle's manifest,
+    which the checksums do not cover: every file stays as converted."""
+    import time
+
+    from .bundle import write_manifest
+
+    m = load_manifest(bundle, verify=False)
+    keys = ("undone", "flag", "option_in_use", "top1_agreement", "kl_mean")
+    m.verification = {**report["summary"], "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "attribution": [{k: a[k] for k in keys} for a in report["attribution"]]}  # fmt: skip
+    write_manifest(m)
+    return m.verification
+
+
+def summary_line(s: dict) -> str:
+    vision = "" if s.get("vision_cosine_min") is None else f", vision cosine min {s['vision_cosine_min']:.4f}"
+    advice = f"; {s['advice']}" if s.get("advice") else ""
+    return (f"verify: top-1 agreement {100 * s['top1_agreement']:.1f}%, KL mean {s['kl_mean']:.4f} "
+            f"max {s['kl_max']:.4f}{vision} ({s['probes']} probes x {s['steps']} tokens){advice}")
 
 
 def _lm_head_input_of(manifest: Manifest) -> str:

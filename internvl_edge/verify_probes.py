@@ -20,6 +20,7 @@ class ProbeSpec:
     name: str
     question: str
     images: list  # PIL images or paths
+    builtin: bool = True
 
 
 def _font(size: int):
@@ -87,8 +88,8 @@ def user_probes(images: list[str], prompts: list[str]) -> list[ProbeSpec]:
     """Each of the user's images asked the first of their prompts (or "Describe the image."); every
     prompt also asked alone, so the decoder is checked on the user's own wording."""
     question = prompts[0] if prompts else "Describe the image."
-    out = [ProbeSpec(f"image {i + 1}", question, [path]) for i, path in enumerate(images)]
-    out += [ProbeSpec(f"prompt {i + 1}", p, []) for i, p in enumerate(prompts)]
+    out = [ProbeSpec(f"image {i + 1}", question, [path], builtin=False) for i, path in enumerate(images)]
+    out += [ProbeSpec(f"prompt {i + 1}", p, [], builtin=False) for i, p in enumerate(prompts)]
     return out
 
 

@@ -137,3 +137,18 @@ def test_checkpoint_that_is_not_the_source_is_refused(checkpoint, bundle, workdi
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "pass the bundle's source checkpoint" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_convert_verify_stores_the_summary_and_checksums_hold(checkpoint, workdir, capsys):
+    out = str(workdir / "bundle_convert_verify")
+    assert cli(["convert", "-m", checkpoint("tiny_bf16"), "-q", "f32", "-s", "512", "--out_dir", out, "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify: top-1 agreement 100.0%" in printed
+    m = bundle_files.load_manifest(out, verify=True)  # every file's size and SHA-256 still as recorded
+    assert m.files == bundle_files.file_table(out)
+    v = m.verification
+    assert v["top1_agreement"] == 1.0 and v["kl_max"] < 1e-6 and v["probes"] == 5 and v["steps"] == 16
+    assert {a["undone"] for a in v["attribution"]} == {"float lm_head", "float vision encoder"}
+    assert cli(["run", "-m", out, "-p", "Hi", "--max-new-tokens", "2", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)["bundle"]
+    assert facts["verification"] == v

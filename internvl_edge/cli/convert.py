@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..bundle import MANIFEST
 from ..convert import CHIPS, QUANTIZE_MODES, ConvertOptions, convert
@@ -40,6 +41,9 @@ def add_arguments(p) -> None:
                    help="4-bit matmuls: 4 quantises activations to int8 (fast, default), 1 keeps them float32 (exact)")
     p.add_argument("--tpu-mlir", dest="tpu_mlir", default=None,
                    help="Sophgo targets: TPU-MLIR's tpu_mlir folder (default: TPUC_ROOT, then `internvl-edge toolchain install`'s copy)")
+    p.add_argument("--verify", action="store_true",
+                   help="after converting, run `internvl-edge verify` against the checkpoint and store its summary "
+                        "in the manifest (shown by run --json and bench)")  # fmt: skip
     p.add_argument("--vision-bits", dest="vision_bits", type=int, default=0, choices=(0, 8), help="8: quantise the vision encoder's linears to 8 bits (default 0: as the checkpoint)")
 
 
@@ -71,9 +75,16 @@ def main(args) -> int:
     if manifest.target.get("bmodel"):
         mb = manifest.files[manifest.target["bmodel"]]["bytes"] / 1e6
         print(f"wrote {manifest.path} ({manifest.target['bmodel']}, {mb:.1f} MB)")
-        return 0
-    mb = manifest.weight_bytes / 1e6
-    shapes = "dynamic" if opts.dynamic else "static"
-    print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {shapes} shapes, "
-          f"{mb:.1f} MB of weights)")
+    else:
+        mb = manifest.weight_bytes / 1e6
+        shapes = "dynamic" if opts.dynamic else "static"
+        print(f"wrote {manifest.path} ({opts.quantize}, seq_length {opts.seq_length}, {shapes} shapes, "
+              f"{mb:.1f} MB of weights)")
+    if args.verify:
+        from ..verify import record, summary_line, verify
+
+        sys.stdout.flush()
+        report = verify(manifest.path, opts.model_path)
+        record(manifest.path, report)
+        print(summary_line(report["summary"]))
     return 0

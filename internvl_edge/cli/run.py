@@ -93,6 +93,8 @@ def main(args) -> int:
                         "vision_s": result.stats.vision_s},
             "usage": {"prompt_tokens": result.stats.prompt_tokens, "completion_tokens": len(result.token_ids)},
             "backend": model.backend.describe(),
+            "bundle": {"path": model.manifest.path, "quantize": model.manifest.options.get("quantize"),
+                       "verification": model.manifest.verification or None},  # convert --verify's summary
         }  # fmt: skip
         if video:
             out["video_frames"] = frames
