@@ -247,6 +247,8 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
         finally:
             if out.handle is not None and not streaming:
                 out.handle.cancel()  # a no-op once finished; frees the slot if this handler failed or was cancelled
+            if not streaming:
+                requests.discard(out)  # ended, logged or not (a bug's 500): a drain must not wait for it
 
     async def submit(req: ChatRequest, out: Outcome) -> Handle:
         if req.model and req.model != settings.model_name:
