@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -29,10 +31,11 @@ with warnings.catch_warnings():  # Serve's pydantic models warn on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from ray import cloudpickle, serve
 
-    from internvl_edge.server.ray_app import EngineReplica, RaySettings, build_app
+    from internvl_edge.server.ray_app import EngineReplica, RaySettings, build_app, builder
 from test_server import cli_run_json, data_url, user
 
 from internvl_edge.api import load
+from internvl_edge.errors import UserError
 
 pytestmark = pytest.mark.slow
 KEY = "sk-ray-key"
@@ -265,3 +268,67 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(app):
     for _ in range(4):
         resp = app.client().chat.completions.create(model=NAME, messages=user("Hi again"), max_tokens=4)
         assert resp.choices[0].finish_reason == "length"
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "internvl_edge", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=kw.pop("timeout", 120), **kw)  # fmt: skip
+
+
+def test_ray_config_writes_what_the_builder_takes(greedy_bundle, tmp_path):
+    import yaml
+    from ray.serve import Application
+
+    out = tmp_path / "serve.yaml"
+    proc = cli("ray-config", "-m", greedy_bundle, "--replicas", 2, "--threads", 1, "--parallel", 2, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(out.read_text())
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    assert app["import_path"] == "internvl_edge.server.ray_app:builder" and app["route_prefix"] == "/"
+    assert app["args"] == {"bundle": os.path.abspath(greedy_bundle), "replicas": 2, "parallel": 2,
+                           "served_model_name": os.path.basename(greedy_bundle)}  # fmt: skip
+    assert isinstance(builder(app["args"]), Application)
+    with pytest.raises(UserError, match="unknown application argument 'replica'"):
+        builder({"bundle": greedy_bundle, "replica": "2"})
+    with pytest.raises(UserError, match="not a whole number"):
+        builder({"bundle": greedy_bundle, "replicas": "two"})
+    proc = cli("ray-config", "-m", greedy_bundle, "--replicas", 2, "--min-replicas", 1, "-o", out)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: give either a fixed number of replicas or min/max replicas for autoscaling, not both"]  # fmt: skip
+
+
+def test_serve_ray_a_missing_bundle_is_one_line(tmp_path):
+    proc = cli("serve", "-m", tmp_path / "nowhere", "--ray", "--replicas", 2, "--port", free_port())
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: bundle not found: {tmp_path / 'nowhere'}"
+    ]
+
+
+def test_serve_ray_starts_a_local_ray_serves_and_stops(greedy_bundle):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", "--replicas", "1",
+                             "--threads", "1", "--port", str(port), "--api-key", KEY, "--served-model-name", NAME],
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert lines and lines[-1].startswith(f"serving {NAME} on http://127.0.0.1:{port}/v1 on Ray Serve"), lines
+        served = App(f"http://127.0.0.1:{port}", "cli")
+        h = served.wait_for(lambda h: len(h.get("replicas", [])) == 1)
+        assert h["replicas"][0]["node"] == "127.0.0.1"
+        resp = served.client().chat.completions.create(model=NAME, messages=user("Hi"), max_tokens=3)
+        assert resp.choices[0].finish_reason == "length"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

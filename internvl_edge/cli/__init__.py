@@ -21,6 +21,7 @@ COMMANDS = {
     "run": ("run", "answer one question (optionally about images or a video)"),
     "chat": ("chat", "interactive chat, as the seed's pipeline.py"),
     "serve": ("serve", "serve a bundle over an OpenAI-compatible HTTP API, many clients at once"),
+    "ray-config": ("ray_config", "write a Ray Serve config file (serve deploy) for serving a bundle on a Ray cluster"),
     "bench": ("bench", "measure load, vision, prefill, decode, first-token latency, memory and the roofline"),
     "verify": ("verify", "measure what the bundle's quantisation costs against its source checkpoint in float32"),
     "toolchain": ("toolchain", "install or show TPU-MLIR, the compiler and chip simulator of the Sophgo targets"),

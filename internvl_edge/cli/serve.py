@@ -20,6 +20,7 @@ import sys
 
 from ..errors import UserError
 from .common import add_model_arguments, int_at_least, load_model
+from .ray_serve import add_ray_arguments
 
 
 def add_arguments(p) -> None:
@@ -42,6 +43,7 @@ def add_arguments(p) -> None:
                         "ended with an error (default 30)")  # fmt: skip
     p.add_argument("--served-model-name", dest="served_model_name", default=None,
                    help="the model id clients send (default: the bundle folder's name)")  # fmt: skip
+    add_ray_arguments(p, serving=True)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -118,6 +120,12 @@ def main(args) -> int:
         raise UserError("--drain-timeout must be 0 or more seconds")
     if args.parallel < 1 or args.max_queue < 0:  # checked before the model's load, not after it
         raise UserError("--parallel must be at least 1 and --max-queue 0 or more")
+    if args.ray:
+        from . import ray_serve
+
+        return ray_serve.main(args)
+    if args.ray_address or args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        raise UserError("--ray-address, --replicas, --min-replicas and --max-replicas need --ray")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     sock = listen(args.host, args.port)  # a busy port is told before the model's load too
     model = load_model(args)
