@@ -34,6 +34,7 @@ from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, 
 from .media import dynamic_preprocess, normalize, preprocess
 from .messages import Conversation, parse_messages, resolve_image, resolve_video
 from .prompt import Template, expand_images, get_template, with_media_tags
+from .reuse import DEFAULT_IMAGE_CACHE_MB, DEFAULT_PREFIX_CACHE_MB, ImageCache, PrefixCache, image_key
 from .runtime import open_backend
 from .sampling import (
     DEFAULT_REPETITION_PENALTY,
@@ -71,7 +72,8 @@ def _generation_defaults(config_dir: str) -> dict:
 class Model:
     """A loaded bundle: its backend, tokenizer and chat template."""
 
-    def __init__(self, manifest: Manifest, backend, tokenizer: TextTokenizer, config_dir: str):
+    def __init__(self, manifest: Manifest, backend, tokenizer: TextTokenizer, config_dir: str,
+                 image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):  # fmt: skip
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -82,6 +84,19 @@ class Model:
         self.max_tiles = int(manifest.options.get("max_tiles", 4))
         self.seq_length = int(manifest.options["seq_length"])
         self.generation_defaults = _generation_defaults(config_dir)
+        # reuse within this process (reuse.py); a budget of 0 turns a cache off. Prefix reuse needs a
+        # backend that can read and write a slot's KV rows (the KV of a Sophgo bmodel stays on the chip)
+        self.image_cache = ImageCache(int(image_cache_mb * 2**20))
+        can_copy_rows = hasattr(backend, "read_rows") and hasattr(backend, "write_rows")
+        self.prefix_cache = None
+        if can_copy_rows and prefix_cache_mb > 0:
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), backend.row_bytes)
+
+    def clear_caches(self) -> None:
+        """Forget every cached image embedding and prompt prefix (the next request runs cold)."""
+        self.image_cache.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     # -- requests ----------------------------------------------------------------------------------
     def images_to_media(self, images: Sequence = (), max_tiles: int | None = None) -> Media:
@@ -161,18 +176,37 @@ class Model:
         ids = self.tokenize(text_or_ids, media) if isinstance(text_or_ids, str) else list(text_or_ids)
         self.check_fits(len(ids), media, self.seq_length if room is None else room)
         embeds = self.backend.embed(np.asarray([ids], np.int64))[0]
+        key = np.asarray(ids, np.int64)
         vision_s = 0.0
         if media.pixel_values is not None:
-            t0 = time.perf_counter()
-            image_embeds = self.backend.encode_images(media.pixel_values)
-            vision_s = time.perf_counter() - t0
-            rows = np.flatnonzero(np.asarray(ids) == self.tokens["img_context"])
-            flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+            per_image, keys, vision_s = self.encode_media(media)
+            rows = np.flatnonzero(key == self.tokens["img_context"])
+            flat = np.concatenate([e.reshape(-1, e.shape[-1]) for e in per_image])
             if len(rows) != len(flat):
                 raise UserError(f"the prompt has {len(rows)} image positions for {len(flat)} image embeddings")
             embeds = np.array(embeds, copy=True)
             embeds[rows] = flat
-        return PreparedPrompt(ids, embeds, vision_s, int(sum(media.tiles_per_image)), started)
+            key[rows] = np.repeat(keys, [len(e.reshape(-1, e.shape[-1])) for e in per_image])
+        return PreparedPrompt(ids, embeds, vision_s, int(sum(media.tiles_per_image)), started, key=key)
+
+    def encode_media(self, media: Media) -> tuple[list[np.ndarray], list[int], float]:
+        """Each image's (or frame's) embeddings, from the image cache when its tiles were seen before, else
+        from the vision encoder, one image per call (so an image's embeddings never depend on what else
+        the request holds). Returns them, the images' content keys and the vision encoder's seconds."""
+        per_image, keys, seconds, start = [], [], 0.0, 0
+        for n in media.tiles_per_image:
+            pixels = media.pixel_values[start : start + n]
+            start += n
+            key = image_key(pixels)
+            embeds = self.image_cache.get(key)
+            if embeds is None:
+                t0 = time.perf_counter()
+                embeds = self.backend.encode_images(pixels)
+                seconds += time.perf_counter() - t0
+                self.image_cache.put(key, embeds)
+            per_image.append(embeds)
+            keys.append(key)
+        return per_image, keys, seconds
 
     def check_fits(self, n_tokens: int, media: Media, room: int) -> None:
         """Refuse (UserError, saying what to change) a prompt that leaves no room for an answer."""
@@ -325,7 +359,7 @@ class Model:
         ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
         prepared = self.prepare(ids, media, started=started)
         cache = self.backend.new_cache(1)
-        yield from stream(self.backend, self.tokenizer, cache, prepared, cfg)
+        yield from stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache)
 
     def generate(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
                  max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
@@ -339,7 +373,7 @@ class Model:
         ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
         prepared = self.prepare(ids, media, started=started)
         cache = self.backend.new_cache(1)
-        return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg), prepared.input_ids)
+        return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache), prepared.input_ids)
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
@@ -389,7 +423,7 @@ class ChatSession:
         prepared = model.prepare(ids, media, room=self._room(), started=started)
         self.turns += 1
         last, finish = None, None
-        for chunk in stream(model.backend, model.tokenizer, self.cache, prepared, cfg):
+        for chunk in stream(model.backend, model.tokenizer, self.cache, prepared, cfg, model.prefix_cache):
             last = chunk.token_ids[-1] if chunk.token_ids else last
             finish = chunk.finish_reason or finish
             yield chunk
@@ -414,13 +448,15 @@ class ChatSession:
 
 
 def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None,
-         verify: bool = True, log=None, edits=None) -> Model:  # fmt: skip
+         verify: bool = True, log=None, edits=None, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> Model:  # fmt: skip
     """Open a bundle folder written by `internvl-edge convert`. `edits` ({net: function(ModelProto)})
-    change nets in memory before they load (`internvl-edge verify` uses it)."""
+    change nets in memory before they load (`internvl-edge verify` uses it). `image_cache_mb` and
+    `prefix_cache_mb` bound what the model keeps for reuse (reuse.py; 0 turns that cache off)."""
     manifest = load_manifest(bundle, verify=verify)
     config_dir = config_path or manifest.config_dir
     if not os.path.isdir(config_dir):
         raise UserError(f"config folder not found: {config_dir}")
     tokenizer = TextTokenizer(config_dir)
     backend = open_backend(manifest, threads=threads, devid=device, log=log, edits=edits)
-    return Model(manifest, backend, tokenizer, config_dir)
+    return Model(manifest, backend, tokenizer, config_dir, image_cache_mb, prefix_cache_mb)

@@ -272,12 +272,18 @@ def paired_fraction(pairs: list[list[float]], bytes_per_token: int, probe_bytes:
     return (bytes_per_token / decoding) / (probe_bytes / reading) if decoding > 0 and reading > 0 else 0.0
 
 
-def time_ftl(model: Model, image, repeats: int) -> float:
-    question = " ".join(["word"] * FTL_TEXT_TOKENS)
+def time_ftl(model: Model, image, repeats: int, warm: str = "") -> float:
+    """First-token latency of a ~40-word question (with one tile of `image`). Cold (`warm` empty): the
+    model's image and prefix caches emptied before every request. "repeat": the same request again
+    (its image embeddings and whole prompt cached). "new question": the same image with another
+    question each time (the image's embeddings and the KV of the system prompt and image cached)."""
     kw = {"images": [image], "max_tiles": 1} if image is not None else {}
     times = []
     for r in range(repeats + 1):
-        result = model.generate(question, max_new_tokens=1, **kw)
+        words = [f"q{r}" if warm == "new question" else "word"] + ["word"] * (FTL_TEXT_TOKENS - 1)
+        if not warm:
+            model.clear_caches()
+        result = model.generate(" ".join(words), max_new_tokens=1, **kw)
         if r:
             times.append(result.stats.ftl_s)
     return _median(times)
@@ -378,9 +384,12 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     progress.step("first-token latency")
     picture = Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8))
     skipped = []
-    for case, image in (("text", None), ("1 tile + 40 tokens", picture)):
+    cases = (("text", None, ""), ("1 tile + 40 tokens", picture, ""),
+             ("1 tile + 40 tokens, repeated", picture, "repeat"),
+             ("1 tile + 40 tokens, same image, new question", picture, "new question"))  # fmt: skip
+    for case, image, warm in cases:
         try:
-            res.ftl_s[case] = time_ftl(model, image, repeats)
+            res.ftl_s[case] = time_ftl(model, image, repeats, warm)
         except UserError as e:  # a small bundle's context may not hold the case's prompt
             skipped.append(f"{case} skipped: {e}")
     progress.done("; ".join(skipped))

@@ -1,6 +1,7 @@
 """The token loop: prefill -> per-token rules -> stream of text pieces -> collect.
 
     prefill()           feed a prompt's embeddings into one cache slot, in chunks of max_input_length
+    prefill_prompt()    the same for a prepared prompt, reusing a stored prefix's KV rows (reuse.py)
     SequenceDecoding    one sequence's per-token rules (pick, stop tokens and strings, lengths, UTF-8-safe
                         text, timings); the server's engine drives many of these in one batch
     stream()            one sequence end to end: yields Chunk, the last with finish_reason and Stats
@@ -51,6 +52,8 @@ class PreparedPrompt:
     vision_s: float = 0.0
     num_tiles: int = 0
     started: float = field(default_factory=time.perf_counter)
+    key: np.ndarray | None = None  # reuse.py's prefix key (image positions named by their image's hash)
+    cached_tokens: int = 0  # prompt tokens whose KV rows came from the prefix cache
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Stats:
     vision_s: float = 0.0
     ftl_s: float = 0.0
     decode_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens not prefilled: their KV rows were reused
 
     @property
     def decode_tps(self) -> float:
@@ -105,6 +109,51 @@ def prefill(backend, cache: KVCache, embeds: np.ndarray, slot: int = 0) -> np.nd
     return logits[slot]
 
 
+def prefill_spans(length: int, start: int, step: int) -> list[tuple[int, int]]:
+    """The calls that prefill rows start..length of a prompt whose whole prefill runs calls of `step`
+    rows from row 0: up to the next multiple of `step`, then whole calls. After a reused prefix every
+    row is then computed in a call laid out as without reuse (reuse.reusable's rule)."""
+    spans, boundary = [], min(-(-start // step) * step, length)
+    if start < boundary:
+        spans.append((start, boundary))
+    spans += [(a, min(a + step, length)) for a in range(boundary, length, step)]
+    return spans
+
+
+def reuse_prefix(backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, step: int) -> np.ndarray | None:
+    """With a reuse.PrefixCache and an empty slot: the stored rows of the prompt's longest stored prefix
+    copied into the slot (prompt.cached_tokens says how many); the logits after the prompt when all of
+    it was stored, else None."""
+    prompt.cached_tokens = 0
+    if prefixes is None or prompt.key is None or int(cache.lengths[slot]):
+        return None
+    prompt.cached_tokens, logits = prefixes.restore(backend, cache, slot, prompt.key, step)
+    return logits
+
+
+def keep_prefix(backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, logits: np.ndarray) -> None:
+    """Store a prompt just prefilled from an empty slot (see reuse_prefix)."""
+    if prefixes is not None and prompt.key is not None and int(cache.lengths[slot]) == len(prompt.key):
+        prefixes.store(backend, cache, slot, prompt.key, logits)
+
+
+def prefill_prompt(backend, cache: KVCache, prompt: PreparedPrompt, slot: int = 0, prefixes=None) -> np.ndarray:
+    """`prefill` of a prepared prompt into a slot (empty, or after history). With a reuse.PrefixCache,
+    an empty slot first takes the KV rows of the longest stored prefix of the prompt (or all of them
+    and the logits, for a prompt seen before) and prefills only the rest; the prompt is then stored.
+    Returns the logits row after the prompt (the cache's own buffer, or a stored copy)."""
+    step = backend.max_input_length
+    fresh = int(cache.lengths[slot]) == 0
+    logits = reuse_prefix(backend, cache, prompt, slot, prefixes, step)
+    if logits is not None:
+        return logits
+    for a, b in prefill_spans(len(prompt.embeds), prompt.cached_tokens, step):
+        logits = prefill(backend, cache, prompt.embeds[a:b], slot)
+    if fresh:
+        keep_prefix(backend, cache, prompt, slot, prefixes, logits)
+    return logits
+
+
 def select(backend, logits: np.ndarray, seen: list[int], cfg: GenerationConfig, rng) -> int:
     if cfg.samples:
         probs, ids = backend.sample(logits[None, :], np.asarray([seen], np.int64), cfg.sampling)
@@ -131,7 +180,8 @@ class SequenceDecoding:
 
     def __init__(self, tokenizer: TextTokenizer, cfg: GenerationConfig, prompt: PreparedPrompt):
         self.cfg, self.started = cfg, prompt.started
-        self.stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s)
+        self.stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s,
+                           cached_tokens=prompt.cached_tokens)  # fmt: skip
         self.rng = np.random.default_rng(cfg.seed)
         self.seen = list(prompt.input_ids)  # the repetition penalty covers the whole turn
         self.samples = cfg.samples
@@ -186,9 +236,11 @@ class SequenceDecoding:
         return Chunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
 
 
-def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig) -> Iterator[Chunk]:
-    """Prefill one sequence (slot 0), then decode it token by token: text pieces as they become
-    printable; the last chunk carries the finish reason and stats. The cache keeps every fed token."""
+def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig,
+           prefixes=None) -> Iterator[Chunk]:  # fmt: skip
+    """Prefill one sequence (slot 0; reusing `prefixes`' rows, see prefill_prompt), then decode it token
+    by token: text pieces as they become printable; the last chunk carries the finish reason and stats.
+    The cache keeps every fed token."""
     if cfg.do_sample and not getattr(backend, "can_sample", False):
         raise UserError(NO_SAMPLING)
     room = cache.capacity - int(cache.lengths[0])
@@ -197,8 +249,8 @@ def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPr
             f"the prompt has {len(prompt.input_ids)} tokens but only {room - 1} fit before the bundle's "
             f"seq_length {cache.capacity}; shorten it, use fewer tiles, or convert with a larger -s"
         )
+    logits = prefill_prompt(backend, cache, prompt, prefixes=prefixes)
     seq = SequenceDecoding(tokenizer, cfg, prompt)
-    logits = prefill(backend, cache, prompt.embeds)
     while True:
         yield from seq.accept(seq.pick(backend, logits), logits, int(cache.lengths[0]), cache.capacity)
         if seq.done:

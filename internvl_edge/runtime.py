@@ -7,6 +7,9 @@ behind the same methods):
     embed(input_ids [B, S]) -> embeddings [B, S, hidden]
     new_cache(batch) -> KVCache            one slot per sequence, each with its own cached length
     copy_slot(src, i, dst, j)              copy sequence i of one cache into slot j of another
+    read_rows(cache, i, n) -> rows         a copy of the first n cached rows of sequence i (optional:
+    write_rows(cache, i, rows, n)          prefix reuse, reuse.PrefixCache) and back into a slot, whose
+                                           length becomes n; row_bytes: their bytes per token
     forward(cache, embeds [B, S, hidden], query_lens [B]) -> logits [B, vocab]
         appends query_lens[b] rows of embeds[b] to slot b and returns the logits after its last row;
         a slot with query_lens[b] == 0 is idle and its row is meaningless. The returned array belongs
@@ -298,6 +301,21 @@ class OrtBackend:
         for a, b in zip(src.buffers, dst.buffers):
             b[dst_slot, :, :n] = a[src_slot, :, :n]
         dst.lengths[dst_slot] = n
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's KV rows, all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 4
+
+    def read_rows(self, cache: KVCache, slot: int, n: int) -> list[np.ndarray]:
+        """A copy of the first n cached rows of one sequence: per layer K and V, [kv_heads, n, head_dim]."""
+        return [b[slot, :, :n].copy() for b in cache.buffers]
+
+    def write_rows(self, cache: KVCache, slot: int, rows: list[np.ndarray], n: int) -> None:
+        """The first n of `rows` (read_rows') into a slot, which then holds exactly them."""
+        for b, r in zip(cache.buffers, rows):
+            b[slot, :, :n] = r[:, :n]
+        cache.lengths[slot] = n
 
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
         query_lens = checked_query_lens(self, cache, embeds, query_lens)

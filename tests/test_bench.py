@@ -23,7 +23,8 @@ def test_bench_reports_every_figure(bundle):
     assert r["load_s"] > 0 and r["vision_s_per_tile"] > 0
     assert set(r["prefill_tps"]) == {"64", "256"} and all(v > 0 for v in r["prefill_tps"].values())
     assert set(r["decode_tps"]) == {"300"} and r["decode_overhead_ms"]["300"] >= 0
-    assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens"}
+    assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens", "1 tile + 40 tokens, repeated",
+                               "1 tile + 40 tokens, same image, new question"}
     assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
     pairs = r["decode_pairs"]["300"]  # 2 x --decode-tokens steps, each paired with the read after it
     assert len(pairs) == 8 and all(step > 0 and gbs > 1 for step, gbs in pairs) and r["probe_bytes"] >= 2**28

@@ -129,3 +129,16 @@ def test_teacher_forced_against_reference(ckpt, quant, options, media, checkpoin
     assert agree[decisive].all()
     assert decisive.mean() >= 0.4, decisive.mean()  # the check above is not vacuous
     assert agree.mean() >= 0.85, agree.mean()
+
+
+def test_f32_bundle_with_warm_caches_equals_reference(checkpoint, bundle, images):
+    """A question asked after another about the same pictures (their embeddings from the image cache,
+    the system prompt and images' KV rows from the prefix cache) still gives the reference's tokens."""
+    paths = [images["wide"], images["tall"]]
+    ids, pv = reference_inputs(checkpoint("tiny_bf16"), paths)
+    ref_tokens, _ = greedy(reference(checkpoint("tiny_bf16")), ids, pv, STEPS)
+    model = load(bundle("tiny_bf16", "f32"))
+    model.generate("What is shown?", images=paths, max_new_tokens=1)
+    ours = model.generate(QUESTION, images=paths, max_new_tokens=STEPS, ignore_eos=True)
+    assert ours.stats.cached_tokens > 5 * 256 and ours.stats.vision_s == 0
+    assert ours.prompt_token_ids == ids and ours.token_ids == ref_tokens

@@ -170,6 +170,21 @@ def test_openai_client_streaming_with_usage(served, reference, images):
     assert text == expected.text and chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
 
 
+def test_requests_share_the_prefix_and_image_caches(served, reference, images):
+    """A second request with the system prompt and image of an earlier one prefills only what follows
+    them (usage.prompt_tokens_details.cached_tokens) and skips the vision encoder, with the same tokens."""
+    def ask(question):
+        messages = [{"role": "system", "content": "Answer in one word."}] + user(question, data_url(images["tall"]))
+        resp = served.client().chat.completions.create(model=NAME, messages=messages, max_tokens=6,
+                                                       extra_body={"return_token_ids": True})  # fmt: skip
+        assert resp.choices[0].token_ids == reference.generate(messages=messages, max_new_tokens=6).token_ids
+        return resp
+
+    first, second = ask("What is it?"), ask("Which colour dominates in this picture?")
+    assert first.usage.prompt_tokens_details.cached_tokens < 256 and first.timings["vision_s"] > 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 256 and second.timings["vision_s"] == 0
+
+
 def test_raw_stream_is_sse_ending_in_done(served):
     body = {"model": NAME, "messages": user("Hi"), "max_tokens": 4, "stream": True}
     with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,

@@ -200,7 +200,10 @@ static inline __attribute__((always_inline)) void Q4_NAME(columns)(const q4_prob
                                                                    int64_t n_lo, int64_t n_hi)
 {
 #ifdef Q4_PREFILL_TILE16
-    if (p->blocks && r_hi - r_lo >= 8) { /* from 8 rows on (fewer: the gathers cost more than they save) */
+    /* from 8 rows on (fewer: the gathers cost more than they save), counted over the whole problem and
+     * not this task's share, so that a row's result does not depend on how the rows were split into
+     * tasks: a prefill that starts after a reused prefix (reuse.py) computes the rows a whole one does */
+    if (p->blocks && p->m >= 8) {
         for (; n_lo + 16 <= n_hi && n_lo + 16 <= p->n / 8 * 8; n_lo += 16)
             Q4_PREFILL_TILE16(p, r_lo, r_hi, n_lo);
     }

@@ -301,7 +301,8 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                   "logprobs": logprobs_body(req, ids, chosen, tops), "finish_reason": item.finish_reason}  # fmt: skip
         body = {"id": out.id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
-                "choices": [choice], "usage": usage(out.prompt_tokens, len(ids)), "timings": timings(out)}  # fmt: skip
+                "choices": [choice], "usage": usage(out.prompt_tokens, len(ids), item.stats.cached_tokens),
+                "timings": timings(out)}  # fmt: skip
         if req.return_token_ids:
             choice["token_ids"] = ids
             body["prompt_token_ids"] = handle.job.input_ids
@@ -343,7 +344,8 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
         out.finish, out.stats = item.finish_reason, item.stats
         yield event({}, item.finish_reason, timings=timings(out))
         if req.include_usage:
-            yield sse({**base, "choices": [], "usage": usage(out.prompt_tokens, out.completion_tokens)})
+            yield sse({**base, "choices": [], "usage": usage(out.prompt_tokens, out.completion_tokens,
+                                                                out.stats.cached_tokens)})
         yield sse("[DONE]")
 
     def timings(out: Outcome) -> dict:

@@ -41,7 +41,15 @@ import numpy as np
 
 from ..api import Media, Model
 from ..errors import UserError
-from ..generate import GenerationConfig, PreparedPrompt, SequenceDecoding, prefill
+from ..generate import (
+    GenerationConfig,
+    PreparedPrompt,
+    SequenceDecoding,
+    keep_prefix,
+    prefill,
+    prefill_spans,
+    reuse_prefix,
+)
 from .protocol import ApiError
 
 log = logging.getLogger("internvl_edge.server")
@@ -310,11 +318,15 @@ class Engine:
                 yield  # the others decode a step between the vision net and the prefill
             self.prefill_cache.reset()
             embeds = prepared.embeds
-            logits = None
-            for start in range(0, len(embeds), self.prefill_chunk):
-                if start:
-                    yield
-                logits = prefill(self.backend, self.prefill_cache, embeds[start : start + self.prefill_chunk])
+            # a prompt prefix prefilled before comes from the model's prefix cache (a repeat: all of it)
+            prefixes = self.model.prefix_cache
+            logits = reuse_prefix(self.backend, self.prefill_cache, prepared, 0, prefixes, self.prefill_chunk)
+            if logits is None:
+                for i, (a, b) in enumerate(prefill_spans(len(embeds), prepared.cached_tokens, self.prefill_chunk)):
+                    if i:
+                        yield
+                    logits = prefill(self.backend, self.prefill_cache, embeds[a:b])
+                keep_prefix(self.backend, self.prefill_cache, prepared, 0, prefixes, logits)
             self._fit(self.active + 1)
             slot = self.slots.index(None)
             self.backend.copy_slot(self.prefill_cache, 0, self.cache, slot)
