@@ -95,20 +95,21 @@ def check_image_file(path: str, flag: str = "--image") -> str:
     """A readable image file, checked before the bundle loads (seconds sooner than decoding it)."""
     from PIL import Image, UnidentifiedImageError
 
+    name = f"{flag} {path}" if flag else path
     if "://" in path:
-        raise UserError(f"{flag} {path}: give a local file; URLs are not fetched")
+        raise UserError(f"{name}: give a local file; URLs are not fetched")
     full = expand_path(path)
     if not os.path.exists(full):
-        raise UserError(f"{flag} {path}: image not found")
+        raise UserError(f"{name}: image not found")
     if os.path.isdir(full):
-        raise UserError(f"{flag} {path}: is a folder, not an image")
+        raise UserError(f"{name}: is a folder, not an image")
     try:
         with Image.open(full):
             pass
     except UnidentifiedImageError:
-        raise UserError(f"{flag} {path}: not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
+        raise UserError(f"{name}: not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
     except OSError:
-        raise UserError(f"{flag} {path}: cannot be read (check its permissions)") from None
+        raise UserError(f"{name}: cannot be read (check its permissions)") from None
     return full
 
 
@@ -116,28 +117,29 @@ def check_video_file(path: str, flag: str = "--video") -> str:
     """A file PyAV opens as a video, checked before the bundle loads."""
     from ..video import probe
 
+    name = f"{flag} {path}" if flag else path
     if "://" in path:
-        raise UserError(f"{flag} {path}: give a local file; URLs are not fetched")
+        raise UserError(f"{name}: give a local file; URLs are not fetched")
     full = expand_path(path)
     if not os.path.exists(full):
-        raise UserError(f"{flag} {path}: video not found")
+        raise UserError(f"{name}: video not found")
     if os.path.isdir(full):
-        raise UserError(f"{flag} {path}: is a folder, not a video")
+        raise UserError(f"{name}: is a folder, not a video")
     probe(full)
     return full
 
 
 def read_text_file(path: str, flag: str) -> str:
-    full = expand_path(path)
+    name, full = f"{flag} {path}", expand_path(path)
     if not os.path.isfile(full):
-        raise UserError(f"{flag} {path}: file not found")
+        raise UserError(f"{name}: file not found")
     try:
         with open(full, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError:
-        raise UserError(f"{flag} {path}: not UTF-8 text") from None
+        raise UserError(f"{name}: not UTF-8 text") from None
     except OSError:
-        raise UserError(f"{flag} {path}: cannot be read (check its permissions)") from None
+        raise UserError(f"{name}: cannot be read (check its permissions)") from None
 
 
 def load_model(args, quiet: bool = False):
