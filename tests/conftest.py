@@ -27,12 +27,17 @@ ODD = shapes_with(
     tie_word_embeddings=True,
 )  # fmt: skip
 
+# hidden 1024 and 3 layers: large enough that a batched reduction order would change the logits
+# (tests/test_batch_invariance.py); head_dim 128 as in InternVL3-1B/2B
+MID = shapes_with("tiny", text_hidden=1024, text_layers=3, text_heads=8, text_kv_heads=2, text_intermediate=2816)
+
 CHECKPOINTS = {
     # name: (size, format, weights, seed)
     "tiny_bf16": ("tiny", "original", "bf16", 0),
     "tiny_awq": ("tiny", "original", "awq", 1),
     "tiny_hf": ("tiny", "hf", "bf16", 2),
     "odd_bf16": (ODD, "original", "bf16", 3),
+    "mid_bf16": (MID, "original", "bf16", 4),
 }
 
 

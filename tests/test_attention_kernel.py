@@ -3,13 +3,18 @@
 Both compute float32 causal attention with rotary embeddings over an in-place cache, so on the same
 inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
 short and long contexts, chunk edges at 32 keys), prefill chunks from an empty cache and after history
-(the tiled path from 8 rows on, block edges at 16 and 64 keys), right-padded chunks (static bundles),
+(by default on the row path, batch invariance; with INTERNVL_EDGE_BATCH_INVARIANT=0 the tiled path
+from 8 rows on, block edges at 16 and 64 keys, run again that way in a child process), right-padded chunks (static bundles),
 batches whose entries have different histories and chunk lengths (the server), head sizes
 16/32/64/128, one query head per KV head, and a cache not bound in place (present copied from past). tests/test_kernels.py runs these
 comparisons again on the AVX2 variant.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -100,6 +105,18 @@ def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, re
         for mine, ref in zip(ours[1:], theirs[1:]):  # cache rows up to the new length: history kept, new rows rotated
             np.testing.assert_allclose(mine[b, :, :n], ref[b, :, :n], atol=1e-5, rtol=1e-5)
             assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), "rows past the length are untouched"
+
+
+@needs_kernel
+def test_tiled_prefill_path_matches_onnxruntime():
+    """The same comparisons with batch invariance off, where chunks of 8 rows or more take the tiled
+    path (the library reads the variable once per process: a child runs them)."""
+    env = {**os.environ, "INTERNVL_EDGE_BATCH_INVARIANT": "0"}
+    test = f"{os.path.abspath(__file__)}::test_matches_onnxruntime"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], check=False, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout
 
 
 @needs_kernel

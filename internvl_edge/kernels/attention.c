@@ -37,6 +37,11 @@ static int64_t past_length(const ie_attention *p, int64_t b) {
     return (int64_t)p->seqlens_k[b] + 1 - (int64_t)p->query_lens[b];
 }
 
+/* Whether the call's rows take the tiled prefill path: chunks of IEA_TILE_FROM rows or more, unless
+ * batch invariance is asked for (the default, isa.h): the tiles score and sum in another order than
+ * the row path, so a prompt's KV rows would depend on how its prefill was chunked. */
+static int tiled(const ie_attention *p) { return p->rows >= IEA_TILE_FROM && !ie_batch_invariant(); }
+
 /* Blocks of IEA_TILE_KEYS keys that hold the longest batch entry's keys after the step. */
 static int64_t key_blocks(const ie_attention *p) {
     int64_t most = 0;
@@ -90,12 +95,12 @@ int ie_attention_plan(const ie_attention *p, ie_attention_plan_t *plan, char *wh
             return -1;
         }
     }
-    const int64_t tiled = p->rows >= IEA_TILE_FROM, blocks = tiled ? key_blocks(p) : 0;
+    const int64_t tiles = tiled(p), blocks = tiles ? key_blocks(p) : 0;
     plan->scratch_bytes = (size_t)(p->batch * p->rows * p->heads * hd + p->batch * p->kv_heads * blocks * IEA_TILE_KEYS * hd) *
                           sizeof(float);
     plan->prepare_tasks = (size_t)(p->batch * ((p->rows + IEA_PREPARE_ROWS - 1) / IEA_PREPARE_ROWS));
     plan->transpose_tasks = (size_t)(p->batch * p->kv_heads * blocks);
-    const int64_t units = tiled ? (p->rows + IEA_TILE_ROWS - 1) / IEA_TILE_ROWS : p->rows;
+    const int64_t units = tiles ? (p->rows + IEA_TILE_ROWS - 1) / IEA_TILE_ROWS : p->rows;
     plan->tasks = (size_t)(p->batch * units * p->kv_heads);
     return 0;
 }

@@ -331,7 +331,7 @@ static inline __attribute__((always_inline)) void IEA_FN(attend_tile)(const ie_a
 
 static void IEA_FN(run)(const ie_attention *p, size_t task) {
     const int64_t kvh = p->kv_heads, g = (int64_t)task % kvh;
-    if (p->rows >= IEA_TILE_FROM) {
+    if (tiled(p)) {
         const int64_t tiles = (p->rows + IEA_TILE_ROWS - 1) / IEA_TILE_ROWS;
         const int64_t b = (int64_t)task / (tiles * kvh), t = (int64_t)task % (tiles * kvh) / kvh;
         if (p->head_dim == 128) /* Qwen2.5's: a constant trip count keeps the chunks in registers */

@@ -40,3 +40,12 @@ ie_isa_t ie_isa(void) {
     if (cached < 0) cached = (int)detect();
     return (ie_isa_t)cached;
 }
+
+int ie_batch_invariant(void) {
+    static int cached = -1; /* as above: a race reads the variable twice */
+    if (cached < 0) {
+        const char *v = getenv("INTERNVL_EDGE_BATCH_INVARIANT");
+        cached = !(v && strcmp(v, "0") == 0);
+    }
+    return cached;
+}

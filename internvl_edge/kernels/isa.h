@@ -9,4 +9,10 @@ typedef enum { IE_ISA_NONE, IE_ISA_AVX2, IE_ISA_AVXVNNI, IE_ISA_AVX512VNNI } ie_
 ie_isa_t ie_isa(void);
 const char *ie_isa_name(ie_isa_t isa);
 
+/* 1 (default) unless INTERNVL_EDGE_BATCH_INVARIANT=0: every kernel computes a row in one order
+ * whatever else shares the call, so a sequence's results do not depend on its batch or on how its
+ * prefill was chunked (README, "Serving"). 0 lets prefill attention take its tiled path, faster on
+ * long prompts, whose order differs from decode's. Read once per process. */
+int ie_batch_invariant(void);
+
 #endif

@@ -62,12 +62,15 @@ q4_entry_scales(const uint8_t *entry, const int f16)
 }
 
 /* The end of one block of an 8-column decode tile (tile8_avx512vnni, tile8_sequential): the 8
- * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7], then scaled and
- * zero-point corrected as vectors over the columns from the block's q4_blocks_fill entry:
- *   y[c] += float(dot[c]) * s[c,b] * sa[b]  and  corr[c] += s[c,b] * z[c,b] * sa[b] * sum(a_q[b])
+ * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7] (exact: integers),
+ * then scaled and zero-point corrected as vectors over the columns from the block's q4_blocks_fill
+ * entry, in the one order every path of this kernel follows for every (row, column), so that a row's
+ * result does not depend on how many rows share the call or where it sits (batch invariance):
+ *   acc = fma(float(dot[c,b]), s[c,b] * sa[b], acc);  acc = acc - (s[c,b] * z[c,b]) * ts[b]  (one rounding)
+ * over the blocks in order from acc = 0, then y = acc + bias (0 without one).
  * AVX2 code, inlined into every instruction set's tiles (each a superset). */
 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
-q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab, float tsb, __m256 *facc, __m256 *corr)
+q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab, float tsb, __m256 *facc)
 {
     const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
@@ -75,7 +78,7 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
     const __m256 s8 = q4_entry_scales(entry, f16);
     const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16))));
     *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
-    *corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *corr);
+    *facc = _mm256_fnmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *facc);
 }
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
@@ -97,16 +100,13 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
 #define Q4_DPBUSD _mm256_dpbusd_epi32
 
 /* Decode (one row) on 8 columns at a time, for blocks of a multiple of 128 weights: B is read 64
- * bytes (one block of 128) per load. Each column's 16 int32 partial sums of a block are turned to
- * float and scaled in their lanes (one multiply-add by the block's scale x activation scale,
- * broadcast from memory) and reduced across lanes once per tile, not once per block: a block of
- * 128 is one load per column, and reducing every block cost about as much as its dot products
- * (decode 1.01-1.02x faster, both orders of benchmarks/kernels_ab.py --against; docs/performance-notes.md).
+ * bytes (one block of 128) per load. Each column's 16 int32 partial sums of a block are folded to 8
+ * (exact) and the block ends in q4_block_end, the order every path follows (batch invariance).
+ * Reducing once per tile instead, in float, was 1.01-1.02x faster (benchmarks/kernels_ab.py
+ * --against; docs/performance-notes.md) but gave a row another result than the prefill tiles.
  * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding
- * them per call, or gathering them, cost a third of the time).
- *
- *   per block: 8 columns x 16 int32 lanes --(x s[c,b] sa[b])--> 8 x 16 float lanes
- *   per tile:  8 x 16 --(fold 512->256)--> 8 x 8 --(tree of adds)--> [c0 .. c7]
+ * them per call, or gathering them, cost a third of the time). Not run on the AVX2-only machines
+ * this was written on: the same arithmetic as tile8_sequential by construction.
  */
 #define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
@@ -125,11 +125,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
     const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
     const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
-    __m512 facc[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j++)
-        facc[j] = _mm512_setzero_ps();
-    __m256 corr = _mm256_setzero_ps();
+    __m256 facc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m512i acc[8];
 #pragma GCC unroll 8
@@ -152,26 +148,17 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
             }
         }
-        const uint8_t *e = group + b * entry;
-        const __m256 s8 = q4_entry_scales(e, f16);
-        float scaled[8]; /* s[c,b] sa[b]: broadcast from memory into each column's multiply-add */
-        _mm256_storeu_ps(scaled, _mm256_mul_ps(s8, _mm256_set1_ps(sa[b])));
+        __m256i folded[8];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++)
-            facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_set1_ps(scaled[j]), facc[j]);
-        const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(e + Q4_ENTRY_ZEROS(f16))));
-        corr = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(ts[b]), corr);
+            folded[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[j]), _mm512_extracti64x4_epi64(acc[j], 1));
+        q4_block_end(folded, group + b * entry, f16, sa[b], ts[b], &facc);
     }
-    __m256 v[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j++)
-        v[j] = _mm256_add_ps(_mm512_castps512_ps256(facc[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(facc[j]), 1)));
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    __m256 y = _mm256_sub_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)), corr);
     if (p->bias)
-        y = _mm256_add_ps(y, _mm256_loadu_ps(p->bias + n0));
-    _mm256_storeu_ps(p->y + r * p->n + n0, y);
+        facc = _mm256_add_ps(facc, _mm256_loadu_ps(p->bias + n0));
+    else
+        facc = _mm256_add_ps(facc, _mm256_setzero_ps()); /* what the other paths do: -0 becomes +0 */
+    _mm256_storeu_ps(p->y + r * p->n + n0, facc);
 }
 
 /* Prefill (many rows) on 16 columns at a time, blocks of a multiple of 128 weights: each block of
@@ -233,10 +220,8 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
     const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
     const uint8_t *g1 = g0 + (size_t)nblk * entry;
     __m512i wt[2 * Q4_MAX_BLOCK / 8];
-    for (int64_t r = r_lo; r < r_hi; r++) {
-        float *y = p->y + r * p->n + n0;
-        _mm512_storeu_ps(y, p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps());
-    }
+    for (int64_t r = r_lo; r < r_hi; r++) /* from 0, the bias added last: the decode tiles' order */
+        _mm512_storeu_ps(p->y + r * p->n + n0, _mm512_setzero_ps());
     for (int64_t b = 0; b < nblk; b++) {
         for (int64_t s = 0; s < B / 8; s++) {
             const int64_t k = b * B + 8 * s; /* weights k .. k+7 of each column: 4 bytes */
@@ -257,6 +242,11 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
             rows16_avx512vnni(p, wt, b, r, 8, n0, s16, sz16);
         for (; r < r_hi; r++)
             rows16_avx512vnni(p, wt, b, r, 1, n0, s16, sz16);
+    }
+    const __m512 bias = p->bias ? _mm512_loadu_ps(p->bias + n0) : _mm512_setzero_ps();
+    for (int64_t r = r_lo; r < r_hi; r++) {
+        float *y = p->y + r * p->n + n0;
+        _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), bias));
     }
 }
 #include "q4gemm_body.h"

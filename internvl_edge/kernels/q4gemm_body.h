@@ -54,16 +54,25 @@ static void Q4_NAME(quantize)(const q4_problem *p)
     }
 }
 
-static inline float Q4_NAME(hsum)(__m256 v)
+/* The sums of the 8 int32 lanes of each of 4 vectors (exact, in any order). */
+static inline __attribute__((always_inline)) __m128i Q4_NAME(hsum4)(__m256i v0, __m256i v1, __m256i v2, __m256i v3)
 {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    const __m256i u = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+
+static inline __attribute__((always_inline)) int32_t Q4_NAME(hsum1)(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
 }
 
 /* R rows x C columns of Y from rows r0.. and columns n0..; R and C are constants after inlining, so
- * the accumulators live in registers. */
+ * the accumulators live in registers. Each block's dot products are summed across lanes in int32
+ * (exact), then scaled into one float per (row, column) in q4_block_end's order, the one every
+ * path follows: a row's result is the same whichever tile computes it (batch invariance). */
 static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem *p, int64_t r0, const int R,
                                                                 int64_t n0, const int C)
 {
@@ -74,15 +83,12 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     Q4_CONSTANTS
     const int64_t ahead = p->packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * C * (K / 2); /* the next columns' */
-    __m256 facc[4][4];
-    float corr[4][4];
+    float facc[4][4];
 #pragma GCC unroll 4
     for (int i = 0; i < R; i++)
 #pragma GCC unroll 4
-        for (int j = 0; j < C; j++) {
-            facc[i][j] = _mm256_setzero_ps();
-            corr[i][j] = 0.0f;
-        }
+        for (int j = 0; j < C; j++)
+            facc[i][j] = 0.0f;
     for (int64_t b = 0; b < nblk; b++) {
         __m256i acc_lo[4][4], acc_hi[4][4];
 #pragma GCC unroll 4
@@ -109,6 +115,24 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
                     Q4_DOT_CHUNK(acc_lo[i][j], acc_hi[i][j], w, a_lo[i], a_hi[i]);
             }
         }
+        int32_t dot[4][4];
+        if (R * C == 4) { /* (4 rows, 1 column) or (1 row, 4 columns): one reduction for the four */
+            int32_t d4[4];
+            _mm_storeu_si128((__m128i *)(void *)d4,
+                             Q4_NAME(hsum4)(Q4_BLOCK_SUM(acc_lo[0][0], acc_hi[0][0]),
+                                            Q4_BLOCK_SUM(acc_lo[R > 1][C > 1], acc_hi[R > 1][C > 1]),
+                                            Q4_BLOCK_SUM(acc_lo[2 * (R > 1)][2 * (C > 1)], acc_hi[2 * (R > 1)][2 * (C > 1)]),
+                                            Q4_BLOCK_SUM(acc_lo[3 * (R > 1)][3 * (C > 1)], acc_hi[3 * (R > 1)][3 * (C > 1)])));
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++)
+                dot[R > 1 ? u : 0][C > 1 ? u : 0] = d4[u];
+        } else {
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++)
+                    dot[i][j] = Q4_NAME(hsum1)(Q4_BLOCK_SUM(acc_lo[i][j], acc_hi[i][j]));
+        }
 #pragma GCC unroll 4
         for (int j = 0; j < C; j++) {
             const int64_t n = n0 + j;
@@ -122,12 +146,12 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
                 s = p->scales[n * nblk + b];
                 z = p->zero_points ? (p->zero_points[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F : 8;
             }
+            const float sz = s * (float)z;
 #pragma GCC unroll 4
-            for (int i = 0; i < R; i++) {
+            for (int i = 0; i < R; i++) { /* q4_block_end's two steps, one rounding each */
                 const float sab = s * sa[(r0 + i) * nblk + b];
-                const __m256i dot = Q4_BLOCK_SUM(acc_lo[i][j], acc_hi[i][j]);
-                facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sab), facc[i][j]);
-                corr[i][j] += s * (float)z * ts[(r0 + i) * nblk + b];
+                facc[i][j] = __builtin_fmaf((float)dot[i][j], sab, facc[i][j]);
+                facc[i][j] = __builtin_fmaf(-sz, ts[(r0 + i) * nblk + b], facc[i][j]);
             }
         }
     }
@@ -136,7 +160,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile)(const q4_problem
 #pragma GCC unroll 4
         for (int j = 0; j < C; j++) {
             const int64_t n = n0 + j;
-            p->y[(r0 + i) * p->n + n] = Q4_NAME(hsum)(facc[i][j]) - corr[i][j] + (p->bias ? p->bias[n] : 0.0f);
+            p->y[(r0 + i) * p->n + n] = facc[i][j] + (p->bias ? p->bias[n] : 0.0f);
         }
 }
 
@@ -158,7 +182,7 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(cons
     const int64_t entry = Q4_ENTRY_BYTES(f16);
     const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
     const uint8_t *wb = p->b + (n0 / 8) * (bits == 8 ? 8 * K : 4 * K);
-    __m256 facc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    __m256 facc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m256i acc[8];
 #pragma GCC unroll 8
@@ -183,10 +207,10 @@ static inline __attribute__((always_inline)) void Q4_NAME(tile8_sequential)(cons
                 }
             }
         }
-        q4_block_end(acc, group + b * entry, f16, sa[b], ts[b], &facc, &corr);
+        q4_block_end(acc, group + b * entry, f16, sa[b], ts[b], &facc);
     }
     float y[8];
-    _mm256_storeu_ps(y, _mm256_sub_ps(facc, corr));
+    _mm256_storeu_ps(y, facc);
     for (int j = 0; j < 8 && n0 + j < p->n; j++)
         p->y[r * p->n + n0 + j] = y[j] + (p->bias ? p->bias[n0 + j] : 0.0f);
 }
