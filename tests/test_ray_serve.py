@@ -292,6 +292,11 @@ def test_ray_config_writes_what_the_builder_takes(greedy_bundle, tmp_path):
     assert app["args"] == {"bundle": os.path.abspath(greedy_bundle), "replicas": 2, "parallel": 2,
                            "served_model_name": os.path.basename(greedy_bundle)}  # fmt: skip
     assert isinstance(builder(app["args"]), Application)
+    auto = builder({"bundle": greedy_bundle, "min_replicas": "1", "max_replicas": "3", "parallel": "2", "threads": "2"})
+    engine = auto._bound_deployment.init_args[0]._bound_deployment  # Serve's objects (the extra pins Ray)
+    scaling = engine._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2)
+    assert engine.ray_actor_options["num_cpus"] == 2 and engine.max_ongoing_requests == 2 + 64 + 1
     with pytest.raises(UserError, match="unknown application argument 'replica'"):
         builder({"bundle": greedy_bundle, "replica": "2"})
     with pytest.raises(UserError, match="not a whole number"):
