@@ -250,13 +250,14 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         raise UserError("no probes: give --image or --prompts, or keep the built-in probes")
     probes = build_probes(model, specs, steps, max_tiles)
     if not probes:
-        raise UserError(f"no probe fits the bundle's seq_length {model.seq_length} with --steps {steps}; use fewer --steps")
+        raise UserError(f"no probe fits the bundle's seq_length {model.seq_length} with --steps {steps}; "
+                        "use fewer --steps")
 
     progress.step(f"reference ({reference}), {len(probes)} probes x {steps} tokens")
     if reference == "transformers":
         from .verify_reference_hf import TransformersReference
 
-        ref_model = TransformersReference(ckpt, threads)
+        ref_model = TransformersReference(ckpt, model.tokens["img_context"], threads)
     else:
         from .verify_reference import OrtReference
 

@@ -152,3 +152,35 @@ def test_convert_verify_stores_the_summary_and_checksums_hold(checkpoint, workdi
     assert cli(["run", "-m", out, "-p", "Hi", "--max-new-tokens", "2", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)["bundle"]
     assert facts["verification"] == v
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_bf16", "tiny_hf"])
+def test_transformers_reference_gives_the_same_figures(ckpt, checkpoint, bundle, images):
+    b = bundle(ckpt, "w4bf16")
+    kw = {"images": [images["wide"]], "prompts": ["Describe the image."], "builtin": False}
+    ours = run_verify(b, checkpoint(ckpt), **kw)
+    theirs = run_verify(b, checkpoint(ckpt), reference="transformers", **kw)
+    assert "transformers" in theirs["reference"]
+    for a, t in zip(ours["decoder"]["probes"], theirs["decoder"]["probes"]):
+        assert a["reference_answer"] == t["reference_answer"]
+        assert a["top1_agreement"] == t["top1_agreement"] and a["first_divergence"] == t["first_divergence"]
+        assert a["kl_mean"] == pytest.approx(t["kl_mean"], rel=1e-2, abs=1e-5)
+    for a, t in zip(ours["vision"], theirs["vision"]):
+        assert a["cosine_min"] == pytest.approx(t["cosine_min"], abs=1e-5)
+        assert a["relative_rms"] == pytest.approx(t["relative_rms"], rel=1e-2, abs=1e-6)
+
+
+def test_transformers_reference_refused_without_torch(checkpoint, bundle, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(UserError, match="needs torch and transformers installed"):
+        run_verify(bundle("tiny_bf16", "f32"), checkpoint("tiny_bf16"), reference="transformers", builtin=False,
+                   prompts=["Hi"])  # fmt: skip
