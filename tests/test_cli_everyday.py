@@ -177,3 +177,35 @@ def test_video_frames_fitted_to_the_context(bundle, tmp_path):
     assert json.loads(proc.stdout)["prompt_token_ids"].count(model.tokens["img_context"]) == 7 * 256
 
 
+
+
+def test_random_answers_of_the_published_vocabulary_are_visible_text(tmp_path):
+    """The 1b/2b/8b factory path (a 151,674-id vocabulary and its tokenizer) on tiny layers: a random
+    answer decodes to text, where an 837-token tokenizer left almost every id blank."""
+    from internvl_edge.checkpoint.factory import SIZES, make_checkpoint, shapes_with
+
+    ckpt = make_checkpoint(str(tmp_path / "ck"), size=shapes_with("tiny", vocab_size=SIZES["1b"].vocab_size))
+    out = tmp_path / "b"
+    assert cli("convert", "-m", ckpt, "-s", 128, "--out_dir", out).returncode == 0
+    proc = cli("run", "-m", out, "-p", "Describe the image.", "--max-new-tokens", 8, "--ignore-eos", "--json")
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert len(answer["token_ids"]) == 8 and len(answer["text"].strip()) >= 8, answer["text"]
+    assert "no visible text" not in proc.stderr
+
+
+def test_an_answer_without_visible_text_is_explained(bundle, tmp_path):
+    """A bundle whose tokenizer lacks most of the model's ids (as random checkpoints had): `run` says why
+    the answer is blank."""
+    from internvl_edge.checkpoint.factory import make_checkpoint, shapes_with
+    from internvl_edge.checkpoint.synthetic_tokenizer import build_tokenizer, write_tokenizer_files
+
+    ckpt = make_checkpoint(str(tmp_path / "ck"), size=shapes_with("tiny", vocab_size=60000), seed=5)
+    write_tokenizer_files(build_tokenizer(1000), ckpt)  # the old, small tokenizer (837 of 60,000 ids)
+    out = tmp_path / "b"
+    assert cli("convert", "-m", ckpt, "-s", 128, "--out_dir", out).returncode == 0
+    proc = cli("run", "-m", out, "-p", "Hello", "--max-new-tokens", 6, "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stdout.strip()  # seed 5's answer: ids beyond the tokenizer only
+    notes = [line for line in proc.stderr.splitlines() if "no visible text" in line]
+    assert len(notes) == 1 and "does not have" in notes[0], proc.stderr

@@ -88,3 +88,26 @@ def test_placeholder_count_must_match_images():
         expand_images("<image> <image>", [1], 256)
     with pytest.raises(UserError, match="reserved"):
         expand_images("<IMG_CONTEXT>", [], 256)
+
+
+def test_published_shapes_get_a_tokenizer_covering_the_whole_vocabulary(tmp_path):
+    """make-checkpoint --size 1b/2b/8b: 151,674 ids as the model's vocabulary, the BPE part ending where
+    Qwen2's does (151,643), and every id outside the special tokens decoding to visible text."""
+    import numpy as np
+
+    from internvl_edge.checkpoint.factory import SIZES
+    from internvl_edge.checkpoint.synthetic_tokenizer import build_tokenizer, write_tokenizer_files
+
+    vocab = SIZES["1b"].vocab_size
+    assert vocab == SIZES["2b"].vocab_size == SIZES["8b"].vocab_size == 151674
+    tok = build_tokenizer(SIZES["1b"].tokenizer_vocab, total=vocab)
+    ids = write_tokenizer_files(tok, str(tmp_path))
+    ours = TextTokenizer(str(tmp_path))
+    assert ours.vocab_size() == vocab and ids["<|endoftext|>"] == 151643 and max(ids.values()) == vocab - 1
+    specials = set(ids.values())
+    sample = np.random.default_rng(0).integers(0, vocab, 3000).tolist() + list(range(256, vocab, 997))
+    blank = [i for i in sample if i not in specials and not ours.decode([i]).strip()]
+    assert not blank, blank[:10]
+    for text in TEXTS[:3]:  # still a lossless tokenizer of real text
+        assert ours.decode(ours.encode(text)) == text
+    assert build_tokenizer(1000).get_vocab_size(with_added_tokens=True) < 1000  # tiny: unchanged, trained only

@@ -385,7 +385,8 @@ def make_checkpoint(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".ckpt-", dir=parent)
     try:
-        tok = build_tokenizer(shapes.tokenizer_vocab)
+        # the published shapes' vocabulary is covered whole, so that every id a random model picks is text
+        tok = build_tokenizer(shapes.tokenizer_vocab, total=shapes.vocab_size)
         ids = write_tokenizer_files(tok, tmp)
         vocab = shapes.vocab_size or tok.get_vocab_size(with_added_tokens=True)
         if vocab < tok.get_vocab_size(with_added_tokens=True):

@@ -43,8 +43,59 @@ Emoji and accents: café naïve résumé 😀 🐱 🚗 ✓ — “quotes” and
 """
 
 
-def build_tokenizer(vocab_size: int = 1000) -> Tokenizer:
-    """Train the byte-level BPE on the built-in text and append the special tokens."""
+def build_tokenizer(vocab_size: int = 1000, total: int = 0) -> Tokenizer:
+    """Train the byte-level BPE on the built-in text and append the special tokens. `total` > 0: fill
+    the BPE vocabulary with more merges first, so that BPE and special tokens make exactly `total` ids
+    (the published shapes' 151,674, where the BPE part ends at 151,643 as in Qwen2's vocabulary)."""
+    tok = _train(vocab_size)
+    if total:
+        tok = _filled(tok, total - len(QWEN2_SPECIAL) - len(INTERNVL_SPECIAL))
+    tok.add_special_tokens(
+        [AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in QWEN2_SPECIAL + INTERNVL_SPECIAL]
+    )
+    return tok
+
+
+def _filled(tok: Tokenizer, size: int) -> Tokenizer:
+    """The trained BPE extended to `size` tokens by merges of its own word pieces: every new token is an
+    ASCII word piece (a letter run, with or without the byte-level space mark), so that any id a
+    random-weight model picks decodes to visible text. Merges are added after the trained ones (lower
+    priority), each joining two tokens that already exist, as BPE requires."""
+    import json as _json
+
+    model = _json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if size <= len(vocab):
+        return tok
+    by_id = sorted(vocab, key=vocab.get)
+    space = "\u0120"  # byte-level BPE's mark for a leading space
+    starts = [t for t in by_id if t.lstrip(space).isascii() and t.lstrip(space).isalpha() and t.count(space) <= 1]
+    tails = [t for t in by_id if t.isascii() and t.isalpha()]
+    frontier = list(starts)
+    while len(vocab) < size:
+        grown = []
+        for head in frontier:
+            for tail in tails:
+                piece = head + tail
+                if piece in vocab:
+                    continue
+                vocab[piece] = len(vocab)
+                merges.append((head, tail))
+                grown.append(piece)
+                if len(vocab) == size:
+                    break
+            if len(vocab) == size:
+                break
+        if not grown:
+            raise ValueError(f"cannot fill the vocabulary to {size} tokens")
+        frontier = grown
+    filled = qwen2_pipeline(Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                                 byte_fallback=False)))  # fmt: skip
+    return filled
+
+
+def _train(vocab_size: int) -> Tokenizer:
     tok = qwen2_pipeline(Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False)))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -54,9 +105,6 @@ def build_tokenizer(vocab_size: int = 1000) -> Tokenizer:
     )
     lines = [line for line in _CORPUS.splitlines() if line] * 4
     tok.train_from_iterator(lines, trainer=trainer)
-    tok.add_special_tokens(
-        [AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in QWEN2_SPECIAL + INTERNVL_SPECIAL]
-    )
     return tok
 
 
