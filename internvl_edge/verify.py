@@ -182,14 +182,17 @@ def _load(bundle: str, threads, edits=None):
     return load(bundle, threads=threads, verify=False, edits=edits)
 
 
-def _open_sophgo(manifest: Manifest, threads):
-    """Sophgo bundles run on a board or TPU-MLIR's chip simulator; refuse in one line where neither is."""
+def _sophgo_runner(manifest: Manifest) -> str:
+    """Sophgo bundles run on a board or TPU-MLIR's chip simulator: which one will run it, or a one-line
+    refusal where neither is (before any reference is computed)."""
+    from .sophgo.bmrt import find_libraries
+
     chip = manifest.target.get("chip")
     try:
-        return _load(manifest.path, threads)
+        return find_libraries(chip).description
     except UserError as e:
         raise UserError(f"{manifest.path} is a {chip} bundle: verify runs it on a board or TPU-MLIR's {chip} "
-                        f"simulator, and neither runs here ({e})") from None  # fmt: skip
+                        f"simulator, and neither is found here ({e})") from None  # fmt: skip
 
 
 def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
@@ -243,6 +246,8 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
     checked = check_source(manifest.source.get("identity"), ckpt, manifest.path, progress.update)
     progress.done("" if checked else "(the bundle records no source identity: not checked)")
     cpu = manifest.target.get("backend") == "onnxruntime"
+    if not cpu:
+        progress.stream.write(f"[verify] the bundle runs on {_sophgo_runner(manifest)}\n")
 
     model = Model(manifest, None, TextTokenizer(manifest.config_dir), manifest.config_dir)
     specs = (builtin_probes() if builtin else []) + user_probes(list(images), list(prompts))
@@ -275,7 +280,7 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         model = _load(bundle, threads, edits={"decoder": expose_lm_head_input})
         hidden_name = _lm_head_input_of(manifest)
     else:
-        model = _open_sophgo(manifest, threads)
+        model = _load(bundle, threads)  # Sophgo: no in-memory edits, so no attribution
         hidden_name = None
     ran_on = getattr(model.backend, "library", None) or model.backend.describe().get("backend")
     vision, ours_images, per_probe, hidden = [], [], [], []

@@ -184,3 +184,21 @@ def test_transformers_reference_refused_without_torch(checkpoint, bundle, monkey
     with pytest.raises(UserError, match="needs torch and transformers installed"):
         run_verify(bundle("tiny_bf16", "f32"), checkpoint("tiny_bf16"), reference="transformers", builtin=False,
                    prompts=["Hi"])  # fmt: skip
+
+
+def test_sophgo_bundle_refused_where_no_simulator_runs(bundle, checkpoint, workdir, tmp_path, monkeypatch):
+    """A bm1684x bundle (its manifest's target) with neither a board nor TPU-MLIR's simulator here:
+    one line, before any reference is computed."""
+    fake = str(workdir / "bundle_sophgo_target")
+    if not os.path.exists(fake):
+        shutil.copytree(bundle("tiny_bf16", "f32"), fake)
+        m = bundle_files.load_manifest(fake, verify=False)
+        m.target = {"chip": "bm1684x", "backend": "bmrt", "bmodel": "decoder.onnx"}
+        bundle_files.write_manifest(m)
+    for name in ("TPUC_ROOT", "INTERNVL_EDGE_BMRT_LIB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no installed toolchain
+    monkeypatch.setattr("internvl_edge.sophgo.bmrt.device_present", lambda: False)
+    with pytest.raises(UserError, match=r"is a bm1684x bundle: verify runs it on a board or TPU-MLIR's bm1684x "
+                                        r"simulator, and neither is found here \(TPU-MLIR .* is not installed"):  # fmt: skip
+        run_verify(fake, checkpoint("tiny_bf16"))
