@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .bundle import Manifest, load_manifest
-from .errors import UserError
+from .errors import UserError, reason
 from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
 from .media import dynamic_preprocess, normalize, preprocess
 from .messages import Conversation, parse_messages, resolve_image, resolve_video
@@ -65,7 +65,7 @@ def _generation_defaults(config_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {reason(e)}") from None
     return data if isinstance(data, dict) else {}
 
 

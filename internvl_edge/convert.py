@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from . import bundle
 from .checkpoint.identity import identity
 from .checkpoint.reader import Checkpoint
-from .errors import UserError
+from .errors import UserError, reason
 from .nets import graph as graphs
 from .nets.decoder import DecoderOptions, build_decoder
 from .nets.heads import build_embedding, build_greedy_head, build_sample_head
@@ -261,5 +261,5 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {reason(e)}") from None
     return data if isinstance(data, dict) else {}

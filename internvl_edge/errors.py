@@ -12,3 +12,16 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(" ".join(str(message).split()))  # one line, whatever the caller wrote
         self.exit_code = exit_code
+
+
+def reason(e: BaseException) -> str:
+    """What went wrong with a file, in words: an OSError's text without its errno and repeated path,
+    a JSON error's position, else the first line of the message."""
+    import json
+
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -13,7 +13,7 @@ import os
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .errors import UserError
+from .errors import UserError, reason
 
 # Qwen2's pre-tokenizer pattern (tokenizer.json of any Qwen2.5 model)
 QWEN2_SPLIT = (
@@ -76,7 +76,7 @@ def load_raw_tokenizer(folder: str) -> Tokenizer:
     except UserError:
         raise
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-        raise UserError(f"cannot load the tokenizer in {folder}: {e}") from None
+        raise UserError(f"cannot load the tokenizer in {folder}: {reason(e)}") from None
     raise UserError(f"{folder} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 
 

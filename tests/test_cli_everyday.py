@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -209,3 +210,14 @@ def test_an_answer_without_visible_text_is_explained(bundle, tmp_path):
     assert not proc.stdout.strip()  # seed 5's answer: ids beyond the tokenizer only
     notes = [line for line in proc.stderr.splitlines() if "no visible text" in line]
     assert len(notes) == 1 and "does not have" in notes[0], proc.stderr
+
+
+def test_a_broken_config_file_is_named_in_words(bundle, tmp_path):
+    """`run -c` (the seed's config folder) with a generation_config.json that is not JSON: one line naming
+    the file and what is wrong with it, no parser internals."""
+    config = tmp_path / "config"
+    shutil.copytree(os.path.join(bundle("tiny_bf16", "w4bf16"), "config"), config)
+    (config / "generation_config.json").write_text('{"temperature": 0.7,')
+    proc = cli("run", "-m", bundle("tiny_bf16", "w4bf16"), "-c", config, "-p", "x")
+    assert_one_line_error(proc, "generation_config.json: not valid JSON (line 1")
+    assert "Errno" not in proc.stderr

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from ..errors import UserError
+from ..errors import UserError, reason
 
 ORIGINAL = "original"
 HF = "hf"
@@ -319,7 +319,7 @@ def load_config(model_dir: str) -> ModelConfig:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {reason(e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return parse_config(raw, path)

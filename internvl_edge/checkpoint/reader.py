@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, reason
 from .awq import AwqLinear, unpack_awq
 from .config import HF, ModelConfig, load_config
 from .safetensors import RawTensor, SafetensorsFile
@@ -142,7 +142,7 @@ class Checkpoint:
                 with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"cannot read {index_path}: {e}") from None
+                raise UserError(f"cannot read {index_path}: {reason(e)}") from None
             for key, shard in weight_map.items():
                 self._key_file[key] = os.path.join(self.model_dir, shard)
             missing = sorted({p for p in self._key_file.values() if not os.path.isfile(p)})
