@@ -1,8 +1,13 @@
 """Shared fixtures: random-weight checkpoints in the real formats, their bundles and test images.
 
-Everything is generated (no downloads) into one session-wide temporary folder. Two model shapes are
-used so nothing depends on one fixture's sizes: `tiny` (the factory's) and `odd` (other head counts,
-dimensions that are not multiples of the quantisation block, three layers, tied embeddings).
+Everything is generated (no downloads) into one session-wide temporary folder. Model shapes, so that
+nothing depends on one fixture's sizes and each decoder's distinctive features are covered:
+- InternVL3 (Qwen2.5: q/k/v biases, head size hidden/heads): `tiny` (the factory's: untied lm_head,
+  heads of 32) and `odd` (other head counts, dimensions that are not multiples of the quantisation
+  block, three layers, tied embeddings as InternVL3-1B);
+- InternVL3.5 (Qwen3: no biases, per-head query/key RMS norms, heads wider than the hidden size):
+  `3.5-tiny` (the factory's: tied embeddings, heads of 64) and `odd35` (heads of 128, three query heads
+  per KV head, three layers, an untied lm_head as InternVL3.5-8B).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ ODD = shapes_with(
 # (tests/test_batch_invariance.py); head_dim 128 as in InternVL3-1B/2B
 MID = shapes_with("tiny", text_hidden=1024, text_layers=3, text_heads=8, text_kv_heads=2, text_intermediate=2816)
 
+ODD35 = shapes_with(
+    "3.5-tiny",
+    vision_hidden=96, vision_layers=3, vision_heads=6, vision_intermediate=200,
+    text_hidden=160, text_layers=3, text_heads=3, text_kv_heads=1, text_intermediate=288, text_head_dim=128,
+    tie_word_embeddings=False,
+)  # fmt: skip
+
 CHECKPOINTS = {
     # name: (size, format, weights, seed)
     "tiny_bf16": ("tiny", "original", "bf16", 0),
@@ -38,6 +50,9 @@ CHECKPOINTS = {
     "tiny_hf": ("tiny", "hf", "bf16", 2),
     "odd_bf16": (ODD, "original", "bf16", 3),
     "mid_bf16": (MID, "original", "bf16", 4),
+    "tiny35_bf16": ("3.5-tiny", "original", "bf16", 4),
+    "tiny35_hf": ("3.5-tiny", "hf", "bf16", 5),
+    "odd35_bf16": (ODD35, "original", "bf16", 6),
 }
 
 

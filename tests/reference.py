@@ -51,7 +51,7 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
 def _hf_config(raw: dict, image_token_id: int) -> InternVLConfig:
     v, t = raw["vision_config"], dict(raw["llm_config"])
     t.pop("quantization_config", None)
-    t["model_type"] = "qwen2"
+    t["model_type"] = "qwen3" if "Qwen3ForCausalLM" in t.get("architectures", []) else "qwen2"
     size = raw.get("force_image_size") or v["image_size"]
     vision = {
         "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
@@ -179,7 +179,7 @@ def apply_bundle_quantisation(model: InternVLForConditionalGeneration, bundle_di
     """Give the reference exactly the block-quantised weights our bundle computes with (the decoder
     layers' 4-bit weights unless `layers` is False, and lm_head when the bundle quantised it)."""
     cfg = model.config.text_config
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     weights = bundle_linear_weights(bundle_dir)
     lm = model.model.language_model

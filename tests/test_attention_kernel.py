@@ -6,7 +6,9 @@ short and long contexts, chunk edges at 32 keys), prefill chunks from an empty c
 (by default on the row path, batch invariance; with INTERNVL_EDGE_BATCH_INVARIANT=0 the tiled path
 from 8 rows on, block edges at 16 and 64 keys, run again that way in a child process), right-padded chunks (static bundles),
 batches whose entries have different histories and chunk lengths (the server), head sizes
-16/32/64/128, one query head per KV head, and a cache not bound in place (present copied from past). tests/test_kernels.py runs these
+16/32/64/128, one query head per KV head, and a cache not bound in place (present copied from past);
+Qwen3's per-head query/key norms as the decoder graph writes them (standard nodes in front of ORT's
+op) against the same graph with the norms folded into ours. tests/test_kernels.py runs these
 comparisons again on the AVX2 variant.
 """
 
@@ -132,6 +134,60 @@ def test_errors_are_reported():
         sess.run(None, {**feeds, "qkv": np.zeros((1, 1, 100), np.float32), "seqlens_k": np.array([0], np.int32)})
 
 
+def _qk_norm_model(heads: int, kv_heads: int, head_dim: int, capacity: int, eps: float):
+    """Qwen3's attention as nets/decoder.py writes it: the query/key norm nodes, then com.microsoft's
+    GroupQueryAttention; gammas and rotary tables as constants."""
+    from internvl_edge.nets.decoder import _qk_norms, rotary_tables
+    from internvl_edge.nets.graph import MS_DOMAIN, Graph
+
+    rng = np.random.default_rng(head_dim + heads)
+    g = Graph("attention", None)
+    qkv = g.input("qkv", TensorProto.FLOAT, ["batch", "rows", (heads + 2 * kv_heads) * head_dim])
+    for name in ("past_k", "past_v"):
+        g.input(name, TensorProto.FLOAT, ["batch", kv_heads, capacity, head_dim])
+    for name, shape in (("seqlens_k", ["batch"]), ("total", []), ("query_lens", ["batch"])):
+        g.input(name, TensorProto.INT32, shape)
+    gammas = (1 + 0.3 * rng.standard_normal((2, head_dim))).astype(np.float32)
+    normed = _qk_norms(g, qkv, "attn", gammas[0], gammas[1], heads, kv_heads, head_dim, eps)
+    cos, sin = rotary_tables(head_dim, 10000.0, capacity)
+    ins = [normed, "", "", "past_k", "past_v", "seqlens_k", "total", g.weight("cos", cos), g.weight("sin", sin)]
+    g.op("GroupQueryAttention", ins + [""] * 7 + ["query_lens"], "/attn/GroupQueryAttention", outputs=["out", "k", "v"],
+         domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)  # fmt: skip
+    for name in ("out", "k", "v"):
+        g.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return g.model()
+
+
+@moves_attention
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rows,past", [(16, 8, 128, 1, 30), (4, 2, 64, 37, 5),
+                                                                (6, 2, 128, 20, 0)])
+def test_query_key_norms_folded_into_ours(heads, kv_heads, head_dim, rows, past):
+    """The rewrite folds the eight norm nodes into our node (which then reads the linear's qkv and the
+    two gammas) and both compute the same: decode and prefill chunks, Qwen3-1.7B's 16/8 heads of 128."""
+    capacity, eps = 64, 1e-6
+    model = _qk_norm_model(heads, kv_heads, head_dim, capacity, eps)
+    rng = np.random.default_rng(rows)
+    qkv = (3 * rng.standard_normal((1, rows, (heads + 2 * kv_heads) * head_dim))).astype(np.float32)
+    past_k, past_v = (rng.standard_normal((1, kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
+    feeds = {"qkv": qkv, "seqlens_k": np.array([past + rows - 1], np.int32), "total": np.array(past + rows, np.int32),
+             "query_lens": np.array([rows], np.int32)}  # fmt: skip
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    theirs = _run(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), feeds,
+                  past_k, past_v, True)  # fmt: skip
+    moved = kernels.rewrite(model)
+    assert moved["GroupQueryAttention"] == 1 and moved["qk_norm"] == 1
+    (node,) = model.graph.node
+    assert node.domain == kernels.DOMAIN and node.input[0] == "qkv" and len(node.input) == 10
+    assert [a.f for a in node.attribute if a.name == "qk_norm_epsilon"] == [pytest.approx(eps)]
+    so.register_custom_ops_library(kernels.library_path())
+    ours = _run(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), feeds,
+                past_k, past_v, True)  # fmt: skip
+    np.testing.assert_allclose(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
+    for mine, ref in zip(ours[1:], theirs[1:]):
+        np.testing.assert_allclose(mine[:, :, : past + rows], ref[:, :, : past + rows], atol=1e-5, rtol=1e-5)
+
+
 def _attention_node(**changes):
     ins = ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total", "cos", "sin"]
     ins += [""] * 7 + ["query_seqlens"]
@@ -148,7 +204,7 @@ def test_rewrite_takes_only_the_decoders_attention():
     nodes = [_attention_node(), _attention_node(softcap=30.0), _attention_node(local_window_size=16),
              _attention_node(rotary_interleaved=1), _attention_node(inputs=unpacked), _attention_node(kv_num_heads=4)]
     model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
-    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0}
+    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
     moved = model.graph.node[0]
     assert list(moved.input) == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
@@ -160,12 +216,24 @@ def test_rewrite_takes_only_the_decoders_attention():
 
 
 @moves_attention
-def test_decoder_attention_is_ours_unless_disabled(bundle, monkeypatch):
+@pytest.mark.parametrize("ckpt, quant", [("tiny_bf16", "w4bf16"), ("tiny35_bf16", "f16")])
+def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypatch):
     """The decoder's attention runs on our kernel by default and on ORT's with INTERNVL_EDGE_KERNELS=matmul;
-    a prefill and decode steps give the same logits within float rounding either way."""
+    a prefill and decode steps give the same logits within float rounding either way. InternVL3.5's
+    query/key norms are folded into ours in every layer (and run as nodes of their own on ORT's). The
+    InternVL3.5 bundle has float linears: with int8 activation blocks, a float-rounding difference in
+    an attention output can move a value across a rounding boundary of its block, one whole
+    quantisation step (seen: 0.5% of the logits' range on one random model)."""
+    import os
+
+    import onnx
+
     from internvl_edge.api import load
 
-    path = bundle("tiny_bf16", "w4bf16")
+    path = bundle(ckpt, quant)
+    decoder = onnx.load(os.path.join(path, "decoder.onnx"), load_external_data=False)
+    layers = sum(n.op_type == "GroupQueryAttention" for n in decoder.graph.node)
+    assert kernels.rewrite(decoder)["qk_norm"] == (layers if ckpt.startswith("tiny35") else 0)
 
     def logits(model):
         backend = model.backend
@@ -185,7 +253,7 @@ def test_decoder_attention_is_ours_unless_disabled(bundle, monkeypatch):
     try:
         theirs_model = load(path)
         assert theirs_model.backend.attention_kernel == "onnxruntime"
-        assert theirs_model.backend.q4_kernel.startswith("internvl-edge q4gemm")
+        assert theirs_model.backend.q4_kernel.startswith("internvl-edge q4gemm") == quant.startswith("w4")
         theirs = logits(theirs_model)
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KERNELS")

@@ -221,7 +221,7 @@ def test_rewrite_takes_only_what_the_kernel_computes():
     nodes = [node(), node(bits=8), node(level=1), node(block=32), node(g_idx="g"),
              helper.make_node("MatMul", ["A", "W"], ["Y"])]  # fmt: skip
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
-    assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0, "norm": 0}
+    assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0, "norm": 0, "qk_norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.microsoft", "com.microsoft",
                                                      "com.microsoft", "com.microsoft", ""]  # fmt: skip
     assert any(o.domain == kernels.DOMAIN for o in model.opset_import)

@@ -112,11 +112,12 @@ def test_broken_videos_are_clear_errors(tmp_path):
         read_frames(str(tmp_path / "missing.mp4"))
 
 
-def test_video_answer_matches_reference(checkpoint, bundle, tmp_path):
+@pytest.mark.parametrize("name", ["tiny_bf16", "odd35_bf16"])
+def test_video_answer_matches_reference(name, checkpoint, bundle, tmp_path):
     """The f32 bundle's greedy tokens for a video question equal the reference's on the same frames
-    (decoded here independently, one 448 tile each via transformers' processor)."""
+    (decoded here independently, one 448 tile each via transformers' processor); InternVL3 and 3.5."""
     path = write_video(tmp_path / "v.mp4", "libx264", 40, size=(320, 240))
-    ckpt = checkpoint("tiny_bf16")
+    ckpt = checkpoint(name)
     container = av.open(path)
     all_frames = [f.to_image() for f in container.decode(video=0)]
     container.close()
@@ -130,7 +131,7 @@ def test_video_answer_matches_reference(checkpoint, bundle, tmp_path):
     text = text.replace("<image>", "<img>" + "<IMG_CONTEXT>" * 256 + "</img>")
     ids = reference_tokenizer(ckpt)(text).input_ids
     ref_tokens, _ = greedy(load_reference(ckpt), ids, pv, 16)
-    ours = load(bundle("tiny_bf16", "f32")).generate("What happens?", video=path, video_frames=4,
+    ours = load(bundle(name, "f32")).generate("What happens?", video=path, video_frames=4,
                                                      max_new_tokens=16, ignore_eos=True)  # fmt: skip
     assert ours.prompt_token_ids == ids
     assert ours.token_ids == ref_tokens

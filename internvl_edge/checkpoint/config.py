@@ -22,8 +22,16 @@ ORIGINAL = "original"
 HF = "hf"
 SUPPORTED_FORMATS_TEXT = (
     "OpenGVLab's original InternVL format (architectures: InternVLChatModel, bf16/f16 or AWQ int4) and "
-    "transformers' native format (InternVLForConditionalGeneration), with a Qwen2 language model"
+    "transformers' native format (InternVLForConditionalGeneration), with a Qwen2 (InternVL3) or dense Qwen3 "
+    "(InternVL3.5) language model"
 )
+
+# Language models by config.json's `architectures` / `model_type`: the dense decoders we build, and the
+# mixture-of-experts ones InternVL3.5 also ships (30B-A3B, 241B-A28B, GPT-OSS-20B-A4B), which we refuse.
+# https://github.com/OpenGVLab/InternVL/blob/main/internvl_chat_gpt_oss/internvl/model/internvl_chat/configuration_internvl_chat.py
+QWEN2, QWEN3 = "Qwen2ForCausalLM", "Qwen3ForCausalLM"
+_DENSE = {"qwen2": QWEN2, "qwen3": QWEN3}
+_MIXTURE_OF_EXPERTS = {"qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 @dataclass
@@ -73,8 +81,15 @@ class TextConfig:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    architecture: str = "Qwen2ForCausalLM"
+    architecture: str = QWEN2
     awq: AwqConfig | None = None
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalises each head's query and key (RMS norm over head_dim, one weight vector per
+        projection) before the rotary embedding; Qwen2 does not.
+        https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3/modeling_qwen3.py"""
+        return self.architecture == QWEN3
 
     def __post_init__(self):
         if not self.head_dim:
@@ -137,14 +152,28 @@ def _int_size(v) -> int:
     return int(v)
 
 
-def _text_config(d: dict, where: str) -> TextConfig:
+def _architecture(d: dict, where: str) -> str:
     archs = d.get("architectures") or []
     model_type = d.get("model_type", "")
-    if not (model_type == "qwen2" or "Qwen2ForCausalLM" in archs):
+    for arch in archs:
+        if arch in _DENSE.values():
+            return arch
+    if model_type in _DENSE:
+        return _DENSE[model_type]
+    moe = [a for a in archs if a in _MIXTURE_OF_EXPERTS.values()] or [_MIXTURE_OF_EXPERTS.get(model_type)]
+    if moe[0]:
         raise UserError(
-            f"{where}: language model {archs or model_type!r} is not supported; supported is Qwen2 "
-            "(InternVL3 1B/2B/8B, InternVL2.5 1B/4B)"
+            f"{where}: {moe[0]} is a mixture-of-experts language model (InternVL3.5-30B-A3B, -241B-A28B, "
+            "-GPT-OSS-20B-A4B), which is not supported; use a dense one (InternVL3.5-1B/2B/4B/8B) or InternVL3"
         )
+    raise UserError(
+        f"{where}: language model {archs or model_type!r} is not supported; supported are Qwen2 "
+        "(InternVL3 1B/2B/8B, InternVL2.5 1B/4B) and Qwen3 (InternVL3.5 1B/2B/4B/8B)"
+    )
+
+
+def _text_config(d: dict, where: str) -> TextConfig:
+    arch = _architecture(d, where)
     if d.get("use_sliding_window"):
         raise UserError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
     rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
@@ -158,7 +187,7 @@ def _text_config(d: dict, where: str) -> TextConfig:
     awq = _awq_config(q, where) if q else None
     act = d.get("hidden_act", "silu")
     if act != "silu":
-        raise UserError(f"{where}: activation {act!r} is not supported (Qwen2 uses silu)")
+        raise UserError(f"{where}: activation {act!r} is not supported (Qwen2 and Qwen3 use silu)")
     return TextConfig(
         hidden_size=int(d["hidden_size"]),
         num_hidden_layers=int(d["num_hidden_layers"]),
@@ -172,6 +201,7 @@ def _text_config(d: dict, where: str) -> TextConfig:
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         hidden_act=act,
+        architecture=arch,
         awq=awq,
     )
 
@@ -259,7 +289,7 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
             )
         else:
             text_raw = dict(raw["text_config"])
-            text_raw.setdefault("model_type", "qwen2")
+            text_raw.setdefault("model_type", "qwen2")  # transformers' InternVLConfig default
             text = _text_config(text_raw, f"{where} text_config")
             if text.awq is None and raw.get("quantization_config"):
                 text.awq = _awq_config(raw["quantization_config"], where)
@@ -276,7 +306,7 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
                 downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
                 select_layer=int(layer),
                 ps_version="v2",
-                template="internvl2_5",  # the -hf checkpoints are InternVL2.5/3, whose template this is
+                template="internvl2_5",  # the -hf checkpoints are InternVL2.5/3/3.5, whose template this is
                 projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
                 torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "bfloat16"),
                 image_token_id=raw.get("image_token_id"),

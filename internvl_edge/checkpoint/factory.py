@@ -1,9 +1,12 @@
-"""Random-weight InternVL3 checkpoints in the real file formats, from tiny (tests, demo) to 8B shapes.
+"""Random-weight InternVL3 and InternVL3.5 checkpoints in the real file formats, from tiny (tests, demo)
+to 8B shapes.
 
 Weights cannot be downloaded here, so tests, the demo and the benchmarks use checkpoints made by this
 module: the same config.json keys, tensor names, dtypes, AWQ packing, sharding and tokenizer files as
-OpenGVLab's published InternVL3 checkpoints (original format, bf16/f16 or AWQ int4) or transformers'
--hf checkpoints. No torch needed.
+OpenGVLab's published InternVL3 / InternVL3.5 checkpoints (original format, bf16/f16 or AWQ int4) or
+transformers' -hf checkpoints. No torch needed. InternVL3 has a Qwen2.5 decoder (q/k/v biases, head
+size hidden/heads); InternVL3.5 a Qwen3 one (no biases, head size 128 whatever the width, an RMS norm
+on each query and key head).
 
 The initialisation makes the language model's next-token distribution peaked (a large lm_head), so
 that greedy tokens are decided by clear margins and implementations can be compared token by token;
@@ -44,14 +47,31 @@ class Shapes:
     tie_word_embeddings: bool = False
     tokenizer_vocab: int = 1000
     awq_group_size: int = 128
+    llm: str = "qwen2"  # qwen2 (InternVL3: Qwen2.5) or qwen3 (InternVL3.5)
+    text_head_dim: int = 0  # 0: text_hidden / text_heads (Qwen2); Qwen3 says it (128)
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_head_dim or self.text_hidden // self.text_heads
 
 
-# Published shapes: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B/1.5B/7B (config.json of InternVL3-1B/2B/8B).
+QWEN3 = {"llm": "qwen3", "text_head_dim": 128, "vocab_size": 151936}
+# Published shapes: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B/1.5B/7B (config.json of InternVL3-1B/2B/8B;
+# Qwen2.5-0.5B ties lm_head to the embeddings) and + Qwen3-0.6B/1.7B/4B/8B (InternVL3.5-1B/2B/4B/8B;
+# Qwen3's configs: the three small ones tie, 8B does not).
+# https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json
+# https://huggingface.co/Qwen/Qwen3-1.7B/blob/main/config.json
 SIZES: dict[str, Shapes] = {
     "tiny": Shapes(64, 2, 4, 128, 128, 2, 4, 2, 256),
-    "1b": Shapes(1024, 24, 16, 4096, 896, 24, 14, 2, 4864, vocab_size=151674),
+    "1b": Shapes(1024, 24, 16, 4096, 896, 24, 14, 2, 4864, vocab_size=151674, tie_word_embeddings=True),
     "2b": Shapes(1024, 24, 16, 4096, 1536, 28, 12, 2, 8960, vocab_size=151674),
     "8b": Shapes(1024, 24, 16, 4096, 3584, 28, 28, 4, 18944, vocab_size=151674),
+    # InternVL3.5 in small: tied embeddings, 4 heads of 64 (wider than the hidden size, as Qwen3's), 2 KV heads
+    "3.5-tiny": Shapes(64, 2, 4, 128, 128, 2, 4, 2, 256, tie_word_embeddings=True, llm="qwen3", text_head_dim=64),
+    "3.5-1b": Shapes(1024, 24, 16, 4096, 1024, 28, 16, 8, 3072, tie_word_embeddings=True, **QWEN3),
+    "3.5-2b": Shapes(1024, 24, 16, 4096, 2048, 28, 16, 8, 6144, tie_word_embeddings=True, **QWEN3),
+    "3.5-4b": Shapes(1024, 24, 16, 4096, 2560, 36, 32, 8, 9728, tie_word_embeddings=True, **QWEN3),
+    "3.5-8b": Shapes(1024, 24, 16, 4096, 4096, 36, 32, 8, 12288, **QWEN3),
 }
 WEIGHT_KINDS = ("bf16", "f16", "awq")
 FORMATS = ("original", "hf")
@@ -77,7 +97,7 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
     """Every tensor of the model, in canonical names, with how to initialise it."""
     C, Iv = s.vision_hidden, s.vision_intermediate
     H, I, nh, kvh = s.text_hidden, s.text_intermediate, s.text_heads, s.text_kv_heads
-    hd = H // nh
+    hd, qwen3 = s.head_dim, s.llm == "qwen3"
     n_pos = (s.image_size // s.patch_size) ** 2 + 1
     specs = [
         _Spec("vision_model.embeddings.class_embedding", (1, 1, C), _Init("normal", 0.5)),
@@ -116,8 +136,9 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
     ]
     for i in range(s.text_layers):
         p = f"language_model.model.layers.{i}"
-        lin = [("self_attn.q_proj", nh * hd, H, True), ("self_attn.k_proj", kvh * hd, H, True),
-               ("self_attn.v_proj", kvh * hd, H, True), ("self_attn.o_proj", H, nh * hd, False),
+        qkv_bias = not qwen3  # Qwen2 has q/k/v biases, Qwen3 none
+        lin = [("self_attn.q_proj", nh * hd, H, qkv_bias), ("self_attn.k_proj", kvh * hd, H, qkv_bias),
+               ("self_attn.v_proj", kvh * hd, H, qkv_bias), ("self_attn.o_proj", H, nh * hd, False),
                ("mlp.gate_proj", I, H, False), ("mlp.up_proj", I, H, False), ("mlp.down_proj", H, I, False)]  # fmt: skip
         specs += [
             _Spec(f"{p}.input_layernorm.weight", (H,), _Init("around_one", 0.1)),
@@ -127,6 +148,9 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
             specs.append(_Spec(f"{p}.{name}.weight", (n_out, n_in), _Init("normal", 1.0 / np.sqrt(n_in)), True))
             if bias:
                 specs.append(_Spec(f"{p}.{name}.bias", (n_out,), _Init("normal", 0.2)))
+        if qwen3:  # one weight per head dimension, shared by the heads
+            specs += [_Spec(f"{p}.self_attn.q_norm.weight", (hd,), _Init("around_one", 0.3)),
+                      _Spec(f"{p}.self_attn.k_norm.weight", (hd,), _Init("around_one", 0.3))]  # fmt: skip
     specs.append(_Spec("language_model.model.norm.weight", (H,), _Init("around_one", 0.1)))
     if not s.tie_word_embeddings:
         # peaked logits: each logit has a standard deviation of ~8 for unit-variance hidden states
@@ -232,7 +256,7 @@ class _ShardedWriter:
 
 def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int]) -> dict:
     torch_dtype = "bfloat16" if weights == "bf16" else "float16"
-    llm = {
+    llm = _qwen3_config(s) if s.llm == "qwen3" else {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "hidden_size": s.text_hidden,
@@ -251,11 +275,9 @@ def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int])
         "use_sliding_window": False,
         "sliding_window": 32768,
         "attention_dropout": 0.0,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "use_cache": True,
-        "torch_dtype": torch_dtype,
     }
+    llm.update({"vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                "use_cache": True, "torch_dtype": torch_dtype})  # fmt: skip
     if weights == "awq":
         # OpenGVLab's -AWQ checkpoints keep quantization_config inside llm_config
         llm["quantization_config"] = {
@@ -341,6 +363,31 @@ def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int])
         "torch_dtype": torch_dtype,
         "text_config": llm,
         "vision_config": vision,
+    }
+
+
+def _qwen3_config(s: Shapes) -> dict:
+    """llm_config / text_config of an InternVL3.5 (Qwen3ForCausalLM, as Qwen3's own config.json)."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": s.text_hidden,
+        "intermediate_size": s.text_intermediate,
+        "num_attention_heads": s.text_heads,
+        "num_hidden_layers": s.text_layers,
+        "num_key_value_heads": s.text_kv_heads,
+        "head_dim": s.head_dim,
+        "attention_bias": False,
+        "max_position_embeddings": 40960,
+        "max_window_layers": s.text_layers,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": s.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
     }
 
 

@@ -1,4 +1,4 @@
-"""`internvl-edge make-checkpoint`: a random-weight InternVL3 checkpoint in the real file formats."""
+"""`internvl-edge make-checkpoint`: a random-weight InternVL3 / InternVL3.5 checkpoint in the real file formats."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from ..progress import Progress
 
 def add_arguments(p) -> None:
     p.add_argument("out_dir", help="folder to create")
-    p.add_argument("--size", default="tiny", choices=list(SIZES), help="tiny (tests, demo) or published shapes (default tiny)")
+    p.add_argument("--size", default="tiny", choices=list(SIZES),
+                   help="tiny (tests, demo) or InternVL3's published shapes; 3.5-*: InternVL3.5's (default tiny)")
     p.add_argument("--format", dest="fmt", default="original", choices=FORMATS,
                    help="OpenGVLab original or transformers (hf) (default original)")
     p.add_argument("--weights", default="bf16", choices=WEIGHT_KINDS, help="bf16, f16 or awq (int4 decoder linears) (default bf16)")

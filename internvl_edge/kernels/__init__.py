@@ -333,15 +333,84 @@ def fuse_norms(model) -> int:
     return fused
 
 
+def fold_qk_norms(model, attention) -> list:
+    """Fold Qwen3's per-head query and key norms into our attention node `attention` (already moved, its
+    first input the packed qkv): the pattern nets/decoder.py writes, Split(qkv) in q, k, v ->
+    Reshape [0, 0, heads, head_dim] -> SimplifiedLayerNormalization over the last axis with a float
+    constant gamma of head_dim values -> Reshape [0, 0, heads x head_dim] for q and for k -> Concat(q, k,
+    v), each intermediate used by that pattern only and both norms with one epsilon. The node then reads
+    the linear's qkv itself, with inputs q_norm, k_norm and attribute qk_norm_epsilon (attention.h), so
+    the queries and keys are normed in the pass that rotates them instead of by eight nodes, two of
+    them copies. Returns the nodes to drop ([] when the pattern is not there: then nothing changes)."""
+    from onnx import TensorProto, helper
+
+    producer, users = {}, {}
+    for n in model.graph.node:
+        for name in n.output:
+            producer[name] = n
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    floats = {t.name: list(t.dims) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+
+    def only(name: str, user, op_type: str):
+        """The producer of `name`, of `op_type`, when `user` alone reads it."""
+        node = producer.get(name)
+        if node is None or node.op_type != op_type or node.domain not in ("", None):
+            return None
+        return node if users.get(name) == [user] and name not in graph_outputs else None
+
+    a = _attrs(attention)
+    heads, kv_heads = a["num_heads"], a["kv_num_heads"]
+    concat = only(attention.input[0], attention, "Concat")
+    if concat is None or len(concat.input) != 3 or _attrs(concat).get("axis") not in (-1, 2):
+        return []
+    split = producer.get(concat.input[2])
+    if split is None or split.op_type != "Split" or len(split.output) != 3 or concat.input[2] != split.output[2]:
+        return []
+    sizes = _constant(model, split.input[1]) if len(split.input) > 1 else None
+    if sizes is None or len(sizes) != 3 or sizes[0] % heads or _attrs(split).get("axis") not in (-1, 2):
+        return []
+    hd = int(sizes[0]) // heads
+    if list(sizes) != [heads * hd, kv_heads * hd, kv_heads * hd] or users.get(split.output[2]) != [concat]:
+        return []
+    chain, gammas, epsilons = [concat, split], [], set()
+    for k, n_heads in ((0, heads), (1, kv_heads)):
+        back = only(concat.input[k], concat, "Reshape")
+        norm = back and only(back.input[0], back, "SimplifiedLayerNormalization")
+        into = norm and only(norm.input[0], norm, "Reshape")
+        if not into or into.input[0] != split.output[k] or users.get(split.output[k]) != [into]:
+            return []
+        shapes = _constant(model, into.input[1]), _constant(model, back.input[1])
+        if any(x is None for x in shapes) or [list(x) for x in shapes] != [[0, 0, n_heads, hd], [0, 0, n_heads * hd]]:
+            return []
+        na = _attrs(norm)
+        if na.get("axis", -1) not in (-1, 3) or len(norm.input) != 2 or floats.get(norm.input[1]) != [hd]:
+            return []
+        if any(users.get(o) or o in graph_outputs for o in norm.output[1:] if o):
+            return []
+        chain += [back, norm, into]
+        gammas.append(norm.input[1])
+        epsilons.add(float(na.get("epsilon", 1e-5)))
+    if len(epsilons) != 1:
+        return []
+    attention.input[0] = split.input[0]
+    attention.input.extend(gammas)
+    attention.attribute.append(helper.make_attribute("qk_norm_epsilon", epsilons.pop()))
+    return chain
+
+
 def rewrite(model, threads: int | None = None) -> dict[str, int]:
-    """Move the nodes our kernels take to our domain (in place, graph only), then fuse SwiGLU into
-    the moved gate/up linears and the norms that feed moved linears into them. Returns how many
-    moved, by op type, and how many of each were fused.
+    """Move the nodes our kernels take to our domain (in place, graph only), fold Qwen3's query/key
+    norms into the moved attention nodes, then fuse SwiGLU into the moved gate/up linears and the
+    norms that feed moved linears into them. Returns how many moved, by op type, and how many of each
+    were fused.
     `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
     contiguous ranges per thread (attribute `batches`; the op's default is 8)."""
     from onnx import helper
 
-    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0}
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0}
+    folded = []
     for node in model.graph.node:
         if enabled("matmul") and takes(node, model):
             node.domain = DOMAIN
@@ -360,6 +429,11 @@ def rewrite(model, threads: int | None = None) -> dict[str, int]:
                     node.attribute.remove(attr)
             node.domain = DOMAIN
             moved[ATTENTION_OP] += 1
+            chain = fold_qk_norms(model, node)
+            folded += chain
+            moved["qk_norm"] += bool(chain)
+    for node in folded:
+        model.graph.node.remove(node)
     moved["swiglu"] = fuse_swiglu(model)
     moved["norm"] = fuse_norms(model) if folds_norms() else 0
     if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):

@@ -56,6 +56,21 @@ static float *turned_keys(const ie_attention *p, int64_t b, int64_t g) {
            (b * p->kv_heads + g) * key_blocks(p) * IEA_TILE_KEYS * p->head_dim;
 }
 
+/* Qwen3's RMS norm of one query or key head before the rotary (q_norm / k_norm, one weight per
+ * dimension shared by the heads): y = x / sqrt(mean(x * x) + epsilon) * gamma, the formula of ONNX
+ * Runtime's SimplifiedLayerNormalization that the graph uses where this kernel does not run. Returns
+ * x itself when there is no norm (Qwen2). */
+static inline __attribute__((always_inline)) const float *head_norm(const ie_attention *p, const float *x,
+                                                                    const float *gamma, float *y) {
+    if (!gamma) return x;
+    const int64_t hd = p->head_dim;
+    float squares = 0.0f;
+    for (int64_t d = 0; d < hd; d++) squares += x[d] * x[d];
+    const float root = __builtin_sqrtf(squares / (float)hd + p->qk_norm_epsilon);
+    for (int64_t d = 0; d < hd; d++) y[d] = x[d] / root * gamma[d];
+    return y;
+}
+
 /* rotate-half rotary at `pos` (x[d], x[d + h/2] turned by angle d), times `scale`, into y */
 static inline __attribute__((always_inline)) void rotate(const ie_attention *p, const float *x, float *y, int64_t pos, float scale) {
     const int64_t half = p->head_dim / 2;

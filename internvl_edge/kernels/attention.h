@@ -1,6 +1,8 @@
 /* Causal grouped-query attention over an in-place KV cache, with rotary embeddings: what
  * com.microsoft GroupQueryAttention computes for the decoder (packed QKV, do_rotary=1 with
- * rotate-half rotary, past and present sharing one buffer, right-padded chunks), in float32.
+ * rotate-half rotary, past and present sharing one buffer, right-padded chunks), in float32; for
+ * Qwen3 also the RMS norm of each query and key head before the rotary, which the graph computes with
+ * nodes of its own in front of com.microsoft's kernel (nets/decoder.py).
  *
  * Spec: https://github.com/microsoft/onnxruntime/blob/main/docs/ContribOperators.md#com.microsoft.GroupQueryAttention
  *
@@ -35,6 +37,9 @@ typedef struct {
     float *out;               /* [batch, rows, heads * head_dim] */
     int64_t batch, rows, heads, kv_heads, head_dim, capacity, positions;
     float scale;              /* on q.k; 0: 1 / sqrt(head_dim) */
+    const float *q_norm, *k_norm; /* [head_dim] or NULL: Qwen3's RMS norm weights of each query and key head,
+                                     applied before the rotary (x / sqrt(mean(x^2) + qk_norm_epsilon) * w) */
+    float qk_norm_epsilon;
     float *scratch;           /* plan.scratch_bytes, 64-byte aligned: the rotated, scaled queries, and
                                  for chunks of many rows the keys turned around in blocks */
 } ie_attention;

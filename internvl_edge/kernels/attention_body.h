@@ -84,22 +84,24 @@ static inline __attribute__((always_inline)) VF IEA_FN(reduce)(const VF *p) {
 #error "IEA_W must be 16 or 8"
 #endif
 
-/* Rows of one batch entry: queries rotated and scaled into scratch, keys rotated and values copied
- * into their cache rows. */
+/* Rows of one batch entry: queries (normed when q_norm is given) rotated and scaled into scratch, keys
+ * (normed when k_norm is given) rotated and values copied into their cache rows. */
 static void IEA_FN(prepare)(const ie_attention *p, size_t task) {
     const int64_t chunks = (p->rows + IEA_PREPARE_ROWS - 1) / IEA_PREPARE_ROWS;
     const int64_t b = (int64_t)task / chunks, i0 = (int64_t)task % chunks * IEA_PREPARE_ROWS;
     const int64_t hd = p->head_dim, nh = p->heads, kvh = p->kv_heads, width = (nh + 2 * kvh) * hd;
     const int64_t past = past_length(p, b), q_len = p->query_lens[b];
     const float scale = p->scale > 0.0f ? p->scale : 1.0f / __builtin_sqrtf((float)hd);
+    float normed[IEA_MAX_HEAD_DIM];
     for (int64_t i = i0; i < i0 + IEA_PREPARE_ROWS && i < q_len; i++) {
         const int64_t pos = past + i;
         const float *row = p->qkv + (b * p->rows + i) * width;
         float *q = p->scratch + (b * p->rows + i) * nh * hd;
-        for (int64_t h = 0; h < nh; h++) rotate(p, row + h * hd, q + h * hd, pos, scale);
+        for (int64_t h = 0; h < nh; h++)
+            rotate(p, head_norm(p, row + h * hd, p->q_norm, normed), q + h * hd, pos, scale);
         for (int64_t g = 0; g < kvh; g++) {
             const int64_t at = ((b * kvh + g) * p->capacity + pos) * hd;
-            rotate(p, row + (nh + g) * hd, p->k_cache + at, pos, 1.0f);
+            rotate(p, head_norm(p, row + (nh + g) * hd, p->k_norm, normed), p->k_cache + at, pos, 1.0f);
             memcpy(p->v_cache + at, row + (nh + kvh + g) * hd, (size_t)hd * sizeof(float));
         }
     }

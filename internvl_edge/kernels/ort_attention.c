@@ -5,8 +5,12 @@
  *   inputs:  qkv float [B, S, (num_heads + 2 kv_num_heads) head_dim] (packed, as com.microsoft's
  *            query with key and value absent), past_key, past_value float [B, kv_num_heads,
  *            capacity, head_dim], seqlens_k int32 [B], total_sequence_length int32 [1],
- *            cos_cache, sin_cache float [positions, head_dim / 2], query_seqlens int32 [B]
- *   attrs:   num_heads, kv_num_heads; rotary is always applied (do_rotary=1, rotate-half)
+ *            cos_cache, sin_cache float [positions, head_dim / 2], query_seqlens int32 [B],
+ *            q_norm, k_norm float [head_dim] (optional, both or neither, with qk_norm_epsilon: Qwen3's
+ *            RMS norm of each query and key head before the rotary, which kernels/__init__.py folds
+ *            in from the nodes nets/decoder.py writes for it)
+ *   attrs:   num_heads, kv_num_heads; qk_norm_epsilon (float, optional); rotary is always applied
+ *            (do_rotary=1, rotate-half)
  *   outputs: output float [B, S, num_heads head_dim], present_key, present_value (past's shape)
  *
  * present_* bound to the same buffers as past_* (the runtime's IO binding) are updated in place;
@@ -20,11 +24,16 @@
 
 #define IE_OP "GroupQueryAttention"
 
-enum { IN_QKV, IN_PAST_K, IN_PAST_V, IN_SEQLENS_K, IN_TOTAL, IN_COS, IN_SIN, IN_QUERY_LENS, IN_COUNT };
+enum {
+    IN_QKV, IN_PAST_K, IN_PAST_V, IN_SEQLENS_K, IN_TOTAL, IN_COS, IN_SIN, IN_QUERY_LENS, IN_Q_NORM, IN_K_NORM, IN_COUNT
+};
+enum { IN_REQUIRED = IN_Q_NORM };
 enum { OUT_Y, OUT_PRESENT_K, OUT_PRESENT_V, OUT_COUNT };
 
 typedef struct {
     int64_t heads, kv_heads;
+    int qk_norm; /* attribute qk_norm_epsilon given: inputs q_norm and k_norm are required */
+    float qk_norm_epsilon;
 } kernel_t;
 
 static void prepare_task(void *user, size_t task) { ie_attention_prepare((const ie_attention *)user, task); }
@@ -53,8 +62,9 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     size_t count = 0;
     TRY(ORTABI(g_api, KernelContext_GetInputCount)(ctx, &count));
-    if (count < IN_COUNT) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "%d inputs expected, %zu given", IN_COUNT, count);
-    const OrtValue *in[IN_COUNT];
+    if (count < IN_REQUIRED)
+        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "%d inputs expected, %zu given", IN_REQUIRED, count);
+    const OrtValue *in[IN_COUNT] = {0};
     tensor_desc qkv, pk, pv, sk, tot, cs, sn, ql;
     TRY(input_of(ctx, IN_QKV, "qkv", ORTABI_TYPE_FLOAT, "float32", &in[IN_QKV], &qkv));
     TRY(input_of(ctx, IN_PAST_K, "past_key", ORTABI_TYPE_FLOAT, "float32", &in[IN_PAST_K], &pk));
@@ -82,6 +92,23 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
         return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
                         (long long)(hd / 2));
 
+    tensor_desc q_norm, k_norm;
+    if (kn->qk_norm) {
+        if (count < IN_COUNT)
+            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "qk_norm_epsilon needs inputs q_norm and k_norm");
+        TRY(input_of(ctx, IN_Q_NORM, "q_norm", ORTABI_TYPE_FLOAT, "float32", &in[IN_Q_NORM], &q_norm));
+        TRY(input_of(ctx, IN_K_NORM, "k_norm", ORTABI_TYPE_FLOAT, "float32", &in[IN_K_NORM], &k_norm));
+        if (q_norm.count != hd || k_norm.count != hd)
+            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "q_norm and k_norm must have head_dim = %lld values",
+                            (long long)hd);
+    } else if (count > IN_REQUIRED) {
+        const OrtValue *extra = NULL;
+        for (size_t i = IN_REQUIRED; i < count && !extra; i++)
+            TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, &extra));
+        if (extra)
+            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "inputs q_norm and k_norm need attribute qk_norm_epsilon");
+    }
+
     const int64_t y_dims[3] = {B, S, nh * hd};
     OrtValue *y = NULL, *present_k = NULL, *present_v = NULL;
     TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_Y, y_dims, 3, &y));
@@ -101,6 +128,8 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (!s) p.seqlens_k = (const int32_t *)ie_data_of(in[IN_SEQLENS_K], &s);
     if (!s) p.query_lens = (const int32_t *)ie_data_of(in[IN_QUERY_LENS], &s);
     if (!s) p.out = (float *)ie_data_of(y, &s);
+    if (!s && kn->qk_norm) p.q_norm = (const float *)ie_data_of(in[IN_Q_NORM], &s);
+    if (!s && kn->qk_norm) p.k_norm = (const float *)ie_data_of(in[IN_K_NORM], &s);
     if (s) return s;
     /* not bound in place: present starts as a copy of past */
     const size_t cache_bytes = (size_t)pk.count * sizeof(float);
@@ -113,6 +142,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.head_dim = hd;
     p.capacity = pk.dims[2];
     p.positions = cs.dims[0];
+    p.qk_norm_epsilon = kn->qk_norm_epsilon;
 
     char why[240];
     ie_attention_plan_t plan;
@@ -142,6 +172,8 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     if (!kn) return ie_error(IE_OP, ORTABI_FAIL, "out of memory");
     kn->heads = heads;
     kn->kv_heads = kv_heads;
+    kn->qk_norm_epsilon = 0.0f;
+    kn->qk_norm = ie_get_float(info, "qk_norm_epsilon", &kn->qk_norm_epsilon);
     *out = kn;
     return NULL;
 }
@@ -154,6 +186,10 @@ static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; r
 static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
     (void)op;
     return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORTABI_TYPE_INT32 : ORTABI_TYPE_FLOAT;
+}
+static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t i) {
+    (void)op;
+    return i < IN_REQUIRED ? ORTABI_IO_REQUIRED : ORTABI_IO_OPTIONAL;
 }
 static ortabi_io_kind ORTABI_CALL required(const ortabi_custom_op *op, size_t i) {
     (void)op;
@@ -174,7 +210,7 @@ static const struct {
         .get_output_type = ie_float_output,
         .get_output_type_count = output_count,
         .kernel_destroy = destroy_kernel,
-        .get_input_characteristic = required,
+        .get_input_characteristic = input_kind,
         .get_output_characteristic = required,
         .get_input_memory_type = ie_default_memory,
         .get_variadic_input_min_arity = ie_variadic_one,

@@ -1,4 +1,4 @@
-"""The Qwen2 decoder as one ONNX graph: embeddings + KV cache in, next-token logits + KV cache out.
+"""The Qwen2 / Qwen3 decoder as one ONNX graph: embeddings + KV cache in, next-token logits + KV cache out.
 
 It knows nothing about images: the runtime scatters image embeddings into `inputs_embeds`.
 
@@ -8,6 +8,17 @@ One layer (HF: Qwen2DecoderLayer, https://github.com/huggingface/transformers/bl
     h ──qkv_proj (q, k, v fused)── GroupQueryAttention(rotary, KV cache in place) ── o_proj ── a
     (a + residual) ──SkipSimplifiedLayerNorm(post_attention_layernorm)── h2, residual
     h2 ──gate_up_proj── split ── silu(gate) * up ── down_proj ── m      (m + residual feeds the next layer)
+
+Qwen3 (HF: Qwen3DecoderLayer,
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3/modeling_qwen3.py)
+is the same layer with no q/k/v biases, a head size of its own (head_dim x heads need not be the hidden
+size) and an RMS norm over each query and key head before the rotary embedding:
+
+    qkv ──Split── q, k, v;  q ──Reshape [.., heads, head_dim]──SimplifiedLayerNorm(q_norm)──Reshape
+    (k likewise with k_norm) ──Concat(q, k, v)── GroupQueryAttention
+
+written with standard nodes, so ONNX Runtime's own GroupQueryAttention can run it; where our attention
+kernel runs, the load folds these nodes into it (kernels/__init__.py, fold_qk_norms).
 
 GroupQueryAttention (com.microsoft) reads and writes the cache buffer in place (past and present
 are bound to the same buffer), applies rotary embeddings at each row's absolute position, and with
@@ -108,6 +119,9 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         q, k, v = (ckpt.linear(f"{p}.self_attn.{n}_proj") for n in "qkv")
         qkv = linear(g, h, f"{m}/attn/qkv_proj", _fuse([_prepare(t, opts) for t in (q, k, v)]), _bias([q, k, v]),
                      opts.store, opts.accuracy_level)  # fmt: skip
+        if cfg.qk_norm:
+            qkv = _qk_norms(g, qkv, f"{m}/attn", ckpt.f32(f"{p}.self_attn.q_norm.weight"),
+                            ckpt.f32(f"{p}.self_attn.k_norm.weight"), nh, kvh, hd, cfg.rms_norm_eps)  # fmt: skip
         past_k, past_v, present_k, present_v = kv_names(i)
         kv_shape = ["batch", kvh, opts.kv_capacity, hd]
         g.input(past_k, FLOAT, kv_shape)
@@ -149,6 +163,21 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
     for name, shape in kv_outputs:
         g.output(name, name, FLOAT, shape)
     return g
+
+
+def _qk_norms(g: Graph, qkv: str, path: str, q_norm: np.ndarray, k_norm: np.ndarray, nh: int, kvh: int, hd: int,
+              eps: float) -> str:
+    """Packed qkv [B, S, (nh + 2 kvh) hd] with each query and key head RMS-normed (Qwen3's q_norm, k_norm:
+    one weight vector of head_dim values per projection, the same for every head)."""
+    q, k, v = g.op("Split", [qkv, g.const([nh * hd, kvh * hd, kvh * hd])], f"/{path}/qkv/Split", outputs=3, axis=-1)
+
+    def per_head(x: str, heads: int, name: str, weight: np.ndarray) -> str:
+        heads_x = g.op("Reshape", [x, g.const([0, 0, heads, hd])], f"/{path}/{name}/Reshape")
+        normed = rms_norm(g, heads_x, f"{path}/{name}", weight, eps)
+        return g.op("Reshape", [normed, g.const([0, 0, heads * hd])], f"/{path}/{name}/Reshape_out")
+
+    q, k = per_head(q, nh, "q_norm", q_norm), per_head(k, kvh, "k_norm", k_norm)
+    return g.op("Concat", [q, k, v], f"/{path}/qkv/Concat", axis=-1)
 
 
 def _skip_norm(g: Graph, x: str, skip: str, path: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
