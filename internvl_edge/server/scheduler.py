@@ -7,15 +7,15 @@
 Each loop iteration does, in order:
   1. drop cancelled requests (a client that left): waiting, admitting or decoding, their slots are free
      at once;
-  2. admit: every free slot takes a waiting request at once (slots = decoding + admitting), so no
-     request waits while a slot is idle;
-  3. one unit of admission work for the oldest admitting request: its vision + embedding, or one
-     PREFILL_CHUNK-row chunk of its prefill into the batch-1 prefill cache, or, after the last chunk,
-     the copy into a free slot of the decode batch and its first token (picked from the prefill
-     logits). Admissions go in arrival order, one unit per step, so a long prompt costs the live
-     streams one chunk's time per token rather than its whole prefill; with no live stream the units
-     run back to back;
-  4. one decode step: every live slot feeds its last token, one row each, through ONE forward call
+  2. admission: a request takes a free slot as it arrives (submit), and a freed slot takes the first
+     waiting request at once (slots = decoding + admitting), so no request waits while a slot is idle,
+     not even until the step in progress ends; the step then does one unit of the oldest admitting
+     request's work: its vision + embedding, or one PREFILL_CHUNK-row chunk of its prefill into the
+     batch-1 prefill cache, or, after the last chunk, the copy into a free slot of the decode batch and
+     its first token (picked from the prefill logits). Admissions go in arrival order, one unit per
+     step, so a long prompt costs the live streams one chunk's time per token rather than its whole
+     prefill; with no live stream the units run back to back;
+  3. one decode step: every live slot feeds its last token, one row each, through ONE forward call
      (idle slots have query length 0), then every row's next token is picked: the greedy head once for
      the batch, the sampling head per sampling row (its parameters are per call). The batch is sized to
      the live sequences (Engine's docstring).
@@ -213,6 +213,7 @@ class Engine:
                                     f"{len(self.waiting)} are waiting (the limit); retry later",
                                code="server_busy")  # fmt: skip
             self.waiting.append(handle)
+            self._fill()
             self.cond.notify_all()
         return handle
 
@@ -273,7 +274,8 @@ class Engine:
         with self.cond:
             for h in [h for h in self.waiting if h.cancelled]:
                 self.waiting.remove(h)
-        for a in [a for a in self.admitting if a.handle.cancelled]:
+            dropped = [a for a in self.admitting if a.handle.cancelled]
+        for a in dropped:
             a.work.close()  # a started one leaves `admitting` itself
             with self.cond:
                 if a in self.admitting:
@@ -281,20 +283,29 @@ class Engine:
         for seq in self.slots:
             if seq is not None and seq.handle.cancelled:
                 self._free(seq)
+        self._fill()
 
-    def _admit(self) -> None:
-        """Fill every free slot from the queue, then one unit of the oldest admission's work."""
+    def _fill(self) -> None:
+        """Give every free slot a waiting request (bookkeeping only: the admission's work runs on the
+        engine thread). Called by submit, and wherever a slot frees, so nobody waits for a step to end."""
         now = time.perf_counter()
         with self.cond:
             while self.waiting and self.admitted < self.parallel:
                 handle = self.waiting.popleft()
                 handle.admitted = now
-                self.admitting.append(Admission(handle, None))
-                self.admitting[-1].work = self._admission(self.admitting[-1])
-        if not self.admitting:
+                admission = Admission(handle, None)
+                admission.work = self._admission(admission)  # a generator: nothing runs until next()
+                self.admitting.append(admission)
+
+    def _admit(self) -> None:
+        """One unit of the oldest admission's work."""
+        self._fill()
+        with self.cond:
+            first = self.admitting[0] if self.admitting else None
+        if first is None:
             return
         try:
-            next(self.admitting[0].work)
+            next(first.work)
         except StopIteration:  # it joined the batch or failed, and left `admitting` on its way out
             pass
 
@@ -399,8 +410,10 @@ class Engine:
 
     def _free(self, seq: Sequence) -> None:
         seq.done = True
-        self.slots[seq.slot] = None
+        with self.cond:
+            self.slots[seq.slot] = None
         self.cache.reset(seq.slot)
+        self._fill()
 
     def _fail_all(self, error: ApiError) -> None:
         with self.cond:
