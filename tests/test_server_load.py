@@ -38,7 +38,7 @@ class Serve:
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
                                        daemon=True)  # fmt: skip
         self.reader.start()
-        self.url = self.line_with("serving ").split(" on ")[1].split()[0].removesuffix("/v1")
+        self.url = self.line_with("serving ", timeout=300).split(" on ")[1].split()[0].removesuffix("/v1")
 
     @property
     def log(self) -> str:
