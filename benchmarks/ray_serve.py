@@ -43,8 +43,9 @@ def free_port() -> int:
 
 
 def deploy(serve, ray_app, bundle: str, name: str, replicas: int, threads: int, parallel: int) -> str:
-    settings = ray_app.RaySettings.from_args({"bundle": bundle, "replicas": replicas, "threads": threads,
-                                              "parallel": parallel, "max_queue": 256, "served_model_name": "m"})  # fmt: skip
+    args = {"bundle": bundle, "replicas": replicas, "threads": threads, "parallel": parallel, "max_queue": 256,
+            "served_model_name": "m"}  # fmt: skip
+    settings = ray_app.RaySettings.from_args(args)
     serve.run(ray_app.build_app(settings), name=name, route_prefix=f"/{name}")
     url = f"{serve_url}/{name}"
     deadline = time.monotonic() + 600
@@ -141,7 +142,8 @@ def main() -> int:
     info = {**machine_info(None), "load_average": os.getloadavg()}
     print(f"# {' '.join(sys.argv)}\n# {json.dumps(info)}")
     if rows:
-        print("| layout | slots/replica | streams | total tok/s | TTFT p50 (s) | TTFT p95 (s) | RSS / USS per replica (MiB) |")
+        print("| layout | slots/replica | streams | total tok/s | TTFT p50 (s) | TTFT p95 (s) "
+              "| RSS / USS per replica (MiB) |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             mem = ", ".join(f"{m['rss_mib']:.0f} / {m['uss_mib']:.0f}" for m in r["memory"])

@@ -316,8 +316,8 @@ def test_serve_ray_a_missing_bundle_is_one_line(tmp_path):
 def test_serve_ray_starts_a_local_ray_serves_and_stops(greedy_bundle):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", "--replicas", "1",
-                             "--threads", "1", "--port", str(port), "--api-key", KEY, "--served-model-name", NAME],
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray",
+                             "--replicas", "1", "--threads", "1", "--port", str(port), "--api-key", KEY, "--served-model-name", NAME],
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
         lines = []

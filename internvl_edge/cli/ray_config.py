@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address Serve's proxies listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int_at_least(1), default=8000, help="port (default 8000)")
     p.add_argument("--name", default=APP_NAME, help=f"application name (default {APP_NAME})")
-    p.add_argument("--parallel", type=int_at_least(1), default=4, help="sequences decoded together per replica (default 4)")
+    p.add_argument("--parallel", type=int_at_least(1), default=4,
+                   help="sequences decoded together per replica (default 4)")  # fmt: skip
     p.add_argument("--max-queue", dest="max_queue", type=int_at_least(0), default=64,
                    help="requests that may wait per replica; beyond it 429 (default 64)")  # fmt: skip
     p.add_argument("--api-key", dest="api_key", default=None,

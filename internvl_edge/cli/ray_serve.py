@@ -29,7 +29,8 @@ def add_ray_arguments(p, serving: bool) -> None:
 
     if serving:
         p.add_argument("--ray", action="store_true",
-                       help="serve on Ray Serve: engine replicas behind one ingress (pip install 'internvl-edge[ray]')")  # fmt: skip
+                       help="serve on Ray Serve: engine replicas behind one ingress "
+                            "(pip install 'internvl-edge[ray]'; default: one process, no Ray)")  # fmt: skip
         p.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
                        help="with --ray: join this Ray cluster (default: start a local one on 127.0.0.1)")  # fmt: skip
     p.add_argument("--replicas", type=int_at_least(1), default=None,
@@ -126,7 +127,8 @@ def main(args) -> int:
             raise UserError(f"the application did not deploy: {failure_reason(serve, APP_NAME)}") from None
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving {settings.model_name} on http://{shown}:{port}/v1 on Ray Serve ({count}, parallel "
-              f"{settings.parallel} each{', API key required' if settings.api_key else ''}); /health lists the replicas",
+              f"{settings.parallel} each{', API key required' if settings.api_key else ''}); "
+              "/health lists the replicas",
               file=sys.stderr, flush=True)  # fmt: skip
         while True:
             time.sleep(3600)
