@@ -105,7 +105,7 @@ def main() -> int:
     port = free_port()
     serve_url = f"http://127.0.0.1:{port}"
     rows, overhead = [], {}
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for layout in args.layouts.split(",") if args.bundle else []:

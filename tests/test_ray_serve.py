@@ -94,7 +94,8 @@ def cluster():
     """A local Ray instance and Serve's proxy on 127.0.0.1; both shut down however the tests end."""
     port = free_port()
     try:
-        ray.init(include_dashboard=False, num_cpus=4, logging_level="WARNING", log_to_driver=False)
+        # "local": a new instance, never one `ray start` left running on this machine
+        ray.init(address="local", include_dashboard=False, num_cpus=4, logging_level="WARNING", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
