@@ -128,8 +128,10 @@ def main() -> int:
             overhead["ray"] = latency(url, "m", args.requests)
             serve.delete("tiny")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
     if args.tiny:
         proc, url, model = start_server(args.tiny, 1, 1)
         try:
