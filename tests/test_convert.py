@@ -238,3 +238,35 @@ def test_4bit_block_size_default_and_flag(bundle, group):
     blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "block_size" and any(b.name == "bits" and b.i == 4 for b in n.attribute)}  # fmt: skip
     assert blocks == {expected}
+
+
+def test_large_tensors_are_converted_in_chunks_with_the_same_result(monkeypatch):
+    """lm_head and the embedding table are quantised / rounded a block of rows at a time from the
+    stored bf16 (so an 8B conversion never holds them whole in float32): the result is the same as
+    converting the whole float32 matrix at once."""
+    from internvl_edge.checkpoint.safetensors import RawTensor, bf16_bits
+    from internvl_edge.nets import quant
+    from internvl_edge.nets.linear import stored, stored_rows
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((301, 256)).astype(np.float32)
+    raw = RawTensor("BF16", bf16_bits(w))
+    whole = {bits: quant.quantize(raw.to_float32(), bits, 128) for bits in (4, 8)}
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 256 * 40)  # 40 rows at a time: 8 chunks, the last short
+    for bits, expected in whole.items():
+        chunked = quant.quantize(raw, bits, 128)
+        for field in ("packed", "scales", "zero_points"):
+            assert np.array_equal(getattr(chunked, field), getattr(expected, field)), (bits, field)
+    for store in ("bf16", "f16", "f32"):
+        got, elem = stored_rows(raw, store, rows=37)
+        want, want_elem = stored(raw.to_float32(), store)
+        assert elem == want_elem and got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_internvl35_is_refused_on_sophgo_chips(checkpoint, tmp_path):
+    """The Sophgo blocks have no query/key norms yet: an InternVL3.5 checkpoint is refused there in one
+    line before any compiling, not compiled into a wrong model."""
+    with pytest.raises(UserError, match="InternVL3.5 .* not supported for Sophgo targets yet") as e:
+        convert(ConvertOptions(checkpoint("tiny35_bf16"), str(tmp_path / "out"), seq_length=256, chip="bm1684x"),
+                progress=QUIET)  # fmt: skip
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "out")

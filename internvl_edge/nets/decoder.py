@@ -67,10 +67,9 @@ def _prepare(lin: DenseLinear | QuantLinear, opts: DecoderOptions) -> np.ndarray
         if opts.weight_bits == 4:
             return from_awq(lin.awq)  # the published 4-bit values, repacked as they are
         return np.ascontiguousarray(lin.awq.dequantize().T)
-    w = lin.weight.to_float32()
     if opts.weight_bits:
-        return quantize(w, opts.weight_bits, opts.group_size)
-    return w
+        return quantize(lin.weight, opts.weight_bits, opts.group_size)
+    return lin.weight.to_float32()
 
 
 def _fuse(parts: list[np.ndarray | NBitsWeight]) -> np.ndarray | NBitsWeight:
@@ -105,6 +104,9 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
     cos_cache = g.weight("model.rotary_emb.cos_cache", cos)
     sin_cache = g.weight("model.rotary_emb.sin_cache", sin)
 
+    # the layer's source pages leave this process once its weights are written: converting an 8B
+    # checkpoint then holds one layer of it, not all 16 GB (Checkpoint.release)
+    release = getattr(ckpt, "release", lambda: None)
     kv_outputs: list[tuple[str, list]] = []
     residual, pending = x, None  # pending: the last sub-block's output, not yet added to residual
     for i in range(cfg.num_hidden_layers):
@@ -148,6 +150,7 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         act = g.op("Mul", [silu, up_out], f"/{m}/mlp/Mul")
         down = ckpt.linear(f"{p}.mlp.down_proj")
         pending = linear(g, act, f"{m}/mlp/down_proj", _prepare(down, opts), down.bias, opts.store, opts.accuracy_level)
+        release()
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
 
@@ -155,9 +158,13 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
     last = _last_rows(g, hidden, query_lens, H)
     normed = rms_norm(g, last, "model/norm", ckpt.f32("language_model.model.norm.weight"), cfg.rms_norm_eps)
     head = ckpt.lm_head()
-    head_f32 = head.weight.to_float32() if isinstance(head, DenseLinear) else np.ascontiguousarray(head.awq.dequantize().T)
-    # lm_head stays in float unless asked: 4-bit logits are visibly worse (llama.cpp keeps it at 6 bits)
-    head_w = quantize(head_f32, opts.lm_head_bits, opts.group_size) if opts.lm_head_bits else head_f32
+    head_w = head.weight if isinstance(head, DenseLinear) else np.ascontiguousarray(head.awq.dequantize().T)
+    # lm_head stays in float unless asked: 4-bit logits are visibly worse (llama.cpp keeps it at 6 bits);
+    # quantised from the stored tensor a chunk of rows at a time (quantize)
+    if opts.lm_head_bits:
+        head_w = quantize(head_w, opts.lm_head_bits, opts.group_size)
+    elif isinstance(head, DenseLinear):
+        head_w = head_w.to_float32()
     logits = linear(g, normed, "lm_head", head_w, head.bias, opts.store, opts.accuracy_level)
     g.output(logits, "logits", FLOAT, ["batch", cfg.vocab_size])
     for name, shape in kv_outputs:

@@ -17,14 +17,14 @@ from onnx import TensorProto
 
 from ..checkpoint.reader import Checkpoint
 from .graph import Graph
-from .linear import stored
+from .linear import stored_rows
 
 
 def build_embedding(ckpt: Checkpoint, store: str, weights) -> Graph:
     cfg = ckpt.config.text
     g = Graph("embedding", weights)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
-    data, elem = stored(ckpt.f32("language_model.model.embed_tokens.weight"), store)
+    data, elem = stored_rows(ckpt.raw("language_model.model.embed_tokens.weight"), store)
     table = g.weight("model.embed_tokens.weight", data, elem)
     x = g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=0)
     if elem != TensorProto.FLOAT:  # gather the half-precision rows, widen only those

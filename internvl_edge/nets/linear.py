@@ -29,6 +29,19 @@ def stored(x: np.ndarray, store: str) -> tuple[np.ndarray, int]:
     raise ValueError(f"unknown storage precision {store}")
 
 
+def stored_rows(raw, store: str, rows: int = 1 << 14) -> tuple[np.ndarray, int]:
+    """stored() of a checkpoint tensor (RawTensor), widened and rounded a block of rows at a time, so
+    a large table (InternVL3-8B's embeddings: 1.1 GB in bf16) never exists as float32 whole."""
+    elem = STORE_TYPES[store]
+    out = None
+    for start in range(0, raw.shape[0], rows):
+        part, _ = stored(type(raw)(raw.dtype, raw.data[start : start + rows]).to_float32(), store)
+        if out is None:
+            out = np.empty(raw.shape, part.dtype)
+        out[start : start + rows] = part
+    return out, elem
+
+
 def tensor(g: Graph, name: str, x: np.ndarray, store: str) -> str:
     """A float weight used as float32 by the graph, stored in `store` precision."""
     data, elem = stored(x, store)

@@ -92,9 +92,31 @@ def from_awq(awq: AwqLinear) -> NBitsWeight:
     )
 
 
-def quantize(weight_nk: np.ndarray, bits: int = 4, block_size: int = 64) -> NBitsWeight:
-    """Asymmetric round-to-nearest quantisation of a float weight [N, K] in blocks along K."""
-    w = np.asarray(weight_nk, dtype=np.float32)
+CHUNK_ELEMENTS = 1 << 24  # quantise this many weights at a time: the temporaries stay ~0.3 GB
+
+
+def quantize(weight_nk, bits: int = 4, block_size: int = 64) -> NBitsWeight:
+    """Asymmetric round-to-nearest quantisation of a float weight [N, K] in blocks along K. The weight
+    is a float array or a checkpoint tensor (RawTensor: bf16/f16 rows widened a chunk at a time), and
+    is quantised in chunks of rows, so memory beyond the result stays small whatever the matrix (the
+    lm_head of InternVL3-8B is 151674 x 3584: 2.2 GB in float32, ~4x that in whole-matrix temporaries)."""
+    n, k = weight_nk.shape
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if n <= rows:
+        return _quantize_rows(_float_rows(weight_nk, 0, n), bits, block_size)
+    parts = [_quantize_rows(_float_rows(weight_nk, i, min(i + rows, n)), bits, block_size) for i in range(0, n, rows)]
+    return concat_outputs(parts)
+
+
+def _float_rows(weight_nk, start: int, stop: int) -> np.ndarray:
+    from ..checkpoint.safetensors import RawTensor
+
+    if isinstance(weight_nk, RawTensor):
+        return RawTensor(weight_nk.dtype, weight_nk.data[start:stop]).to_float32()
+    return np.asarray(weight_nk[start:stop], dtype=np.float32)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> NBitsWeight:
     n, k = w.shape
     blocks = -(-k // block_size)
     if blocks * block_size != k:  # pad K; the padding quantises to exactly 0

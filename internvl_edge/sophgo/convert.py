@@ -29,6 +29,8 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
     if opts.quantize not in QUANTIZE:
         raise UserError(f"-q {opts.quantize} is not supported for {opts.chip}; choose one of {', '.join(QUANTIZE)}")
     unsupported = [
+        (ckpt.config.text.qk_norm, "InternVL3.5 (a Qwen3 decoder, with query/key norms) is not supported for Sophgo "
+         "targets yet; convert it with -c cpu"),
         (opts.dynamic and opts.use_block_with_kv,
          "--dynamic together with --use_block_with_kv is not supported for Sophgo targets yet; choose one"),
         (opts.lm_head_bits, "--lm-head-bits is a CPU-target option (the seed keeps lm_head in half precision)"),
