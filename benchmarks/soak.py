@@ -14,8 +14,9 @@ another, drawn at random (--seed) from:
               with the same request sent alone before the load started
 and every --burst-every seconds a burst of --burst-size short requests at once (200 or 429 expected).
 A sampler reads /health every 0.5 s (a request waiting while a slot is free is counted) and the
-server's RSS every 10 s. At the end the server gets SIGTERM (its graceful stop is timed, its exit
-status and log checked for tracebacks).
+server's RSS every 10 s. When the time is up the server gets SIGTERM: its graceful stop ends what is
+still in flight (timed; its exit status and log checked for tracebacks). Clients back off 1 s after a
+429, a 5xx or a refused connection, as real clients do.
 
 Reports (printed, and as JSON with --json-out): outcomes by kind and status, time to first token
 p50/p95 from the client, split by the server's `timings` into queue (arrival to slot) and prefill
@@ -92,6 +93,7 @@ class Soak:
                             "max_tiles": 1, "messages": self.user("Describe the image in detail.", image=True)}  # fmt: skip
         self.reference: list[int] = []
         self.stop = threading.Event()
+        self.on_end = None  # called when the time is up, before the clients are joined
 
     def user(self, text: str, image: bool = False) -> list[dict]:
         parts = [{"type": "text", "text": text}]
@@ -102,6 +104,8 @@ class Soak:
     def count(self, kind: str, status: str) -> None:
         with self.lock:
             self.outcomes[(kind, status)] += 1
+        if not status.startswith(("200", "4", "closed")) or status.startswith("429"):
+            time.sleep(1.0)  # a busy or stopping server: back off as clients do (openai's retries wait too)
 
     # -- requests ----------------------------------------------------------------------------------
     def stream(self, body: dict, kind: str, close_after: int | None = None) -> list[int] | None:
@@ -146,8 +150,8 @@ class Soak:
     def whole(self, body: dict, kind: str) -> None:
         try:
             r = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=900)
-            ok = r.status_code < 500 and "error" in r.json() if r.status_code != 200 else "choices" in r.json()
-            self.count(kind, str(r.status_code) if ok else f"{r.status_code} malformed")
+            ok = "choices" in r.json() if r.status_code == 200 else "message" in r.json().get("error", {})
+            self.count(kind, str(r.status_code) if ok else f"{r.status_code} not an OpenAI object")
         except (httpx.HTTPError, ValueError) as e:
             self.count(kind, f"transport {type(e).__name__}")
 
@@ -243,9 +247,11 @@ class Soak:
             t.start()
         self.stop.wait(self.args.minutes * 60)
         self.stop.set()
+        elapsed = time.monotonic() - started
+        if self.on_end is not None:
+            self.on_end()  # the graceful stop ends what is still in flight (bounded by --drain-timeout)
         for t in threads:
             t.join()
-        elapsed = time.monotonic() - started
 
         def ms(values):
             return {q: None if v is None else round(v, 3) for q, v in
@@ -312,19 +318,25 @@ def main() -> int:
         if not loopback(args.url):
             p.error("--url must be a loopback address (this benchmark loads a server hard)")
         url, model, pid = args.url.rstrip("/"), args.model, args.pid
-    report = Soak(args, url, args.model or model, pid).run()
-    if proc is not None:
+    soak, stop = Soak(args, url, args.model or model, pid), {}
+
+    def graceful_stop():
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
-            status = proc.wait(args.drain_timeout + 30)
+            stop["exit_status"] = proc.wait(args.drain_timeout + 300)  # the engine's step in progress ends first
         except subprocess.TimeoutExpired:
             proc.kill()
-            status = "killed"
+            stop["exit_status"] = "killed"
+        stop["seconds"] = round(time.monotonic() - stopping, 2)
+
+    if proc is not None:
+        soak.on_end = graceful_stop
+    report = soak.run()
+    if proc is not None:
         time.sleep(0.2)
         text = "".join(log)
-        report["stop"] = {"exit_status": status, "seconds": round(time.monotonic() - stopping, 2),
-                          "tracebacks_in_log": text.count("Traceback"),
+        report["stop"] = {**stop, "tracebacks_in_log": text.count("Traceback"),
                           "cancelled_in_log": sum(" cancelled " in line for line in log)}  # fmt: skip
     print(json.dumps(report, indent=1))
     if args.json_out:
