@@ -16,8 +16,11 @@ reading a KV head's cache once for each of the query heads that share it. Ours r
 once for the query heads that share it, with a running softmax; on InternVL3-2B shapes the decoder's
 28 attention nodes take 1.3 ms per token at context 300 against ORT's 2.6, and decode at context 1500
 is 1.17x faster (docs/performance-notes.md, "Attention"). Prefill
-chunks of 8 rows and more take a tiled path (keys turned around once per call, 4 queries x 64 keys of
-multiply-add chains).
+rows take the decode row path one by one, so that a prompt's KV rows do not depend on how it was
+chunked (batch invariance, the default); with INTERNVL_EDGE_BATCH_INVARIANT=0 chunks of 8 rows and
+more take a tiled path instead (keys turned around once per call, 4 queries x 64 keys of
+multiply-add chains), faster on long prompts. The 4-bit linears compute every row in one order
+whatever tile computes it, with no opt-out (q4gemm.c, q4_block_end).
 
 It is a custom-op library (`ort_op.c`, `ort_attention.c`: plain C against ONNX Runtime's C ABI)
 built by `pip install` as `_q4*.so`. The bundle keeps standard `com.microsoft` nodes; at load the
