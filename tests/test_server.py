@@ -549,8 +549,11 @@ def test_serve_refuses_a_busy_port(greedy_bundle):
 
 
 def test_serve_refuses_bad_limits_before_loading(greedy_bundle):
-    for flag in (["--parallel", "0"], ["--max-queue", "-1"]):
+    for flag, told in [(["--parallel", "0"], "argument --parallel: must be at least 1"),
+                       (["--max-queue", "-1"], "argument --max-queue/--max_queue: must be at least 0"),
+                       (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+                       (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more seconds")]:  # fmt: skip
         proc = subprocess.run([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, *flag],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and "[load]" not in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: --parallel must be at least 1")
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {told}")

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import pytest
 from openai import OpenAI
-from test_server import LOOPBACK, NAME, serving, user
+from test_server import LOOPBACK, NAME, data_url, serving, user
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # several seconds of decoding each on the tiny model
 
@@ -222,3 +223,30 @@ def test_a_stream_its_client_leaves_is_logged_as_cancelled(greedy_bundle):
         assert " cancelled stream " in line and " 200 " not in line, line
         metrics = httpx.get(s.url + "/metrics", timeout=10).text
         assert 'internvl_edge_requests_total{status="cancelled"} 1' in metrics
+
+
+def test_greedy_answers_under_concurrent_load_equal_the_request_alone(bundle, images):
+    """On a model wide enough that batched and single reductions would differ (hidden 1024): the same
+    greedy request, its prompt longer than one prefill chunk, gives the same whole answer (token ids and
+    logprobs to the last bit) alone and while 7 other requests (text, images, sampling) share the
+    decoder calls and the admission's prefill chunks with it."""
+    path = bundle("mid_bf16", "w4bf16")
+    image = data_url(images["wide"])
+    probe = {"model": NAME, "messages": user("Describe the picture in detail. " * 20, image), "max_tokens": 24,
+             "logprobs": True, "return_token_ids": True, "ignore_eos": True}  # fmt: skip
+    others = [{"model": NAME, "max_tokens": 40, "ignore_eos": True,
+               "messages": user(f"Question {i}: what is it?", *([image] if i % 2 else [])),
+               **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {})} for i in range(7)]  # fmt: skip
+    with serving(path, parallel=4, max_queue=16) as s:
+        alone = s.post(probe, key=None).json()
+        assert alone["usage"]["prompt_tokens"] > 2 * s.app.state.engine.prefill_chunk
+        with ThreadPoolExecutor(10) as pool:
+            crowd = [pool.submit(s.post, b, key=None) for b in others[:3]]
+            crowd += [pool.submit(s.post, probe, key=None)] + [pool.submit(s.post, b, key=None) for b in others[3:]]
+            crowd += [pool.submit(s.post, probe, key=None)]
+            answers = [f.result().json() for f in crowd]
+    loaded = [a for a in answers if a.get("prompt_token_ids") == alone["prompt_token_ids"]]
+    assert len(loaded) == 2 and all("choices" in a for a in answers)
+    for a in loaded:
+        assert a["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
+        assert a["choices"][0]["logprobs"] == alone["choices"][0]["logprobs"]  # floats equal to the last bit
