@@ -45,11 +45,13 @@ def add_ray_arguments(p, serving: bool) -> None:
 def ray_settings(args):
     """RaySettings from the command's flags (a mistake is a one-line UserError)."""
     from ..server.ray_app import RaySettings
+    from .names import resolve_bundle
 
     if args.allowed_media_path and not os.path.isabs(args.allowed_media_path):
         args.allowed_media_path = os.path.abspath(args.allowed_media_path)
     settings = RaySettings(
-        bundle=os.path.abspath(args.model_path), replicas=args.replicas, min_replicas=args.min_replicas,
+        bundle=os.path.abspath(resolve_bundle(args.model_path)),
+        replicas=args.replicas, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, threads=args.threads or 1, parallel=args.parallel, max_queue=args.max_queue,
         api_key=getattr(args, "api_key", None), allowed_media_path=args.allowed_media_path,
         max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,

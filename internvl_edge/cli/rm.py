@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     targets = []
-    for name in args.names:  # all checked before anything is deleted
+    for name in dict.fromkeys(args.names):  # all checked before anything is deleted; each once
         check_name(name)
         path = os.path.join(bundle_home(), name)
         info = describe(path)
