@@ -13,12 +13,32 @@ setup(
     ext_modules=[
         Extension(
             "internvl_edge.kernels._q4",
-            sources=[f"internvl_edge/kernels/{name}.c" for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm",
-                                                                    "attention", "isa", "rms_norm")],
-            depends=[f"internvl_edge/kernels/{name}.h" for name in ("q4gemm", "q4gemm_body", "attention", "attention_body",
-                                                                    "vec_exp", "ort_abi", "ort_glue", "isa", "rms_norm")],
-            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi",
-                                "-ffp-contract=fast"],  # ISO C mode would not fuse a * b + c into FMAs
+            sources=[
+                f"internvl_edge/kernels/{name}.c"
+                for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm", "attention", "isa", "rms_norm")
+            ],
+            depends=[
+                f"internvl_edge/kernels/{name}.h"
+                for name in (
+                    "q4gemm",
+                    "q4gemm_body",
+                    "attention",
+                    "attention_body",
+                    "vec_exp",
+                    "ort_abi",
+                    "ort_glue",
+                    "isa",
+                    "rms_norm",
+                )
+            ],
+            extra_compile_args=[
+                "-O3",
+                "-std=c11",
+                "-fno-math-errno",
+                "-fvisibility=hidden",
+                "-Wno-psabi",
+                "-ffp-contract=fast",
+            ],  # ISO C mode would not fuse a * b + c into FMAs
             libraries=["m"],  # expf in the fused SwiGLU
             optional=True,
         )

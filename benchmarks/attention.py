@@ -33,21 +33,32 @@ LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
 
 def session(domain: str, rows: int, threads: int, library: str | None = None):
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.random((CAPACITY, HEAD_DIM // 2), dtype=np.float32), n) for n in ("cos", "sin")]
+    inits = [
+        numpy_helper.from_array(rng.random((CAPACITY, HEAD_DIM // 2), dtype=np.float32), n) for n in ("cos", "sin")
+    ]
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, rows, width])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, s) for n, s in (("seqlens_k", [1]), ("total", []), ("query_lens", [1]))]
+    inputs += [
+        helper.make_tensor_value_info(n, TensorProto.INT32, s)
+        for n, s in (("seqlens_k", [1]), ("total", []), ("query_lens", [1]))
+    ]
     nodes, outputs = [], []
     for layer in range(LAYERS):
         k, v = f"past_k{layer}", f"past_v{layer}"
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV_HEADS, CAPACITY, HEAD_DIM]) for n in (k, v)]
+        inputs += [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV_HEADS, CAPACITY, HEAD_DIM]) for n in (k, v)
+        ]
         outs = [f"out{layer}", f"present_k{layer}", f"present_v{layer}"]
         if domain == kernels.SOURCE_DOMAIN:
             ins = ["qkv", "", "", k, v, "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
             extra = {"do_rotary": 1, "rotary_interleaved": 0}
         else:
             ins, extra = ["qkv", k, v, "seqlens_k", "total", "cos", "sin", "query_lens"], {}
-        nodes.append(helper.make_node("GroupQueryAttention", ins, outs, domain=domain, num_heads=HEADS, kv_num_heads=KV_HEADS, **extra))
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention", ins, outs, domain=domain, num_heads=HEADS, kv_num_heads=KV_HEADS, **extra
+            )
+        )
         outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
     model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])  # fmt: skip
@@ -82,7 +93,9 @@ def time_ms(sess, caches, rows: int, context: int, repeats: int) -> float:
             io.bind_ortvalue_input(f"past_{name}", value)
             io.bind_ortvalue_output(f"present_{name}", value)
         io.bind_output(f"out{layer}")
-    io.bind_cpu_input("qkv", np.random.default_rng(1).random((1, rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype=np.float32))
+    io.bind_cpu_input(
+        "qkv", np.random.default_rng(1).random((1, rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype=np.float32)
+    )
     io.bind_cpu_input("seqlens_k", np.array([context - 1], np.int32))
     io.bind_cpu_input("total", np.array(context, np.int32))
     io.bind_cpu_input("query_lens", np.array([rows], np.int32))
@@ -100,7 +113,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--against", help="another build of our library to time beside this one")
-    ap.add_argument("--offsets", default="", help="also time ours on caches this many bytes past a page boundary (e.g. 0,16)")
+    ap.add_argument(
+        "--offsets", default="", help="also time ours on caches this many bytes past a page boundary (e.g. 0,16)"
+    )
     args = ap.parse_args()
     if kernels.library_path() is None:
         raise SystemExit("error: our kernels are not built here (pip install . compiles them)")
@@ -109,10 +124,16 @@ def main() -> None:
     shifted = {off: random_caches(off) for off in offsets}
     other = " | other build ms | other / ours" if args.against else ""
     other += "".join(f" | ours, offset {off} ms" for off in offsets)
-    print(f"| case | ONNX Runtime ms | ours ms | ours / ORT{other} |\n|---|---:|---:|---:|" + "---:|---:|" * bool(args.against)
-          + "---:|" * len(offsets))
+    print(
+        f"| case | ONNX Runtime ms | ours ms | ours / ORT{other} |\n|---|---:|---:|---:|"
+        + "---:|---:|" * bool(args.against)
+        + "---:|" * len(offsets)
+    )
     for rows, context, repeats in ((1, 300, 5), (1, 1500, 5), (256, 256, 1), (1024, 1024, 1)):
-        sessions = {"ort": session(kernels.SOURCE_DOMAIN, rows, args.threads), "ours": session(kernels.DOMAIN, rows, args.threads)}
+        sessions = {
+            "ort": session(kernels.SOURCE_DOMAIN, rows, args.threads),
+            "ours": session(kernels.DOMAIN, rows, args.threads),
+        }
         if args.against:
             sessions["other"] = session(kernels.DOMAIN, rows, args.threads, args.against)
         ms = {name: [] for name in sessions}

@@ -122,7 +122,7 @@ print(json.dumps(out))
 def bench_transformers(ckpt: str, threads: int, dtype: str) -> dict:
     code = f"""
 import json, sys, time, torch
-sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
 from reference import load_reference
 torch.set_num_threads({threads})
 m = load_reference({ckpt!r}).to(torch.{dtype}).eval()
@@ -245,8 +245,8 @@ def _log_seconds(log: str, marker: str) -> float:
 
 
 def picture(path: str) -> str:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype("uint8")).save(path)
     return path
@@ -287,7 +287,12 @@ def render(results: dict, command: str) -> str:
         if f"{q} decode at 0" not in llama:
             continue
         pf = " / ".join(_f(llama.get(f"{q} prefill {n}")) for n in (64, 256, 1024))
-        vision = _f(llama.get("mmproj_bf16 vision s/tile"), 2) + " (bf16 mmproj), " + _f(llama.get("mmproj_f16 vision s/tile"), 2) + " (f16)"
+        vision = (
+            _f(llama.get("mmproj_bf16 vision s/tile"), 2)
+            + " (bf16 mmproj), "
+            + _f(llama.get("mmproj_f16 vision s/tile"), 2)
+            + " (f16)"
+        )
         ftl = _f(llama.get("mmproj_bf16 FTL 1 tile + 40 words"), 2) if q == "q4_0" else "-"
         lines.append(f"| llama.cpp {q.upper()} | {_f(llama.get(f'{q} decode at 300'))} | {_f(llama.get(f'{q} decode at 1500'))} "
                      f"| {pf} | {vision if q == 'q4_0' else '-'} | - | {ftl} | - | - |")  # fmt: skip
@@ -309,7 +314,9 @@ def render(results: dict, command: str) -> str:
             if llama.get("mmproj_bf16 vision s/tile"):
                 parts.append(f"vision time {b['vision_s_per_tile'] / llama['mmproj_bf16 vision s/tile']:.2f}x")
             if llama.get("mmproj_bf16 FTL 1 tile + 40 words"):
-                parts.append(f"FTL 1 tile + 40 {b['ftl_s']['1 tile + 40 tokens'] / llama['mmproj_bf16 FTL 1 tile + 40 words']:.2f}x")
+                parts.append(
+                    f"FTL 1 tile + 40 {b['ftl_s']['1 tile + 40 tokens'] / llama['mmproj_bf16 FTL 1 tile + 40 words']:.2f}x"
+                )
             lines.append(f"- {name}: " + ", ".join(parts))
     if "history_turn2_s" in results:
         h = results["history_turn2_s"]
@@ -363,7 +370,9 @@ def main() -> None:
         results["history_turn2_s"] = bench_history(path, args.threads)
         save()
     if "transformers" not in skip:
-        results["transformers"] = {d: bench_transformers(args.checkpoint, args.threads, d) for d in ("float32", "bfloat16")}
+        results["transformers"] = {
+            d: bench_transformers(args.checkpoint, args.threads, d) for d in ("float32", "bfloat16")
+        }
         save()
     if "llama" not in skip:
         llama = build_llama_cpp(args.work)
@@ -381,4 +390,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

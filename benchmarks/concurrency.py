@@ -149,7 +149,9 @@ def main() -> int:
     print("| streams | total tok/s | per-stream tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['streams']} | {r['total_tps']:.1f} | {r['per_stream_tps']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |")
+        print(
+            f"| {r['streams']} | {r['total_tps']:.1f} | {r['per_stream_tps']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |"
+        )
     if steps:
         print("\n| batch | decoder call (ms) | tok/s |\n|---:|---:|---:|")
         for r in steps:

@@ -42,10 +42,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--modes", default="1,0", help="INTERNVL_EDGE_KERNELS settings, comma-separated")
     ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
-    ap.add_argument("--against", help="another build of our library, loaded as the setting \"against\"")
-    ap.add_argument("--against-bundle", help="another bundle of the same checkpoint, loaded as the setting \"bundle2\"")
-    ap.add_argument("--probe", action="store_true",
-                    help="read the bench's probe array between steps, as its step-by-step roofline does (only the steps timed)")
+    ap.add_argument("--against", help='another build of our library, loaded as the setting "against"')
+    ap.add_argument("--against-bundle", help='another bundle of the same checkpoint, loaded as the setting "bundle2"')
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="read the bench's probe array between steps, as its step-by-step roofline does (only the steps timed)",
+    )
     args = ap.parse_args()
     probe = ReadProbe(args.threads, PAIRED_PROBE_GIB) if args.probe else None
     modes = args.modes.split(",") + (["against"] if args.against else []) + (["bundle2"] if args.against_bundle else [])
@@ -87,7 +90,7 @@ def main() -> None:
                     del cache
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
     base = modes[-1]
-    print(f"\n| INTERNVL_EDGE_KERNELS | " + " | ".join(f"decode @{c}: ms/token median (best), speed vs {base}" for c in CONTEXTS)
+    print("\n| INTERNVL_EDGE_KERNELS | " + " | ".join(f"decode @{c}: ms/token median (best), speed vs {base}" for c in CONTEXTS)
           + " | " + " | ".join(f"prefill {n} tok/s median" for n in PREFILLS) + " |")  # fmt: skip
     print("|---|" + "---:|" * (len(CONTEXTS) + len(PREFILLS)))
     for mode in modes:

@@ -144,8 +144,10 @@ def main() -> int:
     info = {**machine_info(None), "load_average": os.getloadavg()}
     print(f"# {' '.join(sys.argv)}\n# {json.dumps(info)}")
     if rows:
-        print("| layout | slots/replica | streams | total tok/s | TTFT p50 (s) | TTFT p95 (s) "
-              "| RSS / USS per replica (MiB) |")
+        print(
+            "| layout | slots/replica | streams | total tok/s | TTFT p50 (s) | TTFT p95 (s) "
+            "| RSS / USS per replica (MiB) |"
+        )
         print("|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             mem = ", ".join(f"{m['rss_mib']:.0f} / {m['uss_mib']:.0f}" for m in r["memory"])

@@ -168,8 +168,11 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None, help="an existing 2b-shaped checkpoint (default: make one in --work)")
     ap.add_argument("--jobs", type=int, default=None, help="tpuc-opt processes at once (default: the core count)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
-    ap.add_argument("--block-json", default=None,
-                    help="reuse this saved one-block result (the simulator run takes ~40 min) instead of running it")
+    ap.add_argument(
+        "--block-json",
+        default=None,
+        help="reuse this saved one-block result (the simulator run takes ~40 min) instead of running it",
+    )
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from internvl_edge.checkpoint.factory import make_checkpoint

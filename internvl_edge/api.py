@@ -373,7 +373,9 @@ class Model:
         ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
         prepared = self.prepare(ids, media, started=started)
         cache = self.backend.new_cache(1)
-        return collect(stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache), prepared.input_ids)
+        return collect(
+            stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache), prepared.input_ids
+        )
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

@@ -297,7 +297,9 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
     backend = model.backend
     original = backend.sessions[net]
     # the net as the backend builds it (our kernels included), so the profile times what runs
-    backend.sessions[net] = backend._session(net, profile_prefix=os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}"))
+    backend.sessions[net] = backend._session(
+        net, profile_prefix=os.path.join(tempfile.gettempdir(), f"internvl-edge-{net}")
+    )
     try:
         work()
         path = backend.sessions[net].end_profiling()
@@ -317,6 +319,7 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
 
 def profile_decode(model: Model, context: int = 300, tokens: int = 16) -> dict[str, float]:
     """Milliseconds per decoded token by operator type, in the decoder net."""
+
     def work():
         _greedy_steps(model.backend, *_prefilled(model, context), tokens)
 
@@ -394,7 +397,9 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
             skipped.append(f"{case} skipped: {e}")
     progress.done("; ".join(skipped))
 
-    res.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the probe and profile below not counted
+    res.peak_rss_bytes = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )  # the probe and profile below not counted
     if onnxruntime_backend and res.decode_tps:
         probe = ReadProbe(threads_used, PAIRED_PROBE_GIB)
         res.probe_bytes = probe.data.nbytes
@@ -450,11 +455,15 @@ def format_result(r: BenchResult) -> str:
     if r.decode_profile_ms:
         total = sum(r.decode_profile_ms.values())
         lines.append(f"decoder net per token at context 300, by operator ({total:.2f} ms in kernels):")
-        lines += [f"  {op:34s} {ms:7.3f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.decode_profile_ms.items())[:8]]
+        lines += [
+            f"  {op:34s} {ms:7.3f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.decode_profile_ms.items())[:8]
+        ]
     if r.vision_profile_ms:
         total = sum(r.vision_profile_ms.values())
         lines.append(f"vision net per tile, by operator ({total:.1f} ms in kernels):")
-        lines += [f"  {op:34s} {ms:7.1f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.vision_profile_ms.items())[:6]]
+        lines += [
+            f"  {op:34s} {ms:7.1f} ms  {100 * ms / total:5.1f}%" for op, ms in list(r.vision_profile_ms.items())[:6]
+        ]
     samples = ", ".join(f"{b:.1f}" for b in r.bandwidth_samples_gbs)
     lines.append(f"memory read bandwidth ({m['threads']} threads): {r.bandwidth_gbs:.1f} GB/s (best of {samples})")
     rss = f"peak RSS: {r.peak_rss_bytes / 1e9:.2f} GB"
@@ -466,4 +475,3 @@ def format_result(r: BenchResult) -> str:
 
 def as_dict(r: BenchResult) -> dict:
     return asdict(r)
-

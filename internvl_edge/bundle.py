@@ -192,12 +192,18 @@ def load_manifest(path: str, verify: bool = True) -> Manifest:
     except (OSError, ValueError) as e:
         raise UserError(f"{mpath} is damaged ({e}); convert again") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise UserError(f"{mpath} is not an internvl-edge manifest (format {raw.get('format') if isinstance(raw, dict) else None!r})")
+        raise UserError(
+            f"{mpath} is not an internvl-edge manifest (format {raw.get('format') if isinstance(raw, dict) else None!r})"
+        )
     version = raw.get("version")
     if version not in SUPPORTED_VERSIONS:
         if isinstance(version, int) and version > FORMAT_VERSION:
-            raise UserError(f"bundle format version {version} is newer than this internvl-edge reads ({FORMAT_VERSION}); upgrade internvl-edge")
-        raise UserError(f"bundle format version {version!r} is not supported (this internvl-edge reads {FORMAT_VERSION}); convert again")
+            raise UserError(
+                f"bundle format version {version} is newer than this internvl-edge reads ({FORMAT_VERSION}); upgrade internvl-edge"
+            )
+        raise UserError(
+            f"bundle format version {version!r} is not supported (this internvl-edge reads {FORMAT_VERSION}); convert again"
+        )
     try:
         m = Manifest(**{k: raw[k] for k in ("source", "target", "options", "model", "nets", "files")},
                      created_by=raw.get("created_by", ""), created_at=raw.get("created_at", ""),
@@ -222,7 +228,9 @@ def verify_files(m: Manifest) -> None:
             raise UserError(f"bundle {m.path} is damaged: {rel} is missing; convert again")
         fkey = _file_key(full)
         if fkey[0] != meta["bytes"]:
-            raise UserError(f"bundle {m.path} is damaged: {rel} has {fkey[0]} bytes, expected {meta['bytes']}; convert again")
+            raise UserError(
+                f"bundle {m.path} is damaged: {rel} has {fkey[0]} bytes, expected {meta['bytes']}; convert again"
+            )
         if known.get(rel) == fkey + [meta["sha256"]]:
             fresh[rel] = known[rel]
             continue

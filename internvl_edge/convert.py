@@ -87,7 +87,9 @@ def resolve(opts: ConvertOptions, ckpt: Checkpoint) -> tuple[ConvertOptions, lis
     if opts.seq_length < 32:
         raise UserError(f"-s {opts.seq_length} is too short (at least 32 tokens)")
     if opts.seq_length > t.max_position_embeddings:
-        raise UserError(f"-s {opts.seq_length} exceeds the model's max_position_embeddings ({t.max_position_embeddings})")
+        raise UserError(
+            f"-s {opts.seq_length} exceeds the model's max_position_embeddings ({t.max_position_embeddings})"
+        )
     if opts.q_group_size < 16 or opts.q_group_size & (opts.q_group_size - 1):
         raise UserError(f"--q_group_size {opts.q_group_size} must be a power of two, at least 16")
     if not opts.max_input_length:
@@ -170,7 +172,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
     gen = _read_json(os.path.join(opts.model_path, "generation_config.json"))
     tokens = _token_facts(tok, ckpt, gen)
     bundle.check_destination(opts.out_dir)
-    progress.done(f"({ckpt.config.format} format, {ckpt.storage_dtype} weights{', AWQ int4' if ckpt.config.text.awq else ''})")
+    progress.done(
+        f"({ckpt.config.format} format, {ckpt.storage_dtype} weights{', AWQ int4' if ckpt.config.text.awq else ''})"
+    )
 
     store = _store(opts.quantize)
     kv_capacity = opts.seq_length + opts.max_input_length  # room for a padded chunk at the end
@@ -187,6 +191,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
     tmp = bundle.staging_dir(opts.out_dir)
     nets = {}
     try:
+
         def emit(name: str, build, with_weights: bool = True):
             weights = graphs.WeightFile(os.path.join(tmp, f"{name}.data")) if with_weights else None
             g = build(weights)

@@ -52,7 +52,9 @@ def tile_boxes(cols: int, rows: int, tile: int = 448) -> list[tuple[int, int, in
     return [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)]
 
 
-def dynamic_preprocess(image: Image.Image, max_tiles: int = 4, tile: int = 448, use_thumbnail: bool = True) -> list[Image.Image]:
+def dynamic_preprocess(
+    image: Image.Image, max_tiles: int = 4, tile: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
     cols, rows = tile_grid(image.width, image.height, max_tiles, tile=tile)
     resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
     tiles = [resized.crop(box) for box in tile_boxes(cols, rows, tile)]
@@ -83,9 +85,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if image.mode == "CMYK" or image.mode == "YCbCr" or image.mode == "LAB" or image.mode == "HSV":
         return image.convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    ) or (image.mode in ("L", "RGB", "1") and "transparency" in image.info)
+    has_alpha = (
+        image.mode in ("RGBA", "LA", "RGBa", "La", "PA")
+        or (image.mode == "P" and "transparency" in image.info)
+        or (image.mode in ("L", "RGB", "1") and "transparency" in image.info)
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -123,7 +127,9 @@ def load_image(source) -> Image.Image:
     except PermissionError:
         raise UserError(f"cannot read {name}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{name} cannot be decoded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UserError(
+            f"{name} cannot be decoded ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 @dataclass

@@ -149,7 +149,7 @@ def _image_ref(part: dict, where: str):
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if url is None or (isinstance(url, str) and not url.strip()):
-        raise UserError(f"{where}: an image_url part needs a `url` (image_url: {{\"url\": ...}})")
+        raise UserError(f'{where}: an image_url part needs a `url` (image_url: {{"url": ...}})')
     return url
 
 

@@ -153,7 +153,9 @@ class OrtBackend:
         self.embedding_lookup = _plain_table(manifest.net_path("embedding"))
         # largest weights first: pre-packing briefly holds a net's weights twice, best done while
         # nothing else is resident (it sets the process's peak memory)
-        by_size = sorted(manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0))
+        by_size = sorted(
+            manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0)
+        )
         for name in by_size:
             if name == "greedy_head" or (name == "embedding" and self.embedding_lookup is not None):  # numpy here
                 continue

@@ -19,9 +19,11 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_REPETITION_PENALTY = 1.0
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is greedy decoding
 # Only a backend whose logits stay on the chip (Sophgo) needs the bundle's sampling head to sample
-NO_SAMPLING = ("sampling (a temperature above 0, or --do_sample) needs this bundle's sampling head, since its "
-               "logits stay on the chip, and it was converted without --do_sample: ask for greedy decoding "
-               "(temperature 0, no --do_sample) or convert it with --do_sample")
+NO_SAMPLING = (
+    "sampling (a temperature above 0, or --do_sample) needs this bundle's sampling head, since its "
+    "logits stay on the chip, and it was converted without --do_sample: ask for greedy decoding "
+    "(temperature 0, no --do_sample) or convert it with --do_sample"
+)
 
 
 @dataclass

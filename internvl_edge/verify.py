@@ -1,20 +1,20 @@
 """`internvl-edge verify`: what a bundle's 4-bit and 8-bit choices cost, measured on its own source.
 
-    reference   the source checkpoint in float32 (verify_reference.py; or transformers' model), run on
-                the probes: greedy answers (`steps` tokens each), their logits, the image embeddings
-    bundle      the same prompts through the bundle as `run` computes them, teacher-forced on the
-                reference's answer: its logits at every answer position, its image embeddings
-    figures     vision, per image: cosine similarity of the embeddings reaching the decoder (min and
-                mean over tokens) and their relative RMS error; decoder, per probe: top-1 agreement
-                with the reference's tokens, KL(reference || bundle) mean and max, the largest
-                log-prob difference over the reference's top 5, and the first step where the two
-                greedy answers part (teacher forcing follows the bundle's own greedy path until its
-                first disagreement, so that step is where free-running answers part)
-    attribution the decoder figures again with one lossy option undone in memory at a time: float
-                activations in the 4-bit matmuls (the nets' accuracy_level set to 1), a float lm_head
-                (the source's, applied to what the bundle feeds its lm_head) and float vision (the
-                reference's image embeddings); the advice names the convert flag that removes the
-                largest share of the loss (mean KL)
+reference   the source checkpoint in float32 (verify_reference.py; or transformers' model), run on
+            the probes: greedy answers (`steps` tokens each), their logits, the image embeddings
+bundle      the same prompts through the bundle as `run` computes them, teacher-forced on the
+            reference's answer: its logits at every answer position, its image embeddings
+figures     vision, per image: cosine similarity of the embeddings reaching the decoder (min and
+            mean over tokens) and their relative RMS error; decoder, per probe: top-1 agreement
+            with the reference's tokens, KL(reference || bundle) mean and max, the largest
+            log-prob difference over the reference's top 5, and the first step where the two
+            greedy answers part (teacher forcing follows the bundle's own greedy path until its
+            first disagreement, so that step is where free-running answers part)
+attribution the decoder figures again with one lossy option undone in memory at a time: float
+            activations in the 4-bit matmuls (the nets' accuracy_level set to 1), a float lm_head
+            (the source's, applied to what the bundle feeds its lm_head) and float vision (the
+            reference's image embeddings); the advice names the convert flag that removes the
+            largest share of the loss (mean KL)
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ def build_probes(model, specs: list[ProbeSpec], steps: int, max_tiles: int | Non
         if spec.builtin and len(ids) + steps > model.seq_length:
             continue
         if len(ids) + steps > model.seq_length:
-            raise UserError(f"probe {spec.name!r} has {len(ids)} prompt tokens; with --steps {steps} it does "
-                            f"not fit the bundle's seq_length {model.seq_length} (use fewer --steps or --max-tiles)")
+            raise UserError(
+                f"probe {spec.name!r} has {len(ids)} prompt tokens; with --steps {steps} it does "
+                f"not fit the bundle's seq_length {model.seq_length} (use fewer --steps or --max-tiles)"
+            )
         labels = [img if isinstance(img, str) else spec.name for img in spec.images]
         rows = np.flatnonzero(np.asarray(ids) == model.tokens["img_context"])
         probes.append(Probe(spec.name, spec.question, ids, media.pixel_values, media.tiles_per_image, labels, rows))
@@ -255,8 +257,9 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         raise UserError("no probes: give --image or --prompts, or keep the built-in probes")
     probes = build_probes(model, specs, steps, max_tiles)
     if not probes:
-        raise UserError(f"no probe fits the bundle's seq_length {model.seq_length} with --steps {steps}; "
-                        "use fewer --steps")
+        raise UserError(
+            f"no probe fits the bundle's seq_length {model.seq_length} with --steps {steps}; use fewer --steps"
+        )
 
     progress.step(f"reference ({reference}), {len(probes)} probes x {steps} tokens")
     if reference == "transformers":
@@ -269,7 +272,8 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         ref_model = OrtReference(ckpt, threads, progress.update)
     ref_name = ref_model.name
     refs: list[ReferenceResult] = ref_model.generate(
-        [ReferenceProbe(p.ids, p.pixel_values, p.image_rows) for p in probes], steps)
+        [ReferenceProbe(p.ids, p.pixel_values, p.image_rows) for p in probes], steps
+    )
     del ref_model
     gc.collect()
     progress.done()
@@ -364,8 +368,10 @@ def record(bundle: str, report: dict) -> dict:
 def summary_line(s: dict) -> str:
     vision = "" if s.get("vision_cosine_min") is None else f", vision cosine min {s['vision_cosine_min']:.4f}"
     advice = f"; {s['advice']}" if s.get("advice") else ""
-    return (f"verify: top-1 agreement {100 * s['top1_agreement']:.1f}%, KL mean {s['kl_mean']:.4f} "
-            f"max {s['kl_max']:.4f}{vision} ({s['probes']} probes x {s['steps']} tokens){advice}")
+    return (
+        f"verify: top-1 agreement {100 * s['top1_agreement']:.1f}%, KL mean {s['kl_mean']:.4f} "
+        f"max {s['kl_max']:.4f}{vision} ({s['probes']} probes x {s['steps']} tokens){advice}"
+    )
 
 
 def _lm_head_input_of(manifest: Manifest) -> str:

@@ -230,8 +230,11 @@ class OrtReference:
                     states[i] = self._run(io, sess, x, caches[i][layer], lengths[i])
                 del io, values, feeds, model
                 if self.progress:
-                    self.progress(step * t.num_hidden_layers + layer + 1, steps * t.num_hidden_layers,
-                                  "decoder layers x answer tokens")
+                    self.progress(
+                        step * t.num_hidden_layers + layer + 1,
+                        steps * t.num_hidden_layers,
+                        "decoder layers x answer tokens",
+                    )
             last = np.stack([x[-1] for x in states])
             step_logits = self._final(last)
             for i, row in enumerate(step_logits):

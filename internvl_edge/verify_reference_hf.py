@@ -33,8 +33,10 @@ def _imports():
         import torch
         from transformers import InternVLConfig, InternVLForConditionalGeneration
     except ImportError:
-        raise UserError("--reference transformers needs torch and transformers installed "
-                        "(pip install torch transformers); or leave it out for the built-in reference") from None
+        raise UserError(
+            "--reference transformers needs torch and transformers installed "
+            "(pip install torch transformers); or leave it out for the built-in reference"
+        ) from None
     return torch, InternVLConfig, InternVLForConditionalGeneration
 
 

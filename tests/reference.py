@@ -97,7 +97,9 @@ def original_state_dict(ckpt_dir: str, raw: dict) -> dict[str, torch.Tensor]:
             sd[n] = t
         elif name.startswith("mlp1."):
             idx, param = name.split(".")[1:]
-            sd[f"model.multi_modal_projector.{ {'0': 'layer_norm', '1': 'linear_1', '3': 'linear_2'}[idx] }.{param}"] = t
+            sd[
+                f"model.multi_modal_projector.{ {'0': 'layer_norm', '1': 'linear_1', '3': 'linear_2'}[idx] }.{param}"
+            ] = t
         elif name == "language_model.lm_head.weight":
             sd["lm_head.weight"] = t
         elif name.startswith("language_model.model."):
@@ -171,7 +173,9 @@ def bundle_linear_weights(bundle_dir: str) -> dict[str, np.ndarray]:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         arr = [numpy_helper.to_array(inits[i]) for i in node.input[1:4]]
-        out[node.name] = matmulnbits_dequantize(arr[0], arr[1], arr[2], attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"])
+        out[node.name] = matmulnbits_dequantize(
+            arr[0], arr[1], arr[2], attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        )
     return out
 
 
@@ -218,7 +222,9 @@ def greedy(model, input_ids: list[int], pixel_values=None, steps: int = 32):
     ids = torch.tensor([input_ids])
     extra = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values, dtype=torch.float32)}
     cfg = GenerationConfig(max_new_tokens=steps, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = model.generate(input_ids=ids, **extra, generation_config=cfg, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids, **extra, generation_config=cfg, output_logits=True, return_dict_in_generate=True
+    )
     tokens = out.sequences[0, len(input_ids) :].tolist()
     logits = torch.stack(out.logits)[:, 0].float().numpy()
     return tokens, logits

@@ -61,7 +61,9 @@ def reference_for(ckpt_dir: str, manifest) -> torch.nn.Module:
     with torch.no_grad():
         for i, layer in enumerate(ref.model.language_model.layers):
             for name in LINEARS:
-                w = decoder_linear(ckpt.linear(f"language_model.model.layers.{i}.{name}"), True, group, half).dequantize()
+                w = decoder_linear(
+                    ckpt.linear(f"language_model.model.layers.{i}.{name}"), True, group, half
+                ).dequantize()
                 module = layer.get_submodule(name)
                 module.weight.copy_(torch.from_numpy(w))
     return ref

@@ -100,7 +100,9 @@ def test_results_and_streams_carry_ids_logprobs_finish_usage_and_timings(model):
 
 def test_stop_strings_end_the_answer_before_them(model):
     full = model.generate("Hello", max_new_tokens=12, ignore_eos=True).text
-    stop = next(full[i : i + 2] for i in range(2, len(full) - 1) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2])
+    stop = next(
+        full[i : i + 2] for i in range(2, len(full) - 1) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]
+    )
     r = model.generate("Hello", max_new_tokens=12, ignore_eos=True, stop=stop)
     assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
 

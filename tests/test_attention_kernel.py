@@ -27,7 +27,9 @@ from internvl_edge import kernels
 
 needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="our kernels are not available here")
 # where the runtime moves attention to our kernel (AVX-512; on AVX2 the op is tested but not used)
-moves_attention = pytest.mark.skipif(kernels.isa() not in kernels.ATTENTION_ISAS, reason="attention stays on ORT's here")
+moves_attention = pytest.mark.skipif(
+    kernels.isa() not in kernels.ATTENTION_ISAS, reason="attention stays on ORT's here"
+)
 
 
 def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.ndarray):
@@ -106,7 +108,9 @@ def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, re
         assert not ours[0][b, q:].any(), "padded rows must be zeros"
         for mine, ref in zip(ours[1:], theirs[1:]):  # cache rows up to the new length: history kept, new rows rotated
             np.testing.assert_allclose(mine[b, :, :n], ref[b, :, :n], atol=1e-5, rtol=1e-5)
-            assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), "rows past the length are untouched"
+            assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), (
+                "rows past the length are untouched"
+            )
 
 
 @needs_kernel
@@ -159,8 +163,9 @@ def _qk_norm_model(heads: int, kv_heads: int, head_dim: int, capacity: int, eps:
 
 
 @moves_attention
-@pytest.mark.parametrize("heads,kv_heads,head_dim,rows,past", [(16, 8, 128, 1, 30), (4, 2, 64, 37, 5),
-                                                                (6, 2, 128, 20, 0)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,rows,past", [(16, 8, 128, 1, 30), (4, 2, 64, 37, 5), (6, 2, 128, 20, 0)]
+)
 def test_query_key_norms_folded_into_ours(heads, kv_heads, head_dim, rows, past):
     """The rewrite folds the eight norm nodes into our node (which then reads the linear's qkv and the
     two gammas) and both compute the same: decode and prefill chunks, Qwen3-1.7B's 16/8 heads of 128."""
@@ -201,8 +206,14 @@ def _attention_node(**changes):
 def test_rewrite_takes_only_the_decoders_attention():
     kv = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, 64, 128])
     unpacked = ["q", "k_in", "v_in"] + _attention_node().input[3:]
-    nodes = [_attention_node(), _attention_node(softcap=30.0), _attention_node(local_window_size=16),
-             _attention_node(rotary_interleaved=1), _attention_node(inputs=unpacked), _attention_node(kv_num_heads=4)]
+    nodes = [
+        _attention_node(),
+        _attention_node(softcap=30.0),
+        _attention_node(local_window_size=16),
+        _attention_node(rotary_interleaved=1),
+        _attention_node(inputs=unpacked),
+        _attention_node(kv_num_heads=4),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
     assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5

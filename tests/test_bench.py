@@ -23,8 +23,12 @@ def test_bench_reports_every_figure(bundle):
     assert r["load_s"] > 0 and r["vision_s_per_tile"] > 0
     assert set(r["prefill_tps"]) == {"64", "256"} and all(v > 0 for v in r["prefill_tps"].values())
     assert set(r["decode_tps"]) == {"300"} and r["decode_overhead_ms"]["300"] >= 0
-    assert set(r["ftl_s"]) == {"text", "1 tile + 40 tokens", "1 tile + 40 tokens, repeated",
-                               "1 tile + 40 tokens, same image, new question"}
+    assert set(r["ftl_s"]) == {
+        "text",
+        "1 tile + 40 tokens",
+        "1 tile + 40 tokens, repeated",
+        "1 tile + 40 tokens, same image, new question",
+    }
     assert r["bandwidth_gbs"] > 1 and 0 < r["roofline_fraction"]["300"]
     pairs = r["decode_pairs"]["300"]  # 2 x --decode-tokens steps, each paired with the read after it
     assert len(pairs) == 8 and all(step > 0 and gbs > 1 for step, gbs in pairs) and r["probe_bytes"] >= 2**28
@@ -66,7 +70,9 @@ def test_bytes_per_token_count_our_scale_tables_where_the_kernel_reads_them(bund
 
     model = load(bundle("tiny_bf16", "w4bf16"))
     graph = onnx.load(model.manifest.net_path("decoder"), load_external_data=False).graph
-    size = {t.name: int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in graph.initializer}
+    size = {
+        t.name: int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in graph.initializer
+    }
     held, tables, replaced = sum(v for k, v in size.items() if "rotary_emb" not in k), 0, 0
     for node in graph.node:
         if node.op_type == "MatMulNBits":
@@ -83,6 +89,8 @@ def test_bytes_per_token_count_our_scale_tables_where_the_kernel_reads_them(bund
 def test_bad_input_is_one_line(bundle, tmp_path):
     b = bundle("tiny_bf16", "w4bf16")
     for args in (["-m", str(tmp_path / "missing")], ["-m", b, "--repeats", "0"], ["-m", b, "--threads", "0"]):
-        proc = subprocess.run([sys.executable, "-m", "internvl_edge", "bench", *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "internvl_edge", "bench", *args], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

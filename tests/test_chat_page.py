@@ -25,8 +25,9 @@ from internvl_edge.api import load
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"
+    ),
 ]
 WAIT_S = 60
 

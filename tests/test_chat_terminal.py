@@ -78,7 +78,9 @@ def test_two_images_settings_and_stats(bundle, images, tmp_path):
         child.expect("TPS: [0-9.]+ token/s")
         child.expect("Question: ")
         child.sendline("/stats")
-        child.expect(r"FTL: [0-9.]+ s\s+TPS: [0-9.]+ token/s\s+prompt tokens: (\d+)\s+answer tokens: (\d+)\s+image tiles: 2")
+        child.expect(
+            r"FTL: [0-9.]+ s\s+TPS: [0-9.]+ token/s\s+prompt tokens: (\d+)\s+answer tokens: (\d+)\s+image tiles: 2"
+        )
         assert int(child.match.group(1)) > 512 and 1 <= int(child.match.group(2)) <= 3
         child.expect("Question: ")
         child.sendline("/image ~/missing.png")

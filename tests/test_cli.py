@@ -19,7 +19,9 @@ CLI = [sys.executable, "-m", "internvl_edge"]
 
 def cli(*args, stdin: str | None = None, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
-    return subprocess.run(CLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        CLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -134,5 +136,8 @@ def test_make_checkpoint_cli(tmp_path):
     proc = cli("make-checkpoint", out, "--weights", "awq")
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["InternVLChatModel"] and cfg["llm_config"]["quantization_config"]["quant_method"] == "awq"
+    assert (
+        cfg["architectures"] == ["InternVLChatModel"]
+        and cfg["llm_config"]["quantization_config"]["quant_method"] == "awq"
+    )
     assert_one_line_error(cli("make-checkpoint", out), "exists")

@@ -69,15 +69,21 @@ def test_inputs_are_checked_before_the_bundle_loads(tmp_path):
     missing_bundle = tmp_path / "never_loaded"  # a missing bundle would be the error if it were loaded first
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--image", tmp_path / "cat.jpg"), "cat.jpg: image not found")
+    assert_one_line_error(
+        cli("run", "-m", missing_bundle, "-p", "x", "--image", tmp_path / "cat.jpg"), "cat.jpg: image not found"
+    )
     assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--image", text), "notes.txt: not an image")
     assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--image", "https://example.com/a.jpg"),
                           "URLs are not fetched")  # fmt: skip
-    assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--video", tmp_path / "clip.mp4"), "clip.mp4: video not found")
+    assert_one_line_error(
+        cli("run", "-m", missing_bundle, "-p", "x", "--video", tmp_path / "clip.mp4"), "clip.mp4: video not found"
+    )
     proc = cli("run", "-m", missing_bundle, "-p", "x", "--video", text)
     assert_one_line_error(proc, "notes.txt is not a video file")
     assert "Errno" not in proc.stderr and "avcodec" not in proc.stderr
-    assert_one_line_error(cli("run", "-m", missing_bundle, "--prompt-file", tmp_path / "q.txt"), "q.txt: file not found")
+    assert_one_line_error(
+        cli("run", "-m", missing_bundle, "--prompt-file", tmp_path / "q.txt"), "q.txt: file not found"
+    )
     assert_one_line_error(cli("run", "-m", missing_bundle), "-p TEXT or --prompt-file")
 
 
@@ -90,7 +96,10 @@ def test_prompt_file_and_tilde_paths(bundle, images, tmp_path):
     proc = cli("run", "-m", bundle("tiny_bf16", "w4bf16"), "--prompt-file", "~/q.txt", "--image", "~/pic.png",
                "--max-new-tokens", 2, "--json", env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["prompt_token_ids"].count(load(bundle("tiny_bf16", "w4bf16")).tokens["img_context"]) == 256
+    assert (
+        json.loads(proc.stdout)["prompt_token_ids"].count(load(bundle("tiny_bf16", "w4bf16")).tokens["img_context"])
+        == 256
+    )
 
 
 def test_api_refuses_http_urls_in_its_own_words(bundle):
@@ -147,7 +156,9 @@ def test_bundle_names(checkpoint, tmp_path):
     assert len(json.loads(proc.stdout)["token_ids"]) == 2
     assert_one_line_error(cli("run", "-m", "tiny-65", "-p", "x", env=env), "no bundle named tiny-65")
     assert_one_line_error(cli("convert", "-m", checkpoint("tiny_bf16"), "--name", "a/b", env=env), "bundle name")
-    assert_one_line_error(cli("convert", "-m", checkpoint("tiny_bf16"), "-s", 64, "--name", "tiny-64", env=env), "--force")
+    assert_one_line_error(
+        cli("convert", "-m", checkpoint("tiny_bf16"), "-s", 64, "--name", "tiny-64", env=env), "--force"
+    )
     assert_one_line_error(cli("rm", "nothing", env=env), "no bundle named nothing")
     proc = cli("rm", "tiny-64", env=env)
     assert proc.returncode == 0 and "removed tiny-64" in proc.stdout
@@ -176,8 +187,6 @@ def test_video_frames_fitted_to_the_context(bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["video_frames"] == 7
     assert json.loads(proc.stdout)["prompt_token_ids"].count(model.tokens["img_context"]) == 7 * 256
-
-
 
 
 def test_random_answers_of_the_published_vocabulary_are_visible_text(tmp_path):

@@ -136,12 +136,22 @@ def _edited_checkpoint(src: str, dst, edit) -> str:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c.update(architectures=["LlavaForConditionalGeneration"], model_type="llava"), "unsupported checkpoint"),
-        (lambda c: c["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2"), "not supported"),
-        (lambda c: c["llm_config"].update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"),
-         "Qwen3MoeForCausalLM is a mixture-of-experts"),
-        (lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"], model_type="gpt_oss"),
-         "GptOssForCausalLM is a mixture-of-experts"),
+        (
+            lambda c: c.update(architectures=["LlavaForConditionalGeneration"], model_type="llava"),
+            "unsupported checkpoint",
+        ),
+        (
+            lambda c: c["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2"),
+            "not supported",
+        ),
+        (
+            lambda c: c["llm_config"].update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"),
+            "Qwen3MoeForCausalLM is a mixture-of-experts",
+        ),
+        (
+            lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"], model_type="gpt_oss"),
+            "GptOssForCausalLM is a mixture-of-experts",
+        ),
         (lambda c: c["llm_config"].update(quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
         (lambda c: c["llm_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4}), "yarn"),
         (lambda c: c.update(ps_version="v9"), "ps_version"),

@@ -81,7 +81,9 @@ def test_only_the_plain_lookup_is_taken(tmp_path):
 def test_half_precision_table_without_a_cast_is_not_taken(tmp_path):
     table = np.ones((10, 4), np.float16)
     path = tmp_path / "half.onnx"
-    path.write_bytes(small_net([helper.make_node("Gather", ["table", "input_ids"], ["inputs_embeds"])], table, TensorProto.FLOAT16))
+    path.write_bytes(
+        small_net([helper.make_node("Gather", ["table", "input_ids"], ["inputs_embeds"])], table, TensorProto.FLOAT16)
+    )
     assert plain_table(str(path)) is None
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from reference import greedy, load_reference, reference_tokenizer
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-from PIL import Image
 
 from internvl_edge.api import load
 from internvl_edge.errors import UserError

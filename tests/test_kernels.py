@@ -133,7 +133,9 @@ def test_scale_table_in_float16_or_float(bits, rows):
     rng = np.random.default_rng(rows + bits)
     w = quantize(rng.standard_normal((48, 512)).astype(np.float32) * 0.05, bits, 128)
     assert np.array_equal(w.scales.astype(np.float16).astype(np.float32), w.scales)
-    off = dataclasses.replace(w, scales=(w.scales * np.float32(1 + 2.0**-20)).astype(np.float32))  # no float16 holds these
+    off = dataclasses.replace(
+        w, scales=(w.scales * np.float32(1 + 2.0**-20)).astype(np.float32)
+    )  # no float16 holds these
     a = rng.standard_normal((1, rows, 512)).astype(np.float32)
     sizes = []
     for weight, table in ((w, 0), (off, 1)):
@@ -287,7 +289,9 @@ def _swiglu_graph(w, fused: bool, bias: np.ndarray | None = None):
              helper.make_node("Mul", ["silu", "up"], ["Y"])]  # fmt: skip
     graph = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)]
+    )
     if fused:
         assert kernels.fuse_swiglu(model) == 1
         assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]

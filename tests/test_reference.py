@@ -112,7 +112,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("media", ["text", "two_images"])
-@pytest.mark.parametrize("ckpt, quant, options", CASES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())) or "default")
+@pytest.mark.parametrize(
+    "ckpt, quant, options",
+    CASES,
+    ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())) or "default",
+)
 def test_teacher_forced_against_reference(ckpt, quant, options, media, checkpoint, bundle, images):
     paths = [images[n] for n in MEDIA[media]]
     bdir = bundle(ckpt, quant, **options)
@@ -126,7 +130,9 @@ def test_teacher_forced_against_reference(ckpt, quant, options, media, checkpoin
     assert our_ids == ids
 
     top5 = np.argsort(-ref_logits, axis=-1)[:, :5]
-    dlp = np.abs(np.take_along_axis(log_softmax(ours), top5, -1) - np.take_along_axis(log_softmax(ref_logits), top5, -1))
+    dlp = np.abs(
+        np.take_along_axis(log_softmax(ours), top5, -1) - np.take_along_axis(log_softmax(ref_logits), top5, -1)
+    )
     agree = ours.argmax(-1) == ref_logits.argmax(-1)
     int8_activations = quant.startswith("w4") and options.get("accuracy_level", 4) == 4
     if not int8_activations:

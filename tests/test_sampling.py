@@ -99,7 +99,9 @@ def test_sampled_run_end_to_end(bundle):
     greedy = model.generate("Describe the image.", max_new_tokens=12, ignore_eos=True)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
-    cold = model.generate("Describe the image.", seed=5, max_new_tokens=12, do_sample=True, temperature=1e-3, ignore_eos=True)
+    cold = model.generate(
+        "Describe the image.", seed=5, max_new_tokens=12, do_sample=True, temperature=1e-3, ignore_eos=True
+    )
     assert cold.token_ids == greedy.token_ids
     with pytest.raises(UserError, match="top_p"):
         model.generate("x", do_sample=True, top_p=1.5)
@@ -111,8 +113,15 @@ def test_a_bundle_without_the_head_samples_on_the_host_with_the_same_tokens(bund
     head, host = load(bundle("tiny_bf16", "w4bf16", do_sample=True)), load(bundle("tiny_bf16", "w4bf16"))
     assert head.backend.has_sample_head and not host.backend.has_sample_head
     assert host.backend.describe()["sampling"] == "host"
-    kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95,
-          "repetition_penalty": 1.1, "ignore_eos": True}
+    kw = {
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_k": 40,
+        "top_p": 0.95,
+        "repetition_penalty": 1.1,
+        "ignore_eos": True,
+    }
     for seed in (1, 2):
         a = host.generate("Describe the image.", seed=seed, **kw).token_ids
         assert a == host.generate("Describe the image.", seed=seed, **kw).token_ids
@@ -144,7 +153,12 @@ def test_parameters_come_from_generation_config(workdir, bundle):
                    progress=Progress(enabled=False)).path  # fmt: skip
     model = load(path)
     cfg = model.generation_config(do_sample=True)
-    assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.repetition_penalty) == (0.7, 20, 0.8, 1.1)
+    assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.repetition_penalty) == (
+        0.7,
+        20,
+        0.8,
+        1.1,
+    )
     assert model.generation_config(do_sample=True, top_k=5).sampling.top_k == 5  # the command line wins
     # the same weights as the base bundle, so the same greedy text, now cut at the stop string
     cut = model.generate("Describe the image.", max_new_tokens=10, ignore_eos=True)

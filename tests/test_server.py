@@ -138,7 +138,9 @@ def cli_run_json(bundle_path: str, *args) -> dict:
 
 
 def test_openai_client_with_an_image_equals_run_json(served, greedy_bundle, images):
-    expected = cli_run_json(greedy_bundle, "-p", "Describe the image.", "--image", images["wide"], "--max-new-tokens", 12)
+    expected = cli_run_json(
+        greedy_bundle, "-p", "Describe the image.", "--image", images["wide"], "--max-new-tokens", 12
+    )
     resp = served.client().chat.completions.create(
         model=NAME, messages=user("Describe the image.", data_url(images["wide"])), max_tokens=12,
         extra_body={"return_token_ids": True},
@@ -173,6 +175,7 @@ def test_openai_client_streaming_with_usage(served, reference, images):
 def test_requests_share_the_prefix_and_image_caches(served, reference, images):
     """A second request with the system prompt and image of an earlier one prefills only what follows
     them (usage.prompt_tokens_details.cached_tokens) and skips the vision encoder, with the same tokens."""
+
     def ask(question):
         messages = [{"role": "system", "content": "Answer in one word."}] + user(question, data_url(images["tall"]))
         resp = served.client().chat.completions.create(model=NAME, messages=messages, max_tokens=6,
@@ -199,7 +202,9 @@ def test_raw_stream_is_sse_ending_in_done(served):
 
 def test_logprobs_stop_and_max_tiles(served, reference, images):
     client = served.client()
-    resp = client.chat.completions.create(model=NAME, messages=user("Hello"), max_tokens=6, logprobs=True, top_logprobs=3)
+    resp = client.chat.completions.create(
+        model=NAME, messages=user("Hello"), max_tokens=6, logprobs=True, top_logprobs=3
+    )
     expected = reference.generate(messages=user("Hello"), max_new_tokens=6, logprobs=3)
     content = resp.choices[0].logprobs.content
     assert len(content) == 6
@@ -209,7 +214,9 @@ def test_logprobs_stop_and_max_tiles(served, reference, images):
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
     # stop strings: the answer ends before the first stop string, with finish_reason "stop"
     full = reference.generate(messages=user("Hello"), max_new_tokens=12).text
-    stop = next(full[i : i + 2] for i in range(2, len(full) - 1) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2])
+    stop = next(
+        full[i : i + 2] for i in range(2, len(full) - 1) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]
+    )
     resp = client.chat.completions.create(model=NAME, messages=user("Hello"), max_tokens=12, stop=[stop])
     assert resp.choices[0].message.content == full[: full.index(stop)] and resp.choices[0].finish_reason == "stop"
     # max_tiles: the wide image takes 2x1 tiles + a thumbnail by default, one tile with max_tiles=1
@@ -278,7 +285,13 @@ def test_sixteen_concurrent_streams_equal_single_requests(served, reference, ima
 
 
 def test_a_cancelled_stream_frees_its_slot(served):
-    body = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    body = {
+        "model": NAME,
+        "messages": user("Write a long story."),
+        "max_tokens": 1900,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with slowed(served):
         with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
@@ -360,7 +373,10 @@ def test_sampling_requests_keep_their_own_state_in_a_batch(bundle):
     """Sampled requests with seeds give, served together, what each gives alone through the API."""
     b = bundle("tiny_bf16", "w4bf16", do_sample=True)
     ref = load(b)
-    cases = [dict(temperature=t, top_p=p, seed=seed) for t, p, seed in [(0.8, 0.9, 1), (1.2, 1.0, 2), (0.5, 0.7, 3), (1.0, 0.95, 1)]]
+    cases = [
+        dict(temperature=t, top_p=p, seed=seed)
+        for t, p, seed in [(0.8, 0.9, 1), (1.2, 1.0, 2), (0.5, 0.7, 3), (1.0, 0.95, 1)]
+    ]
     with serving(b, parallel=4) as s:
 
         def ask(kw):
@@ -442,7 +458,12 @@ def test_local_paths_refused_without_a_media_folder(greedy_bundle, images):
     with serving(greedy_bundle, parallel=1) as s:
         r = s.post({"model": NAME, "messages": user("Describe.", images["square"]), "max_tokens": 2})
         assert r.status_code == 400 and "--allowed-local-media-path" in r.json()["error"]["message"]
-        assert s.post({"model": NAME, "messages": user("Describe.", data_url(images["square"])), "max_tokens": 2}).status_code == 200
+        assert (
+            s.post(
+                {"model": NAME, "messages": user("Describe.", data_url(images["square"])), "max_tokens": 2}
+            ).status_code
+            == 200
+        )
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -464,7 +485,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, tmp_path)
     assert_error(served.post({**base, "model": "gpt-4o"}), 404, "not found")
     assert served.post({**base, "model": "gpt-4o"}).json()["error"]["code"] == "model_not_found"
     assert_error(served.post({"model": NAME}), 400, "messages")
-    assert_error(served.post({**base, "messages": [{"role": "assistant", "content": "Hi"}]}), 400, "assistant message must follow")
+    assert_error(
+        served.post({**base, "messages": [{"role": "assistant", "content": "Hi"}]}),
+        400,
+        "assistant message must follow",
+    )
     assert_error(served.post({**base, "messages": [{"role": "tool", "content": "x"}]}), 400, "unsupported role")
     assert_error(served.post({**base, "temperature": "hot"}), 400, "`temperature` must be a number")
     assert_error(served.post({**base, "temperature": 0.7, "top_p": 0}), 400, "top_p")

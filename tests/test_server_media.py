@@ -105,13 +105,13 @@ def test_metrics_count_requests_tokens_and_times(greedy_bundle):
         assert s.post({"model": NAME, "messages": user("Hi")}, key="wrong").status_code == 401
         after = scrape(s.url)
         usage = ok.json()["usage"]
-        assert after[p + 'requests_total{status=200}'] == 1
-        assert after[p + 'requests_total{status=400}'] == 1 and after[p + 'requests_total{status=401}'] == 1
+        assert after[p + "requests_total{status=200}"] == 1
+        assert after[p + "requests_total{status=400}"] == 1 and after[p + "requests_total{status=401}"] == 1
         assert after[p + "prompt_tokens_total"] == usage["prompt_tokens"]
         assert after[p + "generation_tokens_total"] == usage["completion_tokens"] == 5
         assert after[p + "time_to_first_token_seconds_count"] == 1
         assert after[p + "request_duration_seconds_count"] == 3
-        assert after[p + 'request_duration_seconds_bucket{le=+Inf}'] == 3
+        assert after[p + "request_duration_seconds_bucket{le=+Inf}"] == 3
         ttft = ok.json()["timings"]["ftl_s"]
         assert abs(after[p + "time_to_first_token_seconds_sum"] - ttft) < 1e-3
         # a long stream in the slot and one waiting behind it show in the gauges; closing it counts as cancelled
@@ -136,6 +136,6 @@ def test_metrics_count_requests_tokens_and_times(greedy_bundle):
         while (final := scrape(s.url)).get(p + "requests_total{status=cancelled}") is None:
             assert time.monotonic() < deadline, final
             time.sleep(0.05)
-        assert final[p + 'requests_total{status=cancelled}'] == 1
-        assert final[p + 'requests_total{status=200}'] == 2
+        assert final[p + "requests_total{status=cancelled}"] == 1
+        assert final[p + "requests_total{status=200}"] == 2
         assert final[p + "active_sequences"] == 0

@@ -58,7 +58,14 @@ SIM_SHAPES = shapes_with("tiny", image_size=224)
 CHECKPOINTS = {"bf16": ("bf16", 10), "awq": ("awq", 11)}
 # case: (checkpoint, chip, -q, extra convert options, ONNX bundle the decoder is compared with, check the ViT)
 NET_CASES = {
-    "bm1684x-f16": ("bf16", "bm1684x", "f16", {"max_input_length": 48, "use_block_with_kv": True, "do_sample": True}, "f32", True),
+    "bm1684x-f16": (
+        "bf16",
+        "bm1684x",
+        "f16",
+        {"max_input_length": 48, "use_block_with_kv": True, "do_sample": True},
+        "f32",
+        True,
+    ),
     "bm1684x-bf16": ("bf16", "bm1684x", "bf16", {}, "f32", True),
     "bm1684x-w4bf16": ("bf16", "bm1684x", "w4bf16", {}, "w4bf16", False),  # its ViT is the bf16 case's
     "bm1684x-awq-w4f16": ("awq", "bm1684x", "w4bf16", {}, "w4f16", True),
@@ -199,7 +206,9 @@ def test_bm1688_nets_and_cli_run(tpu_mlir, sim_checkpoint, sim_bundle, tile):
     assert out["backend"]["library"].endswith("bm1688 simulator (cmodel)")
     ref = sophgo_checks.reference_greedy(ckpt, STEPS)
     assert out["prompt_token_ids"] == ref["prompt_ids"]
-    assert_greedy({"ours": out["token_ids"], "reference": ref["tokens"], "margins": ref["margins"], "logit_std": ref["logit_std"]})
+    assert_greedy(
+        {"ours": out["token_ids"], "reference": ref["tokens"], "margins": ref["margins"], "logit_std": ref["logit_std"]}
+    )
 
 
 @sim
@@ -263,9 +272,10 @@ def test_sample_head_matches_cpu_sampling(tpu_mlir, sim_bundle):
 def test_a_bundle_without_the_head_refuses_to_sample_in_the_requests_terms(tpu_mlir, sim_bundle):
     """On the chip the logits stay on the chip: without --do_sample a bundle cannot sample, and says so in
     the terms of the request (a temperature above 0, or --do_sample), through the API and the server."""
+    from starlette.testclient import TestClient
+
     from internvl_edge.api import load
     from internvl_edge.server.app import ServerSettings, create_app
-    from starlette.testclient import TestClient
 
     kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-bf16"]
     model = load(sim_bundle(kind, chip, quantize, **options))

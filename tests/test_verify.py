@@ -55,8 +55,13 @@ def _independent(ref_logits: np.ndarray, tokens: list[int], logits: np.ndarray) 
     kl = [float(np.sum(np.exp(lr[i]) * (lr[i] - lo[i]))) for i in range(len(tokens))]
     agree = [int(np.argmax(logits[i])) == tokens[i] for i in range(len(tokens))]
     top5 = max(abs(lo[i, t] - lr[i, t]) for i in range(len(tokens)) for t in np.argsort(-ref_logits[i])[:5])
-    return {"top1_agreement": float(np.mean(agree)), "kl_mean": float(np.mean(kl)), "kl_max": max(kl),
-            "top5_logprob_diff_max": float(top5), "first_divergence": agree.index(False) if False in agree else None}
+    return {
+        "top1_agreement": float(np.mean(agree)),
+        "kl_mean": float(np.mean(kl)),
+        "kl_max": max(kl),
+        "top5_logprob_diff_max": float(top5),
+        "first_divergence": agree.index(False) if False in agree else None,
+    }
 
 
 @pytest.mark.slow

@@ -125,7 +125,9 @@ def test_video_answer_matches_reference(name, checkpoint, bundle, tmp_path):
     proc = GotOcr2ImageProcessorPil(crop_to_patches=False, size={"height": 448, "width": 448},
                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
     pv = proc(images=frames, return_tensors="np")["pixel_values"]
-    system = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    system = (
+        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    )
     question = "".join(f"Frame{i + 1}: <image>\n" for i in range(4)) + "What happens?"
     text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     text = text.replace("<image>", "<img>" + "<IMG_CONTEXT>" * 256 + "</img>")

@@ -308,7 +308,9 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
                 ps_version="v2",
                 template="internvl2_5",  # the -hf checkpoints are InternVL2.5/3/3.5, whose template this is
                 projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
-                torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "bfloat16"),
+                torch_dtype=str(
+                    raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "bfloat16"
+                ),
                 image_token_id=raw.get("image_token_id"),
                 raw=raw,
             )

@@ -256,26 +256,30 @@ class _ShardedWriter:
 
 def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int]) -> dict:
     torch_dtype = "bfloat16" if weights == "bf16" else "float16"
-    llm = _qwen3_config(s) if s.llm == "qwen3" else {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": s.text_hidden,
-        "intermediate_size": s.text_intermediate,
-        "num_attention_heads": s.text_heads,
-        "num_hidden_layers": s.text_layers,
-        "num_key_value_heads": s.text_kv_heads,
-        "max_position_embeddings": 32768,
-        "max_window_layers": s.text_layers,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
-        "hidden_act": "silu",
-        "vocab_size": vocab,
-        "tie_word_embeddings": s.tie_word_embeddings,
-        "use_sliding_window": False,
-        "sliding_window": 32768,
-        "attention_dropout": 0.0,
-    }
+    llm = (
+        _qwen3_config(s)
+        if s.llm == "qwen3"
+        else {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": s.text_hidden,
+            "intermediate_size": s.text_intermediate,
+            "num_attention_heads": s.text_heads,
+            "num_hidden_layers": s.text_layers,
+            "num_key_value_heads": s.text_kv_heads,
+            "max_position_embeddings": 32768,
+            "max_window_layers": s.text_layers,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+            "hidden_act": "silu",
+            "vocab_size": vocab,
+            "tie_word_embeddings": s.tie_word_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": 32768,
+            "attention_dropout": 0.0,
+        }
+    )
     llm.update({"vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                 "use_cache": True, "torch_dtype": torch_dtype})  # fmt: skip
     if weights == "awq":
@@ -451,7 +455,9 @@ def make_checkpoint(
         with open(os.path.join(tmp, "internvl_edge_factory.json"), "w", encoding="utf-8") as f:
             json.dump({"size": size if isinstance(size, str) else "custom", "shapes": asdict(shapes),
                        "format": fmt, "weights": weights, "seed": seed}, f, indent=2)  # fmt: skip
-        _write_weights(tmp, shapes, vocab, fmt, weights, seed, shard_bytes, [ids["<|im_end|>"], ids["<|endoftext|>"]], progress)
+        _write_weights(
+            tmp, shapes, vocab, fmt, weights, seed, shard_bytes, [ids["<|im_end|>"], ids["<|endoftext|>"]], progress
+        )
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

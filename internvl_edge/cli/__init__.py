@@ -25,7 +25,10 @@ COMMANDS = {
     "bench": ("bench", "measure load, vision, prefill, decode, first-token latency, memory and the roofline"),
     "verify": ("verify", "measure what the bundle's quantisation costs against its source checkpoint in float32"),
     "toolchain": ("toolchain", "install or show TPU-MLIR, the compiler and chip simulator of the Sophgo targets"),
-    "make-checkpoint": ("make_checkpoint", "write a random-weight InternVL3 or 3.5 checkpoint (tests, demo, benchmarks)"),
+    "make-checkpoint": (
+        "make_checkpoint",
+        "write a random-weight InternVL3 or 3.5 checkpoint (tests, demo, benchmarks)",
+    ),
     "list": ("list_bundles", "list the named bundles in the bundle home ($INTERNVL_EDGE_HOME)"),
     "rm": ("rm", "delete named bundles from the bundle home"),
     "demo": ("demo", "make a tiny model, convert it and ask it about an image, in one go"),
@@ -54,7 +57,9 @@ def add_spelling_aliases(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="internvl-edge", description="Convert InternVL3 and 3.5 checkpoints and chat with them on edge hardware.")
+    parser = Parser(
+        prog="internvl-edge", description="Convert InternVL3 and 3.5 checkpoints and chat with them on edge hardware."
+    )
     parser.add_argument("--version", action="version", version=f"internvl-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -64,8 +64,13 @@ HELP = """commands:
 def add_arguments(p) -> None:
     add_model_arguments(p)
     add_generation_arguments(p)
-    p.add_argument("--video-frames", dest="video_frames", type=int_at_least(1), default=None,
-                   help="frames sampled from a video (default: as many as fit the context, up to 8)")
+    p.add_argument(
+        "--video-frames",
+        dest="video_frames",
+        type=int_at_least(1),
+        default=None,
+        help="frames sampled from a video (default: as many as fit the context, up to 8)",
+    )
     p.add_argument("--history-file", dest="history_file", default=None,
                    help="where a terminal session keeps its questions (default: $INTERNVL_EDGE_HISTORY, else "
                         "~/.cache/internvl-edge/history; 'none' keeps none)")  # fmt: skip

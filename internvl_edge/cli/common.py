@@ -51,38 +51,88 @@ def expand_path(path: str) -> str:
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("-m", "--model_path", required=True,
-                   help="bundle folder written by `internvl-edge convert`, or a bundle's name (see `internvl-edge list`)")
-    p.add_argument("-c", "--config_path", default=None,
-                   help="the seed's config folder: tokenizer and generation_config.json (default: the bundle's "
-                        "config/). Not the chip: that is chosen once, by `convert -c`")
-    p.add_argument("-d", "--devid", default="0", help="device id(s), e.g. 0 or 0,1 (default 0; the CPU target uses none)")
+    p.add_argument(
+        "-m",
+        "--model_path",
+        required=True,
+        help="bundle folder written by `internvl-edge convert`, or a bundle's name (see `internvl-edge list`)",
+    )
+    p.add_argument(
+        "-c",
+        "--config_path",
+        default=None,
+        help="the seed's config folder: tokenizer and generation_config.json (default: the bundle's "
+        "config/). Not the chip: that is chosen once, by `convert -c`",
+    )
+    p.add_argument(
+        "-d", "--devid", default="0", help="device id(s), e.g. 0 or 0,1 (default 0; the CPU target uses none)"
+    )
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: all available cores)")
 
 
 def add_generation_arguments(p) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
-    p.add_argument("--max-tiles", dest="max_tiles", type=int_at_least(1), default=None,
-                   help="tiles per image, at least 1 (default: the bundle's, 4 unless converted otherwise)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int_at_least(1), default=None,
-                   help="stop after this many tokens (default: none; the answer runs to its end of turn or to "
-                        "the end of the bundle's context)")
-    p.add_argument("--do_sample", "--do-sample", dest="do_sample", action="store_true",
-                   help="sample instead of greedy decoding (--temperature, --top_k, --top_p, --repetition_penalty, --seed)")
-    p.add_argument("--temperature", type=float_in(0.0), default=None,
-                   help="with --do_sample: softmax temperature, 0 or more (default: the bundle's "
-                        "generation_config.json, else 1.0)")
-    p.add_argument("--top_k", "--top-k", dest="top_k", type=int_at_least(0), default=None,
-                   help="with --do_sample: keep the K most likely tokens, 0 for all (default: generation_config.json, else 50)")
-    p.add_argument("--top_p", "--top-p", dest="top_p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                   help="with --do_sample: keep the most likely tokens up to this probability mass, in (0, 1] "
-                        "(default: generation_config.json, else 1.0)")
-    p.add_argument("--repetition_penalty", "--repetition-penalty", dest="repetition_penalty",
-                   type=float_in(0.0, low_open=True), default=None,
-                   help="with --do_sample: divide the scores of tokens already in the turn, above 0 "
-                        "(default: generation_config.json, else 1.0: none)")
-    p.add_argument("--seed", type=int_at_least(0), default=None, help="random seed for --do_sample (default: a fresh one)")
-    p.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", help="keep generating past end-of-turn tokens")
+    p.add_argument(
+        "--max-tiles",
+        dest="max_tiles",
+        type=int_at_least(1),
+        default=None,
+        help="tiles per image, at least 1 (default: the bundle's, 4 unless converted otherwise)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int_at_least(1),
+        default=None,
+        help="stop after this many tokens (default: none; the answer runs to its end of turn or to "
+        "the end of the bundle's context)",
+    )
+    p.add_argument(
+        "--do_sample",
+        "--do-sample",
+        dest="do_sample",
+        action="store_true",
+        help="sample instead of greedy decoding (--temperature, --top_k, --top_p, --repetition_penalty, --seed)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float_in(0.0),
+        default=None,
+        help="with --do_sample: softmax temperature, 0 or more (default: the bundle's "
+        "generation_config.json, else 1.0)",
+    )
+    p.add_argument(
+        "--top_k",
+        "--top-k",
+        dest="top_k",
+        type=int_at_least(0),
+        default=None,
+        help="with --do_sample: keep the K most likely tokens, 0 for all (default: generation_config.json, else 50)",
+    )
+    p.add_argument(
+        "--top_p",
+        "--top-p",
+        dest="top_p",
+        type=float_in(0.0, 1.0, low_open=True),
+        default=None,
+        help="with --do_sample: keep the most likely tokens up to this probability mass, in (0, 1] "
+        "(default: generation_config.json, else 1.0)",
+    )
+    p.add_argument(
+        "--repetition_penalty",
+        "--repetition-penalty",
+        dest="repetition_penalty",
+        type=float_in(0.0, low_open=True),
+        default=None,
+        help="with --do_sample: divide the scores of tokens already in the turn, above 0 "
+        "(default: generation_config.json, else 1.0: none)",
+    )
+    p.add_argument(
+        "--seed", type=int_at_least(0), default=None, help="random seed for --do_sample (default: a fresh one)"
+    )
+    p.add_argument(
+        "--ignore-eos", dest="ignore_eos", action="store_true", help="keep generating past end-of-turn tokens"
+    )
 
 
 def generation_kwargs(args) -> dict:

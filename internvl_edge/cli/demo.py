@@ -19,9 +19,16 @@ from .common import int_at_least
 def add_arguments(p) -> None:
     p.add_argument("--dir", default="internvl-edge-demo", help="working folder (default ./internvl-edge-demo)")
     p.add_argument("-p", "--prompt", default="Describe the image.", help="the question (default: Describe the image.)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int_at_least(1), default=48,
-                   help="length of the answer (default 48)")
-    p.add_argument("-q", "--quantize", default="w4bf16", choices=QUANTIZE_MODES, help="conversion precision (default w4bf16)")
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int_at_least(1),
+        default=48,
+        help="length of the answer (default 48)",
+    )
+    p.add_argument(
+        "-q", "--quantize", default="w4bf16", choices=QUANTIZE_MODES, help="conversion precision (default w4bf16)"
+    )
 
 
 def draw_picture(path: str) -> None:
@@ -73,5 +80,5 @@ def main(args) -> int:
     print(f"TPS: {stats.decode_tps:.3f} token/s")
     print("\n(random weights: the words are noise; every stage ran.) Next, try:")
     print(f"  internvl-edge chat -m {bundle_dir}")
-    print(f"  internvl-edge run -m {bundle_dir} -p \"What is in the picture?\" --image {image} --json")
+    print(f'  internvl-edge run -m {bundle_dir} -p "What is in the picture?" --image {image} --json')
     return 0

@@ -17,7 +17,9 @@ def main(args) -> int:
         print(json.dumps(bundles, indent=2))
         return 0
     if not bundles:
-        print(f"no bundles in {bundle_home()} (${HOME_VARIABLE}); make one with `internvl-edge convert ... --name NAME`")
+        print(
+            f"no bundles in {bundle_home()} (${HOME_VARIABLE}); make one with `internvl-edge convert ... --name NAME`"
+        )
         return 0
     head = ("NAME", "SOURCE", "MODE", "TARGET", "SIZE", "CONTEXT", "DATE")
     rows = [(b["name"], b["source"], b["mode"], b["target"], human_bytes(b["bytes"]), str(b["context"]),

@@ -11,11 +11,22 @@ from ..progress import Progress
 
 def add_arguments(p) -> None:
     p.add_argument("out_dir", help="folder to create")
-    p.add_argument("--size", default="tiny", choices=list(SIZES),
-                   help="tiny (tests, demo) or InternVL3's published shapes; 3.5-*: InternVL3.5's (default tiny)")
-    p.add_argument("--format", dest="fmt", default="original", choices=FORMATS,
-                   help="OpenGVLab original or transformers (hf) (default original)")
-    p.add_argument("--weights", default="bf16", choices=WEIGHT_KINDS, help="bf16, f16 or awq (int4 decoder linears) (default bf16)")
+    p.add_argument(
+        "--size",
+        default="tiny",
+        choices=list(SIZES),
+        help="tiny (tests, demo) or InternVL3's published shapes; 3.5-*: InternVL3.5's (default tiny)",
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default="original",
+        choices=FORMATS,
+        help="OpenGVLab original or transformers (hf) (default original)",
+    )
+    p.add_argument(
+        "--weights", default="bf16", choices=WEIGHT_KINDS, help="bf16, f16 or awq (int4 decoder linears) (default bf16)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
 

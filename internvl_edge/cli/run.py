@@ -26,16 +26,29 @@ from .common import (
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("-p", "--prompt", default=None, help="the question (default: none; give -p or --prompt-file)")
-    p.add_argument("--prompt-file", dest="prompt_file", default=None,
-                   help="read the question from this UTF-8 text file (default: none; use -p)")
+    p.add_argument(
+        "--prompt-file",
+        dest="prompt_file",
+        default=None,
+        help="read the question from this UTF-8 text file (default: none; use -p)",
+    )
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images (default: none)")
     p.add_argument("--video", default=None, help="video file, frames evenly spaced, one tile each (default: none)")
-    p.add_argument("--video-frames", dest="video_frames", type=int_at_least(1), default=None,
-                   help="frames sampled from --video (default: as many as fit the bundle's context, up to 8)")
+    p.add_argument(
+        "--video-frames",
+        dest="video_frames",
+        type=int_at_least(1),
+        default=None,
+        help="frames sampled from --video (default: as many as fit the bundle's context, up to 8)",
+    )
     add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--logprobs", type=int_at_least(0), default=0,
-                   help="with --json: the K most likely tokens at every step (default 0: none)")
+    p.add_argument(
+        "--logprobs",
+        type=int_at_least(0),
+        default=0,
+        help="with --json: the K most likely tokens at every step (default 0: none)",
+    )
 
 
 def note(message: str) -> None:

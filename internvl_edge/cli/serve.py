@@ -27,7 +27,9 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--parallel", type=int_at_least(1), default=4, help="sequences decoded together in one batch (default 4)")
+    p.add_argument(
+        "--parallel", type=int_at_least(1), default=4, help="sequences decoded together in one batch (default 4)"
+    )
     p.add_argument("--max-queue", dest="max_queue", type=int_at_least(0), default=64,
                    help="requests that may wait for a free slot; beyond it 429 (default 64)")  # fmt: skip
     p.add_argument("--api-key", dest="api_key", default=os.environ.get("INTERNVL_EDGE_API_KEY"),
@@ -107,7 +109,9 @@ def main(args) -> int:
 
         from ..server.app import ServerSettings, create_app
     except ImportError as e:
-        raise UserError(f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'internvl-edge[server]'") from None
+        raise UserError(
+            f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'internvl-edge[server]'"
+        ) from None
     if args.allowed_media_path and not os.path.isdir(args.allowed_media_path):
         raise UserError(f"--allowed-local-media-path: {args.allowed_media_path} is not a folder")
     if args.max_body_bytes < 1024:

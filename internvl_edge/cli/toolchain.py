@@ -11,17 +11,30 @@ from ..sophgo import toolchain
 
 
 def add_arguments(p) -> None:
-    p.add_argument("action", choices=("install", "info"), help="install: fetch and prepare TPU-MLIR; info: what is found")
-    p.add_argument("--tpu-mlir", dest="tpu_mlir", default=None, help="an existing TPU-MLIR tpu_mlir folder to check (info; default: TPUC_ROOT, then the installed copy)")
+    p.add_argument(
+        "action", choices=("install", "info"), help="install: fetch and prepare TPU-MLIR; info: what is found"
+    )
+    p.add_argument(
+        "--tpu-mlir",
+        dest="tpu_mlir",
+        default=None,
+        help="an existing TPU-MLIR tpu_mlir folder to check (info; default: TPUC_ROOT, then the installed copy)",
+    )
     p.add_argument("--force", action="store_true", help="install again even if a working copy is there")
-    p.add_argument("--wheel", default=None, help=f"install from this {toolchain.WHEEL} instead of downloading it (default: download)")
+    p.add_argument(
+        "--wheel",
+        default=None,
+        help=f"install from this {toolchain.WHEEL} instead of downloading it (default: download)",
+    )
     p.add_argument("--json", action="store_true", help="info as one JSON object")
 
 
 def main(args) -> int:
     if args.action == "install":
         if args.tpu_mlir:
-            raise UserError("--tpu-mlir names an existing TPU-MLIR: nothing to install (use `toolchain info --tpu-mlir PATH`)")
+            raise UserError(
+                "--tpu-mlir names an existing TPU-MLIR: nothing to install (use `toolchain info --tpu-mlir PATH`)"
+            )
         if args.wheel and not os.path.isfile(args.wheel):
             raise UserError(f"--wheel {args.wheel}: no such file")
         tc = toolchain.install(Progress("[toolchain] "), force=args.force, wheel=args.wheel)
@@ -38,7 +51,9 @@ def main(args) -> int:
         print(json.dumps(info, indent=2))
         return 0 if info.get("works") else 1
     if not info["found"]:
-        print(f"TPU-MLIR {toolchain.VERSION}: not installed (expected in {info['expected']}); run `{toolchain.INSTALL_COMMAND}`")
+        print(
+            f"TPU-MLIR {toolchain.VERSION}: not installed (expected in {info['expected']}); run `{toolchain.INSTALL_COMMAND}`"
+        )
         return 1
     print(f"TPU-MLIR: {info['root']} ({info['origin']}, {info['version']})")
     print(f"simulators: {', '.join(f'{c} ({lib})' for c, lib in info['simulators'].items())}")

@@ -13,20 +13,46 @@ from .names import resolve_bundle
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model_path", required=True, help="bundle folder written by `internvl-edge convert`, or a bundle's name (see `internvl-edge list`)")
+    p.add_argument(
+        "-m",
+        "--model_path",
+        required=True,
+        help="bundle folder written by `internvl-edge convert`, or a bundle's name (see `internvl-edge list`)",
+    )
     p.add_argument("--checkpoint", required=True, help="the checkpoint folder the bundle was converted from")
-    p.add_argument("--image", action="append", default=[], help="your own image, added to the built-in probes (repeat; default: none)")
-    p.add_argument("--prompts", default=None, help="a file of your own prompts, one per line, added to the probes (default: none)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="your own image, added to the built-in probes (repeat; default: none)",
+    )
+    p.add_argument(
+        "--prompts", default=None, help="a file of your own prompts, one per line, added to the probes (default: none)"
+    )
     p.add_argument("--no-builtin", dest="builtin", action="store_false", help="only your --image and --prompts probes")
-    p.add_argument("--steps", type=int_at_least(1), default=DEFAULT_STEPS,
-                   help=f"answer tokens compared per probe (default {DEFAULT_STEPS})")
-    p.add_argument("--max-tiles", dest="max_tiles", type=int_at_least(1), default=None,
-                   help="tiles per image (default: the bundle's)")
+    p.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        default=DEFAULT_STEPS,
+        help=f"answer tokens compared per probe (default {DEFAULT_STEPS})",
+    )
+    p.add_argument(
+        "--max-tiles",
+        dest="max_tiles",
+        type=int_at_least(1),
+        default=None,
+        help="tiles per image (default: the bundle's)",
+    )
     p.add_argument("--reference", default="onnxruntime", choices=REFERENCES,
                    help="onnxruntime: our float32 graphs, one layer at a time (default); transformers: its model, "
                         "if torch and transformers are installed (needs the whole model in float32)")  # fmt: skip
-    p.add_argument("--min-agreement", dest="min_agreement", type=float, default=None,
-                   help="exit with status 1 when top-1 agreement is below this fraction (0..1), for CI (default: none)")
+    p.add_argument(
+        "--min-agreement",
+        dest="min_agreement",
+        type=float,
+        default=None,
+        help="exit with status 1 when top-1 agreement is below this fraction (0..1), for CI (default: none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 

@@ -259,7 +259,11 @@ def fuse_swiglu(model) -> int:
         if only_user(sigmoid.output[0], "Mul") is not silu:
             continue
         product = only_user(silu.output[0], "Mul")
-        if product is None or sorted(product.input) != sorted([silu.output[0], up]) or only_user(up, "Mul") is not product:
+        if (
+            product is None
+            or sorted(product.input) != sorted([silu.output[0], up])
+            or only_user(up, "Mul") is not product
+        ):
             continue
         mm.output[0] = product.output[0]
         mm.attribute.append(helper.make_attribute("swiglu", 1))

@@ -84,11 +84,18 @@ def _fuse(parts: list[np.ndarray | NBitsWeight]) -> np.ndarray | NBitsWeight:
 def _bias(lins) -> np.ndarray | None:
     if all(lin.bias is None for lin in lins):
         return None
-    return np.concatenate([lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32) for lin in lins])
+    return np.concatenate(
+        [lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32) for lin in lins]
+    )
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
-    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"present.{layer}.key", f"present.{layer}.value")
+    return (
+        f"past_key_values.{layer}.key",
+        f"past_key_values.{layer}.value",
+        f"present.{layer}.key",
+        f"present.{layer}.value",
+    )
 
 
 def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None) -> Graph:
@@ -145,7 +152,9 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         gate, up = ckpt.linear(f"{p}.mlp.gate_proj"), ckpt.linear(f"{p}.mlp.up_proj")
         gu = linear(g, h2, f"{m}/mlp/gate_up_proj", _fuse([_prepare(gate, opts), _prepare(up, opts)]),
                     _bias([gate, up]), opts.store, opts.accuracy_level)  # fmt: skip
-        gate_out, up_out = g.op("Split", [gu, g.const([cfg.intermediate_size] * 2)], f"/{m}/mlp/Split", outputs=2, axis=-1)
+        gate_out, up_out = g.op(
+            "Split", [gu, g.const([cfg.intermediate_size] * 2)], f"/{m}/mlp/Split", outputs=2, axis=-1
+        )
         silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], f"/{m}/mlp/act/Sigmoid")], f"/{m}/mlp/act/Mul")
         act = g.op("Mul", [silu, up_out], f"/{m}/mlp/Mul")
         down = ckpt.linear(f"{p}.mlp.down_proj")
@@ -172,8 +181,9 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
     return g
 
 
-def _qk_norms(g: Graph, qkv: str, path: str, q_norm: np.ndarray, k_norm: np.ndarray, nh: int, kvh: int, hd: int,
-              eps: float) -> str:
+def _qk_norms(
+    g: Graph, qkv: str, path: str, q_norm: np.ndarray, k_norm: np.ndarray, nh: int, kvh: int, hd: int, eps: float
+) -> str:
     """Packed qkv [B, S, (nh + 2 kvh) hd] with each query and key head RMS-normed (Qwen3's q_norm, k_norm:
     one weight vector of head_dim values per projection, the same for every head)."""
     q, k, v = g.op("Split", [qkv, g.const([nh * hd, kvh * hd, kvh * hd])], f"/{path}/qkv/Split", outputs=3, axis=-1)
@@ -197,7 +207,9 @@ def _skip_norm(g: Graph, x: str, skip: str, path: str, weight: np.ndarray, eps: 
 
 def _last_rows(g: Graph, hidden: str, query_lens: str, width: int) -> str:
     """hidden [B, S, W] -> [B, W]: row query_lens[b] - 1 of each batch entry."""
-    idx = g.op("Sub", [g.op("Cast", [query_lens], "/model/last/Cast", to=TensorProto.INT64), g.const(1)], "/model/last/Sub")
+    idx = g.op(
+        "Sub", [g.op("Cast", [query_lens], "/model/last/Cast", to=TensorProto.INT64), g.const(1)], "/model/last/Sub"
+    )
     idx = g.op("Reshape", [idx, g.const([-1, 1, 1])], "/model/last/Reshape")
     batch = g.op("Shape", [hidden], "/model/last/Shape", start=0, end=1)
     shape = g.op("Concat", [batch, g.const([1, width])], "/model/last/Concat", axis=0)

@@ -136,7 +136,9 @@ class Graph:
         else:
             out_names = list(outputs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        node = helper.make_node(op_type, [i or "" for i in inputs], out_names, name=name, domain=domain or None, **attrs)
+        node = helper.make_node(
+            op_type, [i or "" for i in inputs], out_names, name=name, domain=domain or None, **attrs
+        )
         self.nodes.append(node)
         return out_names[0] if len(out_names) == 1 and isinstance(outputs, int) else out_names
 

@@ -79,7 +79,9 @@ def build_vision(ckpt: Checkpoint, opts: VisionOptions, weights, progress=None) 
         if v.qk_normalization:  # RMSNorm over all heads at once, before the head split
             q = rms_norm(g, q, f"{m}/attn/q_norm", ckpt.f32(f"{p}.attn.q_norm.weight"), v.layer_norm_eps)
             k = rms_norm(g, k, f"{m}/attn/k_norm", ckpt.f32(f"{p}.attn.k_norm.weight"), v.layer_norm_eps)
-        attn = g.op("MultiHeadAttention", [q, k, val], f"/{m}/attn/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads)
+        attn = g.op(
+            "MultiHeadAttention", [q, k, val], f"/{m}/attn/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads
+        )
         o = linear(g, attn, f"{m}/attn/proj", _weight(ckpt, f"{p}.attn.proj.weight", opts),
                    ckpt.optional_f32(f"{p}.attn.proj.bias"), opts.store, opts.accuracy_level)  # fmt: skip
         o = g.op("Mul", [o, g.weight(f"{p}.ls1", ckpt.f32(f"{p}.ls1"))], f"/{m}/ls1/Mul")
@@ -115,4 +117,3 @@ def build_vision(ckpt: Checkpoint, opts: VisionOptions, weights, progress=None) 
     x = linear(g, x, "mlp1.3", ckpt.f32("mlp1.3.weight"), ckpt.f32("mlp1.3.bias"), opts.store)
     g.output(x, "image_embeds", TensorProto.FLOAT, [tiles_dim, cfg.num_image_token, cfg.text.hidden_size])
     return g
-

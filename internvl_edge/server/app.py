@@ -344,8 +344,13 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
         out.finish, out.stats = item.finish_reason, item.stats
         yield event({}, item.finish_reason, timings=timings(out))
         if req.include_usage:
-            yield sse({**base, "choices": [], "usage": usage(out.prompt_tokens, out.completion_tokens,
-                                                                out.stats.cached_tokens)})
+            yield sse(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": usage(out.prompt_tokens, out.completion_tokens, out.stats.cached_tokens),
+                }
+            )
         yield sse("[DONE]")
 
     def timings(out: Outcome) -> dict:

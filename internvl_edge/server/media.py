@@ -52,7 +52,9 @@ class MediaPolicy:
         try:
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            raise UserError(f"image not found under the allowed media folder: {os.path.relpath(real, self.root)}") from None
+            raise UserError(
+                f"image not found under the allowed media folder: {os.path.relpath(real, self.root)}"
+            ) from None
         except OSError:  # a symlink swapped in after the check (ELOOP), permissions, ...
             raise UserError("the image file cannot be opened") from None
         try:

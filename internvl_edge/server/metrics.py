@@ -73,15 +73,19 @@ class Metrics:
             lines = [f"# HELP {p}_requests_total Finished chat completion requests by HTTP status, or cancelled.",
                      f"# TYPE {p}_requests_total counter"]  # fmt: skip
             lines += [f'{p}_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            counters = [("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of requests that ran."),
-                        ("generation_tokens_total", self.generation_tokens, "Tokens generated.")]
+            counters = [
+                ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of requests that ran."),
+                ("generation_tokens_total", self.generation_tokens, "Tokens generated."),
+            ]
             for name, value, what in counters:
                 lines += [f"# HELP {p}_{name} {what}", f"# TYPE {p}_{name} counter", f"{p}_{name} {value}"]
             for name, value, what in [("active_sequences", active, "Sequences decoding in a KV cache slot."),
                                       ("waiting_sequences", waiting, "Requests waiting for a slot.")]:  # fmt: skip
                 lines += [f"# HELP {p}_{name} {what}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {value}"]
-            histograms = [("time_to_first_token_seconds", self.ttft, "Request arrival to its first token."),
-                          ("request_duration_seconds", self.duration, "Request arrival to its end.")]
+            histograms = [
+                ("time_to_first_token_seconds", self.ttft, "Request arrival to its first token."),
+                ("request_duration_seconds", self.duration, "Request arrival to its end."),
+            ]
             for name, hist, what in histograms:
                 lines += [f"# HELP {p}_{name} {what}", f"# TYPE {p}_{name} histogram"] + hist.lines(f"{p}_{name}")
         return "\n".join(lines) + "\n"

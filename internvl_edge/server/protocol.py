@@ -115,7 +115,7 @@ def _refuse_unsupported(body: dict) -> None:
             raise ApiError(400, f"`{key}` is not supported (use the extra field `repetition_penalty`)", param=key)
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+        raise ApiError(400, 'only response_format {"type": "text"} is supported', param="response_format")
 
 
 def parse_chat_request(body) -> ChatRequest:
@@ -137,7 +137,9 @@ def parse_chat_request(body) -> ChatRequest:
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
                              or len(stop) > MAX_STOP_STRINGS):  # fmt: skip
-        raise ApiError(400, f"`stop` must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", param="stop")
+        raise ApiError(
+            400, f"`stop` must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", param="stop"
+        )
     logprobs = bool(_get(body, "logprobs", "bool"))
     top_logprobs = _get(body, "top_logprobs", "int", 0, MAX_TOP_LOGPROBS) or 0
     if top_logprobs and not logprobs:

@@ -291,7 +291,9 @@ class Runtime:
         stage = info.stages[0]
 
         def tensors(num, names, dtypes, shapes):
-            return [TensorInfo(names[i].decode(), DTYPES[dtypes[i]][0], dtypes[i], shapes[i].tuple()) for i in range(num)]
+            return [
+                TensorInfo(names[i].decode(), DTYPES[dtypes[i]][0], dtypes[i], shapes[i].tuple()) for i in range(num)
+            ]
 
         return NetIO(name, bool(info.is_dynamic),
                      tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes),
@@ -349,7 +351,9 @@ class Runtime:
             outs[i].dtype, outs[i].device_mem, outs[i].st_mode = t.dtype_code, mem, 0
             outs[i].shape = Shape.of(t.shape)
         with _lock, quiet_c_stdout():
-            ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.name.encode(), ins, len(inputs), outs, len(outputs), True, False)
+            ok = self.bmrt.bmrt_launch_tensor_ex(
+                self.p, net.name.encode(), ins, len(inputs), outs, len(outputs), True, False
+            )
             if ok:
                 ok = self.bmlib.bm_thread_sync(self.handle) == 0
         if not ok:
@@ -365,7 +369,10 @@ class Runtime:
             for mem, t, data in zip(ins, net.inputs, inputs):
                 self.upload(mem, to_device_dtype(np.asarray(data).reshape(t.shape), t.dtype))
             self.launch(net, ins, outs)
-            return [from_device_dtype(self.download(mem, t.nbytes), t.dtype).reshape(t.shape) for mem, t in zip(outs, net.outputs)]
+            return [
+                from_device_dtype(self.download(mem, t.nbytes), t.dtype).reshape(t.shape)
+                for mem, t in zip(outs, net.outputs)
+            ]
         finally:
             for mem in ins + outs:
                 self.free(mem)

@@ -31,8 +31,13 @@ from .toolchain import Toolchain
 
 LOG_TAIL = 25
 MAX_CORES = {"bm1684x": 1, "bm1688": 2}
-NPU_NUM = {"bm1684x": 64, "bm1688": 32}  # lanes per core; the dynamic flow's small mask is 4 x this (LlmConverter.MASK_SIZE)
-DEFAULT_JOBS: int | None = None  # tpuc-opt processes at once; None: the cores this process may use  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
+NPU_NUM = {
+    "bm1684x": 64,
+    "bm1688": 32,
+}  # lanes per core; the dynamic flow's small mask is 4 x this (LlmConverter.MASK_SIZE)
+DEFAULT_JOBS: int | None = (
+    None  # tpuc-opt processes at once; None: the cores this process may use  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
+)
 
 
 def steps(net: Net, chip: str, num_core: int) -> list[tuple[str, list[str]]]:

@@ -48,7 +48,11 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
     if not opts.quantize.startswith("w4"):
         return []
     if t.awq is not None:
-        return [f"AWQ checkpoint: its group size {t.awq.group_size} is used (not -g {given})"] if given and given != t.awq.group_size else []
+        return (
+            [f"AWQ checkpoint: its group size {t.awq.group_size} is used (not -g {given})"]
+            if given and given != t.awq.group_size
+            else []
+        )
     for k in (t.hidden_size, t.intermediate_size):  # the decoder linears' input widths
         if k % opts.q_group_size:
             raise UserError(f"-g {opts.q_group_size}: the decoder's linear layers with {k} inputs cannot be split "
@@ -105,7 +109,9 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
             comp.submit(Net("sample_head", m, "F32", addr_mode="io_alone"))
         del m
 
-        kinds = [("block", L, "basic"), ("block_cache", 1, "io_alone")] + ([("block_kv", L, "basic")] if opts.use_block_with_kv else [])
+        kinds = [("block", L, "basic"), ("block_cache", 1, "io_alone")] + (
+            [("block_kv", L, "basic")] if opts.use_block_with_kv else []
+        )
         small_mask = 4 * NPU_NUM[opts.chip] if opts.dynamic else 0
         for i in range(t.num_hidden_layers):
             lw = mlir.layer_weights(ckpt, i, four_bit, group, half, S)

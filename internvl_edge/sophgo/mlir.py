@@ -183,7 +183,11 @@ def linear(m: Module, x: V, path: str, w: np.ndarray | A16Weight, bias: np.ndarr
     """y = x @ W^T + b for W [N, K] float (top.MatMul, right operand [K, N]) or 4-bit (top.A16MatMul)."""
     n = w.N if isinstance(w, A16Weight) else w.shape[0]
     out = (*x.shape[:-1], n)
-    b = m.weight(f"{path}.bias", bias.astype(np.float32).reshape(_bias_shape(len(out), n))) if bias is not None else m.none()
+    b = (
+        m.weight(f"{path}.bias", bias.astype(np.float32).reshape(_bias_shape(len(out), n)))
+        if bias is not None
+        else m.none()
+    )
     if isinstance(w, A16Weight):
         q = m.weight(f"{path}.qweight", w.qweight)
         s = m.weight(f"{path}.scales", w.scales.astype(np.float32))
@@ -198,7 +202,9 @@ def layer_norm(m: Module, x: V, path: str, weight: np.ndarray, bias: np.ndarray,
     c = x.shape[-1]
     w = m.weight(f"{path}.weight", weight.reshape(_bias_shape(len(x.shape), c)))
     b = m.weight(f"{path}.bias", bias.reshape(_bias_shape(len(x.shape), c)))
-    return m.op("LayerNorm", [x, w, b], x.shape, path, normalized_shape=[c], axis=SI32(len(x.shape) - 1), eps=float(eps))
+    return m.op(
+        "LayerNorm", [x, w, b], x.shape, path, normalized_shape=[c], axis=SI32(len(x.shape) - 1), eps=float(eps)
+    )
 
 
 def rms_norm(m: Module, x: V, path: str, weight: np.ndarray, eps: float, loc: str | None = None) -> V:
@@ -216,11 +222,11 @@ def _vit_norm(m, ckpt, x, prefix, v) -> V:
 def vit(ckpt: Checkpoint, weight_file: str) -> Module:
     """InternViT + CLS drop + pixel shuffle + mlp1 for one 448x448 tile (InternVL3Converter.gen_vit_mlir).
 
-        Conv p x p / p -> [1, C, g, g] -> [1, g*g, C]; prepend class token; + position embedding
-        per layer: x += ls1 * proj(attention(norm1(x))); x += ls2 * fc2(gelu(fc1(norm2(x))))
-        (attention as one top.FAttention: the seed spells it out with MatMul/Softmax; the fused op
-        computes the same and runs faster, on the simulator too)
-        drop CLS -> pixel shuffle 0.5 -> [1, (g/2)^2, 4C] -> LayerNorm -> Linear -> GELU -> Linear
+    Conv p x p / p -> [1, C, g, g] -> [1, g*g, C]; prepend class token; + position embedding
+    per layer: x += ls1 * proj(attention(norm1(x))); x += ls2 * fc2(gelu(fc1(norm2(x))))
+    (attention as one top.FAttention: the seed spells it out with MatMul/Softmax; the fused op
+    computes the same and runs faster, on the simulator too)
+    drop CLS -> pixel shuffle 0.5 -> [1, (g/2)^2, 4C] -> LayerNorm -> Linear -> GELU -> Linear
     """
     cfg = ckpt.config
     v = cfg.vision
@@ -250,12 +256,16 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
             t = linear(m, h, f"{lp}.attn.qkv.{name}", qkv_w[j * C : (j + 1) * C],
                        None if qkv_b is None else qkv_b[j * C : (j + 1) * C])  # fmt: skip
             if v.qk_normalization and name in "qk":  # RMSNorm over all heads at once, before the head split
-                t = rms_norm(m, t, f"{lp}.attn.{name}_norm", ckpt.f32(f"{lp}.attn.{name}_norm.weight"), v.layer_norm_eps)
+                t = rms_norm(
+                    m, t, f"{lp}.attn.{name}_norm", ckpt.f32(f"{lp}.attn.{name}_norm.weight"), v.layer_norm_eps
+                )
             parts.append(m.op("Reshape", [t], (1, T, heads, d), f"{lp}.attn.{name}.reshape", shape=[1, T, heads, d]))
         q, k, val = parts
         o = m.op("FAttention", [q, k, val, m.none(), m.none()], (1, T, C), f"{lp}.attn.fattention", scale=float(d**-0.5),
                  batch=1, q_head=heads, kv_head=heads, dim=d, mq=T, mk=T, keep_dims=False, mask_size=SI32(0))  # fmt: skip
-        o = linear(m, o, f"{lp}.attn.proj", ckpt.f32(f"{lp}.attn.proj.weight"), ckpt.optional_f32(f"{lp}.attn.proj.bias"))
+        o = linear(
+            m, o, f"{lp}.attn.proj", ckpt.f32(f"{lp}.attn.proj.weight"), ckpt.optional_f32(f"{lp}.attn.proj.bias")
+        )
         o = m.op("Mul", [o, m.weight(f"{lp}.ls1", ckpt.f32(f"{lp}.ls1").reshape(1, 1, C))], o.shape, f"{lp}.ls1.mul")
         x = m.op("Add", [x, o], x.shape, f"{lp}.attn.add")
         h = _vit_norm(m, ckpt, x, f"{lp}.norm2", v)
@@ -275,7 +285,13 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
              steps=[1, 1, 1], ends=[1, T, C])  # fmt: skip
     x = m.op("Reshape", [x], (1, g, g // f, C * f), "mlp1.pixel_shuffle.reshape0", shape=[1, g, g // f, C * f])
     x = m.op("Permute", [x], (1, g // f, g, C * f), "mlp1.pixel_shuffle.permute0", order=[0, 2, 1, 3])
-    x = m.op("Reshape", [x], (1, g // f, g // f, C * f * f), "mlp1.pixel_shuffle.reshape1", shape=[1, g // f, g // f, C * f * f])
+    x = m.op(
+        "Reshape",
+        [x],
+        (1, g // f, g // f, C * f * f),
+        "mlp1.pixel_shuffle.reshape1",
+        shape=[1, g // f, g // f, C * f * f],
+    )
     if cfg.ps_version != "v1":
         x = m.op("Permute", [x], x.shape, "mlp1.pixel_shuffle.permute1", order=[0, 2, 1, 3])
     n_img, c4 = (g // f) ** 2, C * f * f
@@ -295,7 +311,9 @@ def embedding(table: np.ndarray, name: str, length: int, weight_file: str) -> Mo
     m = Module(name, weight_file)
     ids = m.input("input_ids", (1, length), "si32")
     w = m.weight("language_model.model.embed_tokens.weight", table)
-    m.ret(m.op("Gather", [w, ids], (1, length, table.shape[1]), f"language_model.model.embed_tokens.{name}", axis=SI32(0)))
+    m.ret(
+        m.op("Gather", [w, ids], (1, length, table.shape[1]), f"language_model.model.embed_tokens.{name}", axis=SI32(0))
+    )
     return m
 
 
@@ -401,7 +419,9 @@ def is_quantized(lw: LayerWeights) -> bool:
     return any(isinstance(w, A16Weight) for w in lw.linears.values())
 
 
-def block(ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, weight_file: str, small_mask: int = 0) -> Module:
+def block(
+    ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, weight_file: str, small_mask: int = 0
+) -> Module:
     """One Qwen2 decoder layer (the seed's LlmConverter._gen_block_mlir_impl), `kind` one of
     "block" (prefill from position 0), "block_cache" (one token after `seq` history rows) or
     "block_kv" (`rows` tokens after `seq` history rows). With `small_mask` (--dynamic prefill blocks,

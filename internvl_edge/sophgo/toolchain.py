@@ -144,7 +144,9 @@ def _from_path(path: str, origin: str) -> Toolchain:
     if os.path.isdir(os.path.join(root, "tpu_mlir", "bin")):  # the folder above tpu_mlir
         root = os.path.join(root, "tpu_mlir")
     if not os.path.isfile(os.path.join(root, "bin", "tpuc-opt")):
-        raise UserError(f"{origin} {path} is not a TPU-MLIR folder (no bin/tpuc-opt); point it at the `tpu_mlir` folder")
+        raise UserError(
+            f"{origin} {path} is not a TPU-MLIR folder (no bin/tpuc-opt); point it at the `tpu_mlir` folder"
+        )
     return Toolchain(root=root, origin=origin, work=_work_dir_for(root))
 
 
@@ -163,7 +165,9 @@ def locate(path: str | None = None) -> Toolchain | None:
 def require(path: str | None = None) -> Toolchain:
     tc = locate(path)
     if tc is None:
-        raise UserError(f"TPU-MLIR {VERSION} is not installed; run `{INSTALL_COMMAND}` (or set TPUC_ROOT to an existing one)")
+        raise UserError(
+            f"TPU-MLIR {VERSION} is not installed; run `{INSTALL_COMMAND}` (or set TPUC_ROOT to an existing one)"
+        )
     return tc
 
 
@@ -183,7 +187,9 @@ def check(tc: Toolchain) -> list[str]:
         rc, out = tc.output([tool, *args], timeout=60)
         if rc != 0:
             glibc = [n for n in BUNDLED_GLIBC if os.path.exists(os.path.join(tc.lib, "third_party", n))]
-            why = f" (its bundled {', '.join(glibc)} in lib/third_party clash with this system's glibc)" if glibc else ""
+            why = (
+                f" (its bundled {', '.join(glibc)} in lib/third_party clash with this system's glibc)" if glibc else ""
+            )
             problems.append(f"{tool} fails (exit {rc}){why}: {out.strip().splitlines()[-1] if out.strip() else ''}")
     for name in ("libbmrt.so", "libbmlib.so", *SIMULATOR.values()):
         if not os.path.isfile(os.path.join(tc.lib, name)):
@@ -226,7 +232,11 @@ def _sha256(path: str) -> str:
 def _unpack(wheel: str, dest: str, progress) -> None:
     """Extract with the archive's Unix modes (zipfile drops them), leaving out the Python front end."""
     with zipfile.ZipFile(wheel) as z:
-        members = [m for m in z.infolist() if m.filename.startswith("tpu_mlir/") and not m.filename.startswith(SKIPPED_PREFIXES)]
+        members = [
+            m
+            for m in z.infolist()
+            if m.filename.startswith("tpu_mlir/") and not m.filename.startswith(SKIPPED_PREFIXES)
+        ]
         progress.step("unpacking")
         for n, m in enumerate(members):
             path = z.extract(m, dest)
@@ -253,7 +263,9 @@ def install(progress, force: bool = False, wheel: str | None = None) -> Toolchai
             wheel = _download(tmp, progress)
         digest = _sha256(wheel)
         if digest != WHEEL_SHA256:
-            raise UserError(f"{os.path.basename(wheel)} has SHA-256 {digest[:16]}..., not the pinned {WHEEL_SHA256[:16]}...")
+            raise UserError(
+                f"{os.path.basename(wheel)} has SHA-256 {digest[:16]}..., not the pinned {WHEEL_SHA256[:16]}..."
+            )
         _unpack(wheel, tmp, progress)
         if os.path.dirname(os.path.abspath(wheel)) == tmp:
             os.remove(wheel)

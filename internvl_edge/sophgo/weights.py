@@ -100,7 +100,9 @@ def quantize_a16(weight_nk: np.ndarray, group_size: int, half: str) -> A16Weight
     )
 
 
-def decoder_linear(lin: DenseLinear | QuantLinear, four_bit: bool, group_size: int, half: str) -> np.ndarray | A16Weight:
+def decoder_linear(
+    lin: DenseLinear | QuantLinear, four_bit: bool, group_size: int, half: str
+) -> np.ndarray | A16Weight:
     """A decoder linear as the target stores it: 4-bit groups, or float32 [N, K] (lowered to `half`)."""
     if isinstance(lin, QuantLinear):
         if four_bit:
