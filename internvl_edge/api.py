@@ -20,7 +20,6 @@ Generation options (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -29,21 +28,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .bundle import Manifest, load_manifest
-from .errors import UserError, reason
+from .checkpoint.generation_config import read_generation_config
+from .errors import UserError
 from .generate import Chunk, GenerationConfig, PreparedPrompt, Result, collect, stream
 from .media import dynamic_preprocess, normalize, preprocess
 from .messages import Conversation, parse_messages, resolve_image, resolve_video
 from .prompt import Template, expand_images, get_template, with_media_tags
 from .reuse import DEFAULT_IMAGE_CACHE_MB, DEFAULT_PREFIX_CACHE_MB, ImageCache, PrefixCache, image_key
 from .runtime import open_backend
-from .sampling import (
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    NO_SAMPLING,
-    SamplingParams,
-)
+from .sampling import NO_SAMPLING
 from .tokenizer import TextTokenizer
 from .video import DEFAULT_FRAMES, read_frames
 
@@ -57,23 +50,18 @@ class Media:
     is_video: bool = False
 
 
-def _generation_defaults(config_dir: str) -> dict:
-    path = os.path.join(config_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {reason(e)}") from None
-    return data if isinstance(data, dict) else {}
-
-
 class Model:
     """A loaded bundle: its backend, tokenizer and chat template."""
 
-    def __init__(self, manifest: Manifest, backend, tokenizer: TextTokenizer, config_dir: str,
-                 image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):  # fmt: skip
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend,
+        tokenizer: TextTokenizer,
+        config_dir: str,
+        image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+    ):
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -83,7 +71,7 @@ class Model:
         self.image_size = int(manifest.model["image_size"])
         self.max_tiles = int(manifest.options.get("max_tiles", 4))
         self.seq_length = int(manifest.options["seq_length"])
-        self.generation_defaults = _generation_defaults(config_dir)
+        self.generation_defaults = read_generation_config(config_dir)
         # reuse within this process (reuse.py); a budget of 0 turns a cache off. Prefix reuse needs a
         # backend that can read and write a slot's KV rows (the KV of a Sophgo bmodel stays on the chip)
         self.image_cache = ImageCache(int(image_cache_mb * 2**20))
@@ -116,8 +104,13 @@ class Model:
         tiles = [dynamic_preprocess(f, max_tiles=1, tile=self.image_size)[0] for f in read_frames(path, frames)]
         return Media(normalize(tiles), [1] * len(tiles), is_video=True)
 
-    def media_for(self, images: Sequence = (), video: str | None = None, max_tiles: int | None = None,
-                  video_frames: int | None = DEFAULT_FRAMES) -> Media:  # fmt: skip
+    def media_for(
+        self,
+        images: Sequence = (),
+        video: str | None = None,
+        max_tiles: int | None = None,
+        video_frames: int | None = DEFAULT_FRAMES,
+    ) -> Media:
         if video is not None and images:
             raise UserError("give either images or one video, not both")
         if video is not None:
@@ -129,14 +122,15 @@ class Model:
         media = Media(None, [1] * frames, is_video=True)
         return len(self.tokenize(self.question(prompt, media, system), media))
 
-    def fit_video_frames(self, prompt: str, frames: int | None = None, system: str | None = None,
-                         room: int | None = None) -> tuple[int, str]:  # fmt: skip
+    def fit_video_frames(
+        self, prompt: str, frames: int | None = None, system: str | None = None, room: int | None = None
+    ) -> tuple[int, str]:
         """How many frames a video question gets, and one line saying why. `frames` None: as many as fit
         (up to DEFAULT_FRAMES) while ANSWER_ROOM tokens stay for the answer; a given count that leaves
         no room at all is refused with the largest count that fits. `room`: the context still free."""
         room = self.seq_length if room is None else room
-        fits = [n for n in range(1, DEFAULT_FRAMES + 1 if frames is None else frames + 1)
-                if self.video_prompt_tokens(prompt, n, system) < room]  # fmt: skip
+        most = DEFAULT_FRAMES if frames is None else frames
+        fits = [n for n in range(1, most + 1) if self.video_prompt_tokens(prompt, n, system) < room]
         largest = max(fits, default=0)
         if frames is not None:
             if frames < 1:
@@ -144,29 +138,40 @@ class Model:
             if largest < frames:
                 tokens = self.video_prompt_tokens(prompt, frames, system)
                 fix = f"use --video-frames {largest} or fewer" if largest else "shorten the question"
-                raise UserError(f"the prompt has {tokens} tokens with {frames} video frames but only {room - 1} fit in "
-                                f"the bundle's seq_length {self.seq_length}: {fix}, or convert with a larger -s")  # fmt: skip
+                raise UserError(
+                    f"the prompt has {tokens} tokens with {frames} video frames but only {room - 1} fit in "
+                    f"the bundle's seq_length {self.seq_length}: {fix}, or convert with a larger -s"
+                )
             return frames, f"video: {frames} frames, as asked"
         keep = min(ANSWER_ROOM, room // 4)
         with_answer = [n for n in fits if self.video_prompt_tokens(prompt, n, system) <= room - keep]
         chosen = max(with_answer, default=1 if fits else 0)
         if not chosen:
             tokens = self.video_prompt_tokens(prompt, 1, system)
-            raise UserError(f"the prompt has {tokens} tokens with one video frame but only {room - 1} fit in the "
-                            f"bundle's seq_length {self.seq_length}; shorten the question or convert with a larger -s")  # fmt: skip
+            raise UserError(
+                f"the prompt has {tokens} tokens with one video frame but only {room - 1} fit in the "
+                f"bundle's seq_length {self.seq_length}; shorten the question or convert with a larger -s"
+            )
         if chosen == DEFAULT_FRAMES:
             return chosen, f"video: {chosen} evenly spaced frames (the default)"
-        return chosen, (f"video: {chosen} evenly spaced frames, the most that fit the bundle's seq_length "
-                        f"{self.seq_length} with {keep} tokens left for the answer ({self.tokens_per_tile} "
-                        "tokens per frame; convert with a larger -s for more)")  # fmt: skip
+        return chosen, (
+            f"video: {chosen} evenly spaced frames, the most that fit the bundle's seq_length "
+            f"{self.seq_length} with {keep} tokens left for the answer ({self.tokens_per_tile} "
+            "tokens per frame; convert with a larger -s for more)"
+        )
 
     def tokenize(self, text: str, media: Media | None = None) -> list[int]:
         """Prompt text with one `<image>` per image or frame -> token ids with the image blocks expanded."""
         media = media or Media(None, [])
         return self.tokenizer.encode(expand_images(text, media.tiles_per_image, self.tokens_per_tile))
 
-    def prepare(self, text_or_ids: str | list[int], media: Media | None = None, room: int | None = None,
-                started: float | None = None) -> PreparedPrompt:  # fmt: skip
+    def prepare(
+        self,
+        text_or_ids: str | list[int],
+        media: Media | None = None,
+        room: int | None = None,
+        started: float | None = None,
+    ) -> PreparedPrompt:
         """Prompt (text with `<image>` placeholders, or its token ids) + media -> token ids and embeddings
         with the image embeddings in place. `room`: tokens the cache can still take (default: the
         bundle's seq_length); a prompt that leaves no room for an answer is refused before any image
@@ -217,38 +222,37 @@ class Model:
         if media.is_video:
             per_frame = self.tokens_per_tile + 8  # a frame's tile plus its `FrameN: <img></img>` text
             fit = max(0, (room - 1 - (n_tokens - media_tokens)) // per_frame)
-            raise UserError(f"{head}: {len(media.tiles_per_image)} video frames take {media_tokens}; "
-                            f"use --video-frames {fit} or fewer, or convert with a larger -s")  # fmt: skip
+            raise UserError(
+                f"{head}: {len(media.tiles_per_image)} video frames take {media_tokens}; "
+                f"use --video-frames {fit} or fewer, or convert with a larger -s"
+            )
         if media_tokens:
-            raise UserError(f"{head} ({sum(media.tiles_per_image)} image tiles take {media_tokens}); "
-                            "use fewer tiles (--max-tiles) or images, or convert with a larger -s")  # fmt: skip
+            raise UserError(
+                f"{head} ({sum(media.tiles_per_image)} image tiles take {media_tokens}); "
+                "use fewer tiles (--max-tiles) or images, or convert with a larger -s"
+            )
         raise UserError(f"{head}; shorten it or convert with a larger -s")
 
     def question(self, question: str, media: Media, system: str | None = None, first_turn: bool = True) -> str:
         """The chat-template text for one user turn (with the system turn when it opens a conversation)."""
-        q = with_media_tags(question, n_images=0 if media.is_video else len(media.tiles_per_image),
-                            n_frames=len(media.tiles_per_image) if media.is_video else 0)  # fmt: skip
+        q = with_media_tags(
+            question,
+            n_images=0 if media.is_video else len(media.tiles_per_image),
+            n_frames=len(media.tiles_per_image) if media.is_video else 0,
+        )
         if first_turn:
             return self.template.conversation(q, system)
         return self.template.sep + self.template.user_turn(q)  # closes the previous answer first
 
     def generation_config(self, **overrides) -> GenerationConfig:
         """Defaults from the bundle's generation_config.json (transformers' where it is silent)."""
-        d = self.generation_defaults
-        sampling = SamplingParams(
-            temperature=float(d.get("temperature", DEFAULT_TEMPERATURE)),
-            top_k=int(d.get("top_k", DEFAULT_TOP_K)),
-            top_p=float(d.get("top_p", DEFAULT_TOP_P)),
-            repetition_penalty=float(d.get("repetition_penalty", DEFAULT_REPETITION_PENALTY)),
-        )
+        sampling = self.generation_defaults.sampling
         for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
             if overrides.get(key) is not None:
                 sampling = replace(sampling, **{key: type(getattr(sampling, key))(overrides.pop(key))})
             else:
                 overrides.pop(key, None)
         sampling.validate()
-        stop_strings = d.get("stop_strings") or ()
-        stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
         extra_stops = overrides.pop("stop", None) or ()
         extra_stops = (extra_stops,) if isinstance(extra_stops, str) else tuple(extra_stops)
         max_new = overrides.pop("max_new_tokens", None)
@@ -258,7 +262,7 @@ class Model:
             sampling=sampling,
             seed=overrides.pop("seed", None),
             stop_token_ids=tuple(int(t) for t in self.tokens["eos"]),
-            stop_strings=stop_strings + extra_stops,
+            stop_strings=self.generation_defaults.stop_strings + extra_stops,
             logprobs=int(overrides.pop("logprobs", 0) or 0),
             ignore_eos=bool(overrides.pop("ignore_eos", False)),
         )
@@ -276,9 +280,11 @@ class Model:
         """The chat-template text of a conversation: every turn's images (or its video's `frames`)
         introduced by `<image>` placeholders (as `question` does for one turn), earlier answers closed
         by the separator."""
-        tagged = [with_media_tags(t.question, n_images=len(t.images), n_frames=frames if t.video is not None else 0)
-                  for t in conversation.turns]  # fmt: skip
-        history = [(q, t.answer or "") for q, t in zip(tagged[:-1], conversation.turns[:-1])]
+        tagged = [
+            with_media_tags(t.question, n_images=len(t.images), n_frames=frames if t.video is not None else 0)
+            for t in conversation.turns
+        ]
+        history = [(q, t.answer or "") for q, t in zip(tagged[:-1], conversation.turns[:-1], strict=True)]
         return self.template.conversation(tagged[-1], conversation.system, history)
 
     def messages_prompt(self, messages: Sequence[dict], resolve=resolve_image) -> tuple[str, list]:
@@ -288,8 +294,9 @@ class Model:
         conversation = parse_messages(messages, resolve)
         return self.conversation_text(conversation), conversation.images
 
-    def conversation_media(self, conversation: Conversation, max_tiles: int | None = None,
-                           video_frames: int = DEFAULT_FRAMES) -> tuple[str, Media]:  # fmt: skip
+    def conversation_media(
+        self, conversation: Conversation, max_tiles: int | None = None, video_frames: int = DEFAULT_FRAMES
+    ) -> tuple[str, Media]:
         """A parsed conversation -> its prompt text and media in prompt order. Each video gets the same
         number of frames (one tile each, as `run --video`): `video_frames`, or fewer when the context
         would not keep ANSWER_ROOM tokens for the answer with them (at least one frame)."""
@@ -302,7 +309,7 @@ class Model:
         per_turn = [[next(image_tiles) for _ in t.images] for t in conversation.turns]
 
         def layout(frames: int) -> list[int]:  # tiles per `<image>`, in prompt order
-            turns = zip(conversation.turns, per_turn)
+            turns = zip(conversation.turns, per_turn, strict=True)
             return [n for t, tiles in turns for n in (tiles if t.video is None else [1] * frames)]
 
         def prompt_tokens(frames: int) -> int:
@@ -326,10 +333,18 @@ class Model:
         text = self.conversation_text(conversation, frames)
         return text, Media(np.concatenate(pixels), layout(frames), is_video=True)
 
-    def request(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-                max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
-                messages: Sequence[dict] | None = None, resolve=resolve_image,
-                resolve_video=resolve_video) -> tuple[list[int], Media]:  # fmt: skip
+    def request(
+        self,
+        prompt: str | None = None,
+        images: Sequence = (),
+        system: str | None = None,
+        max_tiles: int | None = None,
+        video: str | None = None,
+        video_frames: int | None = None,
+        messages: Sequence[dict] | None = None,
+        resolve=resolve_image,
+        resolve_video=resolve_video,
+    ) -> tuple[list[int], Media]:
         """One independent request (a question with its media, or OpenAI messages whose image and video
         references go through `resolve` and `resolve_video`) -> prompt token ids and media, checked to
         fit the bundle; nothing runs on the model yet."""
@@ -349,11 +364,20 @@ class Model:
         self.check_fits(len(ids), media, self.seq_length)
         return ids, media
 
-    def stream(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-               max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
-               messages: Sequence[dict] | None = None, **gen) -> Iterator[Chunk]:  # fmt: skip
-        """Stream the answer to one independent question (system prompt + question, or `messages`).
-        Chunks carry `text` and `token_ids`; the last one `finish_reason` ("stop"/"length") and `stats`."""
+    def stream(
+        self,
+        prompt: str | None = None,
+        images: Sequence = (),
+        system: str | None = None,
+        max_tiles: int | None = None,
+        video: str | None = None,
+        video_frames: int | None = None,
+        messages: Sequence[dict] | None = None,
+        **gen,
+    ) -> Iterator[Chunk]:
+        """Stream the answer to one independent question (system prompt + question, or `messages`; `gen`:
+        generation options, see `generation_config`). Chunks carry `text` and `token_ids`; the last one
+        `finish_reason` ("stop"/"length"), `stats` and `prompt_token_ids`."""
         started = time.perf_counter()
         cfg = self.generation_config(**gen)
         ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
@@ -361,21 +385,12 @@ class Model:
         cache = self.backend.new_cache(1)
         yield from stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache)
 
-    def generate(self, prompt: str | None = None, images: Sequence = (), system: str | None = None,
-                 max_tiles: int | None = None, video: str | None = None, video_frames: int | None = None,
-                 messages: Sequence[dict] | None = None, **gen) -> Result:  # fmt: skip
-        """Answer one independent question (system prompt + question, or `messages`). The Result has
-        `text`, `token_ids`, `prompt_token_ids`, `logprobs` (with `logprobs=K`), `finish_reason`
-        ("stop"/"length") and `stats`: usage (`prompt_tokens`, `generated_tokens`) and timings
-        (`ftl_s`, `decode_tps`, `vision_s`)."""
-        started = time.perf_counter()
-        cfg = self.generation_config(**gen)
-        ids, media = self.request(prompt, images, system, max_tiles, video, video_frames, messages)
-        prepared = self.prepare(ids, media, started=started)
-        cache = self.backend.new_cache(1)
-        return collect(
-            stream(self.backend, self.tokenizer, cache, prepared, cfg, self.prefix_cache), prepared.input_ids
-        )
+    def generate(self, *args, **kwargs) -> Result:
+        """`stream`'s answer (same arguments), collected. The Result has `text`, `token_ids`,
+        `prompt_token_ids`, `logprobs` (with `logprobs=K`), `finish_reason` ("stop"/"length"), `notice`
+        (why the context cut the answer short, or None) and `stats`: usage (`prompt_tokens`,
+        `generated_tokens`) and timings (`ftl_s`, `decode_tps`, `vision_s`)."""
+        return collect(self.stream(*args, **kwargs))
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
@@ -399,9 +414,17 @@ class ChatSession:
         self.cache.reset()
         self.turns = 0
 
-    def stream(self, text: str, images: Sequence = (), max_tiles: int | None = None, video: str | None = None,
-               video_frames: int = DEFAULT_FRAMES, media: Media | None = None, on_notice=None,
-               **gen) -> Iterator[Chunk]:  # fmt: skip
+    def stream(
+        self,
+        text: str,
+        images: Sequence = (),
+        max_tiles: int | None = None,
+        video: str | None = None,
+        video_frames: int = DEFAULT_FRAMES,
+        media: Media | None = None,
+        on_notice=None,
+        **gen,
+    ) -> Iterator[Chunk]:
         """One turn. A turn longer than --max_input_length is refused (with history); when history and
         turn together would not fit, `on_notice` is told and the history is cleared first (the seed's
         behaviour)."""
@@ -449,9 +472,17 @@ class ChatSession:
         return collect(self.stream(text, images, **kw), [])
 
 
-def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None,
-         verify: bool = True, log=None, edits=None, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> Model:  # fmt: skip
+def load(
+    bundle: str,
+    threads: int | None = None,
+    device=None,
+    config_path: str | None = None,
+    verify: bool = True,
+    log=None,
+    edits=None,
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+) -> Model:
     """Open a bundle folder written by `internvl-edge convert`. `edits` ({net: function(ModelProto)})
     change nets in memory before they load (`internvl-edge verify` uses it). `image_cache_mb` and
     `prefix_cache_mb` bound what the model keeps for reuse (reuse.py; 0 turns that cache off)."""

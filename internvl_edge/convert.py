@@ -25,9 +25,10 @@ import shutil
 from dataclasses import asdict, dataclass
 
 from . import bundle
+from .checkpoint.generation_config import GenerationDefaults, read_generation_config
 from .checkpoint.identity import identity
 from .checkpoint.reader import Checkpoint
-from .errors import UserError, reason
+from .errors import UserError
 from .nets import graph as graphs
 from .nets.decoder import DecoderOptions, build_decoder
 from .nets.heads import build_embedding, build_greedy_head, build_sample_head
@@ -136,9 +137,8 @@ def _copy_configs(src: str, dst: str) -> list[str]:
     return copied
 
 
-def _token_facts(tok: TextTokenizer, ckpt: Checkpoint, gen: dict) -> dict:
-    eos = gen.get("eos_token_id")
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+def _token_facts(tok: TextTokenizer, ckpt: Checkpoint, gen: GenerationDefaults) -> dict:
+    eos_ids = list(gen.eos_token_ids)
     for t in (IM_END,):
         if tok.token_to_id(t) not in eos_ids:
             eos_ids.insert(0, tok.token_to_id(t))
@@ -169,7 +169,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
     for n in notes:
         progress.stream.write(f"note: {n}\n")
     tok = TextTokenizer(opts.model_path)
-    gen = _read_json(os.path.join(opts.model_path, "generation_config.json"))
+    gen = read_generation_config(opts.model_path)
     tokens = _token_facts(tok, ckpt, gen)
     bundle.check_destination(opts.out_dir)
     progress.done(
@@ -186,8 +186,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
         accuracy_level=opts.accuracy_level,
         kv_capacity=kv_capacity,
     )
-    vis_opts = VisionOptions(store=store, weight_bits=opts.vision_bits, accuracy_level=opts.accuracy_level,
-                             static=not opts.dynamic)  # fmt: skip
+    vis_opts = VisionOptions(
+        store=store, weight_bits=opts.vision_bits, accuracy_level=opts.accuracy_level, static=not opts.dynamic
+    )
     tmp = bundle.staging_dir(opts.out_dir)
     nets = {}
     try:
@@ -255,16 +256,3 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
         raise
     manifest.path = os.path.abspath(opts.out_dir)
     return manifest
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {reason(e)}") from None
-    return data if isinstance(data, dict) else {}

@@ -81,6 +81,7 @@ class Chunk:
     stats: Stats | None = None
     token_logprobs: list[float] | None = None  # per token: its own logprob (OpenAI's logprobs.content)
     notice: str | None = None  # on the last chunk: why the answer ended early, in one line (or None)
+    prompt_token_ids: list[int] | None = None  # on the last chunk: the prompt's token ids
 
 
 @dataclass
@@ -180,9 +181,14 @@ class SequenceDecoding:
 
     def __init__(self, tokenizer: TextTokenizer, cfg: GenerationConfig, prompt: PreparedPrompt):
         self.cfg, self.started = cfg, prompt.started
-        self.stats = Stats(prompt_tokens=len(prompt.input_ids), num_tiles=prompt.num_tiles, vision_s=prompt.vision_s,
-                           cached_tokens=prompt.cached_tokens)  # fmt: skip
+        self.stats = Stats(
+            prompt_tokens=len(prompt.input_ids),
+            num_tiles=prompt.num_tiles,
+            vision_s=prompt.vision_s,
+            cached_tokens=prompt.cached_tokens,
+        )
         self.rng = np.random.default_rng(cfg.seed)
+        self.prompt_ids = prompt.input_ids
         self.seen = list(prompt.input_ids)  # the repetition penalty covers the whole turn
         self.samples = cfg.samples
         self.detok = StreamDetokenizer(tokenizer)
@@ -233,7 +239,7 @@ class SequenceDecoding:
 
     def _last(self, finish: str) -> Chunk:
         self.done = True
-        return Chunk(self.pending + self.detok.flush(), [], None, finish, self.stats)
+        return Chunk(self.pending + self.detok.flush(), [], None, finish, self.stats, prompt_token_ids=self.prompt_ids)
 
 
 def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig,
@@ -258,7 +264,8 @@ def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPr
         logits = backend.forward(cache, backend.embed(np.array([[seq.token]], np.int64)), [1])[0]
 
 
-def collect(chunks: Iterator[Chunk], prompt_ids: list[int]) -> Result:
+def collect(chunks: Iterator[Chunk], prompt_ids: list[int] | None = None) -> Result:
+    """A stream run to its end, as one Result (`prompt_ids`: default, those its last chunk carries)."""
     text, ids, lps, finish, stats = [], [], [], "length", Stats()
     any_lp, notice = False, None
     for c in chunks:
@@ -270,4 +277,5 @@ def collect(chunks: Iterator[Chunk], prompt_ids: list[int]) -> Result:
             lps += c.logprobs
         if c.finish_reason:
             finish, stats = c.finish_reason, c.stats or stats
-    return Result("".join(text), ids, list(prompt_ids), lps if any_lp else None, finish, stats, notice)
+            prompt_ids = c.prompt_token_ids if prompt_ids is None else prompt_ids
+    return Result("".join(text), ids, list(prompt_ids or ()), lps if any_lp else None, finish, stats, notice)
