@@ -8,6 +8,7 @@ request.
     GET  /v1/models[/{id}]       the one served model
     POST /v1/chat/completions    streaming (SSE `data:` chunks, then `data: [DONE]`) or not
 
+`ChatCompletions` handles the chat route; protocol.py's pure functions build every body it sends.
 A request is checked (key, body size, JSON, fields, model, images), its images decoded and tiled and its
 prompt tokenized in a worker thread; then the engine (scheduler.py) runs it. The response starts when
 the first token exists, so errors found up to then still get their HTTP status. A client that leaves
@@ -45,7 +46,21 @@ from .media import MediaPolicy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .page import add_page_routes
-from .protocol import ApiError, ChatRequest, logprobs_content, parse_chat_request, sse, usage
+from .protocol import (
+    ApiError,
+    ChatRequest,
+    completion_body,
+    content_chunk,
+    final_chunk,
+    logprobs_content,
+    opening_chunk,
+    parse_chat_request,
+    response_head,
+    sse,
+    timings,
+    usage,
+    usage_chunk,
+)
 from .scheduler import Engine, Handle, Job
 
 log = logging.getLogger("internvl_edge.server")
@@ -97,19 +112,19 @@ class Outcome:
         total = time.perf_counter() - self.received
         # the client left before the answer ended: no HTTP status reached it
         status = str(self.status) if self.error is not None or self.finish else "cancelled"
+        s = self.stats
         if self.metrics is not None:
-            self.metrics.finished(status, self.prompt_tokens, self.completion_tokens,
-                                  self.stats.ftl_s if self.stats else None, total)  # fmt: skip
+            self.metrics.finished(status, self.prompt_tokens, self.completion_tokens, s.ftl_s if s else None, total)
         if self.error is not None:
             log.info("%s %s error=%r total=%.3fs", self.id, status, self.error, total)
             return
-        s = self.stats
+        kind = "stream" if self.stream else "json"
         queue = self.handle.queue_s if self.handle else 0.0
+        tokens = f"prompt={self.prompt_tokens} completion={self.completion_tokens}"
+        ended = f"finish={self.finish or 'cancelled'} queue={queue:.3f}s"
         timing = f" ftl={s.ftl_s:.3f}s vision={s.vision_s:.3f}s decode={s.decode_tps:.1f}tok/s" if s else ""
         where = f" replica={self.handle.served_by}" if self.handle and self.handle.served_by else ""
-        log.info("%s %s %s prompt=%d completion=%d finish=%s queue=%.3fs%s total=%.3fs%s", self.id, status,
-                 "stream" if self.stream else "json", self.prompt_tokens, self.completion_tokens,
-                 self.finish or "cancelled", queue, timing, total, where)  # fmt: skip
+        log.info("%s %s %s %s %s%s total=%.3fs%s", self.id, status, kind, tokens, ended, timing, total, where)
 
 
 def max_images(model: Model) -> int:
@@ -117,114 +132,50 @@ def max_images(model: Model) -> int:
     return max(1, (model.seq_length - 1) // (model.tokens_per_tile + 2))
 
 
-def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
-    """The app over `engine` (default: an Engine on `model` in this process; ray_app.py passes one whose
-    sequences run on Ray Serve replicas, with the same submit/Handle interface)."""
-    engine = engine if engine is not None else Engine(model, settings.parallel, settings.max_queue)
-    policy = MediaPolicy(settings.allowed_media_path, settings.max_body_bytes)
-    image_limit = max_images(model)
-    metrics = Metrics()
-    requests: set[Outcome] = set()  # chat requests not finished yet
-    context_cap = model.seq_length if settings.max_tokens is None else min(settings.max_tokens, model.seq_length)
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "internvl-edge"}
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="internvl-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)  # fmt: skip
-    app.state.engine = engine
-    app.state.metrics = metrics
-    add_page_routes(app)
+def not_served(asked: str, served: str) -> ApiError:
+    message = f"model {asked!r} not found (this server serves {served!r})"
+    return ApiError(404, message, param="model", code="model_not_found")
 
-    async def drain(timeout: float, hurry: asyncio.Event | None = None) -> tuple[int, int]:
-        """The graceful stop: refuse new requests, give those held up to `timeout` seconds (or until
-        `hurry` is set), then end the rest with a 503. Returns (finished, ended) request counts."""
-        engine.drain()
-        held = len(requests)
-        hurry = hurry or asyncio.Event()
-        deadline = time.monotonic() + timeout
-        while requests and time.monotonic() < deadline and not hurry.is_set():
-            await asyncio.sleep(0.05)
-        ended = len(requests)
-        if ended:
-            engine.abort(ApiError(503, f"the server stopped before this answer finished (it waited {timeout:g} s "
-                                       "for answers in progress: --drain-timeout)", code="unavailable"))  # fmt: skip
-            grace = time.monotonic() + 5  # the error chunks and objects are written
-            while requests and time.monotonic() < grace:
-                await asyncio.sleep(0.02)
-        return held - ended, ended
 
-    app.state.drain = drain
+def authorize(request: Request, api_key: str | None) -> None:
+    """Refuse (401) a request without `Authorization: Bearer <api_key>`, when the server has a key."""
+    if not api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        why = "missing or wrong API key: send the header `Authorization: Bearer <key>`"
+        raise ApiError(401, why, code="invalid_api_key")
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(ApiError(e.status_code, message, code=code).body(), status_code=e.status_code)
+class ChatCompletions:
+    """POST /v1/chat/completions over one engine: check a request, prepare and submit it, then answer with
+    one JSON body or a stream of chunks (protocol.py builds both). Every request gets one log line and
+    its /metrics counts; `open` holds those not finished yet, which `drain` waits for."""
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        log.exception("%s %s failed", request.method, request.url.path)
-        body = ApiError(500, f"internal error ({type(e).__name__})", code="internal_error").body()
-        return JSONResponse(body, status_code=500)
+    def __init__(self, model: Model, settings: ServerSettings, engine, metrics: Metrics):
+        self.model, self.settings, self.engine, self.metrics = model, settings, engine, metrics
+        self.name = settings.model_name
+        self.policy = MediaPolicy(settings.allowed_media_path, settings.max_body_bytes)
+        self.image_limit = max_images(model)
+        cap = settings.max_tokens
+        self.context_cap = model.seq_length if cap is None else min(cap, model.seq_length)
+        self.open: set[Outcome] = set()
 
-    def authorize(request: Request) -> None:
-        if not settings.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key")  # fmt: skip
-
-    def model_card() -> dict:
-        return {"id": settings.model_name, "object": "model", "created": int(os.path.getmtime(model.manifest.path)),
-                "owned_by": "internvl-edge"}  # fmt: skip
-
-    @app.get("/health")
-    async def health():
-        # active: every admitted request (preparing, prefilling or decoding); waiting: those without a slot
-        state = engine.health()
-        body = {"status": state.pop("status"), "model": settings.model_name, **state}
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
-
-    @app.get("/metrics")
-    async def prometheus_metrics(request: Request):
-        authorize(request)
-        return Response(metrics.text(engine.admitted, engine.waiting_count), media_type=METRICS_CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def one_model(model_id: str, request: Request):
-        authorize(request)
-        if model_id != settings.model_name:
-            raise ApiError(404, f"model {model_id!r} not found (this server serves {settings.model_name!r})",
-                           param="model", code="model_not_found")  # fmt: skip
-        return model_card()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=time.perf_counter(), metrics=metrics,
-                      open=requests)  # fmt: skip
+    async def respond(self, request: Request) -> Response:
+        """One request, start to end."""
+        received = time.perf_counter()
+        out = Outcome(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", received=received, metrics=self.metrics, open=self.open)
         headers = {"x-request-id": out.id}
         streaming = False
         try:
-            authorize(request)
-            req = parse_chat_request(await read_json(request, settings.max_body_bytes))
+            authorize(request, self.settings.api_key)
+            req = parse_chat_request(await read_json(request, self.settings.max_body_bytes))
             out.stream = req.stream
-            handle = await submit(req, out)
+            handle = await self.submit(req, out)
             watcher = asyncio.create_task(cancel_when_gone(request, handle))
             try:
                 first = await handle.next()
@@ -233,9 +184,10 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
                 if first is not None and req.stream:
                     watcher.cancel()  # the streaming response watches the connection from here
                     streaming = True  # and owns the sequence
-                    return EngineStream(stream_events(req, handle, first, out), handle, out,
-                                        media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})  # fmt: skip
-                body = await complete(req, handle, first, out) if first is not None else None
+                    events = self.stream_events(req, handle, first, out)
+                    headers["cache-control"] = "no-cache"
+                    return EngineStream(events, handle, out, media_type="text/event-stream", headers=headers)
+                body = await self.complete(req, handle, first, out) if first is not None else None
             finally:
                 watcher.cancel()
             out.log()
@@ -248,44 +200,61 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
             if out.handle is not None and not streaming:
                 out.handle.cancel()  # a no-op once finished; frees the slot if this handler failed or was cancelled
             if not streaming:
-                requests.discard(out)  # ended, logged or not (a bug's 500): a drain must not wait for it
+                self.open.discard(out)  # ended, logged or not (a bug's 500): a drain must not wait for it
 
-    async def submit(req: ChatRequest, out: Outcome) -> Handle:
-        if req.model and req.model != settings.model_name:
-            raise ApiError(404, f"model {req.model!r} not found (this server serves {settings.model_name!r})",
-                           param="model", code="model_not_found")  # fmt: skip
-        if req.image_count > image_limit:
-            raise ApiError(400, f"too many images: {req.image_count}; this bundle's context "
-                                f"({model.seq_length} tokens) holds at most {image_limit}", param="messages")  # fmt: skip
-        if engine.draining:  # refused before the prompt's work (the engine would refuse it after)
+    async def submit(self, req: ChatRequest, out: Outcome) -> Handle:
+        """Check the request against this server, prepare its prompt (images decoded and tiled, text
+        tokenized: in a worker thread) and hand it to the engine."""
+        model = self.model
+        if req.model and req.model != self.name:
+            raise not_served(req.model, self.name)
+        if req.image_count > self.image_limit:
+            held = f"this bundle's context ({model.seq_length} tokens) holds at most {self.image_limit}"
+            raise ApiError(400, f"too many images: {req.image_count}; {held}", param="messages")
+        if self.engine.draining:  # refused before the prompt's work (the engine would refuse it after)
             raise ApiError(503, "the server is shutting down; retry on another instance or later", code="unavailable")
+        policy = self.policy
         try:
             cfg = model.generation_config(**req.generation_options())
-            ids, media = await run_in_threadpool(model.request, messages=req.messages, max_tiles=req.max_tiles,
-                                                 resolve=policy.resolve, resolve_video=policy.resolve_video)  # fmt: skip
-            cfg = dataclasses.replace(cfg, max_new_tokens=answer_limit(req, len(ids)))
+            ids, media = await run_in_threadpool(
+                model.request,
+                messages=req.messages,
+                max_tiles=req.max_tiles,
+                resolve=policy.resolve,
+                resolve_video=policy.resolve_video,
+            )
+            cfg = dataclasses.replace(cfg, max_new_tokens=self.answer_limit(req, len(ids)))
         except UserError as e:
             raise ApiError(400, str(e)) from None
         out.prompt_tokens = len(ids)
-        out.handle = engine.submit(Job(out.id, ids, media, cfg, out.received), asyncio.get_running_loop())
+        out.handle = self.engine.submit(Job(out.id, ids, media, cfg, out.received), asyncio.get_running_loop())
         return out.handle
 
-    def answer_limit(req: ChatRequest, prompt_tokens: int) -> int:
+    def answer_limit(self, req: ChatRequest, prompt_tokens: int) -> int:
         """The request's max_tokens, or the most the context (and --max-tokens) allow; ApiError(400)
         naming the limit when it asks for more. A prompt that leaves no room is the engine's 400."""
-        room = model.seq_length - prompt_tokens  # the answer's last token needs no KV row
-        limit = min(context_cap, room)
+        seq_length, cap = self.model.seq_length, self.context_cap
+        room = seq_length - prompt_tokens  # the answer's last token needs no KV row
+        limit = min(cap, room)
         if req.max_tokens is None or room < 1:
             return max(1, limit)
         if req.max_tokens > limit:
-            why = (f"this server's limit (--max-tokens {context_cap})" if limit == context_cap < room else
-                   f"what the bundle's context ({model.seq_length} tokens) holds after this prompt's "
-                   f"{prompt_tokens} tokens")  # fmt: skip
-            raise ApiError(400, f"`max_tokens` is too large: {req.max_tokens}; at most {limit} tokens may be "
-                                f"generated, {why}", param="max_tokens", code="max_tokens_too_large")  # fmt: skip
+            if limit == cap < room:
+                why = f"this server's limit (--max-tokens {cap})"
+            else:
+                held = f"what the bundle's context ({seq_length} tokens) holds"
+                why = f"{held} after this prompt's {prompt_tokens} tokens"
+            message = f"`max_tokens` is too large: {req.max_tokens}; at most {limit} tokens may be generated, {why}"
+            raise ApiError(400, message, param="max_tokens", code="max_tokens_too_large")
         return req.max_tokens
 
-    async def complete(req: ChatRequest, handle: Handle, item, out: Outcome) -> dict | None:
+    def logprobs(self, req: ChatRequest, ids: list[int], chosen: list[float], tops: list) -> dict | None:
+        if not req.logprobs:
+            return None
+        return {"content": logprobs_content(self.model.tokenizer, ids, chosen, tops, req.top_logprobs)}
+
+    async def complete(self, req: ChatRequest, handle: Handle, item, out: Outcome) -> dict | None:
+        """The whole answer as one body, from its first chunk `item` on; None if the client left."""
         text, ids, tops, chosen = [], [], [], []
         while True:
             text.append(item.text)
@@ -298,37 +267,28 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
             if item is None:  # cancelled: the client left
                 return None
         out.completion_tokens, out.finish, out.stats = len(ids), item.finish_reason, item.stats
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": logprobs_body(req, ids, chosen, tops), "finish_reason": item.finish_reason}  # fmt: skip
-        body = {"id": out.id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
-                "choices": [choice], "usage": usage(out.prompt_tokens, len(ids), item.stats.cached_tokens),
-                "timings": timings(out)}  # fmt: skip
-        if req.return_token_ids:
-            choice["token_ids"] = ids
-            body["prompt_token_ids"] = handle.job.input_ids
-        return body
+        return completion_body(
+            response_head("chat.completion", out.id, self.name, int(time.time())),
+            "".join(text),
+            item.finish_reason,
+            usage(out.prompt_tokens, len(ids), item.stats.cached_tokens),
+            timings(handle.queue_s, item.stats),
+            self.logprobs(req, ids, chosen, tops),
+            token_ids=ids if req.return_token_ids else None,
+            prompt_token_ids=handle.job.input_ids if req.return_token_ids else None,
+        )
 
-    def logprobs_body(req: ChatRequest, ids: list[int], chosen: list[float], tops: list) -> dict | None:
-        if not req.logprobs:
-            return None
-        return {"content": logprobs_content(model.tokenizer, ids, chosen, tops, req.top_logprobs)}
-
-    async def stream_events(req: ChatRequest, handle: Handle, item, out: Outcome):
-        base = {"id": out.id, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": settings.model_name}  # fmt: skip
-
-        def event(delta: dict, finish: str | None = None, logprobs=None, **extra) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
-            return sse({**base, "choices": [choice], **({"usage": None} if req.include_usage else {})})
-
-        opening = {"prompt_token_ids": handle.job.input_ids} if req.return_token_ids else {}
-        yield event({"role": "assistant", "content": ""}, **opening)
+    async def stream_events(self, req: ChatRequest, handle: Handle, item, out: Outcome):
+        """The answer as server-sent events, from its first chunk `item` on; an error after the status
+        line goes in the stream, as OpenAI's."""
+        head = response_head("chat.completion.chunk", out.id, self.name, int(time.time()))
+        with_ids, with_usage = req.return_token_ids, req.include_usage
+        yield sse(opening_chunk(head, with_usage, handle.job.input_ids if with_ids else None))
         while True:
             out.completion_tokens += len(item.token_ids)
             if item.text or item.token_ids:
-                extra = {"token_ids": item.token_ids} if req.return_token_ids else {}
-                lps = logprobs_body(req, item.token_ids, item.token_logprobs or [], item.logprobs or [])
-                yield event({"content": item.text}, logprobs=lps, **extra)
+                lps = self.logprobs(req, item.token_ids, item.token_logprobs or [], item.logprobs or [])
+                yield sse(content_chunk(head, item.text, with_usage, lps, item.token_ids if with_ids else None))
             if item.finish_reason:
                 break
             await asyncio.sleep(0)  # let the loop see a closed connection before the next write
@@ -342,21 +302,101 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
             if item is None:  # cancelled: the client is gone
                 return
         out.finish, out.stats = item.finish_reason, item.stats
-        yield event({}, item.finish_reason, timings=timings(out))
-        if req.include_usage:
-            yield sse(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": usage(out.prompt_tokens, out.completion_tokens, out.stats.cached_tokens),
-                }
-            )
+        yield sse(final_chunk(head, item.finish_reason, timings(handle.queue_s, item.stats), with_usage))
+        if with_usage:
+            yield sse(usage_chunk(head, usage(out.prompt_tokens, out.completion_tokens, item.stats.cached_tokens)))
         yield sse("[DONE]")
 
-    def timings(out: Outcome) -> dict:
-        s = out.stats
-        return {"queue_s": round(out.handle.queue_s, 6), "vision_s": round(s.vision_s, 6), "ftl_s": round(s.ftl_s, 6),
-                "decode_tps": round(s.decode_tps, 3)}  # fmt: skip
+    async def drain(self, timeout: float, hurry: asyncio.Event | None = None) -> tuple[int, int]:
+        """The graceful stop: refuse new requests, give those held up to `timeout` seconds (or until
+        `hurry` is set), then end the rest with a 503. Returns (finished, ended) request counts."""
+        self.engine.drain()
+        held = len(self.open)
+        hurry = hurry or asyncio.Event()
+        deadline = time.monotonic() + timeout
+        while self.open and time.monotonic() < deadline and not hurry.is_set():
+            await asyncio.sleep(0.05)
+        ended = len(self.open)
+        if ended:
+            waited = f"it waited {timeout:g} s for answers in progress: --drain-timeout"
+            stopped = f"the server stopped before this answer finished ({waited})"
+            self.engine.abort(ApiError(503, stopped, code="unavailable"))
+            grace = time.monotonic() + 5  # the error chunks and objects are written
+            while self.open and time.monotonic() < grace:
+                await asyncio.sleep(0.02)
+        return held - ended, ended
+
+
+async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return JSONResponse(ApiError(e.status_code, message, code=code).body(), status_code=e.status_code)
+
+
+async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    body = ApiError(500, f"internal error ({type(e).__name__})", code="internal_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
+    """The app over `engine` (default: an Engine on `model` in this process; ray_app.py passes one whose
+    sequences run on Ray Serve replicas, with the same submit/Handle interface)."""
+    engine = engine if engine is not None else Engine(model, settings.parallel, settings.max_queue)
+    metrics = Metrics()
+    chat = ChatCompletions(model, settings, engine, metrics)
+    name, api_key = settings.model_name, settings.api_key
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(
+        title="internvl-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.drain = chat.drain
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    add_page_routes(app)
+    app.add_api_route("/v1/chat/completions", chat.respond, methods=["POST"])
+
+    @app.get("/health")
+    async def health():
+        # active: every admitted request (preparing, prefilling or decoding); waiting: those without a slot
+        state = engine.health()
+        body = {"status": state.pop("status"), "model": name, **state}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        authorize(request, api_key)
+        return Response(metrics.text(engine.admitted, engine.waiting_count), media_type=METRICS_CONTENT_TYPE)
+
+    def card() -> dict:
+        return model_card(name, int(os.path.getmtime(model.manifest.path)))
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request, api_key)
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str, request: Request):
+        authorize(request, api_key)
+        if model_id != name:
+            raise not_served(model_id, name)
+        return card()
 
     return app
 
@@ -364,8 +404,8 @@ def create_app(model: Model, settings: ServerSettings, engine=None) -> FastAPI:
 async def read_json(request: Request, limit: int):
     """The body as JSON, refusing one over `limit` bytes before reading it all (413)."""
     declared = request.headers.get("content-length")
-    too_big = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes "
-                            "(--max-body-bytes)", code="request_too_large")  # fmt: skip
+    message = f"the request body is larger than the server's limit of {limit} bytes (--max-body-bytes)"
+    too_big = ApiError(413, message, code="request_too_large")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()

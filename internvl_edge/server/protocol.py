@@ -17,13 +17,13 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..generate import Stats
+
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_TILES_LIMIT = 12  # InternVL3's largest max_dynamic_patch (its model card)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}  # fmt: skip
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}  # else by status: 4xx invalid request, 5xx server
 
 
 class ApiError(Exception):
@@ -34,8 +34,7 @@ class ApiError(Exception):
         self.status, self.code, self.param = status, code, param
 
     def body(self) -> dict:
-        kind = ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        return error_body(self.status, str(self), self.code, self.param)
 
 
 @dataclass
@@ -59,20 +58,29 @@ class ChatRequest:
 
     @property
     def image_count(self) -> int:
-        parts = [p for m in self.messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-                 for p in m["content"]]  # fmt: skip
+        contents = [m["content"] for m in self.messages if isinstance(m, dict) and isinstance(m.get("content"), list)]
+        parts = [p for content in contents for p in content]
         media = ("image_url", "image", "video_url", "video")  # a video takes at least one frame's room
         return sum(isinstance(p, dict) and p.get("type") in media for p in parts)
 
     def generation_options(self) -> dict:
         """Keyword arguments for Model.generation_config. A temperature above 0 samples; none or 0 is
         greedy decoding (the CLI's default), so a plain request gives the same tokens as `run`."""
-        opts = {"max_new_tokens": self.max_tokens, "do_sample": bool(self.temperature), "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos,
-                "logprobs": (self.top_logprobs or 1) if self.logprobs else 0}  # fmt: skip
+        opts = {
+            "max_new_tokens": self.max_tokens,
+            "do_sample": bool(self.temperature),
+            "seed": self.seed,
+            "stop": self.stop,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": (self.top_logprobs or 1) if self.logprobs else 0,
+        }
         if self.temperature:
-            opts.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        repetition_penalty=self.repetition_penalty)  # fmt: skip
+            opts.update(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty,
+            )
         return opts
 
 
@@ -135,8 +143,8 @@ def parse_chat_request(body) -> ChatRequest:
     max_tokens = _get(body, "max_tokens", "int", 1) if max_tokens is None else max_tokens
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                             or len(stop) > MAX_STOP_STRINGS):  # fmt: skip
+    strings = isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    if stop is not None and (not strings or len(stop) > MAX_STOP_STRINGS):
         raise ApiError(
             400, f"`stop` must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", param="stop"
         )
@@ -179,7 +187,7 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:
@@ -199,7 +207,7 @@ def _logprob_entry(tokenizer, token_id: int, logprob: float) -> dict:
 def logprobs_content(tokenizer, token_ids: list[int], chosen: list[float], tops: list, top_n: int) -> list[dict]:
     """OpenAI's `logprobs.content`: per generated token its logprob and the `top_n` likeliest."""
     out = []
-    for token_id, lp, top in zip(token_ids, chosen, tops):
+    for token_id, lp, top in zip(token_ids, chosen, tops, strict=False):
         entry = _logprob_entry(tokenizer, token_id, lp)
         entry["top_logprobs"] = [_logprob_entry(tokenizer, t, v) for t, v in top[:top_n]]
         out.append(entry)
@@ -208,9 +216,90 @@ def logprobs_content(tokenizer, token_ids: list[int], chosen: list[float], tops:
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV came from the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def timings(queue_s: float, stats: Stats) -> dict:
+    """The answer's timings (an extension, as llama.cpp's server adds one): seconds waiting for a slot,
+    in the vision encoder and to the first token (from arrival, vision and prefill included), and the
+    decode rate after the first token."""
+    return {
+        "queue_s": round(queue_s, 6),
+        "vision_s": round(stats.vision_s, 6),
+        "ftl_s": round(stats.ftl_s, 6),
+        "decode_tps": round(stats.decode_tps, 3),
+    }
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error object for an HTTP status."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def response_head(kind: str, request_id: str, model: str, created: int) -> dict:
+    """The fields every response body and chunk opens with (`kind`: its `object`)."""
+    return {"id": request_id, "object": kind, "created": created, "model": model}
+
+
+def completion_body(
+    head: dict,
+    text: str,
+    finish_reason: str,
+    usage: dict,
+    timings: dict,
+    logprobs: dict | None = None,
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
+) -> dict:
+    """A whole answer (`chat.completion`). `token_ids` and `prompt_token_ids`: vLLM's `return_token_ids`
+    fields, added when given."""
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    body = {**head, "choices": [choice], "usage": usage, "timings": timings}
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = prompt_token_ids
+    return body
+
+
+def _chunk(head: dict, delta: dict, usage_field: bool, logprobs=None, finish_reason=None, **extra) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
+    return {**head, "choices": [choice], **({"usage": None} if usage_field else {})}
+
+
+# The chunks of a stream (`chat.completion.chunk`). `usage_field`: the client asked for usage
+# (stream_options.include_usage), so every chunk but the usage chunk says `"usage": null`, as OpenAI's do.
+
+
+def opening_chunk(head: dict, usage_field: bool = False, prompt_token_ids: list[int] | None = None) -> dict:
+    """The first chunk: the assistant's role, empty content (and vLLM's `prompt_token_ids`, when given)."""
+    extra = {} if prompt_token_ids is None else {"prompt_token_ids": prompt_token_ids}
+    return _chunk(head, {"role": "assistant", "content": ""}, usage_field, **extra)
+
+
+def content_chunk(
+    head: dict, text: str, usage_field: bool = False, logprobs: dict | None = None, token_ids: list[int] | None = None
+) -> dict:
+    """A piece of the answer (and vLLM's `token_ids`, when given)."""
+    extra = {} if token_ids is None else {"token_ids": token_ids}
+    return _chunk(head, {"content": text}, usage_field, logprobs, **extra)
+
+
+def final_chunk(head: dict, finish_reason: str, timings: dict, usage_field: bool = False) -> dict:
+    """The chunk that ends an answer: no text, the finish reason and the timings."""
+    return _chunk(head, {}, usage_field, finish_reason=finish_reason, timings=timings)
+
+
+def usage_chunk(head: dict, usage: dict) -> dict:
+    """The last chunk with stream_options.include_usage: no choices, the usage object."""
+    return {**head, "choices": [], "usage": usage}
 
 
 def sse(data: dict | str) -> str:
