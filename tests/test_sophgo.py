@@ -6,7 +6,9 @@ compiled for bm1684x in f16 (with --use_block_with_kv and --max_input_length 48,
 image is prefilled by block_i, then block_kv_i twice; and --do_sample), bf16, w4bf16 (bf16 weights quantised by us to
 4-bit groups of 64) and the AWQ checkpoint (w4bf16 -> w4f16, its 4-bit values as published), and for
 bm1688 in f16 (checked in a child process: a process holds one chip's simulator); and bm1684x f16
-with --dynamic (end to end).
+with --dynamic (end to end). InternVL3.5 (a Qwen3 decoder: per-head query/key RMS norms before the
+rotary embedding, no attention biases) as a tiny checkpoint with heads of 128, bm1684x f16 with
+--use_block_with_kv: per net and end to end, text and one tile.
 
 Per net (tests/sophgo_checks.py), every net fed the reference's own inputs, the relative RMS error
 ||ours - reference|| / ||reference|| must stay under 8 units of roundoff of the half type the chip
@@ -25,7 +27,8 @@ reference top-1 margin is unclear (below 5% of the logits' standard deviation, 1
 and at least 8 clear steps must match: text only, and one image tile.
 
 The toolchain is installed once into the user cache (`internvl-edge toolchain install`); without network
-the tests skip. Deselect them with `-m "not sophgo"`. About 3 minutes in all on 2 cores.
+the tests skip. Deselect them with `-m "not sophgo"`. About 3 minutes in all on 2 cores, and 6 more for
+InternVL3.5 (measured on a loaded machine).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ TOLERANCE = {half: 8 * u for half, u in UNIT_ROUNDOFF.items()}
 CLEAR_MARGIN = 0.05  # of the reference logits' standard deviation
 STEPS = 10
 SIM_SHAPES = shapes_with("tiny", image_size=224)
-CHECKPOINTS = {"bf16": ("bf16", 10), "awq": ("awq", 11)}
+# InternVL3.5 (Qwen3: per-head query/key norms, no attention biases) with heads of 128 as the published ones
+SIM35_SHAPES = shapes_with("3.5-tiny", image_size=224, text_head_dim=128)
+CHECKPOINTS = {"bf16": (SIM_SHAPES, "bf16", 10), "awq": (SIM_SHAPES, "awq", 11), "qwen3": (SIM35_SHAPES, "bf16", 12)}
 # case: (checkpoint, chip, -q, extra convert options, ONNX bundle the decoder is compared with, check the ViT)
 NET_CASES = {
     "bm1684x-f16": (
@@ -69,6 +74,8 @@ NET_CASES = {
     "bm1684x-bf16": ("bf16", "bm1684x", "bf16", {}, "f32", True),
     "bm1684x-w4bf16": ("bf16", "bm1684x", "w4bf16", {}, "w4bf16", False),  # its ViT is the bf16 case's
     "bm1684x-awq-w4f16": ("awq", "bm1684x", "w4bf16", {}, "w4f16", True),
+    # InternVL3.5: block_kv_i after 48 rows as well (one tile then takes block_i and block_kv_i)
+    "bm1684x-3.5-f16": ("qwen3", "bm1684x", "f16", {"max_input_length": 48, "use_block_with_kv": True}, "f32", True),
 }
 
 
@@ -90,8 +97,8 @@ def sim_checkpoint(workdir):
 
     def get(kind: str) -> str:
         if kind not in made:
-            weights, seed = CHECKPOINTS[kind]
-            made[kind] = make_checkpoint(str(workdir / f"sim_ckpt_{kind}"), size=SIM_SHAPES, weights=weights, seed=seed)
+            shapes, weights, seed = CHECKPOINTS[kind]
+            made[kind] = make_checkpoint(str(workdir / f"sim_ckpt_{kind}"), size=shapes, weights=weights, seed=seed)
         return made[kind]
 
     return get
@@ -160,18 +167,27 @@ def test_nets_against_reference(case, tpu_mlir, sim_checkpoint, sim_bundle, tile
 def assert_greedy(result: dict) -> None:
     ours, ref = result["ours"], result["reference"]
     clear = np.asarray(result["margins"]) > CLEAR_MARGIN * np.asarray(result["logit_std"])
-    n = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
     assert len(ours) == len(ref) == STEPS
+    n = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), len(ref))
     assert n == len(ref) or not clear[n], f"diverged at step {n} whose reference margin is clear: {ours} vs {ref}"
     assert clear[:n].sum() >= 8, (ours, ref, result["margins"])
 
 
 @sim
-@pytest.mark.parametrize("media, dynamic", [("text", False), ("one_tile", False), ("text", True)])
-def test_greedy_tokens_equal_reference(media, dynamic, tpu_mlir, sim_checkpoint, sim_bundle, tile):
-    """The f16 bundle (block_kv_i after the first 48 rows of a prompt), and a --dynamic one (prefill
-    blocks whose rows follow the prompt, the causal mask inside the net)."""
-    kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-f16"]
+@pytest.mark.parametrize(
+    "case, media, dynamic",
+    [
+        ("bm1684x-f16", "text", False),
+        ("bm1684x-f16", "one_tile", False),
+        ("bm1684x-f16", "text", True),
+        ("bm1684x-3.5-f16", "text", False),
+        ("bm1684x-3.5-f16", "one_tile", False),
+    ],
+)
+def test_greedy_tokens_equal_reference(case, media, dynamic, tpu_mlir, sim_checkpoint, sim_bundle, tile):
+    """The f16 bundles of InternVL3 and InternVL3.5 (block_kv_i after the first 48 rows of a prompt), and
+    a --dynamic one (prefill blocks whose rows follow the prompt, the causal mask inside the net)."""
+    kind, chip, quantize, options, _, _ = NET_CASES[case]
     if dynamic:
         options = {"dynamic": True}
     bdir = sim_bundle(kind, chip, quantize, **options)
@@ -347,6 +363,18 @@ def test_toolchain_info_cli(tpu_mlir):
     info = json.loads(proc.stdout)
     assert proc.returncode == 0 and info["works"] and info["version"].startswith(f"v{toolchain.VERSION}")
     assert set(info["simulators"]) == {"bm1684x", "bm1688"}
+
+
+def test_group_size_must_divide_the_attention_output_width(workdir, tmp_path):
+    """InternVL3.5's o_proj takes heads x 128 inputs, not the hidden size (InternVL3.5-4B: 4096 for 2560):
+    a -g that divides the hidden and MLP widths but not that one is refused in one line before compiling."""
+    widths = {"text_hidden": 192, "text_intermediate": 384, "text_heads": 2, "text_kv_heads": 1}
+    ckpt = make_checkpoint(str(workdir / "o_proj_256"), size=shapes_with("3.5-tiny", text_head_dim=128, **widths))
+    out = tmp_path / "bundle"
+    opts = ConvertOptions(ckpt, str(out), seq_length=128, chip="bm1684x", quantize="w4bf16", q_group_size=96)
+    with pytest.raises(UserError, match="-g 96: the decoder's linear layers with 256 inputs") as e:
+        convert(opts, progress=Progress(enabled=False))
+    assert "\n" not in str(e.value) and not out.exists()
 
 
 def test_missing_toolchain_is_one_line(sim_checkpoint, tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """`convert -c bm1684x|bm1688`: the seed's nets emitted, compiled and combined into one bmodel.
 
     vit, embedding, embedding_cache, lm_head, greedy_head (and sample_head with --do_sample), then
-    block_i, block_cache_i (and block_kv_i with --use_block_with_kv) for every layer: the order and the deploy flags of the seed's
-    LlmConverter.compile_all. Each layer's weights are prepared once, written once (one npz for its
-    block nets) and stored once in the combined bmodel (model_tool shares identical coefficients).
+    block_i, block_cache_i (and block_kv_i with --use_block_with_kv) for every layer: the order and the
+    deploy flags of the seed's LlmConverter.compile_all. InternVL3 (Qwen2 decoder) and InternVL3.5 (dense
+    Qwen3: query/key norms, head size 128, no attention biases) share the nets. Each layer's weights are
+    prepared once, written once (one npz for its block nets) and stored once in the combined bmodel
+    (model_tool shares identical coefficients).
 
 The bmodel is named as the seed names its output folder: <model>_<quantize>_seq<N>_<chip>_1dev (bm1684x)
 or _<cores>core (bm1688). Options the chip flow does not support are refused, never ignored.
@@ -28,15 +30,13 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
     """Check the options against what the chip flow supports; fill its defaults. Returns notes."""
     if opts.quantize not in QUANTIZE:
         raise UserError(f"-q {opts.quantize} is not supported for {opts.chip}; choose one of {', '.join(QUANTIZE)}")
+    cpu_only, both = "is a CPU-target option", opts.dynamic and opts.use_block_with_kv
     unsupported = [
-        (ckpt.config.text.qk_norm, "InternVL3.5 (a Qwen3 decoder, with query/key norms) is not supported for Sophgo "
-         "targets yet; convert it with -c cpu"),
-        (opts.dynamic and opts.use_block_with_kv,
-         "--dynamic together with --use_block_with_kv is not supported for Sophgo targets yet; choose one"),
-        (opts.lm_head_bits, "--lm-head-bits is a CPU-target option (the seed keeps lm_head in half precision)"),
-        (opts.vision_bits, "--vision-bits is a CPU-target option (the seed keeps the vision encoder in half precision)"),
-        (opts.accuracy_level != 4, "--accuracy_level is a CPU-target option (the chip computes 4-bit matmuls in half precision)"),
-    ]  # fmt: skip
+        (both, "--dynamic together with --use_block_with_kv is not supported for Sophgo targets yet; choose one"),
+        (opts.lm_head_bits, f"--lm-head-bits {cpu_only} (the seed keeps lm_head in half precision)"),
+        (opts.vision_bits, f"--vision-bits {cpu_only} (the seed keeps the vision encoder in half precision)"),
+        (opts.accuracy_level != 4, f"--accuracy_level {cpu_only} (the chip computes 4-bit matmuls in half precision)"),
+    ]
     for flag, message in unsupported:
         if flag:
             raise UserError(message)
@@ -53,10 +53,13 @@ def resolve(opts, ckpt: Checkpoint) -> list[str]:
             if given and given != t.awq.group_size
             else []
         )
-    for k in (t.hidden_size, t.intermediate_size):  # the decoder linears' input widths
+    # the decoder linears' input widths (o_proj's is heads x head_dim: wider than hidden in InternVL3.5-4B)
+    for k in (t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim):
         if k % opts.q_group_size:
-            raise UserError(f"-g {opts.q_group_size}: the decoder's linear layers with {k} inputs cannot be split "
-                            "into 4-bit groups of that size on Sophgo chips; choose a divisor of it")  # fmt: skip
+            raise UserError(
+                f"-g {opts.q_group_size}: the decoder's linear layers with {k} inputs cannot be split "
+                "into 4-bit groups of that size on Sophgo chips; choose a divisor of it"
+            )
     return []
 
 

@@ -261,8 +261,9 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
                 )
             parts.append(m.op("Reshape", [t], (1, T, heads, d), f"{lp}.attn.{name}.reshape", shape=[1, T, heads, d]))
         q, k, val = parts
-        o = m.op("FAttention", [q, k, val, m.none(), m.none()], (1, T, C), f"{lp}.attn.fattention", scale=float(d**-0.5),
-                 batch=1, q_head=heads, kv_head=heads, dim=d, mq=T, mk=T, keep_dims=False, mask_size=SI32(0))  # fmt: skip
+        fa = {"batch": 1, "q_head": heads, "kv_head": heads, "dim": d, "mq": T, "mk": T, "keep_dims": False}
+        fa.update(scale=float(d**-0.5), mask_size=SI32(0))
+        o = m.op("FAttention", [q, k, val, m.none(), m.none()], (1, T, C), f"{lp}.attn.fattention", **fa)
         o = linear(
             m, o, f"{lp}.attn.proj", ckpt.f32(f"{lp}.attn.proj.weight"), ckpt.optional_f32(f"{lp}.attn.proj.bias")
         )
@@ -392,6 +393,8 @@ class LayerWeights:
     final_norm: np.ndarray | None  # the model's last norm, applied by the last layer's blocks
     cos: np.ndarray
     sin: np.ndarray
+    q_norm: np.ndarray | None = None  # Qwen3 (InternVL3.5): one weight per head dimension, shared by the heads
+    k_norm: np.ndarray | None = None
 
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -403,6 +406,7 @@ def layer_weights(ckpt: Checkpoint, i: int, four_bit: bool, group_size: int, hal
     p = f"language_model.model.layers.{i}"
     lins = {n: ckpt.linear(f"{p}.{n}") for n in LINEARS}
     cos, sin = rotary(t.head_dim, t.rope_theta, seq)
+    qk = {n: ckpt.f32(f"{p}.self_attn.{n}.weight") for n in ("q_norm", "k_norm")} if t.qk_norm else {}
     return LayerWeights(
         index=i,
         linears={n: decoder_linear(lin, four_bit, group_size, half) for n, lin in lins.items()},
@@ -412,6 +416,7 @@ def layer_weights(ckpt: Checkpoint, i: int, four_bit: bool, group_size: int, hal
         final_norm=ckpt.f32("language_model.model.norm.weight") if i == t.num_hidden_layers - 1 else None,
         cos=cos,
         sin=sin,
+        **qk,
     )
 
 
@@ -422,15 +427,19 @@ def is_quantized(lw: LayerWeights) -> bool:
 def block(
     ckpt: Checkpoint, lw: LayerWeights, kind: str, rows: int, seq: int, weight_file: str, small_mask: int = 0
 ) -> Module:
-    """One Qwen2 decoder layer (the seed's LlmConverter._gen_block_mlir_impl), `kind` one of
+    """One Qwen2 or Qwen3 decoder layer (the seed's LlmConverter._gen_block_mlir_impl), `kind` one of
     "block" (prefill from position 0), "block_cache" (one token after `seq` history rows) or
     "block_kv" (`rows` tokens after `seq` history rows). With `small_mask` (--dynamic prefill blocks,
     whose row count follows the prompt) the causal mask is a [small_mask]^2 weight that FAttention
     tiles (its mask_size), not an input, as in the seed's dynamic flow:
 
-        x ── RMSNorm ── q/k/v proj ── Rope(q, k at position_ids) ──┐  k, v are outputs (the new rows)
+        x ── RMSNorm ── q/k/v proj ── [q/k RMSNorm per head] ── Rope(q, k at position_ids) ──┐  k, v: outputs
                                   history_k/v ── Concat ──────── FAttention(mask) ── o_proj ── + x = h
         h ── RMSNorm ── silu(gate_proj) * up_proj ── down_proj ── + h   (last layer: + final RMSNorm)
+
+    Qwen3 (InternVL3.5) normalises each query and key head over head_dim before the rotary embedding, one
+    weight vector shared by the heads (modeling_qwen3.Qwen3Attention; the seed's converter does the same
+    with top.RMSNorm on the [1, rows, heads, head_dim] tensors); it has no q/k/v biases.
     """
     t = ckpt.config.text
     H, nh, kvh, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
@@ -460,6 +469,9 @@ def block(
     q = m.op("Reshape", [q], (1, rows, nh, hd), f"{a}.q_proj.reshape", shape=[1, -1, nh, hd])
     k = m.op("Reshape", [k], (1, rows, kvh, hd), f"{a}.k_proj.reshape", shape=[1, -1, kvh, hd])
     v = m.op("Reshape", [v], (1, rows, kvh, hd), f"{a}.v_cache", shape=[1, -1, kvh, hd])
+    if lw.q_norm is not None:
+        q = rms_norm(m, q, f"{a}.q_norm", lw.q_norm, t.rms_norm_eps)
+        k = rms_norm(m, k, f"{a}.k_norm", lw.k_norm, t.rms_norm_eps)
     c = m.op("Gather", [cos, pos], (1, rows, 1, hd), f"{a}.rotary_emb.cos", axis=SI32(0))
     s = m.op("Gather", [sin, pos], (1, rows, 1, hd), f"{a}.rotary_emb.sin", axis=SI32(0))
     q = m.op("Rope", [q, s, c], q.shape, f"{a}.q_rope", rope_mode="contiguous_halves")
@@ -468,8 +480,9 @@ def block(
     if history:
         k = m.op("Concat", [past_k, k], (1, keys, kvh, hd), f"{a}.k_concat", axis=SI32(1), only_merge=True)
         v = m.op("Concat", [past_v, v], (1, keys, kvh, hd), f"{a}.v_concat", axis=SI32(1), only_merge=True)
-    o = m.op("FAttention", [q, k, v, mask, m.none()], (1, rows, nh * hd), f"{a}.fattention", scale=float(hd**-0.5),
-             batch=1, q_head=nh, kv_head=kvh, dim=hd, mq=rows, mk=keys, keep_dims=False, mask_size=SI32(small_mask))  # fmt: skip
+    fa = {"batch": 1, "q_head": nh, "kv_head": kvh, "dim": hd, "mq": rows, "mk": keys, "keep_dims": False}
+    fa.update(scale=float(hd**-0.5), mask_size=SI32(small_mask))
+    o = m.op("FAttention", [q, k, v, mask, m.none()], (1, rows, nh * hd), f"{a}.fattention", **fa)
     o = linear(m, o, f"{a}.o_proj", lw.linears["self_attn.o_proj"], lw.biases["self_attn.o_proj"])
     x = m.op("Add", [x, o], x.shape, f"{a}.add")
     h = rms_norm(m, x, f"{p}.post_attention_layernorm", lw.post_attention_layernorm, t.rms_norm_eps)
