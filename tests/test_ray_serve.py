@@ -9,33 +9,35 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node mode: Ray's addresses are 127.0.0.1
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"  # the workers' (autoscaling test)
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
-
-import httpx
 
 with warnings.catch_warnings():  # Serve's pydantic models warn on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from ray import cloudpickle, serve
 
     from internvl_edge.server.ray_app import EngineReplica, RaySettings, build_app, builder
-from test_server import cli_run_json, data_url, user
+from test_server import cli_run_json, data_url, user  # noqa: E402 - after the skip when Ray is missing
 
-from internvl_edge.api import load
-from internvl_edge.errors import UserError
+from internvl_edge.api import load  # noqa: E402
+from internvl_edge.errors import UserError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 KEY = "sk-ray-key"
@@ -317,9 +319,9 @@ def test_serve_ray_a_missing_bundle_is_one_line(tmp_path):
 def test_serve_ray_starts_a_local_ray_serves_and_stops(greedy_bundle):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray",
-                             "--replicas", "1", "--threads", "1", "--port", str(port), "--api-key", KEY, "--served-model-name", NAME],
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    flags = ["--replicas", "1", "--threads", "1", "--port", str(port), "--api-key", KEY, "--served-model-name", NAME]
+    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", *flags]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
         for line in proc.stderr:
@@ -338,3 +340,257 @@ def test_serve_ray_starts_a_local_ray_serves_and_stops(greedy_bundle):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_autoscaling_bounds_reach_serve_and_load_adds_a_replica(cluster, greedy_bundle):
+    """min 1, max 2: Serve's deployment gets the bounds and the target (--parallel ongoing requests per
+    replica), starts 1 replica, and adds the second under load. Serve's upscale delay (30 s by default)
+    and its look-back window are shortened here through build_app's `autoscaling`."""
+    from ray.serve.context import _get_global_client
+
+    args = dict(bundle=greedy_bundle, min_replicas=1, max_replicas=2, threads=1, parallel=1, max_queue=16)
+    settings = RaySettings.from_args({**args, "served_model_name": NAME})
+    quick = {"upscale_delay_s": 0.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+    serve.run(build_app(settings, SlowedReplica, autoscaling=quick), name="auto", route_prefix="/auto")
+    try:
+        details = _get_global_client().get_serve_details()["applications"]["auto"]["deployments"]["engine"]
+        scaling = details["deployment_config"]["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (1, 2, 1)
+        assert scaling["target_ongoing_requests"] == 1 and scaling["upscale_delay_s"] == 0
+
+        def engine_states() -> dict:
+            return serve.status().applications["auto"].deployments["engine"].replica_states
+
+        assert engine_states() == {"RUNNING": 1}
+        auto = App(f"{cluster}/auto", "auto")
+        auto.wait_for(lambda h: len(h.get("replicas", [])) == 1)
+        # six long answers on one slot: 6 ongoing requests against a target of 1 per replica
+        long = {"model": NAME, "messages": user("Go on."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        enough = threading.Event()
+
+        def one():
+            with httpx.stream("POST", auto.url + "/v1/chat/completions", json=long, timeout=120) as r:
+                for _ in r.iter_lines():
+                    if enough.is_set():
+                        return
+
+        with ThreadPoolExecutor(6) as pool:
+            streams = [pool.submit(one) for _ in range(6)]
+            try:
+                h = auto.wait_for(lambda h: len([r for r in h["replicas"] if r["status"] == "ok"]) == 2, timeout=90)
+                assert {r["node"] for r in h["replicas"]} == {"127.0.0.1"}
+                deadline = time.monotonic() + 30  # Serve counts it RUNNING after its first health check
+                while (states := engine_states()) != {"RUNNING": 2}:
+                    assert time.monotonic() < deadline, states
+                    time.sleep(0.2)
+            finally:
+                enough.set()
+            for stream in streams:
+                stream.result()
+    finally:
+        serve.delete("auto")
+
+
+# -- Ray's own tooling on a cluster started by `ray start` -----------------------------------------
+
+
+def ray_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)  # the venv's `ray` and `serve` commands
+
+
+class External:
+    """A cluster started by `ray start --head` (its GCS and dashboard addresses) and the environment that
+    every command talking to it needs."""
+
+    def __init__(self, address: str, dashboard: str, env: dict, proc: subprocess.Popen):
+        self.address, self.dashboard, self.env, self.proc = address, dashboard, env, proc
+
+    def run(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*map(str, args)], capture_output=True, text=True, env=self.env, timeout=timeout, check=False
+        )
+
+    def alive(self) -> bool:
+        status = self.run(ray_tool("ray"), "status", "--address", self.address)
+        return self.proc.poll() is None and status.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """`ray start --head` bound to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray replaces
+    127.0.0.1 by the machine's address), with the dashboard on 127.0.0.1 (`serve deploy` talks to its REST
+    API) and Ray's token authentication (its default once a token exists; its clients need RAY_AUTH_MODE).
+    Stopped at the end whatever happens: SIGTERM to that `ray start --block`, which stops what it started,
+    then its process group. Not `ray stop`: that stops every Ray process on the machine, this module's
+    other instance included."""
+    gcs, dashboard = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("rt")
+    if len(str(temp)) > 40:  # Ray's socket paths (temp/session_.../sockets/...) must stay under 108 bytes
+        temp = tempfile.mkdtemp(prefix="ray-")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.update(auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # `ray start`'s SIGTERM stops at once
+    log = open(os.path.join(temp, "ray-start.log"), "w+")
+    bind = f"--node-ip-address 127.0.0.1 --port {gcs} --dashboard-host 127.0.0.1 --dashboard-port {dashboard}"
+    cmd = [ray_tool("ray"), "start", "--head", *bind.split(), "--num-cpus", "4", "--temp-dir", str(temp), "--block"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in open(log.name).read():
+            assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.5)
+        while True:  # the dashboard's REST API (serve deploy's) answers a little later
+            try:
+                httpx.get(f"http://127.0.0.1:{dashboard}/api/version", timeout=5)
+                break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the dashboard never answered"
+            time.sleep(0.5)
+        yield External(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (its session: start_new_session)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+        log.close()
+
+
+def start(cmd: list, env: dict, ready: str, timeout: float = 180) -> tuple[subprocess.Popen, list[str]]:
+    """A long-running command; returns once a line of its output contains `ready`."""
+    proc = subprocess.Popen([*map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if ready in line:
+                done.set()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout) or not any(ready in line for line in lines):
+        proc.kill()
+        raise AssertionError("".join(lines[-40:]))
+    return proc, lines
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 90) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, greedy_bundle):
+    """`internvl-edge serve --ray --ray-address` on a `ray start` cluster, then Ray's `serve run` with the
+    builder on the same cluster (Serve's proxy is the one serve --ray started); stopping serve --ray
+    deletes its application only: the cluster and `serve run`'s application go on. Ctrl-C on `serve run`
+    shuts Serve down (Ray's behaviour), the cluster still goes on."""
+    expected = cli_run_json(greedy_bundle, "-p", "What is Ray?", "--max-new-tokens", 10)
+    port = free_port()
+    flags = f"--ray-address {external.address} --port {port} --replicas 1 --threads 1 --served-model-name {NAME}"
+    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", *flags.split()]
+    joined, lines = start(cmd, external.env, "serving ")
+    run = None
+    try:
+        assert any(line.startswith(f"serving {NAME} on http://127.0.0.1:{port}/v1 on Ray Serve") for line in lines)
+        served = App(f"http://127.0.0.1:{port}", "joined")
+        h = served.wait_for(lambda h: len(h.get("replicas", [])) == 1)
+        assert h["replicas"][0]["actor"].startswith("SERVE_REPLICA::internvl-edge#engine#")
+        resp = served.client().chat.completions.create(model=NAME, messages=user("What is Ray?"), max_tokens=10)
+        assert resp.choices[0].message.content == expected["text"]
+
+        # Ray's CLI, as the README shows it: `serve run module:builder key=value ...`
+        builder_args = f"bundle={greedy_bundle} replicas=2 threads=1 served_model_name={NAME}"
+        options = f"--address {external.address} --name run --route-prefix /run"
+        cmd = [
+            ray_tool("serve"),
+            "run",
+            *options.split(),
+            "internvl_edge.server.ray_app:builder",
+            *builder_args.split(),
+        ]
+        run, _ = start(cmd, external.env, "Application 'run' is ready")
+        by_run = App(f"http://127.0.0.1:{port}/run", "run")
+        h = by_run.wait_for(lambda h: len([r for r in h.get("replicas", []) if r["status"] == "ok"]) == 2)
+        assert all(r["actor"].startswith("SERVE_REPLICA::run#engine#") for r in h["replicas"])
+        resp = by_run.client().chat.completions.create(
+            model=NAME, messages=user("What is Ray?"), max_tokens=10, extra_body={"return_token_ids": True}
+        )
+        assert resp.choices[0].message.content == expected["text"]
+        assert resp.choices[0].token_ids == expected["token_ids"]
+
+        assert stop(joined) == 0
+        apps = serve_status(external)["applications"]
+        assert "internvl-edge" not in apps and apps["run"]["status"] == "RUNNING"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 404  # its route is gone
+        assert by_run.client().chat.completions.create(model=NAME, messages=user("Hi"), max_tokens=2).choices
+        assert external.alive()
+
+        assert stop(run, signal.SIGINT) == 0
+        assert external.alive()
+    finally:
+        stop(joined, timeout=30)
+        if run is not None:
+            stop(run, signal.SIGINT, timeout=30)
+
+
+def serve_status(external: External) -> dict:
+    import yaml
+
+    proc = external.run(ray_tool("serve"), "status", "-a", external.dashboard)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_ray_config_yaml_deploys_with_serve_deploy(external, greedy_bundle, tmp_path):
+    """`internvl-edge ray-config ... -o FILE` then `serve deploy FILE` (the dashboard's REST API): the
+    application answers as `run --json`; a bundle missing on the cluster fails the deploy with the
+    loader's one-line reason in `serve status`."""
+    expected = cli_run_json(greedy_bundle, "-p", "What is Ray?", "--max-new-tokens", 10)
+    port, config = free_port(), tmp_path / "internvl.yaml"
+    try:
+        flags = f"--replicas 2 --threads 1 --served-model-name {NAME} --host 127.0.0.1 --port {port} -o {config}"
+        proc = cli("ray-config", "-m", greedy_bundle, *flags.split())
+        assert proc.returncode == 0, proc.stderr
+        proc = external.run(ray_tool("serve"), "deploy", "-a", external.dashboard, config)
+        assert proc.returncode == 0, proc.stderr
+        deployed = App(f"http://127.0.0.1:{port}", "deployed")
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                deployed.wait_for(lambda h: len([r for r in h.get("replicas", []) if r["status"] == "ok"]) == 2)
+                break
+            except (httpx.HTTPError, ValueError):  # the proxy or the route is not there yet
+                assert time.monotonic() < deadline, serve_status(external)
+                time.sleep(1)
+        resp = deployed.client().chat.completions.create(model=NAME, messages=user("What is Ray?"), max_tokens=10)
+        assert resp.choices[0].message.content == expected["text"]
+        assert serve_status(external)["applications"]["internvl-edge"]["status"] == "RUNNING"
+
+        missing = tmp_path / "not-on-this-node"
+        proc = cli("ray-config", "-m", missing, "--replicas", 1, "--host", "127.0.0.1", "--port", port, "-o", config)
+        assert proc.returncode == 0 and "is not on this machine" in proc.stderr
+        proc = external.run(ray_tool("serve"), "deploy", "-a", external.dashboard, config)
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 180
+        while (app := serve_status(external)["applications"]["internvl-edge"])["status"] != "DEPLOY_FAILED":
+            assert time.monotonic() < deadline, app
+            time.sleep(1)
+        reasons = [d["message"] for d in app["deployments"].values() if d["status"] == "DEPLOY_FAILED"]
+        assert any(f": bundle not found: {missing}" in r for r in reasons), app
+    finally:
+        external.run(ray_tool("serve"), "shutdown", "-y", "-a", external.dashboard)

@@ -89,6 +89,32 @@ def failure_reason(serve, app_name: str) -> str:
     return app.message.strip().splitlines()[0] if app.message.strip() else app.status
 
 
+def join_failure(e: Exception) -> str:
+    """ray.init's failure in one line: its first line, the first sentence of its explanation, and what to do
+    about Ray's token authentication (on by default in Ray 2.60 once a token exists, off in its clients)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    reason = lines[0] + (f"; {lines[1].split('. ')[0].rstrip('.')}" if len(lines) > 1 else "")
+    if "authentication" in str(e).lower() and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        reason += " (set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN)"
+    return reason
+
+
+def proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxy listens: a Serve instance already running on the cluster keeps its own address
+    (Serve ignores the new one), so say it rather than the one asked for."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        config = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - no address to compare with: keep the one asked for
+        return host, port
+    if (config.host, config.port) != (host, port):
+        running = f"{config.host}:{config.port}"
+        note = f"note: Serve already runs on this cluster with its proxy on {running}; --host/--port do not apply"
+        print(note, file=sys.stderr, flush=True)
+    return config.host, config.port
+
+
 def _interrupt(*_):
     raise KeyboardInterrupt
 
@@ -115,10 +141,11 @@ def main(args) -> int:
         else:
             ray.init(address=args.ray_address, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot start or join Ray ({args.ray_address or 'local'}): {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot start or join Ray ({args.ray_address or 'local'}): {join_failure(e)}") from None
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops as Ctrl-C does
     try:
         serve.start(http_options={"host": args.host, "port": port})
+        host, port = proxy_address(args.host, port)
         count = (f"{settings.replicas or 1} replicas" if settings.min_replicas is None
                  else f"{settings.min_replicas}-{settings.max_replicas} replicas (autoscaled)")  # fmt: skip
         print(f"[ray] deploying {count} x parallel {settings.parallel}, {settings.threads} threads each",
@@ -127,7 +154,7 @@ def main(args) -> int:
             serve.run(ray_app.build_app(settings), name=APP_NAME, route_prefix="/")
         except RuntimeError:
             raise UserError(f"the application did not deploy: {failure_reason(serve, APP_NAME)}") from None
-        shown = f"[{args.host}]" if ":" in args.host else args.host
+        shown = f"[{host}]" if ":" in host else host
         print(f"serving {settings.model_name} on http://{shown}:{port}/v1 on Ray Serve ({count}, parallel "
               f"{settings.parallel} each{', API key required' if settings.api_key else ''}); "
               "/health lists the replicas",

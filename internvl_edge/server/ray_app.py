@@ -406,8 +406,9 @@ class Ingress:
 # -- building the application ----------------------------------------------------------------------
 
 
-def build_app(settings: RaySettings, replica_class: type = EngineReplica):
-    """The bound application (ingress over engine replicas) for serve.run or a config file."""
+def build_app(settings: RaySettings, replica_class: type = EngineReplica, autoscaling: dict | None = None):
+    """The bound application (ingress over engine replicas) for serve.run or a config file; `autoscaling`
+    adds to Serve's autoscaling_config (its delays, say) when min/max replicas are given."""
     engine = serve.deployment(
         replica_class,
         name=ENGINE,
@@ -416,19 +417,23 @@ def build_app(settings: RaySettings, replica_class: type = EngineReplica):
         max_constructor_retry_count=3,  # a missing or damaged bundle does not come back by retrying
         health_check_period_s=5,
         graceful_shutdown_timeout_s=10,
-        **replica_count(settings),
+        **replica_count(settings, autoscaling or {}),
     )
     args = settings.as_args()
     return Ingress.bind(engine.bind(args), args)
 
 
-def replica_count(settings: RaySettings) -> dict:
+def replica_count(settings: RaySettings, autoscaling: dict) -> dict:
     if settings.min_replicas is None:
         return {"num_replicas": settings.replicas or 1}
     # scale on ongoing requests per replica: a replica is as busy as wanted when its slots are all used
-    return {"autoscaling_config": {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
-                                   "initial_replicas": max(1, settings.min_replicas),
-                                   "target_ongoing_requests": settings.parallel}}  # fmt: skip
+    config = {
+        "min_replicas": settings.min_replicas,
+        "max_replicas": settings.max_replicas,
+        "initial_replicas": max(1, settings.min_replicas),
+        "target_ongoing_requests": settings.parallel,
+    }
+    return {"autoscaling_config": {**config, **autoscaling}}
 
 
 def builder(args: dict):
