@@ -7,7 +7,7 @@ prefill chunks of 256 and 1024 rows from an empty cache. Milliseconds for all 28
 rounds in which the kernels take turns (their sessions stop spinning when a run returns, as the
 runtime's do, so one does not slow the next). `--against LIB` adds another build of our library
 (another commit's `_q4*.so`) as a third column, with its time over ours. The caches start on a
-page boundary, as the runtime allocates them (runtime.aligned_zeros); `--offsets 0,16` times our
+page boundary, as the runtime allocates them (backends/ort.py, aligned_zeros); `--offsets 0,16` times our
 kernel on caches that many bytes past it as further columns (16: where numpy's own large arrays
 start). Not part of CI.
 
@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from internvl_edge.runtime import aligned_zeros
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
-from internvl_edge.runtime import aligned_zeros
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
 
@@ -146,7 +146,8 @@ def main() -> None:
         case = f"decode @{context}" if rows == 1 else f"prefill {rows}"
         line = f"| {case} | {med['ort']:.2f} | {med['ours']:.2f} | {med['ours'] / med['ort']:.2f} |"
         if args.against:
-            line += f" {med['other']:.2f} | {np.median([o / u for o, u in zip(ms['other'], ms['ours'])]):.3f} |"
+            ratio = np.median([o / u for o, u in zip(ms["other"], ms["ours"], strict=True)])
+            line += f" {med['other']:.2f} | {ratio:.3f} |"
         line += "".join(f" {med[off]:.2f} |" for off in offsets)
         print(line, flush=True)
 

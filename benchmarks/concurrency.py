@@ -97,8 +97,8 @@ def decode_steps(bundle: str, sizes: list[int], context: int = 256, repeats: int
 
 def start_server(bundle: str, parallel: int, threads: int | None) -> tuple[subprocess.Popen, str, str]:
     """`internvl-edge serve` on a free loopback port; returns the process, its URL and model name."""
-    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", bundle, "--host", "127.0.0.1", "--port", "0",
-           "--parallel", str(parallel), "--max-queue", "256"] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", bundle, "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--parallel", str(parallel), "--max-queue", "256"] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in iter(proc.stderr.readline, ""):
         if line.startswith("serving "):
@@ -141,17 +141,21 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+    from internvl_edge.backends.base import available_cores
     from internvl_edge.bench import machine_info
-    from internvl_edge.runtime import available_cores
 
     info = {**machine_info(args.threads or available_cores()), "load_average": os.getloadavg()}
     print(f"# {' '.join(sys.argv)}\n# {json.dumps(info)}")
     print("| streams | total tok/s | per-stream tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['streams']} | {r['total_tps']:.1f} | {r['per_stream_tps']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |"
-        )
+        cells = [
+            f"{r['total_tps']:.1f}",
+            f"{r['per_stream_tps']:.1f}",
+            f"{r['ttft_p50_s']:.3f}",
+            f"{r['ttft_p95_s']:.3f}",
+        ]
+        print(f"| {r['streams']} | " + " | ".join(cells) + " |")
     if steps:
         print("\n| batch | decoder call (ms) | tok/s |\n|---:|---:|---:|")
         for r in steps:

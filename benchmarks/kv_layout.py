@@ -1,6 +1,6 @@
 """Decode speed by where the KV cache lies in memory, on one bundle, in one process.
 
-The runtime allocates every layer's key and value buffers at a page boundary (runtime.aligned_zeros).
+The runtime allocates every layer's key and value buffers at a page boundary (backends/ort.py, aligned_zeros).
 This times greedy decode steps at contexts 300 and 1500 from caches allocated three ways, taking turns
 round after round with the same sessions: "aligned" (as the runtime does), "numpy" (16 bytes past a
 64-byte boundary, where numpy's own large arrays start, as the runtime's caches did before), and
@@ -22,14 +22,15 @@ import time
 
 import numpy as np
 
-from internvl_edge import bench, runtime
+from internvl_edge import bench
 from internvl_edge.api import load
+from internvl_edge.backends import ort
 
 CONTEXTS = (300, 1500)
 STEPS = 8
 MADV_HUGEPAGE = 14  # <linux/mman.h>
 HUGE_PAGE = 2 << 20
-ALIGNED = runtime.aligned_zeros  # the runtime's own, before main() swaps others in
+ALIGNED = ort.aligned_zeros  # the runtime's own, before main() swaps others in
 
 
 def numpy_placed(shape, dtype=np.float32, align=4096):
@@ -61,10 +62,10 @@ def main() -> None:
     allocators = {"aligned": ALIGNED, "numpy": numpy_placed, "2 MB pages": huge_paged}
     caches = {}
     for name, allocate in allocators.items():
-        runtime.aligned_zeros = allocate  # what new_cache() allocates with
+        ort.aligned_zeros = allocate  # what new_cache() allocates with
         for ctx in CONTEXTS:
             caches[name, ctx] = bench._prefilled(model, ctx)
-        runtime.aligned_zeros = ALIGNED
+        ort.aligned_zeros = ALIGNED
     ms = {key: [] for key in caches}
     for rnd in range(args.rounds):
         for (name, ctx), (cache, token) in caches.items():
@@ -83,7 +84,7 @@ def main() -> None:
     for name in allocators:
         cells = []
         for ctx in CONTEXTS:
-            ratio = statistics.median(a / m for m, a in zip(ms[name, ctx], ms["aligned", ctx]))
+            ratio = statistics.median(a / m for m, a in zip(ms[name, ctx], ms["aligned", ctx], strict=True))
             cells.append(f"{statistics.median(ms[name, ctx]):.2f}, {ratio:.3f}x")
         print(f"| {name} | " + " | ".join(cells) + " |")
 

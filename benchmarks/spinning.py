@@ -3,7 +3,7 @@
 A session's intra-op pool keeps its threads spinning after a run returns (ORT's default), ready for
 the next parallel part. On 2 cores those spinners take a core from whatever runs next in another
 session: the decoder after the vision net, a bandwidth read after a decode step, and the other way
-round. internvl_edge/runtime.py sets `session.force_spinning_stop` (threads spin during a run, stop
+round. internvl_edge/backends/ort.py sets `session.force_spinning_stop` (threads spin during a run, stop
 when it returns). This loads a bundle in a child process per setting, with that entry (as shipped)
 and without it (ORT's default, the runtime's options patched for the comparison), and times, round
 after round: a 256 MiB read (bench.ReadProbe, same setting) right after a decode step and after a
@@ -23,16 +23,16 @@ import sys
 CHILD = """
 import json, sys, time
 import internvl_edge
-from internvl_edge import runtime
+from internvl_edge.backends import ort
 from internvl_edge.bench import ReadProbe, _greedy_steps, _prefilled
 bundle, stop, rounds, pause = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), float(sys.argv[4])
 if not stop:  # ORT's default: the entry left out
-    made = runtime.OrtBackend._options
+    made = ort.OrtBackend._options
     def spinning(self, *a, **k):
         so = made(self, *a, **k)
         so.add_session_config_entry("session.force_spinning_stop", "0")
         return so
-    runtime.OrtBackend._options = spinning
+    ort.OrtBackend._options = spinning
 model = internvl_edge.load(bundle, threads=2)
 probe = ReadProbe(2, 0.25, stop_spinning=stop)
 cache, token = _prefilled(model, 300)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .backends import open_backend
+from .backends.base import Backend
 from .bundle import Manifest, load_manifest
 from .checkpoint.generation_config import read_generation_config
 from .errors import UserError
@@ -35,7 +37,6 @@ from .media import dynamic_preprocess, normalize, preprocess
 from .messages import Conversation, parse_messages, resolve_image, resolve_video
 from .prompt import Template, expand_images, get_template, with_media_tags
 from .reuse import DEFAULT_IMAGE_CACHE_MB, DEFAULT_PREFIX_CACHE_MB, ImageCache, PrefixCache, image_key
-from .runtime import open_backend
 from .sampling import NO_SAMPLING
 from .tokenizer import TextTokenizer
 from .video import DEFAULT_FRAMES, read_frames
@@ -56,7 +57,7 @@ class Model:
     def __init__(
         self,
         manifest: Manifest,
-        backend,
+        backend: Backend,
         tokenizer: TextTokenizer,
         config_dir: str,
         image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
@@ -75,9 +76,8 @@ class Model:
         # reuse within this process (reuse.py); a budget of 0 turns a cache off. Prefix reuse needs a
         # backend that can read and write a slot's KV rows (the KV of a Sophgo bmodel stays on the chip)
         self.image_cache = ImageCache(int(image_cache_mb * 2**20))
-        can_copy_rows = hasattr(backend, "read_rows") and hasattr(backend, "write_rows")
         self.prefix_cache = None
-        if can_copy_rows and prefix_cache_mb > 0:
+        if backend.can_copy_rows and prefix_cache_mb > 0:
             self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), backend.row_bytes)
 
     def clear_caches(self) -> None:
@@ -270,7 +270,7 @@ class Model:
             raise TypeError(f"unknown generation options: {', '.join(overrides)}")
         if cfg.max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
-        if cfg.do_sample and not getattr(self.backend, "can_sample", False):
+        if cfg.do_sample and not self.backend.can_sample:
             raise UserError(NO_SAMPLING)
         if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0):
             raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")

@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .api import Model, load
+from .backends.base import available_cores
+from .backends.ort import OrtBackend
 from .bundle import load_manifest
 from .errors import UserError
 from .generate import prefill
 from .progress import Progress
-from .runtime import available_cores
 
 PREFILL_LENGTHS = (64, 256, 1024)
 DECODE_CONTEXTS = (300, 1500)
@@ -96,7 +97,7 @@ class ReadProbe:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        if stop_spinning:  # as the runtime's sessions (runtime._options)
+        if stop_spinning:  # as the runtime's sessions (backends/ort.py, OrtBackend._options)
             so.add_session_config_entry("session.force_spinning_stop", "1")
         self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self.data = np.ones((rows, int(gib * (1 << 30)) // 4 // rows), dtype=np.float32)
@@ -123,6 +124,12 @@ def sample_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return float(_child(code, "measuring the read bandwidth").split()[-1])
 
 
+def _ort(model: Model) -> OrtBackend | None:
+    """The model's ONNX Runtime backend, or None: the roofline, the time outside the decoder net and
+    the profile read ORT's sessions and our kernels' tables, which other backends do not have."""
+    return model.backend if isinstance(model.backend, OrtBackend) else None
+
+
 def _child(code: str, what: str) -> str:
     """Run Python code in a child process; its stdout, or a one-line error with its last words."""
     import subprocess
@@ -145,8 +152,9 @@ def decoder_bytes_per_token(model: Model) -> int:
     path = model.manifest.net_path("decoder")
     graph = onnx.load(path, load_external_data=False).graph
     cast_inputs = {n.input[0] for n in graph.node if n.op_type == "Cast"}
-    replaced = set(getattr(model.backend, "table_inputs", []))
-    total = getattr(model.backend, "table_bytes", 0)
+    ort = _ort(model)
+    replaced = set(ort.table_inputs) if ort else set()
+    total = ort.table_bytes if ort else 0
     for t in graph.initializer:
         if "rotary_emb" in t.name or t.name in replaced:
             continue
@@ -219,8 +227,8 @@ def time_prefill(model: Model, n: int, repeats: int) -> float:
 def time_decode(model: Model, context: int, tokens: int, repeats: int) -> tuple[float, float | None]:
     """(tokens/s, milliseconds per token spent outside the decoder net) at a given context; the second
     is measured on the ONNX Runtime backend only (None elsewhere)."""
-    backend = model.backend
-    sess = backend.sessions["decoder"] if hasattr(backend, "sessions") else None
+    backend, ort = model.backend, _ort(model)
+    sess = ort.sessions["decoder"] if ort else None
     inside = [0.0]
     if sess is not None:
         run = sess.run_with_iobinding
@@ -294,7 +302,9 @@ def _profile_net(model: Model, net: str, work, runs: int) -> dict[str, float]:
     (ONNX Runtime's profiler on a second session of the net, swapped in for the call)."""
     import json
 
-    backend = model.backend
+    backend = _ort(model)
+    if backend is None:
+        raise UserError("bench --profile needs an ONNX Runtime bundle")
     original = backend.sessions[net]
     # the net as the backend builds it (our kernels included), so the profile times what runs
     backend.sessions[net] = backend._session(
@@ -349,16 +359,16 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     model = load(bundle, threads=threads)
     res.load_s = time.perf_counter() - t0
     progress.done()
-    onnxruntime_backend = hasattr(model.backend, "sessions")  # the roofline and profile read ORT's nets
-    threads_used = getattr(model.backend, "threads", None) or threads or available_cores()
+    onnxruntime_backend = _ort(model) is not None  # the roofline and profile read ORT's nets
+    threads_used = model.backend.threads or threads or available_cores()
     res.machine = machine_info(threads_used)
     opts = model.manifest.options
     res.bundle = {"path": model.manifest.path, "quantize": opts["quantize"], "dynamic": opts["dynamic"],
                   "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
                   "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
                   "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"],
-                  "q4_kernel": getattr(model.backend, "q4_kernel", None),
-                  "attention_kernel": getattr(model.backend, "attention_kernel", None),
+                  "q4_kernel": model.backend.q4_kernel,
+                  "attention_kernel": model.backend.attention_kernel,
                   "verification": model.manifest.verification or None}  # fmt: skip
     res.weight_bytes = model.manifest.weight_bytes
     seq = model.seq_length

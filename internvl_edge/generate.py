@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backends.base import Backend, KVCache
 from .errors import UserError
-from .runtime import KVCache
 from .sampling import GREEDY_TEMPERATURE, NO_SAMPLING, SamplingParams, draw, log_softmax, top_logprobs
 from .tokenizer import StreamDetokenizer, TextTokenizer
 
@@ -95,7 +95,7 @@ class Result:
     notice: str | None = None  # e.g. the context, not max_new_tokens, ended the answer
 
 
-def prefill(backend, cache: KVCache, embeds: np.ndarray, slot: int = 0) -> np.ndarray:
+def prefill(backend: Backend, cache: KVCache, embeds: np.ndarray, slot: int = 0) -> np.ndarray:
     """Feed [S, hidden] rows into one slot in chunks of the bundle's max input length; returns the
     logits row after the last one."""
     step = backend.max_input_length
@@ -121,7 +121,9 @@ def prefill_spans(length: int, start: int, step: int) -> list[tuple[int, int]]:
     return spans
 
 
-def reuse_prefix(backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, step: int) -> np.ndarray | None:
+def reuse_prefix(
+    backend: Backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, step: int
+) -> np.ndarray | None:
     """With a reuse.PrefixCache and an empty slot: the stored rows of the prompt's longest stored prefix
     copied into the slot (prompt.cached_tokens says how many); the logits after the prompt when all of
     it was stored, else None."""
@@ -132,13 +134,17 @@ def reuse_prefix(backend, cache: KVCache, prompt: PreparedPrompt, slot: int, pre
     return logits
 
 
-def keep_prefix(backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, logits: np.ndarray) -> None:
+def keep_prefix(
+    backend: Backend, cache: KVCache, prompt: PreparedPrompt, slot: int, prefixes, logits: np.ndarray
+) -> None:
     """Store a prompt just prefilled from an empty slot (see reuse_prefix)."""
     if prefixes is not None and prompt.key is not None and int(cache.lengths[slot]) == len(prompt.key):
         prefixes.store(backend, cache, slot, prompt.key, logits)
 
 
-def prefill_prompt(backend, cache: KVCache, prompt: PreparedPrompt, slot: int = 0, prefixes=None) -> np.ndarray:
+def prefill_prompt(
+    backend: Backend, cache: KVCache, prompt: PreparedPrompt, slot: int = 0, prefixes=None
+) -> np.ndarray:
     """`prefill` of a prepared prompt into a slot (empty, or after history). With a reuse.PrefixCache,
     an empty slot first takes the KV rows of the longest stored prefix of the prompt (or all of them
     and the logits, for a prompt seen before) and prefills only the rest; the prompt is then stored.
@@ -155,7 +161,7 @@ def prefill_prompt(backend, cache: KVCache, prompt: PreparedPrompt, slot: int = 
     return logits
 
 
-def select(backend, logits: np.ndarray, seen: list[int], cfg: GenerationConfig, rng) -> int:
+def select(backend: Backend, logits: np.ndarray, seen: list[int], cfg: GenerationConfig, rng) -> int:
     if cfg.samples:
         probs, ids = backend.sample(logits[None, :], np.asarray([seen], np.int64), cfg.sampling)
         return draw(probs[0], ids[0], rng)
@@ -197,7 +203,7 @@ class SequenceDecoding:
         self.token: int | None = None  # the token to feed at the next step
         self.done = False
 
-    def pick(self, backend, logits_row: np.ndarray) -> int:
+    def pick(self, backend: Backend, logits_row: np.ndarray) -> int:
         return select(backend, logits_row, self.seen, self.cfg, self.rng)
 
     def accept(self, token: int, logits_row: np.ndarray, cache_length: int, capacity: int) -> list[Chunk]:
@@ -242,12 +248,18 @@ class SequenceDecoding:
         return Chunk(self.pending + self.detok.flush(), [], None, finish, self.stats, prompt_token_ids=self.prompt_ids)
 
 
-def stream(backend, tokenizer: TextTokenizer, cache: KVCache, prompt: PreparedPrompt, cfg: GenerationConfig,
-           prefixes=None) -> Iterator[Chunk]:  # fmt: skip
+def stream(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    cache: KVCache,
+    prompt: PreparedPrompt,
+    cfg: GenerationConfig,
+    prefixes=None,
+) -> Iterator[Chunk]:
     """Prefill one sequence (slot 0; reusing `prefixes`' rows, see prefill_prompt), then decode it token
     by token: text pieces as they become printable; the last chunk carries the finish reason and stats.
     The cache keeps every fed token."""
-    if cfg.do_sample and not getattr(backend, "can_sample", False):
+    if cfg.do_sample and not backend.can_sample:
         raise UserError(NO_SAMPLING)
     room = cache.capacity - int(cache.lengths[0])
     if len(prompt.input_ids) >= room:

@@ -286,14 +286,14 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
     else:
         model = _load(bundle, threads)  # Sophgo: no in-memory edits, so no attribution
         hidden_name = None
-    ran_on = getattr(model.backend, "library", None) or model.backend.describe().get("backend")
+    ran_on = model.backend.runs_on
     vision, ours_images, per_probe, hidden = [], [], [], []
-    for i, (p, r) in enumerate(zip(probes, refs)):
+    for i, (p, r) in enumerate(zip(probes, refs, strict=True)):
         img = bundle_images(model, p)
         ours_images.append(img)
         if img is not None:
             start = 0
-            for label, tiles in zip(p.image_labels, p.tiles_per_image):
+            for label, tiles in zip(p.image_labels, p.tiles_per_image, strict=True):
                 n = tiles * int(manifest.model["num_image_token"])
                 figures = vision_figures(r.image_embeds[start : start + n], img[start : start + n])
                 vision.append({"probe": p.name, "image": label, "tiles": tiles, **figures})
@@ -312,13 +312,13 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
             variants["float_vision"] = summarise([
                 decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, r.image_embeds, None)[0])
                 if p.pixel_values is not None else fig
-                for p, r, fig in zip(probes, refs, per_probe)])  # fmt: skip
+                for p, r, fig in zip(probes, refs, per_probe, strict=True)])  # fmt: skip
             progress.done()
         del model
         gc.collect()
         progress.step("attribution: float lm_head")
         variants["float_lm_head"] = summarise([decoder_figures(r.logits, r.tokens, lm_head_logits(ckpt, h))
-                                               for r, h in zip(refs, hidden)])  # fmt: skip
+                                               for r, h in zip(refs, hidden, strict=True)])  # fmt: skip
         ckpt.release()
         progress.done()
         if in_use["float_activations"]:
@@ -326,7 +326,7 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
             model = _load(bundle, threads, edits={"decoder": float_activations})
             variants["float_activations"] = summarise([
                 decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
-                for p, r, ours in zip(probes, refs, ours_images)])  # fmt: skip
+                for p, r, ours in zip(probes, refs, ours_images, strict=True)])  # fmt: skip
             del model
             gc.collect()
             progress.done()

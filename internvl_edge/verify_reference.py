@@ -126,7 +126,7 @@ def _session_options(ort, threads: int | None):
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.enable_cpu_mem_arena = False  # hand the large activations back between calls (runtime.py says why)
+    so.enable_cpu_mem_arena = False  # hand the large activations back between calls (backends/ort.py says why)
     so.log_severity_level = 3
     return so
 
@@ -203,7 +203,7 @@ class OrtReference:
         images = self.encode_images([p.pixel_values for p in probes])
         embed = self.ckpt.raw("language_model.model.embed_tokens.weight")
         states = []
-        for p, img in zip(probes, images):
+        for p, img in zip(probes, images, strict=True):
             x = RawTensor(embed.dtype, embed.data[np.asarray(p.ids)]).to_float32()
             if img is not None:
                 x[p.image_rows] = img
@@ -244,7 +244,7 @@ class OrtReference:
                 logits[i].append(row)
                 states[i] = RawTensor(embed.dtype, embed.data[[token]]).to_float32()
             self.ckpt.release()
-        return [ReferenceResult(tok, np.stack(lg), img) for tok, lg, img in zip(tokens, logits, images)]
+        return [ReferenceResult(tok, np.stack(lg), img) for tok, lg, img in zip(tokens, logits, images, strict=True)]
 
     def _run(self, io, sess, x: np.ndarray, cache, length: int) -> np.ndarray:
         ort = self.ort

@@ -2,7 +2,7 @@
 last bit, on which other sequences share its decoder calls, where in the batch it sits, how its
 prefill was split into chunks, or whether its prefix came from a cache (README, "Serving").
 
-The engine-level tests drive the decoder as the server's engine does (runtime.OrtBackend: a batch-1
+The engine-level tests drive the decoder as the server's engine does (backends.ort.OrtBackend: a batch-1
 prefill copied into a slot of a batched cache, then one row per sequence per decode call) on a
 checkpoint with hidden size 1024 and three layers, where a reduction order that followed the batch
 would show. The kernel-level ones check the 4-bit linear and the attention op on their own.
@@ -200,8 +200,12 @@ def _attention_case(seed: int = 0, heads: int = 12, kv_heads: int = 2, head_dim:
 def _attention_step(sess, qkv: np.ndarray, k: np.ndarray, v: np.ndarray, past: np.ndarray, real: np.ndarray):
     """One call over batch entries with `past` cached rows and `real` new ones each."""
     totals = past + real
-    feeds = {"qkv": qkv, "seqlens_k": (np.maximum(totals, 1) - 1).astype(np.int32),
-             "total": np.array(max(int(totals.max()), qkv.shape[1]), np.int32), "query_lens": real.astype(np.int32)}  # fmt: skip
+    feeds = {
+        "qkv": qkv,
+        "seqlens_k": (np.maximum(totals, 1) - 1).astype(np.int32),
+        "total": np.array(max(int(totals.max()), qkv.shape[1]), np.int32),
+        "query_lens": real.astype(np.int32),
+    }
     return _attention_run(sess, feeds, k, v, in_place=True)
 
 
@@ -232,7 +236,10 @@ def test_attention_opt_out_takes_the_tiled_prefill_path():
     differs: the check above then fails (so it does look at the path), in a child process since the
     library reads the variable once."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_batch_invariance as t; print(t._chunked_attention_matches())"
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import test_batch_invariance as t; "
+        "print(t._chunked_attention_matches())"
+    )
     env = {**os.environ, "INTERNVL_EDGE_BATCH_INVARIANT": "0"}
     proc = subprocess.run(
         [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge.api import load
+from internvl_edge.backends.ort import aligned_zeros
 from internvl_edge.embedding_table import plain_table
-from internvl_edge.runtime import aligned_zeros
 
 
 def ort_session(path_or_bytes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 
 from ..errors import UserError
@@ -204,3 +205,16 @@ def load_model(args, quiet: bool = False):
                  log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
     progress.done()
     return model
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (bound here so that port 0 works and a busy port is a one-line error)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

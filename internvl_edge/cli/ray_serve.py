@@ -120,7 +120,7 @@ def _interrupt(*_):
 
 
 def main(args) -> int:
-    from .serve import listen
+    from .common import listen
 
     settings = ray_settings(args)
     from ..bundle import load_manifest

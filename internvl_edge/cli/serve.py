@@ -15,11 +15,10 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 
 from ..errors import UserError
-from .common import add_model_arguments, int_at_least, load_model
+from .common import add_model_arguments, int_at_least, listen, load_model
 from .ray_serve import add_ray_arguments
 
 
@@ -36,29 +35,26 @@ def add_arguments(p) -> None:
                    help="require `Authorization: Bearer KEY` (default: $INTERNVL_EDGE_API_KEY, else none)")  # fmt: skip
     p.add_argument("--allowed-local-media-path", dest="allowed_media_path", default=None,
                    help="folder whose images requests may name as file:// URLs or paths (default: none)")  # fmt: skip
-    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=32 << 20,
-                   help="largest request body, base64 images included (default 32 MiB)")  # fmt: skip
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
-                   help="the most tokens one answer may ask for; more is a 400 (default: the bundle's context)")  # fmt: skip
+    p.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        default=32 << 20,
+        help="largest request body, base64 images included (default 32 MiB)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        dest="max_tokens",
+        type=int,
+        default=None,
+        help="the most tokens one answer may ask for; more is a 400 (default: the bundle's context)",
+    )
     p.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds the answers in progress get to finish before they are "
                         "ended with an error (default 30)")  # fmt: skip
     p.add_argument("--served-model-name", dest="served_model_name", default=None,
                    help="the model id clients send (default: the bundle folder's name)")  # fmt: skip
     add_ray_arguments(p, serving=True)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket (bound here so that port 0 works and a busy port is a one-line error)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def graceful_server(uvicorn):

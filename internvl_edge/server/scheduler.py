@@ -158,7 +158,7 @@ class Engine:
         self.model, self.backend = model, model.backend
         self.parallel, self.max_queue = parallel, max_queue
         # a static bundle pads every prefill call to max_input_length rows: smaller chunks would cost as much each
-        dynamic = getattr(self.backend, "dynamic", False)
+        dynamic = self.backend.dynamic
         longest = self.backend.max_input_length
         self.prefill_chunk = max(1, min(prefill_chunk, longest)) if dynamic else longest
         self.waiting: deque[Handle] = deque()

@@ -5,7 +5,7 @@ bmrt runtime (libsophon on a board, the toolchain's chip simulator elsewhere) ru
     weights.py     checkpoint tensors in the layouts the top dialect reads (4-bit A16MatMul, rotary tables)
     mlir.py        top-dialect MLIR text + weight .npz for every net of the seed's split
     compile.py     the tpuc-opt pass pipeline per net, in parallel, then `model_tool --combine`
-    bmrt.py        ctypes over libbmrt/libbmlib behind runtime.py's stage contract
+    bmrt.py        ctypes over libbmrt/libbmlib (backends/bmrt.py runs a bundle's bmodel with it)
 """
 
 CHIPS = ("bm1684x", "bm1688")

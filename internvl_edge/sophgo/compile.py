@@ -24,20 +24,16 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..backends.base import available_cores
 from ..errors import UserError
-from ..runtime import available_cores
 from .mlir import Net
 from .toolchain import Toolchain
 
 LOG_TAIL = 25
-MAX_CORES = {"bm1684x": 1, "bm1688": 2}
-NPU_NUM = {
-    "bm1684x": 64,
-    "bm1688": 32,
-}  # lanes per core; the dynamic flow's small mask is 4 x this (LlmConverter.MASK_SIZE)
-DEFAULT_JOBS: int | None = (
-    None  # tpuc-opt processes at once; None: the cores this process may use  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
-)
+MAX_CORES = {"bm1684x": 1, "bm1688": 2}  # TPU cores per chip (TPU-MLIR's get_tpu_info().max_core_num)
+# lanes per core; the dynamic flow's small mask is 4 x this (LlmConverter.MASK_SIZE)
+NPU_NUM = {"bm1684x": 64, "bm1688": 32}
+DEFAULT_JOBS: int | None = None  # tpuc-opt processes at once; None: the cores this process may use
 
 
 def steps(net: Net, chip: str, num_core: int) -> list[tuple[str, list[str]]]:

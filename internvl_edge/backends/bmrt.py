@@ -1,4 +1,4 @@
-"""The stage contract of runtime.py over a combined bmodel: what `chat`, `run` and the API call.
+"""The stage contract (base.py) over a combined Sophgo bmodel: what `chat`, `run` and the API call.
 
 It drives the nets as the seed's runtime does (LLM-TPU models/InternVL3 chat.cpp), with the KV history
 in device memory, one buffer pair per layer and per cache slot:
@@ -10,7 +10,8 @@ in device memory, one buffer pair per layer and per cache slot:
     more rows after history   block_kv_i when compiled (--use_block_with_kv), else one row at a time
 
 Static shapes: a prefill is padded to `max_input_length` rows (padding rows are masked out and their
-K/V never copied); with --dynamic the prefill blocks take the prompt's rows as they are. Masks use the seed's "minus infinity": -10000 in f16, -9984 in bf16.
+K/V never copied); with --dynamic the prefill blocks take the prompt's rows as they are. Masks use the
+seed's "minus infinity": -10000 in f16, -9984 in bf16.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 
 from ..bundle import Manifest
 from ..errors import UserError
-from ..runtime import KVCache, checked_query_lens, parse_devid
 from ..sampling import GREEDY_TEMPERATURE, NO_SAMPLING, SamplingParams
-from .bmrt import Runtime, find_libraries, from_device_dtype, quiet_c_stdout, to_device_dtype
-from .mlir import MAX_TOP_K
+from ..sophgo.bmrt import Runtime, find_libraries, from_device_dtype, quiet_c_stdout, to_device_dtype
+from ..sophgo.mlir import MAX_TOP_K
+from .base import KVCache, checked_query_lens, parse_devid
 
 MASKED = -10000.0  # rounds to 0xF0E2 in f16 and 0xC61C (-9984) in bf16, the seed's mask values
 
@@ -38,8 +39,9 @@ class BmrtBackend:
         self.manifest = manifest
         self.devices = parse_devid(devid)
         if len(self.devices) != 1:
-            raise UserError(f"-d {devid}: this bundle runs on one chip (it was compiled with num_device 1); "
-                            "use one device number")  # fmt: skip
+            raise UserError(
+                f"-d {devid}: this bundle runs on one chip (it was compiled with num_device 1); use one device number"
+            )
         chip = manifest.target["chip"]
         libs = find_libraries(chip)
         self.library = libs.description
@@ -62,10 +64,13 @@ class BmrtBackend:
         self.max_input_length = self.blocks[0].inputs[0].shape[1]
         self.seq_length = self.caches[0].inputs[3].shape[1]
         self.half = self.blocks[0].inputs[0].dtype  # f16 | bf16: activations between nets
-        self.row_bytes = self.kv_heads * self.head_dim * 2  # one position of K (or V) in the history
+        self.position_bytes = self.kv_heads * self.head_dim * 2  # one position of K (or V) in the history
         self.hidden_bytes = self.hidden * 2
         self.dynamic = bool(manifest.options.get("dynamic"))
         self.threads = threads
+        # bench reports the kernels the backend chose; TPU-MLIR chose them when it compiled the bmodel
+        self.q4_kernel: str | None = None
+        self.attention_kernel: str | None = None
         self._io = {name: self._alloc_io(net) for name, net in nets.items()}
 
     def _alloc_io(self, net) -> tuple[list, list]:
@@ -129,7 +134,7 @@ class BmrtBackend:
     def new_cache(self, batch: int = 1) -> KVCache:
         """History buffers [seq_length, kv_heads, head_dim] per layer, K and V, per slot, zeroed (masked
         positions are multiplied by zero attention weights: they must hold finite numbers)."""
-        nbytes = self.seq_length * self.row_bytes
+        nbytes = self.seq_length * self.position_bytes
         zeros = np.zeros(nbytes, np.uint8)
         slots = []
         for _ in range(batch):
@@ -147,11 +152,27 @@ class BmrtBackend:
     def copy_slot(self, src: KVCache, src_slot: int, dst: KVCache, dst_slot: int) -> None:
         """Copy one sequence's cached rows (and length) between caches, on the device."""
         n = int(src.lengths[src_slot])
-        for (sk, sv), (dk, dv) in zip(src.buffers[src_slot], dst.buffers[dst_slot]):
+        for (sk, sv), (dk, dv) in zip(src.buffers[src_slot], dst.buffers[dst_slot], strict=True):
             if n:
-                self.rt.copy(dk, 0, sk, 0, n * self.row_bytes)
-                self.rt.copy(dv, 0, sv, 0, n * self.row_bytes)
+                self.rt.copy(dk, 0, sk, 0, n * self.position_bytes)
+                self.rt.copy(dv, 0, sv, 0, n * self.position_bytes)
         dst.lengths[dst_slot] = n
+
+    @property
+    def can_copy_rows(self) -> bool:
+        """Never: the KV history stays in device memory (no prefix reuse through the host)."""
+        return False
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's KV history, all layers (K and V)."""
+        return 2 * self.layers * self.position_bytes
+
+    def read_rows(self, cache: KVCache, slot: int, n: int) -> list[np.ndarray]:
+        raise NotImplementedError("a bmodel's KV history stays on the chip (can_copy_rows is False)")
+
+    def write_rows(self, cache: KVCache, slot: int, rows: list[np.ndarray], n: int) -> None:
+        raise NotImplementedError("a bmodel's KV history stays on the chip (can_copy_rows is False)")
 
     def forward(self, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
         query_lens = checked_query_lens(self, cache, embeds, query_lens)
@@ -223,8 +244,8 @@ class BmrtBackend:
                 bind.update({3: pairs[i][0], 4: pairs[i][1]})
             outs = self._run(net.name, host, bind, shapes)
             k, v = outs[1], outs[2]
-            self.rt.copy(pairs[i][0], start * self.row_bytes, k, 0, n * self.row_bytes)
-            self.rt.copy(pairs[i][1], start * self.row_bytes, v, 0, n * self.row_bytes)
+            self.rt.copy(pairs[i][0], start * self.position_bytes, k, 0, n * self.position_bytes)
+            self.rt.copy(pairs[i][1], start * self.position_bytes, v, 0, n * self.position_bytes)
             h = outs[0]
         return h, n - 1
 
@@ -246,6 +267,10 @@ class BmrtBackend:
     def can_sample(self) -> bool:
         return "sample_head" in self.rt.nets
 
+    @property
+    def runs_on(self) -> str:
+        return self.library
+
     def sample(self, logits: np.ndarray, penalty_ids: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
         """The sampling head per row: at most MAX_TOP_K candidates (top_k 0 or above it means MAX_TOP_K,
         the seed's limit); the penalty covers the most recent distinct ids that fit its input."""
@@ -259,15 +284,21 @@ class BmrtBackend:
             penalty = p.repetition_penalty if seen else 1.0
             padded = np.full((1, rows), seen[0] if seen else 0, np.int32)  # repeats are penalised once
             padded[0, : len(seen)] = seen
-            self._run("sample_head", {0: row[None], 1: padded, 2: [[penalty]], 3: [[max(p.temperature, GREEDY_TEMPERATURE)]],
-                                      4: [[top_k]], 5: [[p.top_p]]})  # fmt: skip
+            temperature = max(p.temperature, GREEDY_TEMPERATURE)
+            feeds = {0: row[None], 1: padded, 2: [[penalty]], 3: [[temperature]], 4: [[top_k]], 5: [[p.top_p]]}
+            self._run("sample_head", feeds)
             probs.append(self._read("sample_head", 0)[0])
             ids.append(self._read("sample_head", 1)[0].astype(np.int64))
         return np.stack(probs), np.stack(ids)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "library": self.library, "chip": self.manifest.target["chip"],
-                "bmodel": os.path.basename(self.bmodel), "devices": self.devices}  # fmt: skip
+        return {
+            "backend": self.name,
+            "library": self.library,
+            "chip": self.manifest.target["chip"],
+            "bmodel": os.path.basename(self.bmodel),
+            "devices": self.devices,
+        }
 
     def close(self) -> None:
         self._finalizer()

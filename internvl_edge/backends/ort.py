@@ -1,28 +1,10 @@
-"""The stage contract every backend implements, and its ONNX Runtime (CPU) implementation.
+"""The stage contract (base.py) on ONNX Runtime's CPU execution provider.
 
-The contract (what generate.py, the API and the server use; a Sophgo bmodel or CUDA backend plugs in
-behind the same methods):
-
-    encode_images(pixel_values [tiles, 3, 448, 448]) -> image embeddings [tiles, 256, hidden]
-    embed(input_ids [B, S]) -> embeddings [B, S, hidden]
-    new_cache(batch) -> KVCache            one slot per sequence, each with its own cached length
-    copy_slot(src, i, dst, j)              copy sequence i of one cache into slot j of another
-    read_rows(cache, i, n) -> rows         a copy of the first n cached rows of sequence i (optional:
-    write_rows(cache, i, rows, n)          prefix reuse, reuse.PrefixCache) and back into a slot, whose
-                                           length becomes n; row_bytes: their bytes per token
-    forward(cache, embeds [B, S, hidden], query_lens [B]) -> logits [B, vocab]
-        appends query_lens[b] rows of embeds[b] to slot b and returns the logits after its last row;
-        a slot with query_lens[b] == 0 is idle and its row is meaningless. The returned array belongs
-        to the cache and is overwritten by its next forward call (copy what you keep)
-    greedy(logits [B, vocab]) -> token ids [B]
-    sample(logits [B, vocab], penalty_ids [B, n], params) -> (probs [B, k], token ids [B, k])
-    can_sample                             whether `sample` works on this bundle (CPU: always, on the
-                                           host when the bundle has no sampling head)
-
-Dynamic bundles (the CPU's default) pass the real lengths; static ones (`convert --static`, the seed's
-fixed shapes) pad every prefill call to `max_input_length` rows and feed the vision net one tile at a
-time. The decoder graph is the same for both (its KV buffer is bound in place through IO binding),
-so prefill and decode share one copy of the prepacked weights.
+One session per net, thread settings, and the KV cache bound in place through IO binding. The decoder
+graph is the same for dynamic and static bundles, so prefill and decode share one copy of the
+prepacked weights; its 4-bit linears and attention move to our kernels (kernels/) when they run on
+this CPU. Without a sampling head (converted without --do_sample) the host samples from the logits,
+which are in host memory here anyway.
 """
 
 from __future__ import annotations
@@ -30,33 +12,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels, ort_cache
-from .bundle import Manifest
-from .embedding_table import plain_table
-from .errors import UserError
-from .nets.decoder import kv_names
-from .sampling import SamplingParams, candidates
-
-
-@dataclass
-class KVCache:
-    """KV buffers for `batch` sequences and how many rows each slot holds."""
-
-    batch: int
-    capacity: int
-    lengths: np.ndarray  # int64 [batch]
-    buffers: list = field(default_factory=list)  # backend-specific storage
-    binding: object = None  # backend-specific state (ORT: the IO binding that holds the buffers)
-
-    def reset(self, slot: int | None = None) -> None:
-        if slot is None:
-            self.lengths[:] = 0
-        else:
-            self.lengths[slot] = 0
+from .. import kernels, ort_cache
+from ..bundle import Manifest
+from ..embedding_table import plain_table
+from ..errors import UserError
+from ..nets.decoder import kv_names
+from ..sampling import SamplingParams, candidates
+from .base import KVCache, available_cores, checked_query_lens, parse_devid
 
 
 def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
@@ -70,40 +35,6 @@ def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
     raw = np.zeros(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)  # the view keeps `raw` alive
-
-
-def checked_query_lens(backend, cache: KVCache, embeds: np.ndarray, query_lens) -> np.ndarray:
-    """The contract's rules for a forward call, whatever the backend: embeddings [batch, rows,
-    hidden] for the cache's batch, at most max_input_length new rows per sequence, and room for them
-    within seq_length. Returns the per-sequence row counts as int64."""
-    query_lens = np.asarray(query_lens, dtype=np.int64).reshape(cache.batch)
-    if embeds.shape[0] != cache.batch or embeds.shape[2] != backend.hidden:
-        raise ValueError(f"embeddings {embeds.shape} do not fit a cache of batch {cache.batch}")
-    if int(query_lens.max(initial=0)) > backend.max_input_length:
-        raise ValueError(f"a forward call takes at most {backend.max_input_length} rows")
-    if int((cache.lengths + query_lens).max(initial=0)) > backend.seq_length:
-        raise ValueError("the KV cache is full")
-    return query_lens
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def parse_devid(devid: str | int | None) -> list[int]:
-    """The seed's `-d 0` or `-d 0,1` forms."""
-    if devid is None or devid == "":
-        return [0]
-    try:
-        ids = [int(x) for x in str(devid).split(",")]
-    except ValueError:
-        raise UserError(f"-d/--devid takes device numbers such as 0 or 0,1; got {devid!r}") from None
-    if any(i < 0 for i in ids):
-        raise UserError(f"-d/--devid takes non-negative device numbers; got {devid!r}")
-    return ids
 
 
 def _plain_table(path: str):
@@ -144,8 +75,8 @@ class OrtBackend:
         self.threads = threads or available_cores()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
-        self.q4_kernel = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
-        self.attention_kernel = "onnxruntime"  # and its attention
+        self.q4_kernel: str | None = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
+        self.attention_kernel: str | None = "onnxruntime"  # and its attention
         # what the decoder's kernels read in place of scale and zero-point initializers (bench's roofline)
         self.table_inputs: list[str] = []  # those initializers
         self.table_bytes = 0  # our 4-bit kernel's tables of them
@@ -225,8 +156,9 @@ class OrtBackend:
                 if kernels.library_path() is not None:
                     so.register_custom_ops_library(kernels.library_path())
                 # the graph comes as bytes: its external weights are found next to the bundle's file
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                            os.path.dirname(path))  # fmt: skip
+                so.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", os.path.dirname(path)
+                )
                 # the tables this session's kernels make (process-wide counters: one load at a time)
                 before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
@@ -236,14 +168,16 @@ class OrtBackend:
                 key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
                 cached = ort_cache.cached_graph(key)
                 if cached:
-                    return self.ort.InferenceSession(cached, sess_options=self._options(optimize=False),
-                                                     providers=["CPUExecutionProvider"])  # fmt: skip
+                    return self.ort.InferenceSession(
+                        cached, sess_options=self._options(optimize=False), providers=["CPUExecutionProvider"]
+                    )
                 try:
                     return ort_cache.build(self.ort, path, key, self._options)
                 except OSError:  # an unwritable cache folder only costs preparing the net at every load
                     pass
-            return self.ort.InferenceSession(path, sess_options=self._options(profile_prefix=profile_prefix),
-                                             providers=["CPUExecutionProvider"])  # fmt: skip
+            return self.ort.InferenceSession(
+                path, sess_options=self._options(profile_prefix=profile_prefix), providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # ORT raises its own exception types; all mean the net cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
@@ -281,8 +215,13 @@ class OrtBackend:
             arrays += [k, v]
             values += [k_val, v_val]
         cache = KVCache(batch=batch, capacity=self.seq_length, lengths=np.zeros(batch, np.int64), buffers=arrays)
-        cache.binding = {"io": binding, "ortvalues": values, "logits": aligned_zeros((batch, self.vocab)),
-                         "step": self._step_inputs(batch), "step_bound": False}  # fmt: skip
+        cache.binding = {
+            "io": binding,
+            "ortvalues": values,
+            "logits": aligned_zeros((batch, self.vocab)),
+            "step": self._step_inputs(batch),
+            "step_bound": False,
+        }
         binding.bind_output("logits", "cpu", 0, np.float32, [batch, self.vocab], cache.binding["logits"].ctypes.data)
         return cache
 
@@ -291,18 +230,30 @@ class OrtBackend:
         copy): bound once, then rewritten in place at every step. Binding them anew (bind_cpu_input
         makes an OrtValue per input) was a third of the 0.1 ms per token that forward spent outside
         the decoder net (docs/performance-notes.md, "Python around the decoder")."""
-        arrays = {"inputs_embeds": np.zeros((batch, 1, self.hidden), np.float32),
-                  "seqlens_k": np.zeros(batch, np.int32), "query_seqlens": np.zeros(batch, np.int32),
-                  "total_sequence_length": np.zeros((), np.int32)}  # fmt: skip
+        arrays = {
+            "inputs_embeds": np.zeros((batch, 1, self.hidden), np.float32),
+            "seqlens_k": np.zeros(batch, np.int32),
+            "query_seqlens": np.zeros(batch, np.int32),
+            "total_sequence_length": np.zeros((), np.int32),
+        }
         return {name: (a, self.ort.OrtValue.ortvalue_from_numpy(a)) for name, a in arrays.items()}
 
     def copy_slot(self, src: KVCache, src_slot: int, dst: KVCache, dst_slot: int) -> None:
         """Copy one sequence's cached rows (and length) between caches, e.g. from a batch-1 prefill
         into a slot of a batched decode cache."""
         n = int(src.lengths[src_slot])
-        for a, b in zip(src.buffers, dst.buffers):
+        for a, b in zip(src.buffers, dst.buffers, strict=True):
             b[dst_slot, :, :n] = a[src_slot, :, :n]
         dst.lengths[dst_slot] = n
+
+    @property
+    def can_copy_rows(self) -> bool:
+        """Always: the KV cache is numpy arrays in host memory."""
+        return True
+
+    @property
+    def runs_on(self) -> str:
+        return self.name
 
     @property
     def row_bytes(self) -> int:
@@ -315,7 +266,7 @@ class OrtBackend:
 
     def write_rows(self, cache: KVCache, slot: int, rows: list[np.ndarray], n: int) -> None:
         """The first n of `rows` (read_rows') into a slot, which then holds exactly them."""
-        for b, r in zip(cache.buffers, rows):
+        for b, r in zip(cache.buffers, rows, strict=True):
             b[slot, :, :n] = r[:, :n]
         cache.lengths[slot] = n
 
@@ -370,7 +321,9 @@ class OrtBackend:
         """The sampling head's (probs, ids) per row, or without the head sampling.candidates, the function
         the head is tested against: the same candidates, so the same tokens for a seed either way."""
         if not self.has_sample_head:
-            rows = [candidates(row, np.asarray(seen).reshape(-1), p) for row, seen in zip(logits, penalty_ids)]
+            rows = [
+                candidates(row, np.asarray(seen).reshape(-1), p) for row, seen in zip(logits, penalty_ids, strict=True)
+            ]
             return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
         penalty = p.repetition_penalty
         if penalty_ids.size == 0:  # nothing seen yet: a no-op penalty on token 0
@@ -390,18 +343,14 @@ class OrtBackend:
     def describe(self) -> dict:
         import onnxruntime
 
-        return {"backend": self.name, "onnxruntime": onnxruntime.__version__, "threads": self.threads,
-                "devices": self.devices, "python": sys.version.split()[0], "q4_kernel": self.q4_kernel,
-                "attention_kernel": self.attention_kernel, "sampling": "head" if self.has_sample_head else "host",
-                "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime"}  # fmt: skip
-
-
-def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None, edits=None) -> OrtBackend:
-    backend = manifest.target.get("backend")
-    if backend == "onnxruntime":
-        return OrtBackend(manifest, threads=threads, devid=devid, log=log, edits=edits)
-    if backend == "bmrt":  # Sophgo bmodel: libsophon on a board, else TPU-MLIR's chip simulator
-        from .sophgo.backend import BmrtBackend
-
-        return BmrtBackend(manifest, threads=threads, devid=devid, log=log)
-    raise UserError(f"bundle backend {backend!r} is not available in this installation")
+        return {
+            "backend": self.name,
+            "onnxruntime": onnxruntime.__version__,
+            "threads": self.threads,
+            "devices": self.devices,
+            "python": sys.version.split()[0],
+            "q4_kernel": self.q4_kernel,
+            "attention_kernel": self.attention_kernel,
+            "sampling": "head" if self.has_sample_head else "host",
+            "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime",
+        }
