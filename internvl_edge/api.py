@@ -57,7 +57,7 @@ class Model:
     def __init__(
         self,
         manifest: Manifest,
-        backend: Backend,
+        backend: Backend | None,  # None: prompts, media and limits only (verify builds its probes so)
         tokenizer: TextTokenizer,
         config_dir: str,
         image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
@@ -77,7 +77,7 @@ class Model:
         # backend that can read and write a slot's KV rows (the KV of a Sophgo bmodel stays on the chip)
         self.image_cache = ImageCache(int(image_cache_mb * 2**20))
         self.prefix_cache = None
-        if backend.can_copy_rows and prefix_cache_mb > 0:
+        if backend is not None and backend.can_copy_rows and prefix_cache_mb > 0:
             self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), backend.row_bytes)
 
     def clear_caches(self) -> None:

@@ -354,10 +354,12 @@ class RemoteEngine:
 
 
 class FrontendBackend:
-    """What the ingress knows of the replicas' backend without loading a net: whether it samples."""
+    """What the ingress knows of the replicas' backend without loading a net: whether it samples (and
+    that it keeps no prefix cache: the replicas do)."""
 
     def __init__(self, manifest):
         self.can_sample = manifest.target.get("backend") == "onnxruntime" or "sample_head" in manifest.nets
+        self.can_copy_rows = False
 
 
 def frontend_model(bundle: str, config_path: str | None = None) -> Model:
