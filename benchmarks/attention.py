@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from internvl_edge.runtime import aligned_zeros
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
+from internvl_edge.backends.ort import aligned_zeros
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 28, 12, 2, 128, 2560
 
