@@ -189,12 +189,16 @@ def test_video_frames_fitted_to_the_context(bundle, tmp_path):
     assert json.loads(proc.stdout)["prompt_token_ids"].count(model.tokens["img_context"]) == 7 * 256
 
 
-def test_random_answers_of_the_published_vocabulary_are_visible_text(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_random_answers_of_the_published_vocabulary_are_visible_text(tmp_path, tied):
     """The 1b/2b/8b factory path (a 151,674-id vocabulary and its tokenizer) on tiny layers: a random
-    answer decodes to text, where an 837-token tokenizer left almost every id blank."""
+    answer decodes to text, where an 837-token tokenizer left almost every id blank. Tied as the 1b
+    size and InternVL3.5's small ones: a tied head at the embeddings' unit scale repeated the prompt's
+    last token ("\n") and answered blank."""
     from internvl_edge.checkpoint.factory import SIZES, make_checkpoint, shapes_with
 
-    ckpt = make_checkpoint(str(tmp_path / "ck"), size=shapes_with("tiny", vocab_size=SIZES["1b"].vocab_size))
+    size = shapes_with("tiny", vocab_size=SIZES["1b"].vocab_size, tie_word_embeddings=tied)
+    ckpt = make_checkpoint(str(tmp_path / "ck"), size=size)
     out = tmp_path / "b"
     assert cli("convert", "-m", ckpt, "-s", 128, "--out_dir", out).returncode == 0
     proc = cli("run", "-m", out, "-p", "Describe the image.", "--max-new-tokens", 8, "--ignore-eos", "--json")

@@ -125,6 +125,10 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
             _Spec(f"{p}.ls2", (C,), _Init("around_one", 0.2)),
         ]
     C4 = 4 * C
+    # A tied lm_head reads the embeddings back: at unit scale a token's own embedding dominates the last
+    # hidden state, so the random model repeats its input ("\n" after the prompt) and answers blank text.
+    # At 2/sqrt(H) the layers dominate even with two of them (logits' std ~2; tests/test_cli_everyday.py).
+    embed_std = 2.0 / np.sqrt(H) if s.tie_word_embeddings else 1.0
     specs += [
         _Spec("mlp1.0.weight", (C4,), _Init("around_one", 0.1)),
         _Spec("mlp1.0.bias", (C4,), _Init("normal", 0.05)),
@@ -132,7 +136,7 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
         _Spec("mlp1.1.bias", (H,), _Init("normal", 0.05)),
         _Spec("mlp1.3.weight", (H, H), _Init("normal", 1.0 / np.sqrt(H))),
         _Spec("mlp1.3.bias", (H,), _Init("normal", 0.05)),
-        _Spec("language_model.model.embed_tokens.weight", (vocab, H), _Init("normal", 1.0)),
+        _Spec("language_model.model.embed_tokens.weight", (vocab, H), _Init("normal", embed_std)),
     ]
     for i in range(s.text_layers):
         p = f"language_model.model.layers.{i}"
