@@ -56,7 +56,7 @@ def main() -> None:
     ours = kernels.library_path
     for mode in modes:
         os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode in ("against", "bundle2") else mode
-        ours.cache_clear()
+        kernels.settings.cache_clear()
         kernels.library_path = (lambda: args.against) if mode == "against" else ours  # what the runtime loads
         model = internvl_edge.load(args.against_bundle if mode == "bundle2" else args.bundle, threads=args.threads)
         kernels.library_path = ours
@@ -90,14 +90,15 @@ def main() -> None:
                     del cache
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
     base = modes[-1]
-    print("\n| INTERNVL_EDGE_KERNELS | " + " | ".join(f"decode @{c}: ms/token median (best), speed vs {base}" for c in CONTEXTS)
-          + " | " + " | ".join(f"prefill {n} tok/s median" for n in PREFILLS) + " |")  # fmt: skip
+    columns = [f"decode @{c}: ms/token median (best), speed vs {base}" for c in CONTEXTS]
+    columns += [f"prefill {n} tok/s median" for n in PREFILLS]
+    print("\n| INTERNVL_EDGE_KERNELS | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(CONTEXTS) + len(PREFILLS)))
     for mode in modes:
         cells = []
         for ctx in CONTEXTS:
             mine, theirs = step_ms[mode, ctx], step_ms[base, ctx]
-            ratio = statistics.median(t / m for m, t in zip(mine, theirs))
+            ratio = statistics.median(t / m for m, t in zip(mine, theirs, strict=True))
             cells.append(f"{statistics.median(mine):.2f} ({min(mine):.2f}), {ratio:.3f}x")
         cells += [f"{statistics.median(prefill_tps[mode, n]):.0f}" for n in PREFILLS]
         print(f"| {mode} | " + " | ".join(cells) + " |")

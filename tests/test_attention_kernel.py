@@ -4,11 +4,11 @@ Both compute float32 causal attention with rotary embeddings over an in-place ca
 inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
 short and long contexts, chunk edges at 32 keys), prefill chunks from an empty cache and after history
 (by default on the row path, batch invariance; with INTERNVL_EDGE_BATCH_INVARIANT=0 the tiled path
-from 8 rows on, block edges at 16 and 64 keys, run again that way in a child process), right-padded chunks (static bundles),
-batches whose entries have different histories and chunk lengths (the server), head sizes
-16/32/64/128, one query head per KV head, and a cache not bound in place (present copied from past);
-Qwen3's per-head query/key norms as the decoder graph writes them (standard nodes in front of ORT's
-op) against the same graph with the norms folded into ours. tests/test_kernels.py runs these
+from 8 rows on, block edges at 16 and 64 keys, run again that way in a child process), right-padded
+chunks (static bundles), batches whose entries have different histories and chunk lengths (the
+server), head sizes 16/32/64/128, one query head per KV head, and a cache not bound in place (present
+copied from past); Qwen3's per-head query/key norms as the decoder graph writes them (standard nodes
+in front of ORT's op) against the same graph with the norms folded into ours. tests/test_kernels.py runs these
 comparisons again on the AVX2 variant.
 """
 
@@ -35,7 +35,7 @@ moves_attention = pytest.mark.skipif(
 def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.ndarray):
     names = ["qkv", "past_k", "past_v", "seqlens_k", "total", "query_lens"]
     types = [TensorProto.FLOAT] * 3 + [TensorProto.INT32] * 3
-    inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+    inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)]
     if domain == "com.microsoft":  # as nets/decoder.py writes it
         ins = ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
         node = helper.make_node("GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads,
@@ -106,7 +106,8 @@ def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, re
         q, n = real[b], int(totals[b])
         np.testing.assert_allclose(ours[0][b, :q], theirs[0][b, :q], atol=1e-5, rtol=1e-5)
         assert not ours[0][b, q:].any(), "padded rows must be zeros"
-        for mine, ref in zip(ours[1:], theirs[1:]):  # cache rows up to the new length: history kept, new rows rotated
+        # cache rows up to the new length: history kept, new rows rotated
+        for mine, ref in zip(ours[1:], theirs[1:], strict=True):
             np.testing.assert_allclose(mine[b, :, :n], ref[b, :, :n], atol=1e-5, rtol=1e-5)
             assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), (
                 "rows past the length are untouched"
@@ -130,8 +131,13 @@ def test_errors_are_reported():
     cos = sin = np.zeros((32, 16), np.float32)
     sess = _session(kernels.DOMAIN, 4, 2, cos, sin)
     cache = np.zeros((1, 2, 32, 32), np.float32)
-    feeds = {"qkv": np.zeros((1, 1, 8 * 32), np.float32), "past_k": cache, "past_v": cache, "total": np.array(1, np.int32),
-             "query_lens": np.array([1], np.int32)}  # fmt: skip
+    feeds = {
+        "qkv": np.zeros((1, 1, 8 * 32), np.float32),
+        "past_k": cache,
+        "past_v": cache,
+        "total": np.array(1, np.int32),
+        "query_lens": np.array([1], np.int32),
+    }
     with pytest.raises(Exception, match="does not fit 1 new rows in a cache of 32"):
         sess.run(None, {**feeds, "seqlens_k": np.array([40], np.int32)})
     with pytest.raises(Exception, match="qkv width 100 is not"):
@@ -189,7 +195,7 @@ def test_query_key_norms_folded_into_ours(heads, kv_heads, head_dim, rows, past)
     ours = _run(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), feeds,
                 past_k, past_v, True)  # fmt: skip
     np.testing.assert_allclose(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
-    for mine, ref in zip(ours[1:], theirs[1:]):
+    for mine, ref in zip(ours[1:], theirs[1:], strict=True):
         np.testing.assert_allclose(mine[:, :, : past + rows], ref[:, :, : past + rows], atol=1e-5, rtol=1e-5)
 
 
@@ -260,7 +266,7 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
     assert ours.backend.describe()["attention_kernel"] == "internvl-edge"
     mine = logits(ours)
     monkeypatch.setenv("INTERNVL_EDGE_KERNELS", "matmul")
-    kernels.library_path.cache_clear()
+    kernels.settings.cache_clear()
     try:
         theirs_model = load(path)
         assert theirs_model.backend.attention_kernel == "onnxruntime"
@@ -268,5 +274,5 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
         theirs = logits(theirs_model)
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
-        kernels.library_path.cache_clear()
+        kernels.settings.cache_clear()
     np.testing.assert_allclose(mine, theirs, atol=1e-4 * np.abs(theirs).max())

@@ -141,7 +141,7 @@ def test_scale_table_in_float16_or_float(bits, rows):
     for weight, table in ((w, 0), (off, 1)):
         before = kernels.table_stats()
         ours = _graph(weight, kernels.DOMAIN, None).run(None, {"A": a})[0]
-        made = [now - then for now, then in zip(kernels.table_stats(), before)]
+        made = [now - then for now, then in zip(kernels.table_stats(), before, strict=True)]
         assert made[table] > 0 and made[1 - table] == 0, made
         sizes.append(made[table])
         theirs = _graph(weight, "com.microsoft", None).run(None, {"A": a})[0]
@@ -233,8 +233,8 @@ def test_rewrite_takes_only_what_the_kernel_computes():
 @pytest.mark.parametrize("lm_head_bits", [0, 8])
 def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head_bits):
     """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once (an 8-bit
-    lm_head too, on VNNI CPUs; each gate/up pair side by side); INTERNVL_EDGE_KERNELS=0 and accuracy level 1 keep MatMulNBits (MLAS);
-    both give logits within the int8 activation noise of each other."""
+    lm_head too, on VNNI CPUs; each gate/up pair side by side); INTERNVL_EDGE_KERNELS=0 and accuracy
+    level 1 keep MatMulNBits (MLAS); both give logits within the int8 activation noise of each other."""
     import onnx
 
     from internvl_edge.api import load
@@ -250,7 +250,7 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
     fast = load(path)
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
     # the 4-bit weights were repacked, and ORT's memory-mapped originals handed back (whole pages)
-    packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released)))
+    packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released), strict=True))
     if kernels.isa() in kernels.PACKED_4BIT_ISAS:
         assert packed > 0 and released >= 0.9 * packed
         assert kernels.paired_swiglus() - paired == 2, "each layer's fused gate/up weights side by side"
@@ -259,7 +259,7 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
     ours = fast.backend.forward(cache, fast.backend.embed(ids), [ids.shape[1]]).copy()
 
     monkeypatch.setenv("INTERNVL_EDGE_KERNELS", "0")
-    kernels.library_path.cache_clear()
+    kernels.settings.cache_clear()
     try:
         mlas = load(path)
         assert mlas.backend.q4_kernel == "onnxruntime"
@@ -267,17 +267,34 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
         theirs = mlas.backend.forward(cache, mlas.backend.embed(ids), [ids.shape[1]])
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
-        kernels.library_path.cache_clear()
+        kernels.settings.cache_clear()
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
     assert load(bundle("tiny_bf16", "w4bf16", accuracy_level=1)).backend.q4_kernel == "onnxruntime"
+
+
+def _fuse_swiglu(model) -> int:
+    return kernels.fuse_swiglu(kernels.GraphIndex(model))
+
+
+def _fuse_norms(model) -> int:
+    return kernels.fuse_norms(kernels.GraphIndex(model))
+
+
+def _weight_initializers(w) -> list:
+    """B, S and Z: the packed weights, their scales and zero points as MatMulNBits reads them."""
+    scales = w.scales.reshape(-1).astype(np.float32)
+    return [
+        numpy_helper.from_array(w.packed, "B"),
+        numpy_helper.from_array(scales, "S"),
+        numpy_helper.from_array(w.zero_points.reshape(-1), "Z"),
+    ]
 
 
 def _swiglu_graph(w, fused: bool, bias: np.ndarray | None = None):
     """gate/up linear then silu(gate) * up: as nets/decoder.py writes it, or fused into our node;
     `bias` on the linear if given."""
     half = w.N // 2
-    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
-             numpy_helper.from_array(w.zero_points.reshape(-1), "Z"), numpy_helper.from_array(np.array([half, half]), "halves")]  # fmt: skip
+    inits = _weight_initializers(w) + [numpy_helper.from_array(np.array([half, half]), "halves")]
     inputs = ["A", "B", "S", "Z"]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
@@ -293,7 +310,7 @@ def _swiglu_graph(w, fused: bool, bias: np.ndarray | None = None):
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)]
     )
     if fused:
-        assert kernels.fuse_swiglu(model) == 1
+        assert _fuse_swiglu(model) == 1
         assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     so = ort.SessionOptions()
     so.register_custom_ops_library(kernels.library_path())
@@ -336,10 +353,10 @@ def test_swiglu_is_fused_only_where_the_pattern_is_whole():
         return helper.make_model(helper.make_graph(nodes, "g", [], outputs, inits))
 
     fused = model()
-    assert kernels.fuse_swiglu(fused) == 1 and [n.op_type for n in fused.graph.node] == ["MatMulNBits"]
+    assert _fuse_swiglu(fused) == 1 and [n.op_type for n in fused.graph.node] == ["MatMulNBits"]
     assert fused.graph.node[0].output[0] == "Y"
-    assert kernels.fuse_swiglu(model(extra_use=True)) == 0
-    assert kernels.fuse_swiglu(model(sizes=(40, 24))) == 0
+    assert _fuse_swiglu(model(extra_use=True)) == 0
+    assert _fuse_swiglu(model(sizes=(40, 24))) == 0
 
 
 def _norm_graph(w, skipped: bool, fused: bool, extra_use: str = "", constant_skip: bool = False):
@@ -348,8 +365,7 @@ def _norm_graph(w, skipped: bool, fused: bool, extra_use: str = "", constant_ski
     norm's outputs is a graph output too, so it must stay a node."""
     rng = np.random.default_rng(1)
     gamma = (1 + 0.1 * rng.standard_normal(w.K)).astype(np.float32)
-    inits = [numpy_helper.from_array(w.packed, "B"), numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S"),
-             numpy_helper.from_array(w.zero_points.reshape(-1), "Z"), numpy_helper.from_array(gamma, "gamma")]  # fmt: skip
+    inits = _weight_initializers(w) + [numpy_helper.from_array(gamma, "gamma")]
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)]
     outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
     if skipped:
@@ -371,7 +387,7 @@ def _norm_graph(w, skipped: bool, fused: bool, extra_use: str = "", constant_ski
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1),
                                                     helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
     if fused:
-        assert kernels.fuse_norms(model) == 1
+        assert _fuse_norms(model) == 1
         assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     return model
 
@@ -416,16 +432,16 @@ def test_fused_norm_of_no_rows():
 
 def test_norm_is_fused_only_where_the_pattern_is_whole():
     w = quantize(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32), 4, 128)
-    assert kernels.fuse_norms(_norm_graph(w, True, fused=False)) == 1
-    assert kernels.fuse_norms(_norm_graph(w, False, fused=False)) == 1
-    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, extra_use="H")) == 0  # normed rows read elsewhere
-    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, extra_use="mean")) == 0
-    assert kernels.fuse_norms(_norm_graph(w, True, fused=False, constant_skip=True)) == 0  # may broadcast
+    assert _fuse_norms(_norm_graph(w, True, fused=False)) == 1
+    assert _fuse_norms(_norm_graph(w, False, fused=False)) == 1
+    assert _fuse_norms(_norm_graph(w, True, fused=False, extra_use="H")) == 0  # normed rows read elsewhere
+    assert _fuse_norms(_norm_graph(w, True, fused=False, extra_use="mean")) == 0
+    assert _fuse_norms(_norm_graph(w, True, fused=False, constant_skip=True)) == 0  # may broadcast
     other = _norm_graph(w, True, fused=False)
     other.graph.node[1].domain = "com.microsoft"  # ONNX Runtime's MatMulNBits: not ours to change
-    assert kernels.fuse_norms(other) == 0
+    assert _fuse_norms(other) == 0
     fused = _norm_graph(w, True, fused=False)
-    kernels.fuse_norms(fused)
+    _fuse_norms(fused)
     node = fused.graph.node[0]
     assert list(node.input) == ["X", "B", "S", "Z", "", "", "R", "gamma"] and list(node.output) == ["Y", "sum"]
 

@@ -1,0 +1,380 @@
+"""The decoder graph's rewrites onto our kernels, in memory at load (graph only, in place): the nodes
+our kernels compute moved to our domain (`takes`, `takes_attention`, `rewrite`), then the nodes around
+them folded into them (`fold_qk_norms`, `fuse_swiglu`, `fuse_norms`). Every pass looks the graph up in
+one `GraphIndex`, built once per model and kept current by the edits the passes make through it.
+
+onnx is imported where it is used: the runtime imports this package whether or not a graph is rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .library import EIGHT_BIT_ISAS, isa
+from .settings import KernelSettings, settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import ModelProto, NodeProto
+
+DOMAIN = "ai.internvl_edge"
+SOURCE_DOMAIN = "com.microsoft"
+OP = "MatMulNBits"
+ATTENTION_OP = "GroupQueryAttention"
+CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
+LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
+# where the runtime moves attention to attention.c: every ISA it is built for. Its AVX2 build (8-float
+# vectors) decodes as fast as the AVX-512 one and prefills 1.5-2.2x slower than ONNX Runtime's AVX-512
+# kernel (benchmarks/attention.py with INTERNVL_EDGE_ISA=avx2; docs/performance-notes.md), against which
+# an AVX2-only CPU's ORT would also be slower; take "avx2" and "avxvnni" out here to keep ORT's attention
+ATTENTION_ISAS = ("avx512vnni", "avxvnni", "avx2")
+NORM_OPS = {("SkipSimplifiedLayerNormalization", SOURCE_DOMAIN), ("SimplifiedLayerNormalization", "")}
+
+
+def attrs(node: NodeProto) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class GraphIndex:
+    """One model's graph as the passes look it up: the node that writes each tensor, the nodes that read
+    it, the initializers and the declared shapes by name. Built once per model; the passes edit node
+    inputs, outputs and the node list through it (`set_inputs`, `set_outputs`, `remove`) so that it
+    stays current. Attributes and domains they edit on the nodes directly: the index does not hold them."""
+
+    def __init__(self, model: ModelProto):
+        graph = model.graph
+        self.model = model
+        self.producer: dict[str, NodeProto] = {}
+        self.readers: dict[str, list[NodeProto]] = {}
+        for node in graph.node:
+            self._link(node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.shapes: dict[str, list[int | None]] = {}
+        for value in list(graph.input) + list(graph.value_info):
+            dims = value.type.tensor_type.shape.dim
+            self.shapes.setdefault(value.name, [d.dim_value if d.HasField("dim_value") else None for d in dims])
+
+    def _link(self, node: NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self.readers.setdefault(name, []).append(node)
+        for name in node.output:
+            if name:
+                self.producer[name] = node
+
+    def _unlink(self, node: NodeProto) -> None:
+        for name in set(node.input):
+            if name in self.readers:
+                self.readers[name] = [n for n in self.readers[name] if n is not node]
+        for name in node.output:
+            if self.producer.get(name) is node:
+                del self.producer[name]
+
+    # lookups
+
+    def read_by(self, name: str) -> list[NodeProto]:
+        return self.readers.get(name, [])
+
+    def read_only_by(self, name: str, node: NodeProto) -> bool:
+        """Whether `node` alone reads `name` (and it is not an output of the graph)."""
+        found = self.read_by(name)
+        return len(found) == 1 and found[0] is node and name not in self.outputs
+
+    def only_reader(self, name: str, op_type: str) -> NodeProto | None:
+        """The one node that reads `name`, when it is an `op_type` and `name` is not a graph output."""
+        found = self.read_by(name)
+        if len(found) == 1 and found[0].op_type == op_type and name not in self.outputs:
+            return found[0]
+        return None
+
+    def unused(self, name: str) -> bool:
+        return not self.read_by(name) and name not in self.outputs
+
+    def float_dims(self, name: str) -> list[int] | None:
+        """The dimensions of the float initializer `name`, or None when there is none of that name."""
+        from onnx import TensorProto
+
+        t = self.initializers.get(name)
+        return list(t.dims) if t is not None and t.data_type == TensorProto.FLOAT else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is an inline initializer (small constants are), else None."""
+        from onnx import numpy_helper
+
+        t = self.initializers.get(name)
+        return numpy_helper.to_array(t) if t is not None and not t.data_location else None
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """The declared shape of a graph input or value_info (None for a symbolic dimension)."""
+        return self.shapes.get(name)
+
+    # edits
+
+    def set_inputs(self, node: NodeProto, names: list[str]) -> None:
+        self._unlink(node)
+        del node.input[:]
+        node.input.extend(names)
+        self._link(node)
+
+    def set_outputs(self, node: NodeProto, names: list[str]) -> None:
+        self._unlink(node)
+        del node.output[:]
+        node.output.extend(names)
+        self._link(node)
+
+    def remove(self, *nodes: NodeProto) -> None:
+        for node in nodes:
+            self._unlink(node)
+            self.model.graph.node.remove(node)
+
+    def ours(self, op_type: str) -> list[NodeProto]:
+        """The nodes of `op_type` in our domain (a list: the caller may remove others meanwhile)."""
+        return [n for n in self.model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
+
+
+def takes(node: NodeProto, index: GraphIndex | None = None) -> bool:
+    """Whether q4gemm computes this node: a com.microsoft MatMulNBits with int8 activations
+    (accuracy_level 4: what the kernel does), blocks of a multiple of 64 and no g_idx, and 4-bit
+    weights; or 8-bit ones (the decoder's lm_head at --lm-head-bits 8) on a VNNI CPU when B, scales and
+    zero points are initializers of the indexed model (the kernel packs them once; q4gemm.h)."""
+    if node.op_type != OP or node.domain != SOURCE_DOMAIN:
+        return False
+    a = attrs(node)
+    block = a.get("block_size", 0)
+    has_g_idx = len(node.input) > 4 and node.input[4] != ""
+    if a.get("accuracy_level", 0) != 4 or block % CHUNK or block > 1024 or has_g_idx:
+        return False
+    if a.get("bits") == 8:
+        if index is None or isa() not in EIGHT_BIT_ISAS:
+            return False
+        return all(name in index.initializers for name in node.input[1:4] if name)
+    return a.get("bits") == 4
+
+
+def takes_attention(node: NodeProto, index: GraphIndex) -> bool:
+    """Whether attention.c computes this node: a com.microsoft GroupQueryAttention as nets/decoder.py
+    writes it (packed QKV, rotate-half rotary from cos/sin caches, query_seqlens, nothing else: no
+    softcap, window, custom scale, position ids or bias) on float caches whose head size it takes."""
+    if node.op_type != ATTENTION_OP or node.domain != SOURCE_DOMAIN:
+        return False
+    a = attrs(node)
+    ins = list(node.input)
+    used = (0, 3, 4, 5, 6, 7, 8, 16)
+    if len(ins) != 17 or ins[1] or ins[2] or any(ins[9:16]) or not all(ins[i] for i in used):
+        return False
+    plain = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"}
+    if set(a) - plain or a.get("do_rotary") != 1 or a.get("rotary_interleaved", 0) != 0:
+        return False
+    heads, kv_heads = a.get("num_heads", 0), a.get("kv_num_heads", 0)
+    shape = index.shape(ins[3])  # past_key [batch, kv_heads, capacity, head_dim]
+    if not shape or len(shape) != 4 or not shape[3] or shape[1] != kv_heads:
+        return False
+    head_dim = shape[3]
+    grouped = kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= 16
+    return grouped and head_dim % LANES == 0 and head_dim <= 256
+
+
+def table_inputs(model: ModelProto) -> list[str]:
+    """The scales and zero-point initializers of our MatMulNBits nodes in `model` (after rewrite) that
+    q4gemm replaces by its own table, which is what decode then reads (q4gemm.h, q4_blocks_bytes: for
+    constant scales, 8-bit weights, or 4-bit ones in blocks of a multiple of 128 and N >= 8)."""
+    constants = {t.name for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP or node.input[2] not in constants:
+            continue
+        a = attrs(node)
+        if a.get("bits") == 8 or (a.get("block_size", 0) % 128 == 0 and a.get("N", 0) >= 8):
+            names += [name for name in node.input[2:4] if name]
+    return names
+
+
+def fuse_swiglu(index: GraphIndex) -> int:
+    """Fold silu(gate) * up into the gate/up linear that feeds it (our MatMulNBits, attribute swiglu=1):
+    the pattern nets/decoder.py writes, MatMulNBits -> Split in two equal halves -> Sigmoid(gate),
+    Mul(gate, sigmoid) -> Mul(silu, up), each intermediate used by that pattern only. The separate
+    nodes cost 0.8 ms per decoded token on InternVL3-2B shapes (docs/performance-notes.md,
+    "4-bit linears") and a round trip of the [rows, 2 x intermediate] result through memory in
+    prefill. Returns how many."""
+    from onnx import helper
+
+    fused = 0
+    for mm in index.ours(OP):
+        a = attrs(mm)
+        if "swiglu" in a or a.get("bits") != 4:  # the fused epilogue is the 4-bit path's
+            continue
+        split = index.only_reader(mm.output[0], "Split")
+        if split is None or len(split.output) != 2 or len(split.input) != 2 or attrs(split).get("axis", 0) != -1:
+            continue
+        sizes = index.constant(split.input[1])
+        n = a.get("N", 0)
+        if sizes is None or list(sizes) != [n // 2, n // 2] or n % 16:
+            continue
+        gate, up = split.output
+        gate_readers = index.read_by(gate)
+        sigmoid = next((r for r in gate_readers if r.op_type == "Sigmoid"), None)
+        silu = next((r for r in gate_readers if r.op_type == "Mul"), None)
+        if len(gate_readers) != 2 or gate in index.outputs or sigmoid is None or silu is None:
+            continue
+        if sorted(silu.input) != sorted([gate, sigmoid.output[0]]):
+            continue
+        if index.only_reader(sigmoid.output[0], "Mul") is not silu:
+            continue
+        product = index.only_reader(silu.output[0], "Mul")
+        if product is None or sorted(product.input) != sorted([silu.output[0], up]):
+            continue
+        if index.only_reader(up, "Mul") is not product:
+            continue
+        out = product.output[0]
+        index.remove(split, sigmoid, silu, product)
+        index.set_outputs(mm, [out, *mm.output[1:]])
+        mm.attribute.append(helper.make_attribute("swiglu", 1))
+        fused += 1
+    return fused
+
+
+def fuse_norms(index: GraphIndex) -> int:
+    """Fold the RMS norm that feeds one of our MatMulNBits into it (attribute norm_epsilon, inputs
+    skip and gamma, the residual sum as the node's second output; rms_norm.h): a
+    SkipSimplifiedLayerNormalization (com.microsoft) with input, skip and gamma only, or a
+    SimplifiedLayerNormalization over the last axis, whose normed output that linear alone reads, whose
+    mean and inverse-deviation outputs nothing reads, whose gamma is a float constant of K values and
+    whose skip is computed (ours takes a skip of the input's shape; a constant one may be broadcast).
+    nets/decoder.py writes two per layer plus the final norm; without them as nodes of their own,
+    decode on InternVL3-2B shapes is up to 1.03x faster (docs/performance-notes.md, "4-bit linears").
+    Returns how many."""
+    from onnx import helper
+
+    fused = 0
+    for mm in index.ours(OP):
+        a = attrs(mm)
+        if "norm_epsilon" in a:
+            continue
+        norm = index.producer.get(mm.input[0])
+        if norm is None or (norm.op_type, norm.domain) not in NORM_OPS or norm.output[0] != mm.input[0]:
+            continue
+        if not index.read_only_by(mm.input[0], mm):
+            continue
+        skipped = norm.op_type.startswith("Skip")
+        ins = list(norm.input)
+        width = 3 if skipped else 2
+        if len(ins) < width or any(ins[width:]) or index.float_dims(ins[width - 1]) != [a["K"]]:
+            continue
+        if skipped and index.float_dims(ins[1]) is not None:  # a constant skip may broadcast; ours takes A's shape
+            continue
+        na = attrs(norm)
+        if not skipped and na.get("axis", -1) != -1:
+            continue
+        outs = list(norm.output)
+        if not all(index.unused(o) for o in outs[1:3] if o):
+            continue
+        total = outs[3] if skipped and len(outs) > 3 and outs[3] and not index.unused(outs[3]) else ""
+        index.remove(norm)
+        inputs = list(mm.input) + [""] * (6 - len(mm.input))
+        inputs[0] = ins[0]
+        index.set_inputs(mm, inputs + [ins[1] if skipped else "", ins[width - 1]])
+        if total:
+            index.set_outputs(mm, list(mm.output) + [total])
+        mm.attribute.append(helper.make_attribute("norm_epsilon", float(na.get("epsilon", 1e-5))))
+        fused += 1
+    return fused
+
+
+def fold_qk_norms(index: GraphIndex, attention: NodeProto) -> bool:
+    """Fold Qwen3's per-head query and key norms into our attention node `attention` (already moved, its
+    first input the packed qkv): the pattern nets/decoder.py writes, Split(qkv) in q, k, v ->
+    Reshape [0, 0, heads, head_dim] -> SimplifiedLayerNormalization over the last axis with a float
+    constant gamma of head_dim values -> Reshape [0, 0, heads x head_dim] for q and for k -> Concat(q, k,
+    v), each intermediate used by that pattern only and both norms with one epsilon. The node then reads
+    the linear's qkv itself, with inputs q_norm, k_norm and attribute qk_norm_epsilon (attention.h), so
+    the queries and keys are normed in the pass that rotates them instead of by eight nodes, two of
+    them copies. Returns whether it did (when the pattern is not there, nothing changes)."""
+    from onnx import helper
+
+    def only(name: str, reader: NodeProto, op_type: str) -> NodeProto | None:
+        """The producer of `name`, of `op_type`, when `reader` alone reads it."""
+        node = index.producer.get(name)
+        if node is None or node.op_type != op_type or node.domain not in ("", None):
+            return None
+        return node if index.read_only_by(name, reader) else None
+
+    a = attrs(attention)
+    heads, kv_heads = a["num_heads"], a["kv_num_heads"]
+    concat = only(attention.input[0], attention, "Concat")
+    if concat is None or len(concat.input) != 3 or attrs(concat).get("axis") not in (-1, 2):
+        return False
+    split = index.producer.get(concat.input[2])
+    if split is None or split.op_type != "Split" or len(split.output) != 3 or concat.input[2] != split.output[2]:
+        return False
+    sizes = index.constant(split.input[1]) if len(split.input) > 1 else None
+    if sizes is None or len(sizes) != 3 or sizes[0] % heads or attrs(split).get("axis") not in (-1, 2):
+        return False
+    hd = int(sizes[0]) // heads
+    if list(sizes) != [heads * hd, kv_heads * hd, kv_heads * hd] or not index.read_only_by(split.output[2], concat):
+        return False
+    chain, gammas, epsilons = [concat, split], [], set()
+    for k, n_heads in ((0, heads), (1, kv_heads)):
+        back = only(concat.input[k], concat, "Reshape")
+        norm = back and only(back.input[0], back, "SimplifiedLayerNormalization")
+        into = norm and only(norm.input[0], norm, "Reshape")
+        if not into or into.input[0] != split.output[k] or not index.read_only_by(split.output[k], into):
+            return False
+        shapes = [index.constant(into.input[1]), index.constant(back.input[1])]
+        if any(x is None for x in shapes) or [list(x) for x in shapes] != [[0, 0, n_heads, hd], [0, 0, n_heads * hd]]:
+            return False
+        na = attrs(norm)
+        if na.get("axis", -1) not in (-1, 3) or len(norm.input) != 2 or index.float_dims(norm.input[1]) != [hd]:
+            return False
+        if any(not index.unused(o) for o in norm.output[1:] if o):
+            return False
+        chain += [back, norm, into]
+        gammas.append(norm.input[1])
+        epsilons.add(float(na.get("epsilon", 1e-5)))
+    if len(epsilons) != 1:
+        return False
+    qkv = split.input[0]
+    index.remove(*chain)
+    index.set_inputs(attention, [qkv, *attention.input[1:], *gammas])
+    attention.attribute.append(helper.make_attribute("qk_norm_epsilon", epsilons.pop()))
+    return True
+
+
+def rewrite(model: ModelProto, threads: int | None = None, kernel_settings: KernelSettings | None = None) -> dict:
+    """Move the nodes our kernels take to our domain (in place, graph only), fold Qwen3's query/key
+    norms into the moved attention nodes, then fuse SwiGLU into the moved gate/up linears and the
+    norms that feed moved linears into them. Returns how many moved, by op type, and how many of each
+    were fused.
+    `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
+    contiguous ranges per thread (attribute `batches`; the op's default is 8).
+    `kernel_settings`: which of our kernels may run (default: the process's, settings.py)."""
+    from onnx import helper
+
+    s = kernel_settings or settings()
+    index = GraphIndex(model)
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0}
+    attention_here = s.attention and isa() in ATTENTION_ISAS
+    for node in list(model.graph.node):
+        if s.matmul and takes(node, index):
+            node.domain = DOMAIN
+            if threads:
+                node.attribute.append(helper.make_attribute("batches", 2 * int(threads)))
+            if not s.repack:
+                node.attribute.append(helper.make_attribute("pack", 0))
+            moved[OP] += 1
+        elif attention_here and takes_attention(node, index):
+            # ours takes the used inputs only: qkv, past k/v, seqlens_k, total length, cos, sin, query_seqlens
+            index.set_inputs(node, [node.input[i] for i in (0, 3, 4, 5, 6, 7, 8, 16)])
+            for name in ("do_rotary", "rotary_interleaved"):
+                for attr in [x for x in node.attribute if x.name == name]:
+                    node.attribute.remove(attr)
+            node.domain = DOMAIN
+            moved[ATTENTION_OP] += 1
+            moved["qk_norm"] += fold_qk_norms(index, node)
+    moved["swiglu"] = fuse_swiglu(index)
+    moved["norm"] = fuse_norms(index) if s.fold_norms else 0
+    if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return moved

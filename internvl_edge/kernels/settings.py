@@ -1,0 +1,52 @@
+"""What the environment lets our kernels do, read once per process (`settings()`).
+
+INTERNVL_EDGE_KERNELS: 1 (default) our 4-bit linears and our attention both, 0 neither (the same bundle
+runs on ONNX Runtime's kernels), "matmul" or "attention" only that one of ours (to compare them one at
+a time); "unpacked" is 1 with the 4-bit weights read as stored instead of repacked (what the repacking
+gives), "unfused" is 1 with the norms left as nodes of their own (what folding them gives: fuse_norms).
+
+Two more flags belong to the compiled library itself, which reads them once when ONNX Runtime first
+runs it (isa.c), with or without this module in the process: INTERNVL_EDGE_ISA caps the instruction
+set ("avx2", "avxvnni", "avx512vnni"; the tests run every variant that way) and
+INTERNVL_EDGE_BATCH_INVARIANT=0 lets prefill attention take its tiled path (isa.h).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+VARIABLE = "INTERNVL_EDGE_KERNELS"
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    matmul: bool = True  # our MatMulNBits may replace ONNX Runtime's
+    attention: bool = True  # our GroupQueryAttention may replace ONNX Runtime's
+    repack: bool = True  # our MatMulNBits copies constant 4-bit weights into its sequential layout
+    fold_norms: bool = True  # the rewrite folds the norms that feed our linears into them
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> KernelSettings:
+        value = environ.get(VARIABLE, "1")
+        every = value in ("1", "unpacked", "unfused")
+        return cls(
+            matmul=every or value == "matmul",
+            attention=every or value == "attention",
+            repack=value != "unpacked",
+            fold_norms=value != "unfused",
+        )
+
+    @property
+    def any(self) -> bool:
+        """Whether any of our kernels may run (else the library is not even registered)."""
+        return self.matmul or self.attention
+
+
+@cache
+def settings() -> KernelSettings:
+    """The process's settings, read from the environment on first use (tests that change the
+    environment call `settings.cache_clear()`)."""
+    return KernelSettings.from_environ()
