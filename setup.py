@@ -18,17 +18,17 @@ setup(
                 for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm", "attention", "isa", "rms_norm")
             ],
             depends=[
-                f"internvl_edge/kernels/{name}.h"
+                f"internvl_edge/kernels/{name}"
                 for name in (
-                    "q4gemm",
-                    "q4gemm_body",
-                    "attention",
-                    "attention_body",
-                    "vec_exp",
-                    "ort_abi",
-                    "ort_glue",
-                    "isa",
-                    "rms_norm",
+                    "q4gemm.h",
+                    "q4gemm_isa.inc",
+                    "attention.h",
+                    "attention_isa.inc",
+                    "vec_exp.h",
+                    "ort_abi.h",
+                    "ort_glue.h",
+                    "isa.h",
+                    "rms_norm.h",
                 )
             ],
             extra_compile_args=[

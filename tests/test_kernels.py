@@ -190,7 +190,7 @@ def test_8bit_weights_match_onnxruntime(rows, K, N, block, with_bias, zero_point
 @pytest.mark.parametrize("batches", [1, 2, 3, 8, 64, 200])
 def test_every_task_runs_once_for_any_number_of_ranges(batches):
     """The op splits its tasks (32 columns each) into `batches` ranges for the thread pool, and the
-    threads take what is left of each other's ranges from their ends (ort_glue.c, ie_parallel_ranges):
+    threads take what is left of each other's ranges from their ends (ort_glue.c, ort_parallel_ranges):
     every column is computed, whatever the split (one range; fewer ranges than threads; more than
     tasks; above the 64 it takes). Many runs with different inputs, so that the threads meet inside
     ranges in some of them, and a column left out keeps an earlier run's value (ORT reuses the

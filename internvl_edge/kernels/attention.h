@@ -16,10 +16,10 @@
  * heads that share it (one task per batch entry, KV head and query row, a flash-attention style
  * running softmax so nothing of size context is stored).
  *
- * Use: ie_attention_plan() checks the shapes and says how much scratch and how many tasks, then
- * ie_attention_prepare(p, task) for tasks 0 .. plan.prepare_tasks-1 (rotary and cache writes),
- * ie_attention_transpose(p, task) for tasks 0 .. plan.transpose_tasks-1 (none for decode), then
- * ie_attention_run(p, task) for tasks 0 .. plan.tasks-1; each phase from any threads in any order,
+ * Use: attn_plan() checks the shapes and says how much scratch and how many tasks, then
+ * attn_prepare(p, task) for tasks 0 .. plan.prepare_tasks-1 (rotary and cache writes),
+ * attn_transpose(p, task) for tasks 0 .. plan.transpose_tasks-1 (none for decode), then
+ * attn_run(p, task) for tasks 0 .. plan.tasks-1; each phase from any threads in any order,
  * one phase after the other.
  */
 #ifndef INTERNVL_EDGE_ATTENTION_H
@@ -42,20 +42,20 @@ typedef struct {
     float qk_norm_epsilon;
     float *scratch;           /* plan.scratch_bytes, 64-byte aligned: the rotated, scaled queries, and
                                  for chunks of many rows the keys turned around in blocks */
-} ie_attention;
+} attn_problem;
 
 typedef struct {
     size_t scratch_bytes;
     size_t prepare_tasks, transpose_tasks, tasks;
-} ie_attention_plan_t;
+} attn_plan_t;
 
 /* 0 when this CPU can run the kernel (x86-64 with AVX2, FMA and F16C at least), else -1. */
-int ie_attention_supported(void);
+int attn_supported(void);
 /* 0 and the plan; or -1 and a message in `why` (shapes the kernel does not take: head_dim not a
  * multiple of 16 or above 256, heads not a multiple of kv_heads; or lengths out of range). */
-int ie_attention_plan(const ie_attention *p, ie_attention_plan_t *plan, char *why, size_t why_size);
-void ie_attention_prepare(const ie_attention *p, size_t task);
-void ie_attention_transpose(const ie_attention *p, size_t task);
-void ie_attention_run(const ie_attention *p, size_t task);
+int attn_plan(const attn_problem *p, attn_plan_t *plan, char *why, size_t why_size);
+void attn_prepare(const attn_problem *p, size_t task);
+void attn_transpose(const attn_problem *p, size_t task);
+void attn_run(const attn_problem *p, size_t task);
 
 #endif

@@ -6,42 +6,42 @@
 
 static const char *const names[] = {"none", "avx2", "avxvnni", "avx512vnni"};
 
-const char *ie_isa_name(ie_isa_t isa) { return names[isa]; }
+const char *isa_name(isa_t isa) { return names[isa]; }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-static int has(ie_isa_t isa) {
+static int has(isa_t isa) {
     __builtin_cpu_init();
     /* F16C (float16 scales in q4gemm's tables) came before AVX2 on every x86-64 line that has both */
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     switch (isa) {
-    case IE_ISA_AVX2: return avx2;
-    case IE_ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
-    case IE_ISA_AVX512VNNI:
+    case ISA_AVX2: return avx2;
+    case ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case ISA_AVX512VNNI:
         return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
     default: return 0;
     }
 }
 
-static ie_isa_t detect(void) {
+static isa_t detect(void) {
     const char *wanted = getenv("INTERNVL_EDGE_ISA");
-    for (int isa = IE_ISA_AVX512VNNI; isa > IE_ISA_NONE; isa--) {
+    for (int isa = ISA_AVX512VNNI; isa > ISA_NONE; isa--) {
         if (wanted && *wanted && strcmp(wanted, names[isa]) != 0) continue; /* not the one asked for */
-        if (has((ie_isa_t)isa)) return (ie_isa_t)isa;
+        if (has((isa_t)isa)) return (isa_t)isa;
     }
-    return IE_ISA_NONE; /* none, or the one asked for is not on this CPU */
+    return ISA_NONE; /* none, or the one asked for is not on this CPU */
 }
 #else
-static ie_isa_t detect(void) { return IE_ISA_NONE; }
+static isa_t detect(void) { return ISA_NONE; }
 #endif
 
-ie_isa_t ie_isa(void) {
+isa_t isa_selected(void) {
     static int cached = -1; /* a race here only detects twice, with the same answer */
     if (cached < 0) cached = (int)detect();
-    return (ie_isa_t)cached;
+    return (isa_t)cached;
 }
 
-int ie_batch_invariant(void) {
+int isa_batch_invariant(void) {
     static int cached = -1; /* as above: a race reads the variable twice */
     if (cached < 0) {
         const char *v = getenv("INTERNVL_EDGE_BATCH_INVARIANT");

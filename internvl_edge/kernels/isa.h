@@ -4,15 +4,15 @@
 #ifndef INTERNVL_EDGE_ISA_H
 #define INTERNVL_EDGE_ISA_H
 
-typedef enum { IE_ISA_NONE, IE_ISA_AVX2, IE_ISA_AVXVNNI, IE_ISA_AVX512VNNI } ie_isa_t;
+typedef enum { ISA_NONE, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI } isa_t;
 
-ie_isa_t ie_isa(void);
-const char *ie_isa_name(ie_isa_t isa);
+isa_t isa_selected(void);
+const char *isa_name(isa_t isa);
 
 /* 1 (default) unless INTERNVL_EDGE_BATCH_INVARIANT=0: every kernel computes a row in one order
  * whatever else shares the call, so a sequence's results do not depend on its batch or on how its
  * prefill was chunked (README, "Serving"). 0 lets prefill attention take its tiled path, faster on
  * long prompts, whose order differs from decode's. Read once per process. */
-int ie_batch_invariant(void);
+int isa_batch_invariant(void);
 
 #endif

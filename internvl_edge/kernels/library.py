@@ -23,8 +23,8 @@ def _library() -> tuple[str, str] | None:
     for path in sorted(glob.glob(os.path.join(here, "_q4*.so")) + glob.glob(os.path.join(here, "_q4*.pyd"))):
         try:
             lib = ctypes.CDLL(path)
-            lib.internvl_edge_kernel_isa.restype = ctypes.c_char_p
-            name = lib.internvl_edge_kernel_isa().decode()
+            lib.q4_kernel_isa.restype = ctypes.c_char_p
+            name = lib.q4_kernel_isa().decode()
         except (OSError, AttributeError):
             continue
         if name != "none":
@@ -60,16 +60,16 @@ def _counters(symbol: str, count: int) -> tuple[int, ...]:
 def pack_stats() -> tuple[int, int]:
     """(bytes of 4- and 8-bit weights our MatMulNBits kernels copied into their sequential layout in
     this process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
-    return _counters("internvl_edge_pack_stats", 2)
+    return _counters("q4_pack_stats", 2)
 
 
 def table_stats() -> tuple[int, int]:
     """(bytes of scale tables with float16 scales, bytes with float ones) our MatMulNBits kernels made
     in this process: float16 where every scale of a weight is a float16 value (q4gemm.h)."""
-    return _counters("internvl_edge_table_stats", 2)
+    return _counters("q4_table_stats", 2)
 
 
 def paired_swiglus() -> int:
     """How many fused SwiGLU linears our kernels made in this process hold each task's gate and up
     weights side by side (q4gemm.h, q4_pair_swiglu): those with a packed B, a table and no bias."""
-    return _counters("internvl_edge_paired_count", 1)[0]
+    return _counters("q4_paired_count", 1)[0]

@@ -1,13 +1,13 @@
 /* ONNX Runtime custom op GroupQueryAttention in domain ai.internvl_edge (opset 1): the decoder's
  * com.microsoft GroupQueryAttention nodes as nets/decoder.py writes them, computed by attention.h's
- * kernel. kernels/__init__.py moves a node here only when it has exactly that form.
+ * kernel. kernels/rewrite.py moves a node here only when it has exactly that form.
  *
  *   inputs:  qkv float [B, S, (num_heads + 2 kv_num_heads) head_dim] (packed, as com.microsoft's
  *            query with key and value absent), past_key, past_value float [B, kv_num_heads,
  *            capacity, head_dim], seqlens_k int32 [B], total_sequence_length int32 [1],
  *            cos_cache, sin_cache float [positions, head_dim / 2], query_seqlens int32 [B],
  *            q_norm, k_norm float [head_dim] (optional, both or neither, with qk_norm_epsilon: Qwen3's
- *            RMS norm of each query and key head before the rotary, which kernels/__init__.py folds
+ *            RMS norm of each query and key head before the rotary, which kernels/rewrite.py folds
  *            in from the nodes nets/decoder.py writes for it)
  *   attrs:   num_heads, kv_num_heads; qk_norm_epsilon (float, optional); rotary is always applied
  *            (do_rotary=1, rotate-half)
@@ -22,7 +22,7 @@
 #include "attention.h"
 #include "ort_glue.h"
 
-#define IE_OP "GroupQueryAttention"
+#define OP_NAME "GroupQueryAttention"
 
 enum {
     IN_QKV, IN_PAST_K, IN_PAST_V, IN_SEQLENS_K, IN_TOTAL, IN_COS, IN_SIN, IN_QUERY_LENS, IN_Q_NORM, IN_K_NORM, IN_COUNT
@@ -36,100 +36,100 @@ typedef struct {
     float qk_norm_epsilon;
 } kernel_t;
 
-static void prepare_task(void *user, size_t task) { ie_attention_prepare((const ie_attention *)user, task); }
-static void transpose_task(void *user, size_t task) { ie_attention_transpose((const ie_attention *)user, task); }
-static void run_task(void *user, size_t task) { ie_attention_run((const ie_attention *)user, task); }
+static void prepare_task(void *user, size_t task) { attn_prepare((const attn_problem *)user, task); }
+static void transpose_task(void *user, size_t task) { attn_transpose((const attn_problem *)user, task); }
+static void run_task(void *user, size_t task) { attn_run((const attn_problem *)user, task); }
 
-static OrtStatus *input_of(OrtKernelContext *ctx, size_t i, const char *name, ortabi_elem_type type,
-                           const char *type_name, const OrtValue **v, tensor_desc *d) {
-    TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, v));
-    if (!*v) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "required input %s is missing", name);
-    TRY(ie_describe(IE_OP, *v, name, d));
-    return ie_expect(IE_OP, d, name, type, type_name, -1);
+static OrtStatus *input_of(OrtKernelContext *ctx, size_t i, const char *name, ort_elem_type type,
+                           const char *type_name, const OrtValue **v, ort_tensor_desc *d) {
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, v));
+    if (!*v) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input %s is missing", name);
+    ORT_TRY(ort_describe(OP_NAME, *v, name, d));
+    return ort_expect(OP_NAME, d, name, type, type_name, -1);
 }
 
-static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, ie_attention *p) {
+static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, attn_problem *p) {
     if (tasks == 1) {
         fn(p, 0);
         return NULL;
     }
     /* a task is a query row (decode: one context's read) or a tile of 16 rows (prefill: causal, so
      * later tiles cost more): up to 256 ranges spread them over the threads without per-task dispatch */
-    return tasks ? ORTABI(g_api, KernelContext_ParallelFor)(ctx, fn, tasks, tasks < 256 ? tasks : 256, p) : NULL;
+    return tasks ? ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, fn, tasks, tasks < 256 ? tasks : 256, p) : NULL;
 }
 
-static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     size_t count = 0;
-    TRY(ORTABI(g_api, KernelContext_GetInputCount)(ctx, &count));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInputCount)(ctx, &count));
     if (count < IN_REQUIRED)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "%d inputs expected, %zu given", IN_REQUIRED, count);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "%d inputs expected, %zu given", IN_REQUIRED, count);
     const OrtValue *in[IN_COUNT] = {0};
-    tensor_desc qkv, pk, pv, sk, tot, cs, sn, ql;
-    TRY(input_of(ctx, IN_QKV, "qkv", ORTABI_TYPE_FLOAT, "float32", &in[IN_QKV], &qkv));
-    TRY(input_of(ctx, IN_PAST_K, "past_key", ORTABI_TYPE_FLOAT, "float32", &in[IN_PAST_K], &pk));
-    TRY(input_of(ctx, IN_PAST_V, "past_value", ORTABI_TYPE_FLOAT, "float32", &in[IN_PAST_V], &pv));
-    TRY(input_of(ctx, IN_SEQLENS_K, "seqlens_k", ORTABI_TYPE_INT32, "int32", &in[IN_SEQLENS_K], &sk));
-    TRY(input_of(ctx, IN_TOTAL, "total_sequence_length", ORTABI_TYPE_INT32, "int32", &in[IN_TOTAL], &tot));
-    TRY(input_of(ctx, IN_COS, "cos_cache", ORTABI_TYPE_FLOAT, "float32", &in[IN_COS], &cs));
-    TRY(input_of(ctx, IN_SIN, "sin_cache", ORTABI_TYPE_FLOAT, "float32", &in[IN_SIN], &sn));
-    TRY(input_of(ctx, IN_QUERY_LENS, "query_seqlens", ORTABI_TYPE_INT32, "int32", &in[IN_QUERY_LENS], &ql));
+    ort_tensor_desc qkv, pk, pv, sk, tot, cs, sn, ql;
+    ORT_TRY(input_of(ctx, IN_QKV, "qkv", ORT_TYPE_FLOAT, "float32", &in[IN_QKV], &qkv));
+    ORT_TRY(input_of(ctx, IN_PAST_K, "past_key", ORT_TYPE_FLOAT, "float32", &in[IN_PAST_K], &pk));
+    ORT_TRY(input_of(ctx, IN_PAST_V, "past_value", ORT_TYPE_FLOAT, "float32", &in[IN_PAST_V], &pv));
+    ORT_TRY(input_of(ctx, IN_SEQLENS_K, "seqlens_k", ORT_TYPE_INT32, "int32", &in[IN_SEQLENS_K], &sk));
+    ORT_TRY(input_of(ctx, IN_TOTAL, "total_sequence_length", ORT_TYPE_INT32, "int32", &in[IN_TOTAL], &tot));
+    ORT_TRY(input_of(ctx, IN_COS, "cos_cache", ORT_TYPE_FLOAT, "float32", &in[IN_COS], &cs));
+    ORT_TRY(input_of(ctx, IN_SIN, "sin_cache", ORT_TYPE_FLOAT, "float32", &in[IN_SIN], &sn));
+    ORT_TRY(input_of(ctx, IN_QUERY_LENS, "query_seqlens", ORT_TYPE_INT32, "int32", &in[IN_QUERY_LENS], &ql));
 
     const int64_t nh = kn->heads, kvh = kn->kv_heads;
-    if (qkv.rank != 3) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "qkv must be [batch, sequence, width]");
+    if (qkv.rank != 3) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qkv must be [batch, sequence, width]");
     const int64_t B = qkv.dims[0], S = qkv.dims[1], width = qkv.dims[2];
     if (width % (nh + 2 * kvh))
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "qkv width %lld is not (num_heads + 2 kv_num_heads) x head_dim",
-                        (long long)width);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qkv width %lld is not (num_heads + 2 kv_num_heads) x head_dim",
+                         (long long)width);
     const int64_t hd = width / (nh + 2 * kvh);
     if (pk.rank != 4 || pk.dims[0] != B || pk.dims[1] != kvh || pk.dims[3] != hd || pv.rank != 4 ||
         memcmp(pk.dims, pv.dims, sizeof pk.dims[0] * 4))
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "past_key and past_value must both be [%lld, %lld, capacity, %lld]",
-                        (long long)B, (long long)kvh, (long long)hd);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "past_key and past_value must both be [%lld, %lld, capacity, %lld]",
+                         (long long)B, (long long)kvh, (long long)hd);
     if (sk.count != B || ql.count != B)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries", (long long)B);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries", (long long)B);
     if (cs.rank != 2 || cs.dims[1] != hd / 2 || sn.rank != 2 || memcmp(cs.dims, sn.dims, sizeof cs.dims[0] * 2))
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
-                        (long long)(hd / 2));
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
+                         (long long)(hd / 2));
 
-    tensor_desc q_norm, k_norm;
+    ort_tensor_desc q_norm, k_norm;
     if (kn->qk_norm) {
         if (count < IN_COUNT)
-            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "qk_norm_epsilon needs inputs q_norm and k_norm");
-        TRY(input_of(ctx, IN_Q_NORM, "q_norm", ORTABI_TYPE_FLOAT, "float32", &in[IN_Q_NORM], &q_norm));
-        TRY(input_of(ctx, IN_K_NORM, "k_norm", ORTABI_TYPE_FLOAT, "float32", &in[IN_K_NORM], &k_norm));
+            return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qk_norm_epsilon needs inputs q_norm and k_norm");
+        ORT_TRY(input_of(ctx, IN_Q_NORM, "q_norm", ORT_TYPE_FLOAT, "float32", &in[IN_Q_NORM], &q_norm));
+        ORT_TRY(input_of(ctx, IN_K_NORM, "k_norm", ORT_TYPE_FLOAT, "float32", &in[IN_K_NORM], &k_norm));
         if (q_norm.count != hd || k_norm.count != hd)
-            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "q_norm and k_norm must have head_dim = %lld values",
-                            (long long)hd);
+            return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "q_norm and k_norm must have head_dim = %lld values",
+                             (long long)hd);
     } else if (count > IN_REQUIRED) {
         const OrtValue *extra = NULL;
         for (size_t i = IN_REQUIRED; i < count && !extra; i++)
-            TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, &extra));
+            ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, &extra));
         if (extra)
-            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "inputs q_norm and k_norm need attribute qk_norm_epsilon");
+            return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "inputs q_norm and k_norm need attribute qk_norm_epsilon");
     }
 
     const int64_t y_dims[3] = {B, S, nh * hd};
     OrtValue *y = NULL, *present_k = NULL, *present_v = NULL;
-    TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_Y, y_dims, 3, &y));
-    TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_K, pk.dims, 4, &present_k));
-    TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_V, pv.dims, 4, &present_v));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_Y, y_dims, 3, &y));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_K, pk.dims, 4, &present_k));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_V, pv.dims, 4, &present_v));
 
     OrtStatus *s = NULL;
-    ie_attention p;
+    attn_problem p;
     memset(&p, 0, sizeof p);
-    const float *past_k = (const float *)ie_data_of(in[IN_PAST_K], &s);
-    const float *past_v = s ? NULL : (const float *)ie_data_of(in[IN_PAST_V], &s);
-    if (!s) p.k_cache = (float *)ie_data_of(present_k, &s);
-    if (!s) p.v_cache = (float *)ie_data_of(present_v, &s);
-    if (!s) p.qkv = (const float *)ie_data_of(in[IN_QKV], &s);
-    if (!s) p.cos = (const float *)ie_data_of(in[IN_COS], &s);
-    if (!s) p.sin = (const float *)ie_data_of(in[IN_SIN], &s);
-    if (!s) p.seqlens_k = (const int32_t *)ie_data_of(in[IN_SEQLENS_K], &s);
-    if (!s) p.query_lens = (const int32_t *)ie_data_of(in[IN_QUERY_LENS], &s);
-    if (!s) p.out = (float *)ie_data_of(y, &s);
-    if (!s && kn->qk_norm) p.q_norm = (const float *)ie_data_of(in[IN_Q_NORM], &s);
-    if (!s && kn->qk_norm) p.k_norm = (const float *)ie_data_of(in[IN_K_NORM], &s);
+    const float *past_k = (const float *)ort_data_of(in[IN_PAST_K], &s);
+    const float *past_v = s ? NULL : (const float *)ort_data_of(in[IN_PAST_V], &s);
+    if (!s) p.k_cache = (float *)ort_data_of(present_k, &s);
+    if (!s) p.v_cache = (float *)ort_data_of(present_v, &s);
+    if (!s) p.qkv = (const float *)ort_data_of(in[IN_QKV], &s);
+    if (!s) p.cos = (const float *)ort_data_of(in[IN_COS], &s);
+    if (!s) p.sin = (const float *)ort_data_of(in[IN_SIN], &s);
+    if (!s) p.seqlens_k = (const int32_t *)ort_data_of(in[IN_SEQLENS_K], &s);
+    if (!s) p.query_lens = (const int32_t *)ort_data_of(in[IN_QUERY_LENS], &s);
+    if (!s) p.out = (float *)ort_data_of(y, &s);
+    if (!s && kn->qk_norm) p.q_norm = (const float *)ort_data_of(in[IN_Q_NORM], &s);
+    if (!s && kn->qk_norm) p.k_norm = (const float *)ort_data_of(in[IN_K_NORM], &s);
     if (s) return s;
     /* not bound in place: present starts as a copy of past */
     const size_t cache_bytes = (size_t)pk.count * sizeof(float);
@@ -145,11 +145,11 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.qk_norm_epsilon = kn->qk_norm_epsilon;
 
     char why[240];
-    ie_attention_plan_t plan;
-    if (ie_attention_plan(&p, &plan, why, sizeof why) != 0) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "%s", why);
+    attn_plan_t plan;
+    if (attn_plan(&p, &plan, why, sizeof why) != 0) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "%s", why);
     if (B == 0 || S == 0) return NULL;
     p.scratch = (float *)aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
-    if (!p.scratch) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+    if (!p.scratch) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
     s = parallel(ctx, prepare_task, plan.prepare_tasks, &p);
     if (!s) s = parallel(ctx, transpose_task, plan.transpose_tasks, &p);
     if (!s) s = parallel(ctx, run_task, plan.tasks, &p);
@@ -157,69 +157,69 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     return s;
 }
 
-static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
-                                            void **out) {
+static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
+                                         void **out) {
     (void)op;
     (void)api;
     *out = NULL;
     int64_t heads, kv_heads;
-    TRY(ie_get_int(IE_OP, info, "num_heads", &heads));
-    TRY(ie_get_int(IE_OP, info, "kv_num_heads", &kv_heads));
+    ORT_TRY(ort_get_int(OP_NAME, info, "num_heads", &heads));
+    ORT_TRY(ort_get_int(OP_NAME, info, "kv_num_heads", &kv_heads));
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "num_heads=%lld must be a positive multiple of kv_num_heads=%lld",
-                        (long long)heads, (long long)kv_heads);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "num_heads=%lld must be a positive multiple of kv_num_heads=%lld",
+                         (long long)heads, (long long)kv_heads);
     kernel_t *kn = (kernel_t *)malloc(sizeof *kn);
-    if (!kn) return ie_error(IE_OP, ORTABI_FAIL, "out of memory");
+    if (!kn) return ort_error(OP_NAME, ORT_FAIL, "out of memory");
     kn->heads = heads;
     kn->kv_heads = kv_heads;
     kn->qk_norm_epsilon = 0.0f;
-    kn->qk_norm = ie_get_float(info, "qk_norm_epsilon", &kn->qk_norm_epsilon);
+    kn->qk_norm = ort_get_float(info, "qk_norm_epsilon", &kn->qk_norm_epsilon);
     *out = kn;
     return NULL;
 }
 
-static void ORTABI_CALL destroy_kernel(void *kernel) { free(kernel); }
+static void ORT_CALL destroy_kernel(void *kernel) { free(kernel); }
 
-static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
-static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
-static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return OUT_COUNT; }
-static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
+static const char *ORT_CALL op_name(const ort_custom_op *op) { (void)op; return OP_NAME; }
+static size_t ORT_CALL input_count(const ort_custom_op *op) { (void)op; return IN_COUNT; }
+static size_t ORT_CALL output_count(const ort_custom_op *op) { (void)op; return OUT_COUNT; }
+static ort_elem_type ORT_CALL input_type(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORTABI_TYPE_INT32 : ORTABI_TYPE_FLOAT;
+    return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORT_TYPE_INT32 : ORT_TYPE_FLOAT;
 }
-static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t i) {
+static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i < IN_REQUIRED ? ORTABI_IO_REQUIRED : ORTABI_IO_OPTIONAL;
+    return i < IN_REQUIRED ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL;
 }
-static ortabi_io_kind ORTABI_CALL required(const ortabi_custom_op *op, size_t i) {
+static ort_io_kind ORT_CALL required(const ort_custom_op *op, size_t i) {
     (void)op;
     (void)i;
-    return ORTABI_IO_REQUIRED;
+    return ORT_IO_REQUIRED;
 }
 
 static const struct {
-    ortabi_custom_op op;
+    ort_custom_op op;
     void *reserved[16]; /* as ort_op.c's: zeroed room past version 16's fields */
 } g_attention_op = {
     .op = {
-        .version = ORTABI_CUSTOM_OP_VERSION,
+        .version = ORT_CUSTOM_OP_VERSION,
         .get_name = op_name,
-        .get_execution_provider_type = ie_cpu_provider,
+        .get_execution_provider_type = ort_cpu_provider,
         .get_input_type = input_type,
         .get_input_type_count = input_count,
-        .get_output_type = ie_float_output,
+        .get_output_type = ort_float_output,
         .get_output_type_count = output_count,
         .kernel_destroy = destroy_kernel,
         .get_input_characteristic = input_kind,
         .get_output_characteristic = required,
-        .get_input_memory_type = ie_default_memory,
-        .get_variadic_input_min_arity = ie_variadic_one,
-        .get_variadic_input_homogeneity = ie_variadic_one,
-        .get_variadic_output_min_arity = ie_variadic_one,
-        .get_variadic_output_homogeneity = ie_variadic_one,
+        .get_input_memory_type = ort_default_memory,
+        .get_variadic_input_min_arity = ort_variadic_one,
+        .get_variadic_input_homogeneity = ort_variadic_one,
+        .get_variadic_output_min_arity = ort_variadic_one,
+        .get_variadic_output_homogeneity = ort_variadic_one,
         .create_kernel_v2 = create_kernel,
         .kernel_compute_v2 = compute,
     },
 };
 
-const ortabi_custom_op *ie_attention_op(void) { return ie_attention_supported() == 0 ? &g_attention_op.op : NULL; }
+const ort_custom_op *ort_attention_op(void) { return attn_supported() == 0 ? &g_attention_op.op : NULL; }

@@ -4,137 +4,137 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-const OrtApi *g_api;
+const OrtApi *ort_api;
 
-OrtStatus *ie_error(const char *op, ortabi_error_code code, const char *fmt, ...) {
+OrtStatus *ort_error(const char *op, ort_error_code code, const char *fmt, ...) {
     char msg[400];
-    int head = snprintf(msg, sizeof msg, "%s %s: ", IE_DOMAIN, op);
+    int head = snprintf(msg, sizeof msg, "%s %s: ", ORT_DOMAIN, op);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg + head, sizeof msg - (size_t)head, fmt, ap);
     va_end(ap);
-    return ORTABI(g_api, CreateStatus)(code, msg);
+    return ORT_FN(ort_api, CreateStatus)(code, msg);
 }
 
-OrtStatus *ie_describe(const char *op, const OrtValue *v, const char *name, tensor_desc *d) {
+OrtStatus *ort_describe(const char *op, const OrtValue *v, const char *name, ort_tensor_desc *d) {
     OrtTensorTypeAndShapeInfo *info = NULL;
-    TRY(ORTABI(g_api, GetTensorTypeAndShape)(v, &info));
-    OrtStatus *s = ORTABI(g_api, GetTensorElementType)(info, &d->type);
-    if (!s) s = ORTABI(g_api, GetDimensionsCount)(info, &d->rank);
-    if (!s && d->rank > IE_MAX_RANK)
-        s = ie_error(op, ORTABI_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported", name, d->rank, IE_MAX_RANK);
-    if (!s) s = ORTABI(g_api, GetDimensions)(info, d->dims, d->rank);
-    ORTABI(g_api, ReleaseTensorTypeAndShapeInfo)(info);
+    ORT_TRY(ORT_FN(ort_api, GetTensorTypeAndShape)(v, &info));
+    OrtStatus *s = ORT_FN(ort_api, GetTensorElementType)(info, &d->type);
+    if (!s) s = ORT_FN(ort_api, GetDimensionsCount)(info, &d->rank);
+    if (!s && d->rank > ORT_MAX_RANK)
+        s = ort_error(op, ORT_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported", name, d->rank, ORT_MAX_RANK);
+    if (!s) s = ORT_FN(ort_api, GetDimensions)(info, d->dims, d->rank);
+    ORT_FN(ort_api, ReleaseTensorTypeAndShapeInfo)(info);
     if (s) return s;
     d->count = 1;
     for (size_t i = 0; i < d->rank; i++) d->count *= d->dims[i];
     return NULL;
 }
 
-OrtStatus *ie_expect(const char *op, const tensor_desc *d, const char *name, ortabi_elem_type type,
-                     const char *type_name, int64_t count) {
+OrtStatus *ort_expect(const char *op, const ort_tensor_desc *d, const char *name, ort_elem_type type,
+                      const char *type_name, int64_t count) {
     if (d->type != type)
-        return ie_error(op, ORTABI_INVALID_ARGUMENT, "%s must be %s (element type %d given)", name, type_name,
-                        (int)d->type);
+        return ort_error(op, ORT_INVALID_ARGUMENT, "%s must be %s (element type %d given)", name, type_name,
+                         (int)d->type);
     if (count >= 0 && d->count != count)
-        return ie_error(op, ORTABI_INVALID_ARGUMENT, "%s has %lld elements, expected %lld", name,
-                        (long long)d->count, (long long)count);
+        return ort_error(op, ORT_INVALID_ARGUMENT, "%s has %lld elements, expected %lld", name,
+                         (long long)d->count, (long long)count);
     return NULL;
 }
 
-void *ie_data_of(const OrtValue *v, OrtStatus **s) {
+void *ort_data_of(const OrtValue *v, OrtStatus **s) {
     void *p = NULL;
-    *s = ORTABI(g_api, GetTensorMutableData)((OrtValue *)v, &p);
+    *s = ORT_FN(ort_api, GetTensorMutableData)((OrtValue *)v, &p);
     return p;
 }
 
-int ie_dropped(OrtStatus *s) {
+int ort_dropped(OrtStatus *s) {
     if (!s) return 0;
-    ORTABI(g_api, ReleaseStatus)(s);
+    ORT_FN(ort_api, ReleaseStatus)(s);
     return 1;
 }
 
-OrtStatus *ie_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out) {
-    if (!ie_dropped(ORTABI(g_api, KernelInfoGetAttribute_int64)(info, name, out))) return NULL;
-    return ie_error(op, ORTABI_INVALID_ARGUMENT, "required int64 attribute '%s' is missing", name);
+OrtStatus *ort_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out) {
+    if (!ort_dropped(ORT_FN(ort_api, KernelInfoGetAttribute_int64)(info, name, out))) return NULL;
+    return ort_error(op, ORT_INVALID_ARGUMENT, "required int64 attribute '%s' is missing", name);
 }
 
-int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+int64_t ort_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback) {
     int64_t v = fallback;
-    return ie_dropped(ORTABI(g_api, KernelInfoGetAttribute_int64)(info, name, &v)) ? fallback : v;
+    return ort_dropped(ORT_FN(ort_api, KernelInfoGetAttribute_int64)(info, name, &v)) ? fallback : v;
 }
 
-int ie_get_float(const OrtKernelInfo *info, const char *name, float *out) {
+int ort_get_float(const OrtKernelInfo *info, const char *name, float *out) {
     float v = 0.0f;
-    if (ie_dropped(ORTABI(g_api, KernelInfoGetAttribute_float)(info, name, &v))) return 0;
+    if (ort_dropped(ORT_FN(ort_api, KernelInfoGetAttribute_float)(info, name, &v))) return 0;
     *out = v;
     return 1;
 }
 
-int ie_has_input(const OrtKernelInfo *info, size_t count, size_t index) {
+int ort_has_input(const OrtKernelInfo *info, size_t count, size_t index) {
     size_t name_size = 0;
     if (index >= count) return 0;
-    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return -1;
+    if (ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputName)(info, index, NULL, &name_size))) return -1;
     return name_size > 1; /* "" is an absent optional input */
 }
 
-int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
-                      int64_t elements, void **data) {
+int ort_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ort_elem_type type,
+                       int64_t elements, void **data) {
     *data = NULL;
-    const int present = ie_has_input(info, count, index);
+    const int present = ort_has_input(info, count, index);
     if (present <= 0) return present == 0 ? -1 : 0;
     int is_constant = 0;
     const OrtValue *v = NULL;
-    if (ie_dropped(ORTABI(g_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||
+    if (ort_dropped(ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||
         !v)
         return 0;
-    tensor_desc d;
+    ort_tensor_desc d;
     OrtStatus *s = NULL;
-    if (ie_dropped(ie_describe("", v, "constant input", &d)) || d.type != type || d.count != elements) return 1;
-    void *p = ie_data_of(v, &s);
-    if (!ie_dropped(s)) *data = p;
+    if (ort_dropped(ort_describe("", v, "constant input", &d)) || d.type != type || d.count != elements) return 1;
+    void *p = ort_data_of(v, &s);
+    if (!ort_dropped(s)) *data = p;
     return 1;
 }
 
-const char *ORTABI_CALL ie_cpu_provider(const ortabi_custom_op *op) {
+const char *ORT_CALL ort_cpu_provider(const ort_custom_op *op) {
     (void)op;
     return NULL; /* NULL: the CPU execution provider */
 }
 
-ortabi_mem_type ORTABI_CALL ie_default_memory(const ortabi_custom_op *op, size_t index) {
+ort_mem_type ORT_CALL ort_default_memory(const ort_custom_op *op, size_t index) {
     (void)op;
     (void)index;
-    return ORTABI_MEM_DEFAULT;
+    return ORT_MEM_DEFAULT;
 }
 
-ortabi_elem_type ORTABI_CALL ie_float_output(const ortabi_custom_op *op, size_t index) {
+ort_elem_type ORT_CALL ort_float_output(const ort_custom_op *op, size_t index) {
     (void)op;
     (void)index;
-    return ORTABI_TYPE_FLOAT;
+    return ORT_TYPE_FLOAT;
 }
 
-int ORTABI_CALL ie_variadic_one(const ortabi_custom_op *op) {
+int ORT_CALL ort_variadic_one(const ort_custom_op *op) {
     (void)op;
     return 1;
 }
 
-/* One range of ie_parallel_ranges: the next task from its start (low 32 bits) and the end, exclusive
+/* One range of ort_parallel_ranges: the next task from its start (low 32 bits) and the end, exclusive
  * (high 32 bits), changed together by compare-and-swap so that a task is taken once; and whether a
  * thread has started it. Its own cache line: the threads update different ranges. */
 typedef struct {
     _Alignas(64) uint64_t span;
     int started;
-} ie_range;
+} ort_range;
 
 typedef struct {
     void (*fn)(void *, size_t);
     void *user;
     size_t count;
-    ie_range *ranges;
-} ie_ranges;
+    ort_range *ranges;
+} ort_ranges;
 
 /* Take a task of range r from its start (front = 1) or its end: 1 and the task, or 0 when it is empty. */
-static int take(ie_range *r, int front, uint32_t *task) {
+static int take(ort_range *r, int front, uint32_t *task) {
     uint64_t cur = __atomic_load_n(&r->span, __ATOMIC_RELAXED);
     for (;;) {
         const uint32_t lo = (uint32_t)cur, hi = (uint32_t)(cur >> 32);
@@ -148,14 +148,14 @@ static int take(ie_range *r, int front, uint32_t *task) {
 }
 
 /* Range r from its start, unless another thread started it. */
-static void run_from_start(const ie_ranges *rs, size_t r) {
+static void run_from_start(const ort_ranges *rs, size_t r) {
     if (__atomic_exchange_n(&rs->ranges[r].started, 1, __ATOMIC_RELAXED)) return;
     uint32_t task;
     while (take(&rs->ranges[r], 1, &task)) rs->fn(rs->user, task);
 }
 
 static void run_range(void *user, size_t index) {
-    const ie_ranges *rs = (const ie_ranges *)user;
+    const ort_ranges *rs = (const ort_ranges *)user;
     run_from_start(rs, index);
     for (;;) { /* then ranges no thread has started, from their start; then the tail of the others */
         size_t most = 0, at = 0, fresh = rs->count;
@@ -179,20 +179,20 @@ static void run_range(void *user, size_t index) {
     }
 }
 
-OrtStatus *ie_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
-                              void *user) {
+OrtStatus *ort_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
+                               void *user) {
     if (segments > tasks) segments = tasks;
-    if (segments > IE_MAX_SEGMENTS) segments = IE_MAX_SEGMENTS;
-    if (tasks > UINT32_MAX) return ORTABI(g_api, KernelContext_ParallelFor)(ctx, fn, tasks, segments, user);
+    if (segments > ORT_MAX_SEGMENTS) segments = ORT_MAX_SEGMENTS;
+    if (tasks > UINT32_MAX) return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, fn, tasks, segments, user);
     if (segments <= 1) {
         for (size_t t = 0; t < tasks; t++) fn(user, t);
         return NULL;
     }
-    ie_range ranges[IE_MAX_SEGMENTS];
+    ort_range ranges[ORT_MAX_SEGMENTS];
     for (size_t i = 0; i < segments; i++) {
         ranges[i].span = ((uint64_t)(tasks * (i + 1) / segments) << 32) | (uint64_t)(tasks * i / segments);
         ranges[i].started = 0;
     }
-    ie_ranges rs = {fn, user, segments, ranges};
-    return ORTABI(g_api, KernelContext_ParallelFor)(ctx, run_range, segments, segments, &rs);
+    ort_ranges rs = {fn, user, segments, ranges};
+    return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, run_range, segments, segments, &rs);
 }

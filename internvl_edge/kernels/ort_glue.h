@@ -8,49 +8,49 @@
 
 #include "ort_abi.h"
 
-#define IE_DOMAIN "ai.internvl_edge"
-#define IE_MAX_RANK 16
+#define ORT_DOMAIN "ai.internvl_edge"
+#define ORT_MAX_RANK 16
 
-extern const OrtApi *g_api; /* set once by RegisterCustomOps, before any kernel exists */
+extern const OrtApi *ort_api; /* set once by RegisterCustomOps, before any kernel exists */
 
 typedef struct {
-    ortabi_elem_type type;
+    ort_elem_type type;
     size_t rank;
-    int64_t dims[IE_MAX_RANK];
+    int64_t dims[ORT_MAX_RANK];
     int64_t count;
-} tensor_desc;
+} ort_tensor_desc;
 
-#define TRY(expr)                   \
+#define ORT_TRY(expr)               \
     do {                            \
         OrtStatus *try_s_ = (expr); \
         if (try_s_) return try_s_;  \
     } while (0)
 
 /* A status "ai.internvl_edge <op>: <message>". */
-OrtStatus *ie_error(const char *op, ortabi_error_code code, const char *fmt, ...)
+OrtStatus *ort_error(const char *op, ort_error_code code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-OrtStatus *ie_describe(const char *op, const OrtValue *v, const char *name, tensor_desc *d);
-OrtStatus *ie_expect(const char *op, const tensor_desc *d, const char *name, ortabi_elem_type type,
-                     const char *type_name, int64_t count);
-void *ie_data_of(const OrtValue *v, OrtStatus **s);
+OrtStatus *ort_describe(const char *op, const OrtValue *v, const char *name, ort_tensor_desc *d);
+OrtStatus *ort_expect(const char *op, const ort_tensor_desc *d, const char *name, ort_elem_type type,
+                      const char *type_name, int64_t count);
+void *ort_data_of(const OrtValue *v, OrtStatus **s);
 /* A status we do not pass on: 1 when there was one (released), else 0. */
-int ie_dropped(OrtStatus *s);
+int ort_dropped(OrtStatus *s);
 /* Required int64 attribute: its value, or an error naming it. */
-OrtStatus *ie_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out);
+OrtStatus *ort_get_int(const char *op, const OrtKernelInfo *info, const char *name, int64_t *out);
 /* Optional int64 attribute: its value, or `fallback` when absent. */
-int64_t ie_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
+int64_t ort_get_int_or(const OrtKernelInfo *info, const char *name, int64_t fallback);
 /* Optional float attribute: 1 and its value in *out when present, else 0 (*out untouched). */
-int ie_get_float(const OrtKernelInfo *info, const char *name, float *out);
+int ort_get_float(const OrtKernelInfo *info, const char *name, float *out);
 /* Whether the node gives input `index` (of its `count`): 1 present, 0 absent (past the node's inputs,
  * or an empty name), -1 when ORT could not say. */
-int ie_has_input(const OrtKernelInfo *info, size_t count, size_t index);
+int ort_has_input(const OrtKernelInfo *info, size_t count, size_t index);
 /* Input `index` of the node as known at kernel creation: -1 absent (past the node's inputs, or an
  * empty name), 0 present but not a constant initializer (a graph input, a computed value, an
  * initializer a feed may override), 1 a constant, with its data when it has the type and element
  * count Compute will ask for (else *data stays NULL: Compute reports the mismatch). Any error from
  * ORT reads as 0. */
-int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ortabi_elem_type type,
-                      int64_t elements, void **data);
+int ort_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ort_elem_type type,
+                       int64_t elements, void **data);
 
 /* fn(user, task) for tasks 0 .. tasks-1 on ORT's thread pool, as `segments` contiguous ranges: the
  * thread that starts a range runs its tasks in order (one sequential stream of weights), and a thread
@@ -58,16 +58,16 @@ int ie_constant_input(const OrtKernelInfo *info, size_t count, size_t index, ort
  * threads finish within one task of each other instead of within one range. With ORT's own ranges
  * (KernelContext_ParallelFor's num_batch), a thread done with its last range waited for the other's
  * (decode 1.00-1.03x faster: docs/performance-notes.md, "Threading"). `segments` is capped at `tasks`
- * and at IE_MAX_SEGMENTS; one runs the tasks in order on the calling thread. */
-#define IE_MAX_SEGMENTS 64
-OrtStatus *ie_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
-                              void *user);
+ * and at ORT_MAX_SEGMENTS; one runs the tasks in order on the calling thread. */
+#define ORT_MAX_SEGMENTS 64
+OrtStatus *ort_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, size_t segments,
+                               void *user);
 
 /* OrtCustomOp callbacks both ops answer alike: the CPU provider, inputs in default (CPU) memory,
  * float outputs, and the variadic queries (asked only of variadic inputs, which neither op has). */
-const char *ORTABI_CALL ie_cpu_provider(const ortabi_custom_op *op);
-ortabi_mem_type ORTABI_CALL ie_default_memory(const ortabi_custom_op *op, size_t index);
-ortabi_elem_type ORTABI_CALL ie_float_output(const ortabi_custom_op *op, size_t index);
-int ORTABI_CALL ie_variadic_one(const ortabi_custom_op *op);
+const char *ORT_CALL ort_cpu_provider(const ort_custom_op *op);
+ort_mem_type ORT_CALL ort_default_memory(const ort_custom_op *op, size_t index);
+ort_elem_type ORT_CALL ort_float_output(const ort_custom_op *op, size_t index);
+int ORT_CALL ort_variadic_one(const ort_custom_op *op);
 
 #endif

@@ -7,13 +7,13 @@
  *            [N * ceil(K/block)] at 8), g_idx (optional, must be absent), bias float [N] (optional),
  *            skip float (optional, A's shape) and gamma float [K]: with norm_epsilon only
  *   attrs:   K, N, bits (4; or 8, see q4gemm.h), block_size; accuracy_level is accepted and ignored;
- *            batches (ranges of work for ORT's thread pool, default 8; ie_parallel_ranges);
+ *            batches (ranges of work for ORT's thread pool, default 8; ort_parallel_ranges);
  *            swiglu (default 0);
  *            pack (default 1: a constant B is copied into q4_pack's layout; 0 keeps it as stored);
  *            norm_epsilon (float, optional: the linear's input is the RMS norm of A + skip, see
- *            rms_norm.h; kernels/__init__.py folds the norm node that feeds the linear into it)
+ *            rms_norm.h; kernels/rewrite.py folds the norm node that feeds the linear into it)
  *   outputs: Y float [..., N]; with swiglu=1, [..., N/2]: silu(first half) * second half, the
- *            gate/up pair of a SwiGLU MLP computed by one fused linear (kernels/__init__.py fuses
+ *            gate/up pair of a SwiGLU MLP computed by one fused linear (kernels/rewrite.py fuses
  *            the Split -> Sigmoid -> Mul -> Mul that follow it into the node);
  *            sum float (optional, A's shape, with norm_epsilon and skip): A + skip, the residual
  *
@@ -38,10 +38,10 @@
 #include "q4gemm.h"
 #include "rms_norm.h"
 
-#define IE_EXPORT __attribute__((visibility("default")))
-#define IE_OP "MatMulNBits"
+#define ORT_EXPORT __attribute__((visibility("default")))
+#define OP_NAME "MatMulNBits"
 
-const ortabi_custom_op *ie_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
+const ort_custom_op *ort_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
 
 enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_SKIP, IN_GAMMA, IN_COUNT };
 enum { OUT_Y, OUT_SUM, OUT_COUNT };
@@ -59,8 +59,8 @@ typedef struct {
 } kernel_t;
 
 /* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
- * (internvl_edge_pack_stats: the tests check that the weights are not held twice); the bytes of
- * their scale tables with float16 and with float scales (internvl_edge_table_stats). */
+ * (q4_pack_stats: the tests check that the weights are not held twice); the bytes of
+ * their scale tables with float16 and with float scales (q4_table_stats). */
 static size_t g_packed_bytes, g_released_bytes, g_table_f16_bytes, g_table_f32_bytes;
 static size_t g_paired; /* fused SwiGLU kernels whose weights q4_pair_swiglu put side by side */
 
@@ -85,42 +85,42 @@ static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)pr
 /* The fused norm's inputs checked, its output `sum` made when the node has one, and the normed rows
  * computed into `normed` (m x k floats). */
 static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtValue *const in[IN_COUNT],
-                          const tensor_desc *a, float *normed) {
-    tensor_desc d;
-    if (!in[IN_GAMMA]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
-    TRY(ie_describe(IE_OP, in[IN_GAMMA], "gamma", &d));
-    TRY(ie_expect(IE_OP, &d, "gamma", ORTABI_TYPE_FLOAT, "float32", kn->k));
+                          const ort_tensor_desc *a, float *normed) {
+    ort_tensor_desc d;
+    if (!in[IN_GAMMA]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
+    ORT_TRY(ort_describe(OP_NAME, in[IN_GAMMA], "gamma", &d));
+    ORT_TRY(ort_expect(OP_NAME, &d, "gamma", ORT_TYPE_FLOAT, "float32", kn->k));
     if (in[IN_SKIP]) {
-        TRY(ie_describe(IE_OP, in[IN_SKIP], "skip", &d));
-        TRY(ie_expect(IE_OP, &d, "skip", ORTABI_TYPE_FLOAT, "float32", d.count));
+        ORT_TRY(ort_describe(OP_NAME, in[IN_SKIP], "skip", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "skip", ORT_TYPE_FLOAT, "float32", d.count));
         if (d.count != a->count) /* ONNX Runtime's norm would broadcast a [K] or [S, K] skip; ours does not */
-            return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "skip must have A's shape (%lld elements, %lld given)",
+            return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "skip must have A's shape (%lld elements, %lld given)",
                          (long long)a->count, (long long)d.count);
     }
     size_t outputs = 0;
-    TRY(ORTABI(g_api, KernelContext_GetOutputCount)(ctx, &outputs));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutputCount)(ctx, &outputs));
     OrtValue *sum = NULL;
     if (outputs > OUT_SUM) {
-        if (!in[IN_SKIP]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "output sum needs input skip");
-        TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, OUT_SUM, a->dims, a->rank, &sum));
+        if (!in[IN_SKIP]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "output sum needs input skip");
+        ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_SUM, a->dims, a->rank, &sum));
     }
     OrtStatus *s = NULL;
-    rms_norm_job job = {.epsilon = kn->epsilon, .m = a->count / kn->k, .k = kn->k, .normed = normed,
-                        .rows_per_task = NORM_ROWS_PER_TASK};
-    job.x = (const float *)ie_data_of(in[IN_A], &s);
-    if (!s) job.gamma = (const float *)ie_data_of(in[IN_GAMMA], &s);
-    if (!s && in[IN_SKIP]) job.skip = (const float *)ie_data_of(in[IN_SKIP], &s);
-    if (!s && sum) job.sum = (float *)ie_data_of(sum, &s);
+    norm_job job = {.epsilon = kn->epsilon, .m = a->count / kn->k, .k = kn->k, .normed = normed,
+                    .rows_per_task = NORM_ROWS_PER_TASK};
+    job.x = (const float *)ort_data_of(in[IN_A], &s);
+    if (!s) job.gamma = (const float *)ort_data_of(in[IN_GAMMA], &s);
+    if (!s && in[IN_SKIP]) job.skip = (const float *)ort_data_of(in[IN_SKIP], &s);
+    if (!s && sum) job.sum = (float *)ort_data_of(sum, &s);
     if (s) return s;
     const size_t tasks = (size_t)((job.m + NORM_ROWS_PER_TASK - 1) / NORM_ROWS_PER_TASK);
     if (tasks <= 1) {
-        rms_norm_rows(&job, 0, job.m);
+        norm_rows(&job, 0, job.m);
         return NULL;
     }
-    return ORTABI(g_api, KernelContext_ParallelFor)(ctx, rms_norm_task, tasks, 0, &job);
+    return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, norm_task, tasks, 0, &job);
 }
 
-static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     const int64_t k = kn->k, n = kn->n, block = kn->block, bits = kn->bits;
     const int64_t blocks = (k + block - 1) / block;
@@ -128,48 +128,48 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
      * (an empty name in the node's input list). */
     size_t count = 0;
-    TRY(ORTABI(g_api, KernelContext_GetInputCount)(ctx, &count));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInputCount)(ctx, &count));
     const OrtValue *in[IN_COUNT] = {0};
-    for (size_t i = 0; i < IN_COUNT && i < count; i++) TRY(ORTABI(g_api, KernelContext_GetInput)(ctx, i, &in[i]));
+    for (size_t i = 0; i < IN_COUNT && i < count; i++) ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, &in[i]));
     static const char *const required[] = {"A", "B", "scales"};
     for (int i = IN_A; i <= IN_SCALES; i++)
-        if (!in[i]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "required input %s is missing", required[i]);
-    if (in[IN_G_IDX]) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
+        if (!in[i]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input %s is missing", required[i]);
+    if (in[IN_G_IDX]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
     if (!kn->norm && (in[IN_SKIP] || in[IN_GAMMA]))
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "inputs skip and gamma need attribute norm_epsilon");
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "inputs skip and gamma need attribute norm_epsilon");
 
-    tensor_desc a, d;
-    TRY(ie_describe(IE_OP, in[IN_A], "A", &a));
-    if (a.type != ORTABI_TYPE_FLOAT) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
+    ort_tensor_desc a, d;
+    ORT_TRY(ort_describe(OP_NAME, in[IN_A], "A", &a));
+    if (a.type != ORT_TYPE_FLOAT) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
                                                   (int)a.type);
-    if (a.rank < 1) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A must have at least one dimension");
+    if (a.rank < 1) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must have at least one dimension");
     if (a.dims[a.rank - 1] != k)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
                      (long long)a.dims[a.rank - 1], (long long)k);
 
-    TRY(ie_describe(IE_OP, in[IN_B], "B", &d));
-    if (d.type != ORTABI_TYPE_UINT8) return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
+    ORT_TRY(ort_describe(OP_NAME, in[IN_B], "B", &d));
+    if (d.type != ORT_TYPE_UINT8) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
                                                   (int)d.type);
     if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
                      (long long)n, (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
-    TRY(ie_describe(IE_OP, in[IN_SCALES], "scales", &d));
-    TRY(ie_expect(IE_OP, &d, "scales", ORTABI_TYPE_FLOAT, "float32", n * blocks));
+    ORT_TRY(ort_describe(OP_NAME, in[IN_SCALES], "scales", &d));
+    ORT_TRY(ort_expect(OP_NAME, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
     if (in[IN_ZERO_POINTS]) {
-        TRY(ie_describe(IE_OP, in[IN_ZERO_POINTS], "zero_points", &d));
-        TRY(ie_expect(IE_OP, &d, "zero_points", ORTABI_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
+        ORT_TRY(ort_describe(OP_NAME, in[IN_ZERO_POINTS], "zero_points", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "zero_points", ORT_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
     }
     if (in[IN_BIAS]) {
-        TRY(ie_describe(IE_OP, in[IN_BIAS], "bias", &d));
-        TRY(ie_expect(IE_OP, &d, "bias", ORTABI_TYPE_FLOAT, "float32", n));
+        ORT_TRY(ort_describe(OP_NAME, in[IN_BIAS], "bias", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "bias", ORT_TYPE_FLOAT, "float32", n));
     }
 
-    int64_t out_dims[IE_MAX_RANK];
+    int64_t out_dims[ORT_MAX_RANK];
     memcpy(out_dims, a.dims, a.rank * sizeof out_dims[0]);
     out_dims[a.rank - 1] = kn->swiglu ? n / 2 : n;
     const int64_t m = a.count / k;
     OrtValue *y = NULL;
-    TRY(ORTABI(g_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
     if (m == 0 && !kn->norm) return NULL;
 
     /* buffers of this call only, freed at `done` */
@@ -182,20 +182,20 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (kn->norm) {
         normed = (float *)malloc((size_t)(a.count > 0 ? a.count : 1) * sizeof(float));
         s = normed ? prenorm(kn, ctx, in, &a, normed)
-                   : ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld floats)", (long long)a.count);
+                   : ort_error(OP_NAME, ORT_FAIL, "out of memory (%lld floats)", (long long)a.count);
         if (s || m == 0) goto done; /* no rows: the sum output, if any, is made (empty) */
     }
-    p.a = normed ? normed : (const float *)ie_data_of(in[IN_A], &s);
-    if (!s) p.b = kn->packed ? kn->packed : (const uint8_t *)ie_data_of(in[IN_B], &s);
-    if (!s) p.scales = (const float *)ie_data_of(in[IN_SCALES], &s);
-    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ie_data_of(in[IN_ZERO_POINTS], &s);
-    if (!s && in[IN_BIAS]) p.bias = (const float *)ie_data_of(in[IN_BIAS], &s);
-    if (!s) p.y = (float *)ie_data_of(y, &s);
+    p.a = normed ? normed : (const float *)ort_data_of(in[IN_A], &s);
+    if (!s) p.b = kn->packed ? kn->packed : (const uint8_t *)ort_data_of(in[IN_B], &s);
+    if (!s) p.scales = (const float *)ort_data_of(in[IN_SCALES], &s);
+    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ort_data_of(in[IN_ZERO_POINTS], &s);
+    if (!s && in[IN_BIAS]) p.bias = (const float *)ort_data_of(in[IN_BIAS], &s);
+    if (!s) p.y = (float *)ort_data_of(y, &s);
     if (s) goto done;
     if (kn->swiglu) {
         pair = (float *)malloc((size_t)(m * n) * sizeof(float));
         if (!pair) {
-            s = ie_error(IE_OP, ORTABI_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
+            s = ort_error(OP_NAME, ORT_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
             goto done;
         }
         p.swiglu = p.y;
@@ -213,15 +213,15 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
 
     q4_plan_t plan;
     if (q4_plan(&p, &plan) != 0) {
-        s = ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
-                     "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
-                     (long long)k, (long long)n, (long long)block);
+        s = ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
+                      "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
+                      (long long)k, (long long)n, (long long)block);
         goto done;
     }
     if (plan.scratch_bytes) {
         scratch = aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
         if (!scratch) {
-            s = ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+            s = ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
             goto done;
         }
     }
@@ -234,7 +234,7 @@ static OrtStatus *ORTABI_CALL compute(void *kernel, OrtKernelContext *ctx) {
         /* contiguous ranges of tasks, one callback each (ORT's per-task dispatch, num_batch 0, cost
          * more than the work here: decode at 15 instead of 33+ tok/s on InternVL3-2B shapes), the
          * threads sharing the last tasks of each other's ranges */
-        s = ie_parallel_ranges(ctx, run_task, plan.tasks, (size_t)(kn->batches > 0 ? kn->batches : 1), &p);
+        s = ort_parallel_ranges(ctx, run_task, plan.tasks, (size_t)(kn->batches > 0 ? kn->batches : 1), &p);
 done:
     free(scratch);
     free(pair);
@@ -251,11 +251,11 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     *f16 = 0;
     if (q4_blocks_bytes(n, k, block, (int)bits, 0) == 0) return NULL;
     size_t count = 0;
-    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
+    if (ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     const int64_t blocks = (k + block - 1) / block;
     void *scales = NULL, *zero_points = NULL;
-    if (ie_constant_input(info, count, IN_SCALES, ORTABI_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
-    const int zp = ie_constant_input(info, count, IN_ZERO_POINTS, ORTABI_TYPE_UINT8, zero_point_count(n, blocks, bits),
+    if (ort_constant_input(info, count, IN_SCALES, ORT_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
+    const int zp = ort_constant_input(info, count, IN_ZERO_POINTS, ORT_TYPE_UINT8, zero_point_count(n, blocks, bits),
                                   &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
@@ -263,7 +263,7 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     const size_t bytes = q4_blocks_bytes(n, k, block, (int)bits, *f16);
     if (bytes > SIZE_MAX - 63) return NULL;
     void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!t) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
+    if (!t) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.scales = (const float *)scales;
     p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
@@ -300,7 +300,7 @@ static size_t release_file_pages(const void *data, size_t bytes) {
     return hi - lo;
 }
 
-#define IE_HUGE_PAGE ((size_t)2 << 20)
+#define HUGE_PAGE ((size_t)2 << 20)
 /* Room for packed weights: from a huge page's size on, aligned to huge pages and marked for them
  * (transparent huge pages in "madvise" mode, a common default and this machine's, give anonymous
  * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
@@ -310,9 +310,9 @@ static size_t release_file_pages(const void *data, size_t bytes) {
  * linears"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
  * over InternVL3-2B's 56 linears of 2 MB or more. */
 static uint8_t *alloc_weights(size_t bytes) {
-    if (bytes < IE_HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    const size_t rounded = (bytes + IE_HUGE_PAGE - 1) & ~(IE_HUGE_PAGE - 1);
-    uint8_t *p = (uint8_t *)aligned_alloc(IE_HUGE_PAGE, rounded);
+    if (bytes < HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    const size_t rounded = (bytes + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    uint8_t *p = (uint8_t *)aligned_alloc(HUGE_PAGE, rounded);
     if (p) madvise(p, rounded, MADV_HUGEPAGE);
     return p;
 }
@@ -323,14 +323,14 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
                               uint8_t **packed) {
     *packed = NULL;
     const size_t bytes = q4_packed_bytes(n, k, block, (int)bits);
-    if (bytes == 0 || bytes > SIZE_MAX - IE_HUGE_PAGE) return NULL;
+    if (bytes == 0 || bytes > SIZE_MAX - HUGE_PAGE) return NULL;
     size_t count = 0;
-    if (ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
+    if (ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     void *b = NULL;
     const int64_t stored = n * ((k + block - 1) / block) * (block * bits / 8); /* B's elements */
-    if (ie_constant_input(info, count, IN_B, ORTABI_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
+    if (ort_constant_input(info, count, IN_B, ORT_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
     uint8_t *out = alloc_weights(bytes);
-    if (!out) return ie_error(IE_OP, ORTABI_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
+    if (!out) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.b = (const uint8_t *)b;
     q4_pack(&p, out);
@@ -340,55 +340,55 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     return NULL;
 }
 
-static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
-                                            void **out) {
+static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
+                                         void **out) {
     (void)op;
-    (void)api; /* the same table as g_api, which was asked for the API version that has every slot we use */
+    (void)api; /* the same table as ort_api, which was asked for the API version that has every slot we use */
     *out = NULL;
     int64_t k, n, bits, block;
-    TRY(ie_get_int(IE_OP, info, "K", &k));
-    TRY(ie_get_int(IE_OP, info, "N", &n));
-    TRY(ie_get_int(IE_OP, info, "bits", &bits));
-    TRY(ie_get_int(IE_OP, info, "block_size", &block));
+    ORT_TRY(ort_get_int(OP_NAME, info, "K", &k));
+    ORT_TRY(ort_get_int(OP_NAME, info, "N", &n));
+    ORT_TRY(ort_get_int(OP_NAME, info, "bits", &bits));
+    ORT_TRY(ort_get_int(OP_NAME, info, "block_size", &block));
     if (bits != 4 && bits != 8)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
     if (k <= 0 || n <= 0 || block <= 0)
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
                      (long long)n, (long long)block);
     void *table = NULL;
     int table_f16 = 0;
     uint8_t *packed = NULL;
-    TRY(make_table(info, k, n, block, bits, &table, &table_f16));
+    ORT_TRY(make_table(info, k, n, block, bits, &table, &table_f16));
     /* 8-bit weights are computed from the packed layout only (q4gemm.h) */
-    OrtStatus *s = ie_get_int_or(info, "pack", 1) || bits == 8 ? make_packed(info, k, n, block, bits, &packed) : NULL;
+    OrtStatus *s = ort_get_int_or(info, "pack", 1) || bits == 8 ? make_packed(info, k, n, block, bits, &packed) : NULL;
     if (!s && bits == 8 && (!packed || !table)) {
         free(table);
         free(packed);
-        return ie_error(IE_OP, ORTABI_INVALID_ARGUMENT, "bits=8 needs B, scales and zero_points (if given) as constant "
-                        "initializers and a CPU with VNNI; leave the node to com.microsoft MatMulNBits otherwise");
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "bits=8 needs B, scales and zero_points (if given) as constant "
+                         "initializers and a CPU with VNNI; leave the node to com.microsoft MatMulNBits otherwise");
     }
     kernel_t *kn = s ? NULL : (kernel_t *)malloc(sizeof *kn);
     if (!kn) {
         free(table);
         free(packed);
-        return s ? s : ie_error(IE_OP, ORTABI_FAIL, "out of memory");
+        return s ? s : ort_error(OP_NAME, ORT_FAIL, "out of memory");
     }
     kn->k = k;
     kn->n = n;
     kn->block = block;
     kn->bits = bits;
-    kn->batches = ie_get_int_or(info, "batches", 8);
+    kn->batches = ort_get_int_or(info, "batches", 8);
     if (kn->batches < 1) kn->batches = 1;
-    kn->swiglu = ie_get_int_or(info, "swiglu", 0) != 0;
+    kn->swiglu = ort_get_int_or(info, "swiglu", 0) != 0;
     kn->epsilon = 0.0f;
-    kn->norm = ie_get_float(info, "norm_epsilon", &kn->epsilon);
+    kn->norm = ort_get_float(info, "norm_epsilon", &kn->epsilon);
     kn->table = table;
     kn->table_f16 = table_f16;
     kn->packed = packed;
     kn->paired = 0;
     size_t inputs = 0;
-    const int counted = !ie_dropped(ORTABI(g_api, KernelInfo_GetInputCount)(info, &inputs));
-    const int bias = counted ? ie_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
+    const int counted = !ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &inputs));
+    const int bias = counted ? ort_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
     if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && bias == 0) {
         q4_problem shape = weight_shape(k, n, block, bits);
         kn->paired = q4_pair_swiglu(&shape, packed, table, table_f16) == 0; /* else the stored order: slower, the same */
@@ -398,7 +398,7 @@ static OrtStatus *ORTABI_CALL create_kernel(const ortabi_custom_op *op, const Or
     return NULL;
 }
 
-static void ORTABI_CALL destroy_kernel(void *kernel) {
+static void ORT_CALL destroy_kernel(void *kernel) {
     kernel_t *kn = (kernel_t *)kernel;
     if (kn) {
         free(kn->table);
@@ -407,93 +407,93 @@ static void ORTABI_CALL destroy_kernel(void *kernel) {
     free(kn);
 }
 
-static const char *ORTABI_CALL op_name(const ortabi_custom_op *op) { (void)op; return IE_OP; }
-static size_t ORTABI_CALL input_count(const ortabi_custom_op *op) { (void)op; return IN_COUNT; }
-static size_t ORTABI_CALL output_count(const ortabi_custom_op *op) { (void)op; return OUT_COUNT; }
+static const char *ORT_CALL op_name(const ort_custom_op *op) { (void)op; return OP_NAME; }
+static size_t ORT_CALL input_count(const ort_custom_op *op) { (void)op; return IN_COUNT; }
+static size_t ORT_CALL output_count(const ort_custom_op *op) { (void)op; return OUT_COUNT; }
 
-static ortabi_elem_type ORTABI_CALL input_type(const ortabi_custom_op *op, size_t i) {
+static ort_elem_type ORT_CALL input_type(const ort_custom_op *op, size_t i) {
     (void)op;
     switch (i) {
     case IN_B:
-    case IN_ZERO_POINTS: return ORTABI_TYPE_UINT8;
-    case IN_G_IDX: return ORTABI_TYPE_INT32;
-    default: return ORTABI_TYPE_FLOAT;
+    case IN_ZERO_POINTS: return ORT_TYPE_UINT8;
+    case IN_G_IDX: return ORT_TYPE_INT32;
+    default: return ORT_TYPE_FLOAT;
     }
 }
-static ortabi_io_kind ORTABI_CALL input_kind(const ortabi_custom_op *op, size_t i) {
+static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i >= IN_ZERO_POINTS ? ORTABI_IO_OPTIONAL : ORTABI_IO_REQUIRED;
+    return i >= IN_ZERO_POINTS ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED;
 }
-static ortabi_io_kind ORTABI_CALL output_kind(const ortabi_custom_op *op, size_t i) {
+static ort_io_kind ORT_CALL output_kind(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i == OUT_Y ? ORTABI_IO_REQUIRED : ORTABI_IO_OPTIONAL;
+    return i == OUT_Y ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL;
 }
 
 /* Zeroed room after the struct: should an ORT ever read a field past version 16's, it reads NULL. */
 static const struct {
-    ortabi_custom_op op;
+    ort_custom_op op;
     void *reserved[16];
 } g_op = {
     .op = {
-        .version = ORTABI_CUSTOM_OP_VERSION,
+        .version = ORT_CUSTOM_OP_VERSION,
         .create_kernel = NULL, /* create_kernel_v2 is used from version 16 on */
         .get_name = op_name,
-        .get_execution_provider_type = ie_cpu_provider,
+        .get_execution_provider_type = ort_cpu_provider,
         .get_input_type = input_type,
         .get_input_type_count = input_count,
-        .get_output_type = ie_float_output,
+        .get_output_type = ort_float_output,
         .get_output_type_count = output_count,
         .kernel_compute = NULL, /* kernel_compute_v2 likewise */
         .kernel_destroy = destroy_kernel,
         .get_input_characteristic = input_kind,
         .get_output_characteristic = output_kind,
-        .get_input_memory_type = ie_default_memory,
-        .get_variadic_input_min_arity = ie_variadic_one,
-        .get_variadic_input_homogeneity = ie_variadic_one,
-        .get_variadic_output_min_arity = ie_variadic_one,
-        .get_variadic_output_homogeneity = ie_variadic_one,
+        .get_input_memory_type = ort_default_memory,
+        .get_variadic_input_min_arity = ort_variadic_one,
+        .get_variadic_input_homogeneity = ort_variadic_one,
+        .get_variadic_output_min_arity = ort_variadic_one,
+        .get_variadic_output_homogeneity = ort_variadic_one,
         .create_kernel_v2 = create_kernel,
         .kernel_compute_v2 = compute,
     },
 };
 
-IE_EXPORT const char *internvl_edge_kernel_isa(void) { return q4_isa(); }
+ORT_EXPORT const char *q4_kernel_isa(void) { return q4_isa(); }
 
 /* Bytes of weights packed by this process's MatMulNBits kernels so far, and of those, how many of
  * ORT's copies were handed back to the page cache. */
-IE_EXPORT void internvl_edge_pack_stats(uint64_t *packed, uint64_t *released) {
+ORT_EXPORT void q4_pack_stats(uint64_t *packed, uint64_t *released) {
     *packed = __atomic_load_n(&g_packed_bytes, __ATOMIC_RELAXED);
     *released = __atomic_load_n(&g_released_bytes, __ATOMIC_RELAXED);
 }
 
 /* Bytes of the scale tables made by this process's MatMulNBits kernels so far: with float16 scales
  * and with float ones. */
-IE_EXPORT void internvl_edge_table_stats(uint64_t *f16, uint64_t *f32) {
+ORT_EXPORT void q4_table_stats(uint64_t *f16, uint64_t *f32) {
     *f16 = __atomic_load_n(&g_table_f16_bytes, __ATOMIC_RELAXED);
     *f32 = __atomic_load_n(&g_table_f32_bytes, __ATOMIC_RELAXED);
 }
 
 /* How many fused SwiGLU kernels of this process hold their gate and up weights side by side. */
-IE_EXPORT void internvl_edge_paired_count(uint64_t *paired) { *paired = __atomic_load_n(&g_paired, __ATOMIC_RELAXED); }
+ORT_EXPORT void q4_paired_count(uint64_t *paired) { *paired = __atomic_load_n(&g_paired, __ATOMIC_RELAXED); }
 
 /* The domain is handed to the session options and must outlive every session made from them, so it
  * is never released (one small object per registration). */
-IE_EXPORT OrtStatus *ORTABI_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-    const OrtApi *api = base->get_api(ORTABI_API_VERSION);
+ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    const OrtApi *api = base->get_api(ORT_API_VERSION_NEEDED);
     if (!api) {
         const OrtApi *v1 = base->get_api(1); /* CreateStatus is slot 0 in every version */
-        return v1 ? ORTABI(v1, CreateStatus)(ORTABI_FAIL, IE_DOMAIN " kernels need ONNX Runtime 1.17 or newer") : NULL;
+        return v1 ? ORT_FN(v1, CreateStatus)(ORT_FAIL, ORT_DOMAIN " kernels need ONNX Runtime 1.17 or newer") : NULL;
     }
-    g_api = api;
+    ort_api = api;
     if (q4_supported() != 0)
-        return ie_error(IE_OP, ORTABI_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2, FMA and F16C); "
+        return ort_error(OP_NAME, ORT_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2, FMA and F16C); "
                      "use com.microsoft MatMulNBits instead");
     OrtCustomOpDomain *domain = NULL;
-    TRY(ORTABI(api, CreateCustomOpDomain)(IE_DOMAIN, &domain));
-    OrtStatus *s = ORTABI(api, CustomOpDomain_Add)(domain, &g_op.op);
-    const ortabi_custom_op *attention = ie_attention_op();
-    if (!s && attention) s = ORTABI(api, CustomOpDomain_Add)(domain, attention);
-    if (!s) s = ORTABI(api, AddCustomOpDomain)(options, domain);
-    if (s) ORTABI(api, ReleaseCustomOpDomain)(domain);
+    ORT_TRY(ORT_FN(api, CreateCustomOpDomain)(ORT_DOMAIN, &domain));
+    OrtStatus *s = ORT_FN(api, CustomOpDomain_Add)(domain, &g_op.op);
+    const ort_custom_op *attention = ort_attention_op();
+    if (!s && attention) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention);
+    if (!s) s = ORT_FN(api, AddCustomOpDomain)(options, domain);
+    if (s) ORT_FN(api, ReleaseCustomOpDomain)(domain);
     return s;
 }

@@ -1,5 +1,5 @@
 /* The 4-bit x int8 matmul behind the `ai.internvl_edge` MatMulNBits op (see q4gemm.h and
- * q4gemm_body.h): one body compiled per x86-64 instruction set, picked at run time, so the
+ * q4gemm_isa.inc): one body compiled per x86-64 instruction set, picked at run time, so the
  * library loads on any x86-64 CPU and says so (q4_supported) where it has nothing to offer. */
 #include "q4gemm.h"
 #include "isa.h"
@@ -249,7 +249,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
         _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), bias));
     }
 }
-#include "q4gemm_body.h"
+#include "q4gemm_isa.inc"
 #undef Q4_DECODE_TILE8
 #undef Q4_PREFILL_TILE16
 #undef Q4_NAME
@@ -260,7 +260,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 #define Q4_NAME(x) x##_avxvnni
 #define Q4_DPBUSD _mm256_dpbusd_avx_epi32 /* the same instruction in its VEX encoding */
-#include "q4gemm_body.h"
+#include "q4gemm_isa.inc"
 #undef Q4_NAME
 #undef Q4_DPBUSD
 #undef Q4_DOT_CHUNK
@@ -283,7 +283,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
         const __m256i hi_ = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi); \
         acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_add_epi16(lo_, hi_), ones16));   \
     } while (0)
-#include "q4gemm_body.h"
+#include "q4gemm_isa.inc"
 #undef Q4_NAME
 #undef Q4_DOT_CHUNK
 #undef Q4_DOT_ONE
@@ -293,20 +293,20 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 
 void q4_quantize(const q4_problem *p)
 {
-    switch (ie_isa()) {
-    case IE_ISA_AVX512VNNI: quantize_avx512vnni(p); break;
-    case IE_ISA_AVXVNNI: quantize_avxvnni(p); break;
-    case IE_ISA_AVX2: quantize_avx2(p); break;
+    switch (isa_selected()) {
+    case ISA_AVX512VNNI: quantize_avx512vnni(p); break;
+    case ISA_AVXVNNI: quantize_avxvnni(p); break;
+    case ISA_AVX2: quantize_avx2(p); break;
     default: break;
     }
 }
 
 void q4_run(const q4_problem *p, size_t task)
 {
-    switch (ie_isa()) {
-    case IE_ISA_AVX512VNNI: run_avx512vnni(p, task); break;
-    case IE_ISA_AVXVNNI: run_avxvnni(p, task); break;
-    case IE_ISA_AVX2: run_avx2(p, task); break;
+    switch (isa_selected()) {
+    case ISA_AVX512VNNI: run_avx512vnni(p, task); break;
+    case ISA_AVXVNNI: run_avxvnni(p, task); break;
+    case ISA_AVX2: run_avx2(p, task); break;
     default: break;
     }
 }
@@ -318,13 +318,13 @@ void q4_run(const q4_problem *p, size_t task) { (void)p; (void)task; }
 
 #endif
 
-int q4_supported(void) { return ie_isa() != IE_ISA_NONE ? 0 : -1; }
+int q4_supported(void) { return isa_selected() != ISA_NONE ? 0 : -1; }
 
-const char *q4_isa(void) { return ie_isa_name(ie_isa()); }
+const char *q4_isa(void) { return isa_name(isa_selected()); }
 
 static int takes_8bit(int64_t n, int64_t k, int64_t block)
 {
-    return (ie_isa() == IE_ISA_AVX512VNNI || ie_isa() == IE_ISA_AVXVNNI) && n > 0 && k > 0 && block > 0 &&
+    return (isa_selected() == ISA_AVX512VNNI || isa_selected() == ISA_AVXVNNI) && n > 0 && k > 0 && block > 0 &&
            block % Q4_CHUNK == 0 && block <= Q4_MAX_BLOCK;
 }
 
@@ -332,7 +332,7 @@ size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16)
 {
     if (bits == 8) /* every group of 8, the last one padded */
         return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16) : 0;
-    if (ie_isa() != IE_ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
+    if (isa_selected() != ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16);
     return 0;
 }

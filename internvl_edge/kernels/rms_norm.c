@@ -29,14 +29,14 @@ static void one_row(const float *x, const float *skip, const float *gamma, float
     for (i = 0; i < k; i++) normed[i] = normed[i] / root * gamma[i];
 }
 
-void rms_norm_rows(const rms_norm_job *job, int64_t first, int64_t count) {
+void norm_rows(const norm_job *job, int64_t first, int64_t count) {
     const int64_t k = job->k;
     for (int64_t r = first; r < first + count && r < job->m; r++)
         one_row(job->x + r * k, job->skip ? job->skip + r * k : 0, job->gamma, job->epsilon, k,
                 job->sum ? job->sum + r * k : 0, job->normed + r * k);
 }
 
-void rms_norm_task(void *job, size_t task) {
-    const rms_norm_job *j = (const rms_norm_job *)job;
-    rms_norm_rows(j, (int64_t)task * j->rows_per_task, j->rows_per_task);
+void norm_task(void *job, size_t task) {
+    const norm_job *j = (const norm_job *)job;
+    norm_rows(j, (int64_t)task * j->rows_per_task, j->rows_per_task);
 }

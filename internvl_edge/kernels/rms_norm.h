@@ -26,11 +26,11 @@ typedef struct {
     int64_t m, k;
     float *sum;    /* [M, K] or NULL: x + skip */
     float *normed; /* [M, K] */
-    int64_t rows_per_task; /* rms_norm_task's share of the rows */
-} rms_norm_job;
+    int64_t rows_per_task; /* norm_task's share of the rows */
+} norm_job;
 
-void rms_norm_rows(const rms_norm_job *job, int64_t first, int64_t count);
+void norm_rows(const norm_job *job, int64_t first, int64_t count);
 /* rows [task * rows_per_task, ...) of the job: for a thread pool's callback */
-void rms_norm_task(void *job, size_t task);
+void norm_task(void *job, size_t task);
 
 #endif
