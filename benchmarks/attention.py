@@ -60,8 +60,10 @@ def session(domain: str, rows: int, threads: int, library: str | None = None):
             )
         )
         outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
-    model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "attention", inputs, outputs, inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's sessions

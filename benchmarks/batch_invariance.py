@@ -58,12 +58,21 @@ def measure(bundle: str, prompt: int, steps: int, rounds: int, threads: int | No
         single = decode(one, 1)
         batched = decode(four, 4)
         if r:
-            print(json.dumps({"kernels": os.path.dirname(kernels.__file__), "q4_kernel": backend.q4_kernel,
-                              "attention_kernel": backend.attention_kernel,
-                              "batch_invariant": os.environ.get("INTERNVL_EDGE_BATCH_INVARIANT", "1") != "0",
-                              "prompt": prompt, "prefill_tps": round(prefill_tps, 2),
-                              "decode_tps_batch1": round(single, 2), "decode_tps_batch4": round(batched, 2)}),
-                  flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "kernels": os.path.dirname(kernels.__file__),
+                        "q4_kernel": backend.q4_kernel,
+                        "attention_kernel": backend.attention_kernel,
+                        "batch_invariant": os.environ.get("INTERNVL_EDGE_BATCH_INVARIANT", "1") != "0",
+                        "prompt": prompt,
+                        "prefill_tps": round(prefill_tps, 2),
+                        "decode_tps_batch1": round(single, 2),
+                        "decode_tps_batch4": round(batched, 2),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def main() -> None:

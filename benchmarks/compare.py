@@ -45,8 +45,13 @@ def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def sh(cmd: list[str], cwd: str | None = None, env: dict | None = None, log_to: str | None = None,
-       stdout_only: bool = False) -> str:  # fmt: skip
+def sh(
+    cmd: list[str],
+    cwd: str | None = None,
+    env: dict | None = None,
+    log_to: str | None = None,
+    stdout_only: bool = False,
+) -> str:
     log(" ".join(cmd))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     out = proc.stdout if stdout_only and proc.returncode == 0 else proc.stdout + proc.stderr
@@ -80,8 +85,8 @@ def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
         path = os.path.join(work, "ours_" + re.sub(r"\W+", "_", name))
         info = {"path": path, "flags": flags}
         if not os.path.isfile(os.path.join(path, "manifest.json")):
-            cmd = [PY, "-m", "internvl_edge", "convert", "-m", ckpt, "-s", "2048", "-q", "w4bf16", "-c", "cpu",
-                   "--out_dir", path] + flags  # fmt: skip
+            cmd = [PY, "-m", "internvl_edge", "convert", "-m", ckpt, *"-s 2048 -q w4bf16 -c cpu".split()]
+            cmd += ["--out_dir", path, *flags]
             _, info["convert_s"], info["convert_peak_gb"] = timed(cmd)
             info["convert_command"] = "internvl-edge " + " ".join(cmd[3:])
         out[name] = info
@@ -89,8 +94,8 @@ def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
 
 
 def bench_ours(path: str, threads: int, repeats: int) -> dict:
-    out = sh([PY, "-m", "internvl_edge", "bench", "-m", path, "--threads", str(threads), "--repeats", str(repeats),
-              "--profile", "--json"], stdout_only=True)  # fmt: skip
+    cmd = [PY, "-m", "internvl_edge", "bench", "-m", path, "--threads", str(threads), "--repeats", str(repeats)]
+    out = sh(cmd + ["--profile", "--json"], stdout_only=True)
     return json.loads(out)
 
 
@@ -136,7 +141,8 @@ with torch.no_grad():
     res["vision_s_per_tile"] = min(t)
     ids = torch.randint(0, 1000, (1, 296))
     m(input_ids=ids)
-    t0 = time.perf_counter(); out = m(input_ids=ids, use_cache=True); res["prefill_296_tps"] = 296 / (time.perf_counter() - t0)
+    t0 = time.perf_counter(); out = m(input_ids=ids, use_cache=True)
+    res["prefill_296_tps"] = 296 / (time.perf_counter() - t0)
     cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
     nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
@@ -167,10 +173,10 @@ def build_llama_cpp(work: str) -> str:
             tf.extractall(src_root, filter="data")
     bins = [os.path.join(llama, "build", "bin", b) for b in ("llama-bench", "llama-mtmd-cli", "llama-quantize")]
     if not all(os.path.isfile(b) for b in bins):
-        sh(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON",
-            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama)  # fmt: skip
-        sh(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
-            "llama-bench", "llama-mtmd-cli", "llama-quantize"], cwd=llama)  # fmt: skip
+        options = "-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF"
+        sh(["cmake", "-B", "build", *options.split(), "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama)
+        targets = ["llama-bench", "llama-mtmd-cli", "llama-quantize"]
+        sh(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *targets], cwd=llama)
     return llama
 
 
@@ -186,14 +192,20 @@ convert_hf_to_gguf.main()
 
 
 def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
-    files = {"bf16": os.path.join(work, "text-bf16.gguf"), "q4_0": os.path.join(work, "text-q4_0.gguf"),
-             "mmproj_bf16": os.path.join(work, "mmproj-bf16.gguf"), "mmproj_f16": os.path.join(work, "mmproj-f16.gguf")}  # fmt: skip
+    files = {
+        "bf16": os.path.join(work, "text-bf16.gguf"),
+        "q4_0": os.path.join(work, "text-q4_0.gguf"),
+        "mmproj_bf16": os.path.join(work, "mmproj-bf16.gguf"),
+        "mmproj_f16": os.path.join(work, "mmproj-f16.gguf"),
+    }
     gguf_py = os.path.join(llama, "gguf-py")
     if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
         sys.exit("compare.py: llama.cpp's convert_hf_to_gguf.py needs sentencepiece: pip install sentencepiece")
-    for key, args in (("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
-                      ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
-                      ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]])):  # fmt: skip
+    for key, args in (
+        ("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
+        ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
+        ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]]),
+    ):
         if not os.path.isfile(files[key]):  # written under a temporary name: a file there is whole
             partial = files[key] + ".partial"
             sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args[:-1] + [partial])])
@@ -208,8 +220,8 @@ def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
     bench = os.path.join(llama, "build", "bin", "llama-bench")
     res = {}
     for model in ("q4_0", "bf16"):
-        out = sh([bench, "-m", files[model], "-t", str(threads), "-p", "64,256,1024", "-n", "64", "-d", "0,300,1500",
-                  "-r", "3", "-o", "json"], stdout_only=True)  # fmt: skip
+        shapes = "-p 64,256,1024 -n 64 -d 0,300,1500 -r 3 -o json".split()
+        out = sh([bench, "-m", files[model], "-t", str(threads), *shapes], stdout_only=True)
         rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
         for row in rows:
             depth = row.get("n_depth", 0)
@@ -222,8 +234,8 @@ def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
     for proj in ("mmproj_bf16", "mmproj_f16"):
         ftls, encodes, images = [], [], []
         for _ in range(3):
-            out = sh([cli, "-m", files["q4_0"], "--mmproj", files[proj], "--image", image, "-p", prompt, "-n", "1",
-                      "-t", str(threads), "--temp", "0", "--chat-template", "chatml", "--perf", "-lv", "4"])  # fmt: skip
+            cmd = [cli, "-m", files["q4_0"], "--mmproj", files[proj], "--image", image, "-p", prompt, "-n", "1"]
+            out = sh(cmd + ["-t", str(threads), *"--temp 0 --chat-template chatml --perf -lv 4".split()])
             encodes.append(float(re.search(r"mtmd batch encoding done in (\d+) ms", out).group(1)) / 1000)
             images.append(float(re.search(r"decoded \(batch \d+/\d+\) in (\d+) ms", out).group(1)) / 1000)
             # first-token latency from the log's own timestamps: from the start of
@@ -262,13 +274,22 @@ def _f(x, digits=1):
 def render(results: dict, command: str) -> str:
     """The comparison as markdown: one row per system, our rows' ratios against llama.cpp Q4_0."""
     m = results.get("machine", {})
-    lines = [START, "## Side by side: internvl-edge, llama.cpp and transformers (InternVL3-2B shapes)", "",
-             f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, {m.get('threads')} threads everywhere), random",
-             "weights with the exact InternVL3-2B shapes (`internvl-edge make-checkpoint CKPT --size 2b`), one run",
-             "after another (never concurrently). Medians of 3 runs after a warm-up. Command:", "",
-             f"    {command}", ""]  # fmt: skip
-    head = ("| system | decode tok/s @300 | decode tok/s @1500 | prefill tok/s 64 / 256 / 1024 | "
-            "vision s/tile | FTL text s | FTL 1 tile + 40 tokens s | load s | peak RSS GB |")  # fmt: skip
+    lines = [
+        START,
+        "## Side by side: internvl-edge, llama.cpp and transformers (InternVL3-2B shapes)",
+        "",
+        f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, {m.get('threads')} threads "
+        "everywhere), random",
+        "weights with the exact InternVL3-2B shapes (`internvl-edge make-checkpoint CKPT --size 2b`), one run",
+        "after another (never concurrently). Medians of 3 runs after a warm-up. Command:",
+        "",
+        f"    {command}",
+        "",
+    ]
+    head = (
+        "| system | decode tok/s @300 | decode tok/s @1500 | prefill tok/s 64 / 256 / 1024 | "
+        "vision s/tile | FTL text s | FTL 1 tile + 40 tokens s | load s | peak RSS GB |"
+    )
     lines += [head, "|" + "---|" * 9]
     llama = results.get("llama.cpp", {})
     for name, info in results.get("ours", {}).items():
@@ -277,28 +298,31 @@ def render(results: dict, command: str) -> str:
         # the roofline fraction step by step (bench.py: each step against a read right after it); the one
         # against the best bandwidth sample mixes machine states
         paired = b.get("roofline_fraction_paired") or b["roofline_fraction"]
+        decode, ftl, rss = b["decode_tps"], b["ftl_s"], b["peak_rss_bytes"]
         lines.append(
-            f"| internvl-edge {name} | {_f(b['decode_tps'].get('300'))} ({100 * paired.get('300', 0):.0f}% of roofline) "
-            f"| {_f(b['decode_tps'].get('1500'))} ({100 * paired.get('1500', 0):.0f}%) | {pf} "
-            f"| {_f(b['vision_s_per_tile'], 2)} | {_f(b['ftl_s'].get('text'), 2)} | {_f(b['ftl_s'].get('1 tile + 40 tokens'), 2)} "
-            f"| {_f(b['load_s'], 2)} | {b['peak_rss_bytes'] / 1e9:.2f} ({b['peak_rss_bytes'] / b['weight_bytes']:.2f}x weights) |"
-        )  # fmt: skip
+            f"| internvl-edge {name} | {_f(decode.get('300'))} ({100 * paired.get('300', 0):.0f}% of roofline) "
+            f"| {_f(decode.get('1500'))} ({100 * paired.get('1500', 0):.0f}%) | {pf} "
+            f"| {_f(b['vision_s_per_tile'], 2)} | {_f(ftl.get('text'), 2)} | {_f(ftl.get('1 tile + 40 tokens'), 2)} "
+            f"| {_f(b['load_s'], 2)} | {rss / 1e9:.2f} ({rss / b['weight_bytes']:.2f}x weights) |"
+        )
     for q in ("q4_0", "bf16"):
         if f"{q} decode at 0" not in llama:
             continue
         pf = " / ".join(_f(llama.get(f"{q} prefill {n}")) for n in (64, 256, 1024))
-        vision = (
-            _f(llama.get("mmproj_bf16 vision s/tile"), 2)
-            + " (bf16 mmproj), "
-            + _f(llama.get("mmproj_f16 vision s/tile"), 2)
-            + " (f16)"
+        bf16_tile, f16_tile = (
+            _f(llama.get("mmproj_bf16 vision s/tile"), 2),
+            _f(llama.get("mmproj_f16 vision s/tile"), 2),
         )
+        vision = f"{bf16_tile} (bf16 mmproj), {f16_tile} (f16)" if q == "q4_0" else "-"
         ftl = _f(llama.get("mmproj_bf16 FTL 1 tile + 40 words"), 2) if q == "q4_0" else "-"
-        lines.append(f"| llama.cpp {q.upper()} | {_f(llama.get(f'{q} decode at 300'))} | {_f(llama.get(f'{q} decode at 1500'))} "
-                     f"| {pf} | {vision if q == 'q4_0' else '-'} | - | {ftl} | - | - |")  # fmt: skip
+        at300, at1500 = _f(llama.get(f"{q} decode at 300")), _f(llama.get(f"{q} decode at 1500"))
+        lines.append(f"| llama.cpp {q.upper()} | {at300} | {at1500} | {pf} | {vision} | - | {ftl} | - | - |")
     for dtype, t in results.get("transformers", {}).items():
-        lines.append(f"| transformers {dtype} (eager) | {_f(t.get('decode_tps_300'))} | - | - / - / - ({_f(t.get('prefill_296_tps'))} at 296) "
-                     f"| {_f(t.get('vision_s_per_tile'), 2)} | - | - | - | - |")  # fmt: skip
+        prefill = f"- / - / - ({_f(t.get('prefill_296_tps'))} at 296)"
+        lines.append(
+            f"| transformers {dtype} (eager) | {_f(t.get('decode_tps_300'))} | - | {prefill} "
+            f"| {_f(t.get('vision_s_per_tile'), 2)} | - | - | - | - |"
+        )
     ours = results.get("ours", {})
     ref = llama.get("q4_0 decode at 300")
     if ours and ref:
@@ -313,16 +337,17 @@ def render(results: dict, command: str) -> str:
                     parts.append(f"prefill {n} {b['prefill_tps'][n] / llama[f'q4_0 prefill {n}']:.2f}x")
             if llama.get("mmproj_bf16 vision s/tile"):
                 parts.append(f"vision time {b['vision_s_per_tile'] / llama['mmproj_bf16 vision s/tile']:.2f}x")
-            if llama.get("mmproj_bf16 FTL 1 tile + 40 words"):
-                parts.append(
-                    f"FTL 1 tile + 40 {b['ftl_s']['1 tile + 40 tokens'] / llama['mmproj_bf16 FTL 1 tile + 40 words']:.2f}x"
-                )
+            if llama_ftl := llama.get("mmproj_bf16 FTL 1 tile + 40 words"):
+                parts.append(f"FTL 1 tile + 40 {b['ftl_s']['1 tile + 40 tokens'] / llama_ftl:.2f}x")
             lines.append(f"- {name}: " + ", ".join(parts))
     if "history_turn2_s" in results:
         h = results["history_turn2_s"]
-        lines += ["", f"History as KV cache (`--use_block_with_kv`, dynamic): turn 2 (a 16-token question) takes "
-                      f"{h['64']:.2f} s after a 64-token turn 1 and {h['1024']:.2f} s after a 1024-token turn 1: "
-                      "its prefill covers its own tokens, not the history."]  # fmt: skip
+        lines += [
+            "",
+            f"History as KV cache (`--use_block_with_kv`, dynamic): turn 2 (a 16-token question) takes "
+            f"{h['64']:.2f} s after a 64-token turn 1 and {h['1024']:.2f} s after a 1024-token turn 1: "
+            "its prefill covers its own tokens, not the history.",
+        ]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -365,8 +390,8 @@ def main() -> None:
     if "history" not in skip:
         path = os.path.join(args.work, "ours_history")
         if not os.path.isfile(os.path.join(path, "manifest.json")):
-            sh([PY, "-m", "internvl_edge", "convert", "-m", args.checkpoint, "-s", "2048", "-q", "w4bf16",
-                "--use_block_with_kv", "--max_input_length", "1100", "--out_dir", path])  # fmt: skip
+            options = "-s 2048 -q w4bf16 --use_block_with_kv --max_input_length 1100".split()
+            sh([PY, "-m", "internvl_edge", "convert", "-m", args.checkpoint, *options, "--out_dir", path])
         results["history_turn2_s"] = bench_history(path, args.threads)
         save()
     if "transformers" not in skip:
@@ -382,8 +407,8 @@ def main() -> None:
     log(f"wrote {out_path}")
     if args.write:
         # the table covers every part (a --skip run reuses the others' saved results), so it names the full command
-        command = ["python", "benchmarks/compare.py", "--checkpoint", args.checkpoint, "--work", args.work,
-                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--write", args.write]  # fmt: skip
+        command = ["python", "benchmarks/compare.py", "--checkpoint", args.checkpoint, "--work", args.work]
+        command += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--write", args.write]
         write_section(args.write, render(results, " ".join(command)))
         log(f"updated {args.write}")
 

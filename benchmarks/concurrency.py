@@ -67,8 +67,14 @@ def run_level(url: str, body: dict, key: str | None, streams: int, rounds: int) 
             ttft.append(r["first"] - r["sent"])
             if r["tokens"] > 1 and r["end"] > r["first"]:
                 per_stream.append((r["tokens"] - 1) / (r["end"] - r["first"]))
-    return {"streams": streams, "total_tps": statistics.median(totals), "per_stream_tps": statistics.mean(per_stream),
-            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95), "samples": len(ttft)}  # fmt: skip
+    return {
+        "streams": streams,
+        "total_tps": statistics.median(totals),
+        "per_stream_tps": statistics.mean(per_stream),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "samples": len(ttft),
+    }
 
 
 def decode_steps(bundle: str, sizes: list[int], context: int = 256, repeats: int = 5) -> list[dict]:
@@ -120,8 +126,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds per level (default 2)")
     p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     p.add_argument("--threads", type=int, default=None, help="server CPU threads (with --bundle)")
-    p.add_argument("--decode-steps", action="store_true",
-                   help="with --bundle: first time the batched decoder call alone for each level")  # fmt: skip
+    p.add_argument(
+        "--decode-steps",
+        action="store_true",
+        help="with --bundle: first time the batched decoder call alone for each level",
+    )
     args = p.parse_args()
     if bool(args.bundle) == bool(args.url):
         p.error("give --bundle or --url")
@@ -133,8 +142,14 @@ def main() -> int:
             proc, url, model = start_server(args.bundle, max(levels), args.threads)
         else:
             url, model = args.url.rstrip("/").removesuffix("/v1"), args.model
-        body = {"model": model, "messages": [{"role": "user", "content": args.prompt}], "stream": True,
-                "max_tokens": args.max_tokens, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": args.prompt}],
+            "stream": True,
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
         stream_once(url, body, args.api_key)  # warm-up
         rows = [run_level(url, body, args.api_key, n, args.rounds) for n in levels]
     finally:

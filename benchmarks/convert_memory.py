@@ -59,9 +59,18 @@ def main(argv: list[str]) -> int:
         print(f"convert failed with exit status {proc.returncode}", file=sys.stderr)
         return proc.returncode
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
-    print(json.dumps({"command": " ".join(["internvl-edge", *cmd[3:]]), "wall_s": round(wall, 1),
-                      "peak_rss_gb": round(peak["VmHWM"] / 1e9, 2), "peak_anon_gb": round(peak["RssAnon"] / 1e9, 2),
-                      "peak_file_gb": round(peak["RssFile"] / 1e9, 2), "bundle_gb": round(size / 1e9, 2)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "command": " ".join(["internvl-edge", *cmd[3:]]),
+                "wall_s": round(wall, 1),
+                "peak_rss_gb": round(peak["VmHWM"] / 1e9, 2),
+                "peak_anon_gb": round(peak["RssAnon"] / 1e9, 2),
+                "peak_file_gb": round(peak["RssFile"] / 1e9, 2),
+                "bundle_gb": round(size / 1e9, 2),
+            }
+        )
+    )
     return 0
 
 

@@ -43,8 +43,11 @@ def decode(bundle: str, threads: int, context: int, seconds: float) -> None:
 
 def shares(data: str) -> None:
     """Per thread: its share of all samples, and of its own samples in our library, ORT and the rest."""
-    report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "pid,dso", "-g", "none",
-                             "--stdio"], capture_output=True, text=True)  # fmt: skip
+    report = subprocess.run(
+        ["perf", "report", "-i", data, "--no-children", "--sort", "pid,dso", "-g", "none", "--stdio"],
+        capture_output=True,
+        text=True,
+    )
     threads: dict[str, dict[str, float]] = {}
     for line in report.stdout.splitlines():
         parts = line.split()
@@ -76,14 +79,29 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "decode.data")
-        child = subprocess.Popen([sys.executable, __file__, "--bundle", args.bundle, "--threads", str(args.threads),
-                                  "--context", str(args.context), "--seconds", str(args.seconds + 2)],
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--bundle",
+                args.bundle,
+                "--threads",
+                str(args.threads),
+                "--context",
+                str(args.context),
+                "--seconds",
+                str(args.seconds + 2),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for line in child.stdout:  # load, prefill and warm-up are not sampled
             if line.strip() == "decoding":
                 break
-        subprocess.run(["perf", "record", "-F", "2000", "-q", "-o", data, "-p", str(child.pid), "--", "sleep",
-                        str(args.seconds)], check=True)  # fmt: skip
+        subprocess.run(
+            ["perf", "record", "-F", "2000", "-q", "-o", data, "-p", str(child.pid), "--", "sleep", str(args.seconds)],
+            check=True,
+        )
         print(child.stdout.read().strip(), flush=True)
         child.wait()
         shares(data)

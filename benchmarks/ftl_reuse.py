@@ -46,18 +46,25 @@ def main() -> int:
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for b in args.bundles:
-        proc = subprocess.run([sys.executable, "-c", CHILD, b, str(args.threads), str(args.repeats)],
-                              capture_output=True, text=True, env=env, check=False)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, b, str(args.threads), str(args.repeats)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         if proc.returncode:
             print(f"{b}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
             return 1
         r = json.loads(proc.stdout)
         ftl = r["ftl_s"]
-        print(f"{b} ({'dynamic' if r['dynamic'] else 'static'}): load {r['load_s']:.2f} s; FTL 1 tile + 40 tokens: "
-              f"cold {ftl['cold']:.2f} s, repeated {ftl['repeated']:.3f} s ({ftl['repeated'] / ftl['cold']:.3f}x), "
-              f"same image, new question {ftl['same image, new question']:.2f} s "
-              f"({ftl['same image, new question'] / ftl['cold']:.3f}x); peak RSS "
-              f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['peak_rss_bytes'] / r['weight_bytes']:.2f}x weights)")  # fmt: skip
+        print(
+            f"{b} ({'dynamic' if r['dynamic'] else 'static'}): load {r['load_s']:.2f} s; FTL 1 tile + 40 tokens: "
+            f"cold {ftl['cold']:.2f} s, repeated {ftl['repeated']:.3f} s ({ftl['repeated'] / ftl['cold']:.3f}x), "
+            f"same image, new question {ftl['same image, new question']:.2f} s "
+            f"({ftl['same image, new question'] / ftl['cold']:.3f}x); peak RSS "
+            f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['peak_rss_bytes'] / r['weight_bytes']:.2f}x weights)"
+        )
         print(json.dumps(r), flush=True)
     return 0
 

@@ -62,8 +62,11 @@ def main() -> None:
         kernels.library_path = ours
         caches = {ctx: _prefilled(model, ctx) for ctx in CONTEXTS}
         loaded[mode] = (model, caches)
-        print(f"loaded INTERNVL_EDGE_KERNELS={mode}: 4-bit linears {model.backend.q4_kernel}, attention "
-              f"{model.backend.attention_kernel}", flush=True)  # fmt: skip
+        print(
+            f"loaded INTERNVL_EDGE_KERNELS={mode}: 4-bit linears {model.backend.q4_kernel}, attention "
+            f"{model.backend.attention_kernel}",
+            flush=True,
+        )
     embeds = {n: _random_embeds(loaded[modes[0]][0], n) for n in PREFILLS}
     step_ms = {(m, c): [] for m in modes for c in CONTEXTS}
     prefill_tps = {(m, n): [] for m in modes for n in PREFILLS}

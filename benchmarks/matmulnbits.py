@@ -52,18 +52,33 @@ def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: in
         packed = rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8)
         scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
         zeros = rng.integers(0, 256, n * (-(-blocks * bits // 8)), dtype=np.uint8)  # as our bundles: always given
-        weights += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}"),
-                    numpy_helper.from_array(zeros, f"z{i}")]  # fmt: skip
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain="com.microsoft",
-                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))  # fmt: skip
+        weights += [
+            numpy_helper.from_array(packed, f"w{i}"),
+            numpy_helper.from_array(scales, f"s{i}"),
+            numpy_helper.from_array(zeros, f"z{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["x", f"w{i}", f"s{i}", f"z{i}"],
+                [f"y{i}"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=block,
+                accuracy_level=accuracy_level,
+            )
+        )
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
     g = helper.make_graph(nodes, "matmulnbits", [x], outputs, weights)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False,
-               swiglu=False) -> tuple[float, float]:  # fmt: skip
+def time_shape(
+    k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False, swiglu=False
+) -> tuple[float, float]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
@@ -74,7 +89,7 @@ def time_shape(k, n, bits, copies, threads, block, accuracy_level, ours=False, h
         kernels.rewrite(model, threads)
         so.register_custom_ops_library(kernels.library_path())
     if swiglu:  # what fuse_swiglu makes of the gate/up linear and the SwiGLU after it
-        for node, output in zip(model.graph.node, model.graph.output):
+        for node, output in zip(model.graph.node, model.graph.output, strict=True):
             node.attribute.append(helper.make_attribute("swiglu", 1))
             output.type.tensor_type.shape.dim[1].dim_value = n // 2
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -98,8 +113,11 @@ def main() -> None:
     ap.add_argument("--hot", action="store_true", help="8 weights of 1536 x 2048 held in L3: the compute ceiling")
     args = ap.parse_args()
     shapes = {"hot 8x1536x2048": (HIDDEN, 2048, 4, 8)} if args.hot else SHAPES
-    print(f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}, "
-          f"accuracy_level {args.accuracy_level}", flush=True)  # fmt: skip
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}, "
+        f"accuracy_level {args.accuracy_level}",
+        flush=True,
+    )
     print(f"read bandwidth (ReduceSum): {read_bandwidth(args.threads):.1f} GB/s", flush=True)
     ours_here = kernels.library_path() is not None
     for name, (k, n, bits, copies) in shapes.items():
@@ -107,15 +125,20 @@ def main() -> None:
         line = f"{name:14s} K={k:5d} N={n:6d} {bits}-bit: onnxruntime {ms:7.3f} ms each, {gbs:5.1f} GB/s"
         ours_takes = bits == 4 or (bits == 8 and kernels.isa() in kernels.EIGHT_BIT_ISAS)  # its 8-bit path: VNNI
         if ours_here and ours_takes and args.accuracy_level == 4:
-            ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True,
-                                 hot=args.hot)  # fmt: skip
+            ms, gbs = time_shape(
+                k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True, hot=args.hot
+            )
             line += f" | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s"
         print(line, flush=True)
         if ours_here and name == "gate_up" and args.accuracy_level == 4:
-            ms, gbs = time_shape(k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True,
-                                 swiglu=True)  # fmt: skip
-            print(f"{'gate_up swiglu':14s} K={k:5d} N={n:6d} {bits}-bit: fused with its SwiGLU, ours only"
-                  f"{'':19s} | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s", flush=True)  # fmt: skip
+            ms, gbs = time_shape(
+                k, n, bits, copies, args.threads, args.block, args.accuracy_level, ours=True, swiglu=True
+            )
+            print(
+                f"{'gate_up swiglu':14s} K={k:5d} N={n:6d} {bits}-bit: fused with its SwiGLU, ours only"
+                f"{'':19s} | internvl-edge q4gemm {ms:7.3f} ms, {gbs:5.1f} GB/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     print("|---|---|---:|---|---:|")
     pooled: dict[tuple[str, str], list] = {}
     figures: dict[tuple[str, str], list[float]] = {}
-    for path, run in zip(args.runs, runs):
+    for path, run in zip(args.runs, runs, strict=True):
         for ctx, pairs in run.get("decode_pairs", {}).items():
             gbs = median([p[1] for p in pairs])
             state = "fast" if gbs >= FAST_GBS else "slow"
@@ -72,9 +72,11 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|---:|")
     for key in sorted(pooled, key=lambda k: (int(k[0]), k[1])):
         own = figures[key]
-        print(f"| {key[0]} | {key[1]} | {len(own)} | {len(pooled[key])} | "
-              f"{100 * paired_fraction(pooled[key], per_token[key[0]], probe):.1f}% | "
-              f"{100 * min(own):.1f}-{100 * max(own):.1f}% |")  # fmt: skip
+        print(
+            f"| {key[0]} | {key[1]} | {len(own)} | {len(pooled[key])} | "
+            f"{100 * paired_fraction(pooled[key], per_token[key[0]], probe):.1f}% | "
+            f"{100 * min(own):.1f}-{100 * max(own):.1f}% |"
+        )
     return 0
 
 

@@ -43,8 +43,14 @@ def free_port() -> int:
 
 
 def deploy(serve, ray_app, bundle: str, name: str, replicas: int, threads: int, parallel: int) -> str:
-    args = {"bundle": bundle, "replicas": replicas, "threads": threads, "parallel": parallel, "max_queue": 256,
-            "served_model_name": "m"}  # fmt: skip
+    args = {
+        "bundle": bundle,
+        "replicas": replicas,
+        "threads": threads,
+        "parallel": parallel,
+        "max_queue": 256,
+        "served_model_name": "m",
+    }
     settings = ray_app.RaySettings.from_args(args)
     serve.run(ray_app.build_app(settings), name=name, route_prefix=f"/{name}")
     url = f"{serve_url}/{name}"
@@ -112,8 +118,14 @@ def main() -> int:
             replicas, threads = (int(x) for x in layout.split("x"))
             parallel = max(1, -(-max(levels) // replicas))
             url = deploy(serve, ray_app, os.path.abspath(args.bundle), f"l{layout}", replicas, threads, parallel)
-            body = {"model": "m", "messages": [{"role": "user", "content": args.prompt}], "stream": True,
-                    "max_tokens": args.max_tokens, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+            body = {
+                "model": "m",
+                "messages": [{"role": "user", "content": args.prompt}],
+                "stream": True,
+                "max_tokens": args.max_tokens,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
             stream_once(url, body, None)  # warm-up
             for n in levels:
                 row = run_level(url, body, None, n, args.rounds)
@@ -151,8 +163,10 @@ def main() -> int:
         print("|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             mem = ", ".join(f"{m['rss_mib']:.0f} / {m['uss_mib']:.0f}" for m in r["memory"])
-            print(f"| {r['layout']} | {r['parallel']} | {r['streams']} | {r['total_tps']:.1f} | {r['ttft_p50_s']:.2f} "
-                  f"| {r['ttft_p95_s']:.2f} | {mem} |")  # fmt: skip
+            print(
+                f"| {r['layout']} | {r['parallel']} | {r['streams']} | {r['total_tps']:.1f} | {r['ttft_p50_s']:.2f} "
+                f"| {r['ttft_p95_s']:.2f} | {mem} |"
+            )
     if overhead:
         plain, ray_ = overhead["plain"], overhead["ray"]
         print("\n| tiny bundle, 1-token answer | p50 (ms) | p95 (ms) |\n|---|---:|---:|")

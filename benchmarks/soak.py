@@ -45,8 +45,12 @@ import httpx
 import numpy as np
 from PIL import Image
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "List ten uses for a paperclip.",
-           "Explain how a bicycle gear works.", "Describe a walk through a forest in autumn."]  # fmt: skip
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "List ten uses for a paperclip.",
+    "Explain how a bicycle gear works.",
+    "Describe a walk through a forest in autumn.",
+]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,8 +93,13 @@ class Soak:
         self.max_waiting = 0
         self.rss: list[tuple[float, float]] = []
         self.image = image_url(args.seed)
-        self.greedy_body = {"model": model, "max_tokens": args.greedy_tokens, "return_token_ids": True,
-                            "max_tiles": 1, "messages": self.user("Describe the image in detail.", image=True)}  # fmt: skip
+        self.greedy_body = {
+            "model": model,
+            "max_tokens": args.greedy_tokens,
+            "return_token_ids": True,
+            "max_tiles": 1,
+            "messages": self.user("Describe the image in detail.", image=True),
+        }
         self.reference: list[int] = []
         self.stop = threading.Event()
         self.on_end = None  # called when the time is up, before the clients are joined
@@ -113,8 +122,12 @@ class Soak:
         sent = time.perf_counter()
         first, ids, timings = None, [], None
         try:
-            with httpx.stream("POST", self.url + "/v1/chat/completions", timeout=900,
-                              json={**body, "stream": True, "return_token_ids": True}) as r:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                self.url + "/v1/chat/completions",
+                timeout=900,
+                json={**body, "stream": True, "return_token_ids": True},
+            ) as r:
                 if r.status_code != 200:
                     r.read()
                     self.count(kind, str(r.status_code))
@@ -157,18 +170,26 @@ class Soak:
 
     def hostile(self, rng: random.Random) -> None:
         m = self.model
-        bodies = [b"{not json", b'{"model": "x", "messages": [', json.dumps({"model": m}).encode(),
-                  json.dumps({"model": m, "messages": "hi"}).encode(),
-                  json.dumps({"model": m, "max_tokens": 2**64 + 1, "messages": self.user("Hi")}).encode(),
-                  json.dumps({"model": m, "max_tokens": 1e9, "messages": self.user("Hi")}).encode(),
-                  json.dumps({"model": m, "temperature": "hot", "messages": self.user("Hi")}).encode(),
-                  json.dumps({"model": m, "messages": [{"role": "user", "content": [
-                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}).encode(),
-                  b"[" * 100000]  # fmt: skip
+        broken_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        bodies = [
+            b"{not json",
+            b'{"model": "x", "messages": [',
+            json.dumps({"model": m}).encode(),
+            json.dumps({"model": m, "messages": "hi"}).encode(),
+            json.dumps({"model": m, "max_tokens": 2**64 + 1, "messages": self.user("Hi")}).encode(),
+            json.dumps({"model": m, "max_tokens": 1e9, "messages": self.user("Hi")}).encode(),
+            json.dumps({"model": m, "temperature": "hot", "messages": self.user("Hi")}).encode(),
+            json.dumps({"model": m, "messages": [{"role": "user", "content": [broken_image]}]}).encode(),
+            b"[" * 100000,
+        ]
         body = rng.choice(bodies)
         try:
-            r = httpx.post(self.url + "/v1/chat/completions", content=body, timeout=120,
-                           headers={"Content-Type": "application/json"})  # fmt: skip
+            r = httpx.post(
+                self.url + "/v1/chat/completions",
+                content=body,
+                timeout=120,
+                headers={"Content-Type": "application/json"},
+            )
             error_object = "error" in r.json() and "message" in r.json()["error"]
             self.count("hostile", str(r.status_code) if error_object else f"{r.status_code} not an error object")
         except (httpx.HTTPError, ValueError) as e:
@@ -181,15 +202,20 @@ class Soak:
         with self.lock:
             self.greedy_runs += 1
             if ids != self.reference:
-                diff = next((i for i, (a, b) in enumerate(zip(ids, self.reference)) if a != b),
-                            min(len(ids), len(self.reference)))  # fmt: skip
+                # the first differing token; a run that stops early differs where the shorter one ends
+                pairs = zip(ids, self.reference, strict=False)
+                diff = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ids), len(self.reference)))
                 self.mismatches.append(diff)
 
     def one(self, rng: random.Random) -> None:
         kind = rng.choices(["stream", "whole", "disconnect", "hostile", "greedy"], [4, 2, 2, 2, 1])[0]
         text = rng.choice(PROMPTS)
-        body = {"model": self.model, "max_tokens": rng.randint(16, 128), "max_tiles": 1,
-                "messages": self.user(text, image=rng.random() < 0.3)}  # fmt: skip
+        body = {
+            "model": self.model,
+            "max_tokens": rng.randint(16, 128),
+            "max_tiles": 1,
+            "messages": self.user(text, image=rng.random() < 0.3),
+        }
         if kind == "stream":
             self.stream(body, kind)
         elif kind == "whole":
@@ -254,16 +280,26 @@ class Soak:
             t.join()
 
         def ms(values):
-            return {q: None if v is None else round(v, 3) for q, v in
-                    [("p50", percentile(values, 50)), ("p95", percentile(values, 95))]}  # fmt: skip
+            return {
+                q: None if v is None else round(v, 3)
+                for q, v in [("p50", percentile(values, 50)), ("p95", percentile(values, 95))]
+            }
 
-        return {"minutes": round(elapsed / 60, 2), "clients": self.args.clients,
-                "outcomes": {f"{k} {s}": n for (k, s), n in sorted(self.outcomes.items())},
-                "ttft_s": ms(self.ttft), "queue_s": ms(self.queue), "prefill_s": ms(self.prefill),
-                "greedy_runs": self.greedy_runs, "greedy_mismatches": len(self.mismatches),
-                "first_differing_tokens": sorted(Counter(self.mismatches).items()),
-                "health_samples": self.health_samples, "idle_slot_while_waiting_samples": self.idle_slot_samples,
-                "max_waiting": self.max_waiting, "rss_mb": self.rss}  # fmt: skip
+        return {
+            "minutes": round(elapsed / 60, 2),
+            "clients": self.args.clients,
+            "outcomes": {f"{k} {s}": n for (k, s), n in sorted(self.outcomes.items())},
+            "ttft_s": ms(self.ttft),
+            "queue_s": ms(self.queue),
+            "prefill_s": ms(self.prefill),
+            "greedy_runs": self.greedy_runs,
+            "greedy_mismatches": len(self.mismatches),
+            "first_differing_tokens": sorted(Counter(self.mismatches).items()),
+            "health_samples": self.health_samples,
+            "idle_slot_while_waiting_samples": self.idle_slot_samples,
+            "max_waiting": self.max_waiting,
+            "rss_mb": self.rss,
+        }
 
 
 def loopback(url: str) -> bool:
@@ -275,9 +311,9 @@ def loopback(url: str) -> bool:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str, str, list[str]]:
-    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", args.bundle, "--host", "127.0.0.1", "--port", "0",
-           "--parallel", str(args.parallel), "--max-queue", str(args.max_queue), "--drain-timeout",
-           str(args.drain_timeout)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", args.bundle, "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--parallel", str(args.parallel), "--max-queue", str(args.max_queue)]
+    cmd += ["--drain-timeout", str(args.drain_timeout)] + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     log: list[str] = []
     for line in iter(proc.stderr.readline, ""):
@@ -336,8 +372,11 @@ def main() -> int:
     if proc is not None:
         time.sleep(0.2)
         text = "".join(log)
-        report["stop"] = {**stop, "tracebacks_in_log": text.count("Traceback"),
-                          "cancelled_in_log": sum(" cancelled " in line for line in log)}  # fmt: skip
+        report["stop"] = {
+            **stop,
+            "tracebacks_in_log": text.count("Traceback"),
+            "cancelled_in_log": sum(" cancelled " in line for line in log),
+        }
     print(json.dumps(report, indent=1))
     if args.json_out:
         tmp = args.json_out + ".tmp"

@@ -98,9 +98,17 @@ def one_block(bundle_dir: str, ckpt_dir: str, work: str, rows: int = 16, seed: i
 
     ckpt = Checkpoint(ckpt_dir)
     t = ckpt.config.text
-    cfg = Qwen2Config(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_attention_heads=t.num_attention_heads,
-                      num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-                      max_position_embeddings=t.max_position_embeddings, num_hidden_layers=1, vocab_size=t.vocab_size)  # fmt: skip
+    cfg = Qwen2Config(
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta,
+        max_position_embeddings=t.max_position_embeddings,
+        num_hidden_layers=1,
+        vocab_size=t.vocab_size,
+    )
     cfg._attn_implementation = "eager"
     layer = Qwen2DecoderLayer(cfg, 0).float().eval()
     rotary = Qwen2RotaryEmbedding(cfg)
@@ -123,8 +131,14 @@ def one_block(bundle_dir: str, ckpt_dir: str, work: str, rows: int = 16, seed: i
         pos = torch.arange(rows)[None]
         cos, sin = rotary(torch.from_numpy(x), pos)
         causal = torch.full((rows, rows), float("-inf")).triu(1)[None, None]
-        out = layer(torch.from_numpy(x), attention_mask=causal, position_ids=pos, past_key_values=cache, use_cache=True,
-                    position_embeddings=(cos, sin))  # fmt: skip
+        out = layer(
+            torch.from_numpy(x),
+            attention_mask=causal,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=(cos, sin),
+        )
         out = (out[0] if isinstance(out, tuple) else out)[0].numpy()
         keys = cache.layers[0].keys[0].transpose(0, 1).numpy()  # [rows, kv_heads, head_dim]
         values = cache.layers[0].values[0].transpose(0, 1).numpy()
@@ -144,9 +158,18 @@ def one_block(bundle_dir: str, ckpt_dir: str, work: str, rows: int = 16, seed: i
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
-    return {"net": net, "rows": L, "prompt": rows, "simulator_s": round(seconds, 1), "library": libs.description,
-            "rel_rms_hidden": rel(h[0, :rows], out), "rel_rms_k": rel(k[0, :rows], keys), "rel_rms_v": rel(v[0, :rows], values),
-            "max_abs_hidden": float(np.abs(h[0, :rows] - out).max()), "hidden_rms": float(np.sqrt((out**2).mean()))}  # fmt: skip
+    return {
+        "net": net,
+        "rows": L,
+        "prompt": rows,
+        "simulator_s": round(seconds, 1),
+        "library": libs.description,
+        "rel_rms_hidden": rel(h[0, :rows], out),
+        "rel_rms_k": rel(k[0, :rows], keys),
+        "rel_rms_v": rel(v[0, :rows], values),
+        "max_abs_hidden": float(np.abs(h[0, :rows] - out).max()),
+        "hidden_rms": float(np.sqrt((out**2).mean())),
+    }
 
 
 def write_section(text: str) -> None:
@@ -195,8 +218,10 @@ def main() -> int:
     tc = toolchain.require_working()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        manifest = convert(ConvertOptions(model_path=ckpt, out_dir=out, seq_length=2048, quantize="w4bf16", chip="bm1684x"),
-                           progress=Progress("[convert] "))  # fmt: skip
+        manifest = convert(
+            ConvertOptions(model_path=ckpt, out_dir=out, seq_length=2048, quantize="w4bf16", chip="bm1684x"),
+            progress=Progress("[convert] "),
+        )
         seconds = time.perf_counter() - t0
     bmodel = os.path.join(out, manifest.target["bmodel"])
     size = os.path.getsize(bmodel)
@@ -208,10 +233,19 @@ def main() -> int:
     else:
         block = one_block(out, ckpt, args.work)
         write_atomic(os.path.join(args.work, "block.json"), json.dumps({**block, "date": time.strftime("%Y-%m-%d")}))
-    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "compile_s": round(seconds, 1),
-              "peak_rss_gb": round(mem.peak / 2**30, 2), "bmodel": manifest.target["bmodel"], "bmodel_bytes": size,
-              "nets": len(manifest.nets), "cores": os.cpu_count(), "toolchain": manifest.target["toolchain"],
-              "device_mem": [int(x) for x in device_mem.groups()] if device_mem else None, "block": block}  # fmt: skip
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "compile_s": round(seconds, 1),
+        "peak_rss_gb": round(mem.peak / 2**30, 2),
+        "bmodel": manifest.target["bmodel"],
+        "bmodel_bytes": size,
+        "nets": len(manifest.nets),
+        "cores": os.cpu_count(),
+        "toolchain": manifest.target["toolchain"],
+        "device_mem": [int(x) for x in device_mem.groups()] if device_mem else None,
+        "block": block,
+    }
     print(json.dumps(result, indent=2))
     if not args.no_write:
         write_section(render(result))
@@ -221,8 +255,12 @@ def main() -> int:
 def render(r: dict) -> str:
     b = r["block"]
     dm = r["device_mem"]
-    mem_line = (f"- device memory the bmodel asks for: {dm[0] / 2**30:.2f} GiB (weights {dm[1] / 2**30:.2f} GiB, "
-                f"instructions {dm[2] / 2**20:.0f} MiB, runtime {dm[3] / 2**20:.0f} MiB)\n") if dm else ""  # fmt: skip
+    mem_line = ""
+    if dm:
+        mem_line = (
+            f"- device memory the bmodel asks for: {dm[0] / 2**30:.2f} GiB (weights {dm[1] / 2**30:.2f} GiB, "
+            f"instructions {dm[2] / 2**20:.0f} MiB, runtime {dm[3] / 2**20:.0f} MiB)\n"
+        )
     return (
         f"{SECTION}\n\n"
         f"Measured {r['date']} on this machine ({r['cores']} cores, 24 GB), {r['toolchain']}, with "
@@ -236,8 +274,8 @@ def render(r: dict) -> str:
         f"{mem_line}"
         "- the simulator's device memory (about 3 GB) does not hold this bmodel with its working memory, so one "
         "net is taken out of it as compiled (`model_tool --extract`) and run alone:\n"
-        f"- one block on the simulator ({b['library']}): `{b['net']}` (the first layer's prefill net, {b['rows']} rows, "
-        f"a {b['prompt']}-token prompt and padding) took {b['simulator_s']:.0f} s; against transformers' "
+        f"- one block on the simulator ({b['library']}): `{b['net']}` (the first layer's prefill net, {b['rows']} "
+        f"rows, a {b['prompt']}-token prompt and padding) took {b['simulator_s']:.0f} s; against transformers' "
         "Qwen2DecoderLayer in float32 on the CPU with "
         f"the same 4-bit weights: relative RMS error {b['rel_rms_hidden']:.1e} in the hidden state (max abs "
         f"{b['max_abs_hidden']:.3f} for an RMS of {b['hidden_rms']:.2f}), {b['rel_rms_k']:.1e} in K, "

@@ -62,18 +62,27 @@ def main() -> None:
     args = ap.parse_args()
     rows = {}
     for stop in ("0", "1"):
-        proc = subprocess.run([sys.executable, "-c", CHILD, args.bundle, stop, str(args.rounds), str(args.pause)],
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, args.bundle, stop, str(args.rounds), str(args.pause)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(f"error: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
         rows[stop] = json.loads(proc.stdout.strip().splitlines()[-1])
     cases = list(rows["1"])
-    print("| session.force_spinning_stop | " + " | ".join(
-        f"{c} ({'GB/s' if c.startswith('read') else 'ms'})" for c in cases) + " |")  # fmt: skip
+    print(
+        "| session.force_spinning_stop | "
+        + " | ".join(f"{c} ({'GB/s' if c.startswith('read') else 'ms'})" for c in cases)
+        + " |"
+    )
     print("|---|" + "---:|" * len(cases))
     for stop, figures in rows.items():
-        print(f"| {'1 (the runtime)' if stop == '1' else '0 (ORT default)'} | "
-              + " | ".join(f"{statistics.median(figures[c]):.1f}" for c in cases) + " |")  # fmt: skip
+        print(
+            f"| {'1 (the runtime)' if stop == '1' else '0 (ORT default)'} | "
+            + " | ".join(f"{statistics.median(figures[c]):.1f}" for c in cases)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report", default=None, help="write the full JSON report here")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "internvl_edge", "verify", "-m", args.model_path, "--checkpoint", args.checkpoint,
-           "--steps", str(args.steps), "--json"] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    cmd = [sys.executable, "-m", "internvl_edge", "verify", "-m", args.model_path, "--checkpoint", args.checkpoint]
+    cmd += ["--steps", str(args.steps), "--json"] + (["--threads", str(args.threads)] if args.threads else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -44,10 +44,15 @@ def main() -> int:
             json.dump(report, f, indent=1)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
     weights = load_manifest(args.model_path, verify=False).weight_bytes
-    print(json.dumps({"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
-                      "bundle_weights_gb": round(weights / 1e9, 2), "summary": report["summary"],
-                      "attribution": [{k: a[k] for k in ("undone", "top1_agreement", "kl_mean", "kl_max")}
-                                      for a in report["attribution"]]}))  # fmt: skip
+    keys = ("undone", "top1_agreement", "kl_mean", "kl_max")
+    result = {
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak / 1e9, 2),
+        "bundle_weights_gb": round(weights / 1e9, 2),
+        "summary": report["summary"],
+        "attribution": [{k: a[k] for k in keys} for a in report["attribution"]],
+    }
+    print(json.dumps(result))
     return 0
 
 
