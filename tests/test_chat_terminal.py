@@ -131,7 +131,7 @@ def test_ctrl_c_stops_an_answer(bundle, tmp_path):
 def test_slash_commands_through_a_pipe(bundle, images, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", "libx264", 20)
     script = "\n".join([f"/image {images['square']},{images['wide']}", "Compare them.", "/stats",
-                        "/set max-tokens 2", "Hello", "", "/stats", f"/video {clip}", "What happens?", "/stats",
+                        "/set max-tokens 2", "Hello", "", "/stats", f"/video {clip} {clip}", f"/video {clip}", "What happens?", "/stats",
                         "exit"]) + "\n"  # fmt: skip
     proc = cli("chat", "-m", bundle("tiny_bf16", "w4bf16"), "--max-new-tokens", 4, stdin=script)
     assert proc.returncode == 0, proc.stderr
@@ -139,3 +139,4 @@ def test_slash_commands_through_a_pipe(bundle, images, tmp_path):
     assert "max-tokens = 2" in proc.stdout and "answer tokens: 2" in proc.stdout
     assert proc.stdout.count("Image or Video Path: ") == 1  # asked only when nothing is attached
     assert "video: 7 evenly spaced frames" in proc.stdout and "image tiles: 7" in proc.stdout  # fitted to -s 2048
+    assert "/video takes one video path, not 2" in proc.stderr

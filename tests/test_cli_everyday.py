@@ -55,6 +55,7 @@ def test_both_spellings_and_the_seeds_meaning_of_c():
     (["run", "-m", "b", "-p", "x", "--temperature", "-1"], "--temperature"),
     (["run", "-m", "b", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["run", "-m", "b", "-p", "x", "--video-frames", "0"], "--video-frames"),
+    (["run", "-m", "b", "-p", "x", "--logprobs", "3"], "--logprobs needs --json"),
     (["chat", "-m", "b", "--threads", "0"], "--threads"),
     (["convert", "-m", "ck", "-o", "o", "--max-tiles", "0"], "--max-tiles"),
     (["convert", "-m", "ck", "-o", "o", "-s", "8"], "--seq_length"),

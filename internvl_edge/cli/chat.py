@@ -186,7 +186,10 @@ class Chat:
         elif name == "/video":
             if not rest:
                 raise UserError("/video needs a video path")
-            self.video, self.images = check_video_file(split_paths(rest)[0], flag=""), []
+            paths = split_paths(rest)
+            if len(paths) > 1:
+                raise UserError(f"/video takes one video path, not {len(paths)}: ask about each video in its own turn")
+            self.video, self.images = check_video_file(paths[0], flag=""), []
             print("a video for the next question")
         elif name == "/system":
             if rest:

@@ -66,6 +66,8 @@ def check_inputs(args) -> tuple[str, list[str], str | None]:
         raise UserError("give either --image or --video, not both")
     if args.video_frames is not None and not args.video:
         raise UserError("--video-frames needs --video")
+    if args.logprobs and not args.json:
+        raise UserError("--logprobs needs --json (the log-probabilities are part of the JSON object)")
     images = [check_image_file(path) for path in args.image]
     video = check_video_file(args.video) if args.video else None
     return prompt, images, video
