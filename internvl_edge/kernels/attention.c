@@ -72,7 +72,8 @@ static inline __attribute__((always_inline)) const float *head_norm(const attn_p
 }
 
 /* rotate-half rotary at `pos` (x[d], x[d + h/2] turned by angle d), times `scale`, into y */
-static inline __attribute__((always_inline)) void rotate(const attn_problem *p, const float *x, float *y, int64_t pos, float scale) {
+static inline __attribute__((always_inline)) void rotate(const attn_problem *p, const float *x, float *y, int64_t pos,
+                                                         float scale) {
     const int64_t half = p->head_dim / 2;
     const float *c = p->cos + pos * half, *s = p->sin + pos * half;
     for (int64_t d = 0; d < half; d++) {
@@ -111,8 +112,9 @@ int attn_plan(const attn_problem *p, attn_plan_t *plan, char *why, size_t why_si
         }
     }
     const int64_t tiles = tiled(p), blocks = tiles ? key_blocks(p) : 0;
-    plan->scratch_bytes = (size_t)(p->batch * p->rows * p->heads * hd + p->batch * p->kv_heads * blocks * ATTN_TILE_KEYS * hd) *
-                          sizeof(float);
+    const int64_t queries = p->batch * p->rows * p->heads * hd;
+    const int64_t turned = p->batch * p->kv_heads * blocks * ATTN_TILE_KEYS * hd;
+    plan->scratch_bytes = (size_t)(queries + turned) * sizeof(float);
     plan->prepare_tasks = (size_t)(p->batch * ((p->rows + ATTN_PREPARE_ROWS - 1) / ATTN_PREPARE_ROWS));
     plan->transpose_tasks = (size_t)(p->batch * p->kv_heads * blocks);
     const int64_t units = tiles ? (p->rows + ATTN_TILE_ROWS - 1) / ATTN_TILE_ROWS : p->rows;

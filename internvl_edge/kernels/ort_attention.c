@@ -84,10 +84,12 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const int64_t hd = width / (nh + 2 * kvh);
     if (pk.rank != 4 || pk.dims[0] != B || pk.dims[1] != kvh || pk.dims[3] != hd || pv.rank != 4 ||
         memcmp(pk.dims, pv.dims, sizeof pk.dims[0] * 4))
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "past_key and past_value must both be [%lld, %lld, capacity, %lld]",
-                         (long long)B, (long long)kvh, (long long)hd);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
+                         "past_key and past_value must both be [%lld, %lld, capacity, %lld]", (long long)B,
+                         (long long)kvh, (long long)hd);
     if (sk.count != B || ql.count != B)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries", (long long)B);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries",
+                         (long long)B);
     if (cs.rank != 2 || cs.dims[1] != hd / 2 || sn.rank != 2 || memcmp(cs.dims, sn.dims, sizeof cs.dims[0] * 2))
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
                          (long long)(hd / 2));
@@ -166,8 +168,9 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     ORT_TRY(ort_get_int(OP_NAME, info, "num_heads", &heads));
     ORT_TRY(ort_get_int(OP_NAME, info, "kv_num_heads", &kv_heads));
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "num_heads=%lld must be a positive multiple of kv_num_heads=%lld",
-                         (long long)heads, (long long)kv_heads);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
+                         "num_heads=%lld must be a positive multiple of kv_num_heads=%lld", (long long)heads,
+                         (long long)kv_heads);
     kernel_t *kn = (kernel_t *)malloc(sizeof *kn);
     if (!kn) return ort_error(OP_NAME, ORT_FAIL, "out of memory");
     kn->heads = heads;

@@ -22,7 +22,8 @@ OrtStatus *ort_describe(const char *op, const OrtValue *v, const char *name, ort
     OrtStatus *s = ORT_FN(ort_api, GetTensorElementType)(info, &d->type);
     if (!s) s = ORT_FN(ort_api, GetDimensionsCount)(info, &d->rank);
     if (!s && d->rank > ORT_MAX_RANK)
-        s = ort_error(op, ORT_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported", name, d->rank, ORT_MAX_RANK);
+        s = ort_error(op, ORT_INVALID_ARGUMENT, "%s has rank %zu, at most %d is supported", name, d->rank,
+                      ORT_MAX_RANK);
     if (!s) s = ORT_FN(ort_api, GetDimensions)(info, d->dims, d->rank);
     ORT_FN(ort_api, ReleaseTensorTypeAndShapeInfo)(info);
     if (s) return s;
@@ -85,8 +86,8 @@ int ort_constant_input(const OrtKernelInfo *info, size_t count, size_t index, or
     if (present <= 0) return present == 0 ? -1 : 0;
     int is_constant = 0;
     const OrtValue *v = NULL;
-    if (ort_dropped(ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v)) || !is_constant ||
-        !v)
+    OrtStatus *asked = ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, index, &is_constant, &v);
+    if (ort_dropped(asked) || !is_constant || !v)
         return 0;
     ort_tensor_desc d;
     OrtStatus *s = NULL;

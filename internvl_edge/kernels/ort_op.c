@@ -76,7 +76,9 @@ static q4_problem weight_shape(int64_t k, int64_t n, int64_t block, int64_t bits
 }
 
 /* zero_points' length: one nibble per block at 4 bits, one byte at 8 */
-static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) { return n * (bits == 8 ? blocks : (blocks + 1) / 2); }
+static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) {
+    return n * (bits == 8 ? blocks : (blocks + 1) / 2);
+}
 
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
@@ -95,7 +97,7 @@ static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtVa
         ORT_TRY(ort_expect(OP_NAME, &d, "skip", ORT_TYPE_FLOAT, "float32", d.count));
         if (d.count != a->count) /* ONNX Runtime's norm would broadcast a [K] or [S, K] skip; ours does not */
             return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "skip must have A's shape (%lld elements, %lld given)",
-                         (long long)a->count, (long long)d.count);
+                             (long long)a->count, (long long)d.count);
     }
     size_t outputs = 0;
     ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutputCount)(ctx, &outputs));
@@ -140,19 +142,20 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
 
     ort_tensor_desc a, d;
     ORT_TRY(ort_describe(OP_NAME, in[IN_A], "A", &a));
-    if (a.type != ORT_TYPE_FLOAT) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must be float32 (element type %d given)",
-                                                  (int)a.type);
+    if (a.type != ORT_TYPE_FLOAT)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must be float32 (element type %d given)", (int)a.type);
     if (a.rank < 1) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must have at least one dimension");
     if (a.dims[a.rank - 1] != k)
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
-                     (long long)a.dims[a.rank - 1], (long long)k);
+                         (long long)a.dims[a.rank - 1], (long long)k);
 
     ORT_TRY(ort_describe(OP_NAME, in[IN_B], "B", &d));
-    if (d.type != ORT_TYPE_UINT8) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)",
-                                                  (int)d.type);
+    if (d.type != ORT_TYPE_UINT8)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)", (int)d.type);
     if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes",
-                     (long long)n, (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
+                         "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes", (long long)n,
+                         (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
     ORT_TRY(ort_describe(OP_NAME, in[IN_SCALES], "scales", &d));
     ORT_TRY(ort_expect(OP_NAME, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
     if (in[IN_ZERO_POINTS]) {
@@ -255,8 +258,8 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     const int64_t blocks = (k + block - 1) / block;
     void *scales = NULL, *zero_points = NULL;
     if (ort_constant_input(info, count, IN_SCALES, ORT_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
-    const int zp = ort_constant_input(info, count, IN_ZERO_POINTS, ORT_TYPE_UINT8, zero_point_count(n, blocks, bits),
-                                  &zero_points);
+    const int64_t zero_points_count = zero_point_count(n, blocks, bits);
+    const int zp = ort_constant_input(info, count, IN_ZERO_POINTS, ORT_TYPE_UINT8, zero_points_count, &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
     *f16 = q4_scales_fit_f16((const float *)scales, (size_t)(n * blocks));
@@ -353,8 +356,8 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     if (bits != 4 && bits != 8)
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
     if (k <= 0 || n <= 0 || block <= 0)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive", (long long)k,
-                     (long long)n, (long long)block);
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive",
+                         (long long)k, (long long)n, (long long)block);
     void *table = NULL;
     int table_f16 = 0;
     uint8_t *packed = NULL;
@@ -391,7 +394,8 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     const int bias = counted ? ort_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
     if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && bias == 0) {
         q4_problem shape = weight_shape(k, n, block, bits);
-        kn->paired = q4_pair_swiglu(&shape, packed, table, table_f16) == 0; /* else the stored order: slower, the same */
+        /* else the stored order: slower, the same results */
+        kn->paired = q4_pair_swiglu(&shape, packed, table, table_f16) == 0;
         if (kn->paired) __atomic_add_fetch(&g_paired, 1, __ATOMIC_RELAXED);
     }
     *out = kn;
@@ -487,7 +491,7 @@ ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, con
     ort_api = api;
     if (q4_supported() != 0)
         return ort_error(OP_NAME, ORT_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2, FMA and F16C); "
-                     "use com.microsoft MatMulNBits instead");
+                         "use com.microsoft MatMulNBits instead");
     OrtCustomOpDomain *domain = NULL;
     ORT_TRY(ORT_FN(api, CreateCustomOpDomain)(ORT_DOMAIN, &domain));
     OrtStatus *s = ORT_FN(api, CustomOpDomain_Add)(domain, &g_op.op);

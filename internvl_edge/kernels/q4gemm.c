@@ -74,9 +74,11 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
 {
     const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+    const __m256i dot =
+        _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
     const __m256 s8 = q4_entry_scales(entry, f16);
-    const __m256i z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16))));
+    const __m128i zeros = _mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16)));
+    const __m256i z8 = _mm256_cvtepu8_epi32(zeros);
     *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
     *facc = _mm256_fnmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *facc);
 }
@@ -91,8 +93,9 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
         acc_hi = Q4_DPBUSD(acc_hi, _mm256_and_si256(w, mf0), a_hi);           \
     } while (0)
 /* the same 64 weights into one accumulator (the high nibbles shifted down): the 8-column tile's */
-#define Q4_DOT_ONE(acc, w, a_lo, a_hi) \
-    (acc = Q4_DPBUSD(Q4_DPBUSD(acc, _mm256_and_si256(w, m0f), a_lo), _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi))
+#define Q4_DOT_ONE(acc, w, a_lo, a_hi)                                \
+    (acc = Q4_DPBUSD(Q4_DPBUSD(acc, _mm256_and_si256(w, m0f), a_lo), \
+                     _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), a_hi))
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
@@ -184,7 +187,8 @@ static inline __attribute__((always_inline)) void rows16_avx512vnni(const q4_pro
         acc[i] = _mm512_setzero_si512();
     for (int64_t s = 0; s < B / 8; s++) {
         const int64_t k = b * B + 8 * s, act = k / 64 * 64 + (k % 64) / 2; /* even k here, odd k 32 later */
-        const __m512i lo = _mm512_load_si512((const void *)(wt + 2 * s)), hi = _mm512_load_si512((const void *)(wt + 2 * s + 1));
+        const __m512i lo = _mm512_load_si512((const void *)(wt + 2 * s));
+        const __m512i hi = _mm512_load_si512((const void *)(wt + 2 * s + 1));
 #pragma GCC unroll 8
         for (int i = 0; i < R; i++) {
             int32_t even, odd;
@@ -197,8 +201,8 @@ static inline __attribute__((always_inline)) void rows16_avx512vnni(const q4_pro
 #pragma GCC unroll 8
     for (int i = 0; i < R; i++) {
         float *y = p->y + (r + i) * p->n + n0;
-        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(s16, _mm512_set1_ps(sa[(r + i) * nblk + b])),
-                                   _mm512_loadu_ps(y));
+        const __m512 scale = _mm512_mul_ps(s16, _mm512_set1_ps(sa[(r + i) * nblk + b]));
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), scale, _mm512_loadu_ps(y));
         _mm512_storeu_ps(y, _mm512_fnmadd_ps(sz16, _mm512_set1_ps(ts[(r + i) * nblk + b]), v));
     }
 }
@@ -331,7 +335,9 @@ static int takes_8bit(int64_t n, int64_t k, int64_t block)
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16)
 {
     if (bits == 8) /* every group of 8, the last one padded */
-        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16) : 0;
+        return takes_8bit(n, k, block)
+                   ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16)
+                   : 0;
     if (isa_selected() != ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16);
     return 0;
@@ -450,7 +456,8 @@ static void pair_runs(uint8_t *data, uint8_t *copy, int64_t groups, size_t bytes
 int q4_pair_swiglu(const q4_problem *p, uint8_t *packed, void *table, int f16)
 {
     const int64_t nblk = (p->k + p->block - 1) / p->block, groups = p->n / 8;
-    const size_t weights = q4_packed_bytes(p->n, p->k, p->block, 4), entries = q4_blocks_bytes(p->n, p->k, p->block, 4, f16);
+    const size_t weights = q4_packed_bytes(p->n, p->k, p->block, 4);
+    const size_t entries = q4_blocks_bytes(p->n, p->k, p->block, 4, f16);
     if (p->n % 16 || (p->bits != 0 && p->bits != 4) || !weights || !entries)
         return -1;
     uint8_t *copy = (uint8_t *)malloc(weights > entries ? weights : entries);
