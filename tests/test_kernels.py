@@ -230,6 +230,37 @@ def test_rewrite_takes_only_what_the_kernel_computes():
 
 
 @needs_kernel
+def test_the_passes_keep_one_index_current(bundle, monkeypatch):
+    """rewrite builds one GraphIndex for a w4 decoder, and after every pass has edited the graph through it
+    (attention moved, SwiGLU and norms folded into the linears), it says what one built afresh from the
+    rewritten graph says: each tensor's producer and readers."""
+    import importlib
+
+    import onnx
+
+    passes = importlib.import_module("internvl_edge.kernels.rewrite")  # the module: kernels.rewrite is its function
+    built = []
+
+    class Recorded(kernels.GraphIndex):
+        def __init__(self, model):
+            super().__init__(model)
+            built.append(self)
+
+    monkeypatch.setattr(passes, "GraphIndex", Recorded)
+    decoder = onnx.load(os.path.join(bundle("tiny_bf16", "w4bf16"), "decoder.onnx"), load_external_data=False)
+    moved = kernels.rewrite(decoder, 2)
+    assert moved["MatMulNBits"] and moved["swiglu"] and moved["norm"], moved
+
+    def links(index):
+        producers = {name: id(node) for name, node in index.producer.items()}
+        readers = {name: sorted(map(id, nodes)) for name, nodes in index.readers.items() if nodes}
+        return producers, readers
+
+    (kept,) = built
+    assert links(kept) == links(kernels.GraphIndex(decoder))
+
+
+@needs_kernel
 @pytest.mark.parametrize("lm_head_bits", [0, 8])
 def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head_bits):
     """A w4 bundle's decoder runs on q4gemm by default, its weights repacked and held once (an 8-bit
