@@ -410,6 +410,13 @@ class External:
             [*map(str, args)], capture_output=True, text=True, env=self.env, timeout=timeout, check=False
         )
 
+    def applications(self) -> dict:
+        """Serve's applications, from the dashboard's REST API (what `serve status` reads)."""
+        auth = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        r = httpx.get(f"{self.dashboard}/api/serve/applications/", headers=auth, timeout=30)
+        r.raise_for_status()
+        return r.json()["applications"]
+
     def alive(self) -> bool:
         status = self.run(ray_tool("ray"), "status", "--address", self.address)
         return self.proc.poll() is None and status.returncode == 0
@@ -431,6 +438,7 @@ def external(tmp_path_factory):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.update(auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # `ray start`'s SIGTERM stops at once
+    env["INTERNVL_EDGE_API_KEY"] = KEY  # the ingresses read it from their node's environment: `ray start`'s
     log = open(os.path.join(temp, "ray-start.log"), "w+")
     bind = f"--node-ip-address 127.0.0.1 --port {gcs} --dashboard-host 127.0.0.1 --dashboard-port {dashboard}"
     cmd = [ray_tool("ray"), "start", "--head", *bind.split(), "--num-cpus", "4", "--temp-dir", str(temp), "--block"]
@@ -494,12 +502,16 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 90) -> int
             proc.wait(30)
 
 
-def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, greedy_bundle):
+@pytest.fixture(scope="module")
+def expected(greedy_bundle) -> dict:
+    return cli_run_json(greedy_bundle, "-p", "What is Ray?", "--max-new-tokens", 10)
+
+
+def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, greedy_bundle, expected):
     """`internvl-edge serve --ray --ray-address` on a `ray start` cluster, then Ray's `serve run` with the
     builder on the same cluster (Serve's proxy is the one serve --ray started); stopping serve --ray
     deletes its application only: the cluster and `serve run`'s application go on. Ctrl-C on `serve run`
     shuts Serve down (Ray's behaviour), the cluster still goes on."""
-    expected = cli_run_json(greedy_bundle, "-p", "What is Ray?", "--max-new-tokens", 10)
     port = free_port()
     flags = f"--ray-address {external.address} --port {port} --replicas 1 --threads 1 --served-model-name {NAME}"
     cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", *flags.split()]
@@ -516,13 +528,8 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
         # Ray's CLI, as the README shows it: `serve run module:builder key=value ...`
         builder_args = f"bundle={greedy_bundle} replicas=2 threads=1 served_model_name={NAME}"
         options = f"--address {external.address} --name run --route-prefix /run"
-        cmd = [
-            ray_tool("serve"),
-            "run",
-            *options.split(),
-            "internvl_edge.server.ray_app:builder",
-            *builder_args.split(),
-        ]
+        builder = "internvl_edge.server.ray_app:builder"
+        cmd = [ray_tool("serve"), "run", *options.split(), builder, *builder_args.split()]
         run, _ = start(cmd, external.env, "Application 'run' is ready")
         by_run = App(f"http://127.0.0.1:{port}/run", "run")
         h = by_run.wait_for(lambda h: len([r for r in h.get("replicas", []) if r["status"] == "ok"]) == 2)
@@ -534,11 +541,10 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
         assert resp.choices[0].token_ids == expected["token_ids"]
 
         assert stop(joined) == 0
-        apps = serve_status(external)["applications"]
+        apps = external.applications()
         assert "internvl-edge" not in apps and apps["run"]["status"] == "RUNNING"
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 404  # its route is gone
         assert by_run.client().chat.completions.create(model=NAME, messages=user("Hi"), max_tokens=2).choices
-        assert external.alive()
 
         assert stop(run, signal.SIGINT) == 0
         assert external.alive()
@@ -556,11 +562,10 @@ def serve_status(external: External) -> dict:
     return yaml.safe_load(proc.stdout)
 
 
-def test_ray_config_yaml_deploys_with_serve_deploy(external, greedy_bundle, tmp_path):
+def test_ray_config_yaml_deploys_with_serve_deploy(external, greedy_bundle, expected, tmp_path):
     """`internvl-edge ray-config ... -o FILE` then `serve deploy FILE` (the dashboard's REST API): the
     application answers as `run --json`; a bundle missing on the cluster fails the deploy with the
     loader's one-line reason in `serve status`."""
-    expected = cli_run_json(greedy_bundle, "-p", "What is Ray?", "--max-new-tokens", 10)
     port, config = free_port(), tmp_path / "internvl.yaml"
     try:
         flags = f"--replicas 2 --threads 1 --served-model-name {NAME} --host 127.0.0.1 --port {port} -o {config}"
@@ -575,11 +580,13 @@ def test_ray_config_yaml_deploys_with_serve_deploy(external, greedy_bundle, tmp_
                 deployed.wait_for(lambda h: len([r for r in h.get("replicas", []) if r["status"] == "ok"]) == 2)
                 break
             except (httpx.HTTPError, ValueError):  # the proxy or the route is not there yet
-                assert time.monotonic() < deadline, serve_status(external)
+                assert time.monotonic() < deadline, external.applications()
                 time.sleep(1)
         resp = deployed.client().chat.completions.create(model=NAME, messages=user("What is Ray?"), max_tokens=10)
         assert resp.choices[0].message.content == expected["text"]
-        assert serve_status(external)["applications"]["internvl-edge"]["status"] == "RUNNING"
+        assert external.applications()["internvl-edge"]["status"] == "RUNNING"
+        wrong = deployed.post({"model": NAME, "messages": user("Hi"), "max_tokens": 2}, key="wrong")
+        assert wrong.status_code == 401  # the key from `ray start`'s environment (none in the file)
 
         missing = tmp_path / "not-on-this-node"
         proc = cli("ray-config", "-m", missing, "--replicas", 1, "--host", "127.0.0.1", "--port", port, "-o", config)
@@ -587,9 +594,10 @@ def test_ray_config_yaml_deploys_with_serve_deploy(external, greedy_bundle, tmp_
         proc = external.run(ray_tool("serve"), "deploy", "-a", external.dashboard, config)
         assert proc.returncode == 0, proc.stderr
         deadline = time.monotonic() + 180
-        while (app := serve_status(external)["applications"]["internvl-edge"])["status"] != "DEPLOY_FAILED":
+        while (app := external.applications()["internvl-edge"])["status"] != "DEPLOY_FAILED":
             assert time.monotonic() < deadline, app
-            time.sleep(1)
+            time.sleep(0.5)
+        app = serve_status(external)["applications"]["internvl-edge"]  # as Ray's CLI shows it
         reasons = [d["message"] for d in app["deployments"].values() if d["status"] == "DEPLOY_FAILED"]
         assert any(f": bundle not found: {missing}" in r for r in reasons), app
     finally:
