@@ -515,6 +515,12 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
     port = free_port()
     flags = f"--ray-address {external.address} --port {port} --replicas 1 --threads 1 --served-model-name {NAME}"
     cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", *flags.split()]
+    # without RAY_AUTH_MODE=token, Ray's client sends no token: one line says what to set
+    no_auth = {k: v for k, v in external.env.items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run(cmd, env=no_auth, capture_output=True, text=True, timeout=180, check=False)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last.startswith(f"error: cannot start or join Ray ({external.address}): ")
+    assert "set RAY_AUTH_MODE=token" in last, refused.stderr[-2000:]
     joined, lines = start(cmd, external.env, "serving ")
     run = None
     try:

@@ -94,7 +94,8 @@ def join_failure(e: Exception) -> str:
     about Ray's token authentication (on by default in Ray 2.60 once a token exists, off in its clients)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     reason = lines[0] + (f"; {lines[1].split('. ')[0].rstrip('.')}" if len(lines) > 1 else "")
-    if "authentication" in str(e).lower() and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    text = f"{e} {e.__cause__ or ''}"  # ray.init's ConnectionError names the address; its cause, the reason
+    if re.search(r"auth(entication|token)", text, re.I) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         reason += " (set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN)"
     return reason
 
