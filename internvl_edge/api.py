@@ -66,12 +66,13 @@ class Model:
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
-        self.template: Template = get_template(manifest.model["template"])
-        self.tokens = manifest.model["tokens"]
-        self.tokens_per_tile = int(manifest.model["num_image_token"])
-        self.image_size = int(manifest.model["image_size"])
-        self.max_tiles = int(manifest.options.get("max_tiles", 4))
-        self.seq_length = int(manifest.options["seq_length"])
+        facts, opts = manifest.facts, manifest.settings
+        self.template: Template = get_template(facts.template)
+        self.tokens = facts.tokens
+        self.tokens_per_tile = facts.num_image_token
+        self.image_size = facts.image_size
+        self.max_tiles = opts.max_tiles
+        self.seq_length = opts.seq_length
         self.generation_defaults = read_generation_config(config_dir)
         # reuse within this process (reuse.py); a budget of 0 turns a cache off. Prefix reuse needs a
         # backend that can read and write a slot's KV rows (the KV of a Sophgo bmodel stays on the chip)
@@ -406,7 +407,7 @@ class ChatSession:
     def __init__(self, model: Model, system: str | None = None):
         self.model = model
         self.system = system
-        self.keeps_history = bool(model.manifest.options.get("use_block_with_kv"))
+        self.keeps_history = model.manifest.settings.use_block_with_kv
         self.cache = model.backend.new_cache(1)
         self.turns = 0
 
@@ -463,8 +464,8 @@ class ChatSession:
     def _fits(self, turn_tokens: int) -> bool:
         """History + this turn + room for an answer within what a prefill may see (the seed keeps 128
         tokens for the answer: pipeline.py, `SEQLEN - 128`)."""
-        opts = self.model.manifest.options
-        limit = min(int(opts["max_prefill_kv_length"]), int(opts["seq_length"]) - ANSWER_ROOM)
+        opts = self.model.manifest.settings
+        limit = min(opts.max_prefill_kv_length, opts.seq_length - ANSWER_ROOM)
         return int(self.cache.lengths[0]) + turn_tokens <= limit
 
     def send(self, text: str, images: Sequence = (), **kw) -> Result:

@@ -167,8 +167,8 @@ def decoder_bytes_per_token(model: Model) -> int:
 
 
 def kv_bytes(model: Model, context: int) -> int:
-    m = model.manifest.model
-    return 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * 4 * context
+    m = model.manifest.facts
+    return 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * context
 
 
 def _median(xs: list[float]) -> float:
@@ -362,14 +362,21 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     onnxruntime_backend = _ort(model) is not None  # the roofline and profile read ORT's nets
     threads_used = model.backend.threads or threads or available_cores()
     res.machine = machine_info(threads_used)
-    opts = model.manifest.options
-    res.bundle = {"path": model.manifest.path, "quantize": opts["quantize"], "dynamic": opts["dynamic"],
-                  "max_input_length": opts["max_input_length"], "seq_length": opts["seq_length"],
-                  "lm_head_bits": opts.get("lm_head_bits", 0), "vision_bits": opts.get("vision_bits", 0),
-                  "accuracy_level": opts.get("accuracy_level", 4), "model": model.manifest.model["name"],
-                  "q4_kernel": model.backend.q4_kernel,
-                  "attention_kernel": model.backend.attention_kernel,
-                  "verification": model.manifest.verification or None}  # fmt: skip
+    opts = model.manifest.settings
+    res.bundle = {
+        "path": model.manifest.path,
+        "quantize": opts.quantize,
+        "dynamic": opts.dynamic,
+        "max_input_length": opts.max_input_length,
+        "seq_length": opts.seq_length,
+        "lm_head_bits": opts.lm_head_bits,
+        "vision_bits": opts.vision_bits,
+        "accuracy_level": opts.accuracy_level,
+        "model": model.manifest.facts.name,
+        "q4_kernel": model.backend.q4_kernel,
+        "attention_kernel": model.backend.attention_kernel,
+        "verification": model.manifest.verification or None,
+    }
     res.weight_bytes = model.manifest.weight_bytes
     seq = model.seq_length
 

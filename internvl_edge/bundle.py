@@ -9,6 +9,10 @@ A bundle is written into a temporary folder beside the destination and renamed i
 end, so a failed or interrupted conversion never leaves a half-written bundle. Loading checks the
 format name, the version and every file's size and SHA-256; the hash of an unchanged file is not
 recomputed on later loads (a stamp of size, mtime and inode in the user's cache folder).
+
+The manifest's `model`, `options` and `target` sections are parsed once, when the manifest is made or
+loaded, into `ModelFacts`, `BundleOptions` and `Target` (`manifest.facts`, `.settings`, `.platform`);
+backends, the API, bench and verify read those rather than the JSON.
 """
 
 from __future__ import annotations
@@ -30,8 +34,101 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """The manifest's `model`: what the converter read from the checkpoint's configs."""
+
+    name: str
+    template: str  # the chat template's name (prompt.TEMPLATES)
+    tokens: dict  # special token ids: img_context, img_start, img_end, eos [...]
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_size: int  # one tile's side in pixels (448)
+    num_image_token: int  # image embeddings per tile (256)
+
+    @classmethod
+    def from_json(cls, model: dict) -> ModelFacts:
+        return cls(
+            name=str(model["name"]),
+            template=str(model["template"]),
+            tokens=dict(model["tokens"]),
+            hidden_size=int(model["hidden_size"]),
+            num_layers=int(model["num_layers"]),
+            num_kv_heads=int(model["num_kv_heads"]),
+            head_dim=int(model["head_dim"]),
+            vocab_size=int(model["vocab_size"]),
+            image_size=int(model["image_size"]),
+            num_image_token=int(model["num_image_token"]),
+        )
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """The manifest's `options`: the convert options as resolved, the ones the run side reads."""
+
+    quantize: str  # w4bf16 | w4f16 | bf16 | f16 | f32
+    store: str  # the float type of weights kept in float: bf16 | f16 | f32
+    dynamic: bool  # shapes follow the input; else every prefill is padded to max_input_length rows
+    seq_length: int  # the most tokens a sequence holds
+    max_input_length: int  # the most rows one prefill call takes
+    max_prefill_kv_length: int  # the history a prefill may attend to (use_block_with_kv)
+    kv_capacity: int  # rows of the CPU decoder's KV buffers (seq_length + room for a padded chunk)
+    max_tiles: int  # the default tiles per image
+    use_block_with_kv: bool  # a later turn prefills after the history kept as KV cache
+    do_sample: bool  # the bundle has a sampling head
+    q_group_size: int
+    decoder_weight_bits: int  # 4, or 0 for float decoder linears
+    lm_head_bits: int  # 8, 4 or 0 (float)
+    vision_bits: int  # 8 or 0 (float)
+    accuracy_level: int  # MatMulNBits: 4 = int8 activations, 1 = float
+
+    @classmethod
+    def from_json(cls, o: dict) -> BundleOptions:
+        seq_length, max_input_length = int(o["seq_length"]), int(o["max_input_length"])
+        return cls(
+            quantize=str(o["quantize"]),
+            store=str(o.get("store", "f32")),
+            dynamic=bool(o.get("dynamic", False)),
+            seq_length=seq_length,
+            max_input_length=max_input_length,
+            max_prefill_kv_length=int(o.get("max_prefill_kv_length") or seq_length),
+            kv_capacity=int(o.get("kv_capacity") or seq_length + max_input_length),
+            max_tiles=int(o.get("max_tiles", 4)),
+            use_block_with_kv=bool(o.get("use_block_with_kv", False)),
+            do_sample=bool(o.get("do_sample", False)),
+            q_group_size=int(o.get("q_group_size") or 0),
+            decoder_weight_bits=int(o.get("decoder_weight_bits") or 0),
+            lm_head_bits=int(o.get("lm_head_bits") or 0),
+            vision_bits=int(o.get("vision_bits") or 0),
+            accuracy_level=int(o.get("accuracy_level", 4)),
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """The manifest's `target`: which chip the bundle was built for and which backend runs it."""
+
+    chip: str  # cpu | bm1684x | bm1688
+    backend: str | None  # onnxruntime | bmrt (backends/)
+    bmodel: str | None = None  # Sophgo: the combined bmodel's file in the bundle
+
+    @classmethod
+    def from_json(cls, target: dict) -> Target:
+        return cls(chip=str(target.get("chip", "cpu")), backend=target.get("backend"), bmodel=target.get("bmodel"))
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.backend == "onnxruntime"
+
+
 @dataclass
 class Manifest:
+    """manifest.json. `source`, `target`, `options` and `model` are its sections as written; `facts`,
+    `settings` and `platform` are the last three parsed (made with the manifest, not written)."""
+
     source: dict
     target: dict
     options: dict
@@ -46,10 +143,19 @@ class Manifest:
     created_by: str = f"internvl-edge {__version__}"
     created_at: str = ""
     path: str = ""  # where it was loaded from (not written)
+    facts: ModelFacts = field(init=False, repr=False, compare=False)
+    settings: BundleOptions = field(init=False, repr=False, compare=False)
+    platform: Target = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.facts = ModelFacts.from_json(self.model)
+        self.settings = BundleOptions.from_json(self.options)
+        self.platform = Target.from_json(self.target)
 
     def to_json(self) -> str:
         d = asdict(self)
-        d.pop("path")
+        for derived in ("path", "facts", "settings", "platform"):
+            d.pop(derived)
         return json.dumps(d, indent=2, ensure_ascii=False)
 
     def net_path(self, name: str) -> str:
@@ -192,24 +298,27 @@ def load_manifest(path: str, verify: bool = True) -> Manifest:
     except (OSError, ValueError) as e:
         raise UserError(f"{mpath} is damaged ({e}); convert again") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise UserError(
-            f"{mpath} is not an internvl-edge manifest (format {raw.get('format') if isinstance(raw, dict) else None!r})"
-        )
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise UserError(f"{mpath} is not an internvl-edge manifest (format {found!r})")
     version = raw.get("version")
     if version not in SUPPORTED_VERSIONS:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise UserError(
-                f"bundle format version {version} is newer than this internvl-edge reads ({FORMAT_VERSION}); upgrade internvl-edge"
+                f"bundle format version {version} is newer than this internvl-edge reads ({FORMAT_VERSION}); "
+                "upgrade internvl-edge"
             )
         raise UserError(
-            f"bundle format version {version!r} is not supported (this internvl-edge reads {FORMAT_VERSION}); convert again"
+            f"bundle format version {version!r} is not supported (this internvl-edge reads {FORMAT_VERSION}); "
+            "convert again"
         )
+    extra = {"created_by": raw.get("created_by", ""), "created_at": raw.get("created_at", "")}
     try:
-        m = Manifest(**{k: raw[k] for k in ("source", "target", "options", "model", "nets", "files")},
-                     created_by=raw.get("created_by", ""), created_at=raw.get("created_at", ""),
-                     verification=raw.get("verification") or {})  # fmt: skip
-    except (KeyError, TypeError) as e:
+        sections = {k: raw[k] for k in ("source", "target", "options", "model", "nets", "files")}
+        m = Manifest(**sections, **extra, verification=raw.get("verification") or {})
+    except KeyError as e:  # a section, or an entry the model facts and options need
         raise UserError(f"{mpath} lacks {e}; convert again") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{mpath} has a malformed entry ({e}); convert again") from None
     m.path = os.path.abspath(path)
     if verify:
         verify_files(m)

@@ -189,7 +189,7 @@ def _sophgo_runner(manifest: Manifest) -> str:
     refusal where neither is (before any reference is computed)."""
     from .sophgo.bmrt import find_libraries
 
-    chip = manifest.target.get("chip")
+    chip = manifest.platform.chip
     try:
         return find_libraries(chip).description
     except UserError as e:
@@ -198,14 +198,13 @@ def _sophgo_runner(manifest: Manifest) -> str:
 
 
 def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
-    o = manifest.options
-    store = o.get("store", "f32")
+    o = manifest.settings
     source_half = {"BF16": "bf16", "F16": "f16"}.get(ckpt.storage_dtype, "f32")
-    w4 = int(o.get("decoder_weight_bits", 0)) == 4 or int(o.get("lm_head_bits", 0) or 0) > 0
+    w4 = o.decoder_weight_bits == 4 or o.lm_head_bits > 0
     return {
-        "float_activations": w4 and int(o.get("accuracy_level", 4)) == 4,
-        "float_lm_head": int(o.get("lm_head_bits", 0) or 0) > 0,
-        "float_vision": int(o.get("vision_bits", 0) or 0) == 8 or store not in ("f32", source_half),
+        "float_activations": w4 and o.accuracy_level == 4,
+        "float_lm_head": o.lm_head_bits > 0,
+        "float_vision": o.vision_bits == 8 or o.store not in ("f32", source_half),
     }
 
 
@@ -222,7 +221,7 @@ def _advice(decoder: dict, variants: dict, in_use: dict, manifest: Manifest) -> 
             return f"the {what} would remove {share:.0f}% of the loss (mean KL): convert with {flag}"
         return (f"the bundle's {what.replace('float ', '')} differs from the source more than its precision "
                 f"explains ({share:.0f}% of the loss): convert again")  # fmt: skip
-    if int(manifest.options.get("decoder_weight_bits", 0)) == 4:
+    if manifest.settings.decoder_weight_bits == 4:
         return ("most of the loss is in the 4-bit decoder weights themselves, which no option undoes: "
                 "convert with -q bf16 (4x the decoder's size) if it matters")  # fmt: skip
     return "the loss is in the decoder's weights as stored: convert with -q f32 to remove it"
@@ -247,7 +246,7 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
     progress.step("checking the checkpoint is the bundle's source")
     checked = check_source(manifest.source.get("identity"), ckpt, manifest.path, progress.update)
     progress.done("" if checked else "(the bundle records no source identity: not checked)")
-    cpu = manifest.target.get("backend") == "onnxruntime"
+    cpu = manifest.platform.is_cpu
     if not cpu:
         progress.stream.write(f"[verify] the bundle runs on {_sophgo_runner(manifest)}\n")
 
@@ -294,7 +293,7 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
         if img is not None:
             start = 0
             for label, tiles in zip(p.image_labels, p.tiles_per_image, strict=True):
-                n = tiles * int(manifest.model["num_image_token"])
+                n = tiles * manifest.facts.num_image_token
                 figures = vision_figures(r.image_embeds[start : start + n], img[start : start + n])
                 vision.append({"probe": p.name, "image": label, "tiles": tiles, **figures})
                 start += n

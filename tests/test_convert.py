@@ -38,6 +38,12 @@ def test_bundle_layout_and_manifest(bundle):
     from internvl_edge.tokenizer import TextTokenizer
 
     assert m.model["tokens"]["img_context"] == TextTokenizer(m.source["path"]).img_context_id
+    # the sections parsed once, as the run side reads them
+    assert m.facts.hidden_size == m.model["hidden_size"] == 128 and m.facts.tokens == m.model["tokens"]
+    assert (m.settings.quantize, m.settings.seq_length, m.settings.do_sample) == ("w4bf16", 2048, True)
+    assert m.settings.kv_capacity == m.options["kv_capacity"] and m.settings.dynamic is True
+    assert (m.platform.chip, m.platform.backend, m.platform.is_cpu) == ("cpu", "onnxruntime", True)
+    assert "facts" not in json.loads(m.to_json())  # derived, not written
     # every decoder layer linear is a 4-bit MatMulNBits, lm_head an 8-bit one (the w4 default)
     import onnx
 
@@ -83,6 +89,17 @@ def test_damaged_and_foreign_bundles_are_refused(bundle, tmp_path):
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(UserError, match="newer"):
+        load_manifest(path)
+    manifest["version"] = 1
+    del manifest["model"]["num_layers"]
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(UserError, match=r"lacks 'num_layers'; convert again"):
+        load_manifest(path)
+    manifest["model"]["num_layers"] = "two"
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(UserError, match="malformed entry .*convert again"):
         load_manifest(path)
     with open(os.path.join(path, MANIFEST), "w") as f:
         f.write("{not json")

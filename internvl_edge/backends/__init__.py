@@ -18,7 +18,7 @@ from .base import Backend
 def open_backend(manifest: Manifest, threads: int | None = None, devid=None, log=None, edits=None) -> Backend:
     """The backend the bundle's target names. Implementations load on first use: a CPU process never
     imports the Sophgo runtime's ctypes, nor a Sophgo one ONNX Runtime."""
-    backend = manifest.target.get("backend")
+    backend = manifest.platform.backend
     if backend == "onnxruntime":
         from .ort import OrtBackend
 

@@ -42,10 +42,10 @@ class BmrtBackend:
             raise UserError(
                 f"-d {devid}: this bundle runs on one chip (it was compiled with num_device 1); use one device number"
             )
-        chip = manifest.target["chip"]
+        chip = manifest.platform.chip
         libs = find_libraries(chip)
         self.library = libs.description
-        self.bmodel = os.path.join(manifest.path, manifest.target["bmodel"])
+        self.bmodel = os.path.join(manifest.path, manifest.platform.bmodel)
         # bm_memcpy_d2d(_byte) crashes inside the BM1688 simulator (sg_api_memcpy_byte): copy through the host there
         self.rt = Runtime(libs.folder, self.bmodel, self.devices[0], host_copies=libs.simulator and chip == "bm1688")
         self._finalizer = weakref.finalize(self, self.rt.close)
@@ -53,11 +53,9 @@ class BmrtBackend:
         missing = [n for n in manifest.nets if n not in nets]
         if missing:
             raise UserError(f"{self.bmodel} lacks the nets {', '.join(missing)}; convert again")
-        model = manifest.model
-        self.layers = int(model["num_layers"])
-        self.hidden = int(model["hidden_size"])
-        self.vocab = int(model["vocab_size"])
-        self.kv_heads, self.head_dim = int(model["num_kv_heads"]), int(model["head_dim"])
+        facts = manifest.facts
+        self.layers, self.hidden, self.vocab = facts.num_layers, facts.hidden_size, facts.vocab_size
+        self.kv_heads, self.head_dim = facts.num_kv_heads, facts.head_dim
         self.blocks = [nets[f"block_{i}"] for i in range(self.layers)]
         self.caches = [nets[f"block_cache_{i}"] for i in range(self.layers)]
         self.kv_blocks = [nets[f"block_kv_{i}"] for i in range(self.layers)] if "block_kv_0" in nets else None
@@ -66,7 +64,7 @@ class BmrtBackend:
         self.half = self.blocks[0].inputs[0].dtype  # f16 | bf16: activations between nets
         self.position_bytes = self.kv_heads * self.head_dim * 2  # one position of K (or V) in the history
         self.hidden_bytes = self.hidden * 2
-        self.dynamic = bool(manifest.options.get("dynamic"))
+        self.dynamic = manifest.settings.dynamic
         self.threads = threads
         # bench reports the kernels the backend chose; TPU-MLIR chose them when it compiled the bmodel
         self.q4_kernel: str | None = None
@@ -295,7 +293,7 @@ class BmrtBackend:
         return {
             "backend": self.name,
             "library": self.library,
-            "chip": self.manifest.target["chip"],
+            "chip": self.manifest.platform.chip,
             "bmodel": os.path.basename(self.bmodel),
             "devices": self.devices,
         }

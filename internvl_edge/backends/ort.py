@@ -61,17 +61,13 @@ class OrtBackend:
         self.devices = parse_devid(devid)
         if self.devices != [0] and log is not None:
             log(f"note: -d {devid} selects nothing on the CPU; the bundle runs on this machine's cores")
-        opts = manifest.options
-        self.dynamic = bool(opts["dynamic"])
-        self.max_input_length = int(opts["max_input_length"])
-        self.seq_length = int(opts["seq_length"])
-        self.kv_capacity = int(opts["kv_capacity"])
-        model = manifest.model
-        self.hidden = int(model["hidden_size"])
-        self.vocab = int(model["vocab_size"])
-        self.layers = int(model["num_layers"])
-        self.kv_heads = int(model["num_kv_heads"])
-        self.head_dim = int(model["head_dim"])
+        opts, facts = manifest.settings, manifest.facts
+        self.dynamic = opts.dynamic
+        self.max_input_length = opts.max_input_length
+        self.seq_length = opts.seq_length
+        self.kv_capacity = opts.kv_capacity
+        self.hidden, self.vocab = facts.hidden_size, facts.vocab_size
+        self.layers, self.kv_heads, self.head_dim = facts.num_layers, facts.num_kv_heads, facts.head_dim
         self.threads = threads or available_cores()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}

@@ -95,7 +95,8 @@ def add_arguments(p) -> None:
         "--tpu-mlir",
         dest="tpu_mlir",
         default=None,
-        help="Sophgo targets: TPU-MLIR's tpu_mlir folder (default: TPUC_ROOT, then `internvl-edge toolchain install`'s copy)",
+        help="Sophgo targets: TPU-MLIR's tpu_mlir folder "
+        "(default: TPUC_ROOT, then `internvl-edge toolchain install`'s copy)",
     )
     p.add_argument("--verify", action="store_true",
                    help="after converting, run `internvl-edge verify` against the checkpoint and store its summary "
@@ -137,9 +138,10 @@ def main(args) -> int:
             f"replaced the bundle at {out_dir} ({replaced['mode']} {replaced['target']}, from {replaced['source']}, "
             f"{human_bytes(replaced['bytes'])}, {replaced['date']})"
         )
-    if manifest.target.get("bmodel"):
-        mb = manifest.files[manifest.target["bmodel"]]["bytes"] / 1e6
-        print(f"wrote {manifest.path} ({manifest.target['bmodel']}, {mb:.1f} MB)")
+    bmodel = manifest.platform.bmodel
+    if bmodel:
+        mb = manifest.files[bmodel]["bytes"] / 1e6
+        print(f"wrote {manifest.path} ({bmodel}, {mb:.1f} MB)")
     else:
         mb = manifest.weight_bytes / 1e6
         shapes = "dynamic" if opts.dynamic else "static"

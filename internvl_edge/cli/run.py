@@ -76,7 +76,7 @@ def check_inputs(args) -> tuple[str, list[str], str | None]:
 def blank_answer_note(model, token_ids: list[int]) -> str:
     """Why an answer with tokens shows no text: ids beyond the tokenizer decode to nothing."""
     known = model.tokenizer.vocab_size()
-    vocab = int(model.manifest.model.get("vocab_size") or known)
+    vocab = model.manifest.facts.vocab_size or known
     beyond = sum(1 for t in token_ids if t >= known)
     why = (f"; {beyond} of them are ids the tokenizer does not have (it covers {known} of the model's {vocab}"
            " ids; a random checkpoint made by an older make-checkpoint: make it again)") if beyond else ""  # fmt: skip
@@ -108,7 +108,7 @@ def main(args) -> int:
                         "vision_s": result.stats.vision_s},
             "usage": {"prompt_tokens": result.stats.prompt_tokens, "completion_tokens": len(result.token_ids)},
             "backend": model.backend.describe(),
-            "bundle": {"path": model.manifest.path, "quantize": model.manifest.options.get("quantize"),
+            "bundle": {"path": model.manifest.path, "quantize": model.manifest.settings.quantize,
                        "verification": model.manifest.verification or None},  # convert --verify's summary
         }  # fmt: skip
         if video:

@@ -358,7 +358,7 @@ class FrontendBackend:
     that it keeps no prefix cache: the replicas do)."""
 
     def __init__(self, manifest):
-        self.can_sample = manifest.target.get("backend") == "onnxruntime" or "sample_head" in manifest.nets
+        self.can_sample = manifest.platform.is_cpu or "sample_head" in manifest.nets
         self.can_copy_rows = False
 
 
