@@ -395,7 +395,9 @@ def test_autoscaling_bounds_reach_serve_and_load_adds_a_replica(cluster, greedy_
 
 
 def ray_tool(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)  # the venv's `ray` and `serve` commands
+    """Ray's `ray` and `serve` commands: those beside this Python (its venv), else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else shutil.which(name) or name
 
 
 class External:
@@ -513,7 +515,8 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
     deletes its application only: the cluster and `serve run`'s application go on. Ctrl-C on `serve run`
     shuts Serve down (Ray's behaviour), the cluster still goes on."""
     port = free_port()
-    flags = f"--ray-address {external.address} --port {port} --replicas 1 --threads 1 --served-model-name {NAME}"
+    flags = f"--ray-address {external.address} --port {port} --min-replicas 1 --max-replicas 2 --threads 1"
+    flags += f" --served-model-name {NAME}"
     cmd = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--ray", *flags.split()]
     # without RAY_AUTH_MODE=token, Ray's client sends no token: one line says what to set
     no_auth = {k: v for k, v in external.env.items() if k != "RAY_AUTH_MODE"}
@@ -528,6 +531,10 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
         served = App(f"http://127.0.0.1:{port}", "joined")
         h = served.wait_for(lambda h: len(h.get("replicas", [])) == 1)
         assert h["replicas"][0]["actor"].startswith("SERVE_REPLICA::internvl-edge#engine#")
+        # --min-replicas/--max-replicas reach Serve as its autoscaling config (target: --parallel, default 4)
+        engine = external.applications()["internvl-edge"]["deployments"]["engine"]
+        scaling = engine["deployment_config"]["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (1, 2, 4)
         resp = served.client().chat.completions.create(model=NAME, messages=user("What is Ray?"), max_tokens=10)
         assert resp.choices[0].message.content == expected["text"]
 
