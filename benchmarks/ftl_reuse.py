@@ -28,7 +28,7 @@ t0 = time.perf_counter()
 model = load(bundle, threads=threads)
 load_s = time.perf_counter() - t0
 picture = Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8))
-out = {"bundle": bundle, "dynamic": model.manifest.options["dynamic"], "load_s": load_s, "ftl_s": {}}
+out = {"bundle": bundle, "dynamic": model.manifest.settings.dynamic, "load_s": load_s, "ftl_s": {}}
 for case, warm in (("cold", ""), ("repeated", "repeat"), ("same image, new question", "new question")):
     out["ftl_s"][case] = time_ftl(model, picture, repeats, warm)
 out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

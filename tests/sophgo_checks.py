@@ -52,11 +52,11 @@ def reference_for(ckpt_dir: str, manifest) -> torch.nn.Module:
     """transformers on the checkpoint; for 4-bit bundles quantised by us, with the very 4-bit weights
     the bundle holds (the same deterministic quantisation, dequantised: what the chip multiplies by)."""
     ref = load_reference(ckpt_dir)
-    opts, target = manifest.options, manifest.target
+    quantize, target = manifest.settings.quantize, manifest.target
     ckpt = Checkpoint(ckpt_dir)
-    if not opts["quantize"].startswith("w4") or ckpt.config.text.awq is not None:
+    if not quantize.startswith("w4") or ckpt.config.text.awq is not None:
         return ref  # float bundles, and AWQ (dequantised independently by reference.py)
-    half = "bf16" if opts["quantize"] == "w4bf16" else "f16"
+    half = "bf16" if quantize == "w4bf16" else "f16"
     group = target["weights"]["q_group_size"]
     with torch.no_grad():
         for i, layer in enumerate(ref.model.language_model.layers):
@@ -102,7 +102,7 @@ def net_errors(bundle_dir: str, ckpt_dir: str, cpu_dir: str, image: str, check_v
 
     # vit: one tile
     if check_vit:
-        pv = reference_pixels(image, int(m.model["image_size"]))
+        pv = reference_pixels(image, m.facts.image_size)
         ours = be.encode_images(pv)
         errors["vit"] = rel(ours, ref.model.get_image_features(torch.from_numpy(pv)).pooler_output.numpy())
         errors["vit_vs_onnx"] = rel(ours, cpu.backend.encode_images(pv))
@@ -171,7 +171,7 @@ def net_errors(bundle_dir: str, ckpt_dir: str, cpu_dir: str, image: str, check_v
 def greedy_tokens(bundle_dir: str, ckpt_dir: str, steps: int, image: str | None = None) -> dict:
     """Our greedy tokens through the public API, the reference's, and the reference's top-1 margins."""
     model = load(bundle_dir)
-    size, per_tile = int(model.manifest.model["image_size"]), int(model.manifest.model["num_image_token"])
+    size, per_tile = model.manifest.facts.image_size, model.manifest.facts.num_image_token
     pv = reference_pixels(image, size) if image else None
     ids = prompt_ids(ckpt_dir, [len(pv)] if image else [], per_tile)
     ref_tokens, ref_logits = greedy(reference_for(ckpt_dir, model.manifest), ids, pv, steps)

@@ -1,0 +1,66 @@
+"""Every backend offers the whole `Backend` protocol (backends/base.py), so callers ask its capability
+properties instead of probing for attributes; and the manifest's facts reach the backend as parsed.
+
+The Sophgo backend is checked here at the class level (its instances need TPU-MLIR's simulator;
+tests/test_sophgo.py drives one through generate, bench and the API)."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from internvl_edge.backends import open_backend
+from internvl_edge.backends.base import Backend, KVCache, checked_query_lens
+from internvl_edge.backends.bmrt import BmrtBackend
+from internvl_edge.backends.ort import OrtBackend
+from internvl_edge.bundle import load_manifest
+
+
+def protocol_members() -> tuple[set[str], set[str]]:
+    """(methods, properties and plain attributes) that the protocol declares."""
+    methods = {n for n, v in vars(Backend).items() if inspect.isfunction(v) and not n.startswith("_")}
+    properties = {n for n, v in vars(Backend).items() if isinstance(v, property)}
+    return methods, properties | set(Backend.__annotations__)
+
+
+@pytest.mark.parametrize("cls", [OrtBackend, BmrtBackend])
+def test_each_backend_class_defines_every_method(cls):
+    """With the protocol's parameters (properties may be set per instance: checked on one below)."""
+    methods, _ = protocol_members()
+    assert {"encode_images", "forward", "read_rows", "sample", "describe"} <= methods
+    for name in methods:
+        assert inspect.isfunction(getattr(cls, name, None)), f"{cls.__name__} lacks {name}"
+        expected = list(inspect.signature(getattr(Backend, name)).parameters)
+        assert list(inspect.signature(getattr(cls, name)).parameters) == expected, name
+
+
+def test_the_cpu_backend_answers_every_capability(bundle):
+    manifest = load_manifest(bundle("tiny_bf16", "f32"))
+    backend = open_backend(manifest, threads=1)
+    methods, members = protocol_members()
+    assert {"can_sample", "can_copy_rows", "dynamic", "runs_on", "threads", "q4_kernel"} <= members
+    for name in methods | members:
+        getattr(backend, name)  # an AttributeError here is a probe some caller would need
+    assert backend.can_sample and backend.can_copy_rows and backend.dynamic
+    assert backend.runs_on == "onnxruntime-cpu" and backend.threads == 1
+    facts = manifest.facts
+    assert (backend.hidden, backend.vocab, backend.layers) == (facts.hidden_size, facts.vocab_size, facts.num_layers)
+    assert backend.row_bytes == 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * 4
+    assert backend.seq_length == manifest.settings.seq_length == 2048
+
+
+def test_forward_arguments_are_checked(bundle):
+    """The contract's rules (base.checked_query_lens, which every backend's forward applies)."""
+    backend = open_backend(load_manifest(bundle("tiny_bf16", "f32")), threads=1)
+    cache = KVCache(batch=2, capacity=backend.seq_length, lengths=np.zeros(2, np.int64))
+    rows = np.zeros((2, 3, backend.hidden), np.float32)
+    assert checked_query_lens(backend, cache, rows, [3, 0]).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="do not fit"):
+        checked_query_lens(backend, cache, rows[:1], [3, 0])
+    with pytest.raises(ValueError, match="at most"):
+        checked_query_lens(backend, cache, rows, [backend.max_input_length + 1, 0])
+    cache.lengths[:] = backend.seq_length - 1
+    with pytest.raises(ValueError, match="full"):
+        checked_query_lens(backend, cache, rows, [2, 0])
