@@ -1,6 +1,8 @@
 """internvl-edge: convert InternVL3 checkpoints into a compiled bundle and chat with it on edge hardware."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(bundle: str, threads: int | None = None, device=None, config_path: str | None = None):

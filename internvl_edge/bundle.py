@@ -25,8 +25,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import __version__
 from .errors import UserError
+from .version import __version__
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "internvl-edge-bundle"

@@ -1,9 +1,11 @@
 """The package's modules import each other without a cycle.
 
-The test reads every module's imports with `ast` (nothing is imported, so optional dependencies do not
-matter), resolves relative imports against the module's package, and looks for a cycle among the
+The test reads every module's imports with `ast` (nothing but the top package is imported, so optional
+dependencies do not matter), resolves relative imports against the module's package, and looks for a cycle among the
 `internvl_edge` modules. An import of `a.b.c` also runs the `__init__` of `a.b`, so it counts as an
-edge to that package too (but not to the importer's own packages, which Python has already started).
+edge to that package too, except for the importer's own packages (Python has started them before the
+importer, so a package's `__init__` importing its submodules is no cycle); a name taken from a package
+itself (`from . import open_backend`) is an edge to that package, its own included.
 
 Imports inside functions count as much as those at module level: a lazy import only postpones the
 dependency to the first call, and a cycle through one still means that two modules each need the other
@@ -23,14 +25,21 @@ ROOT = "internvl_edge"
 
 
 def package_modules() -> dict[str, str]:
-    """{dotted module name: source path} for the package and every module below it."""
-    folder = os.path.dirname(internvl_edge.__file__)
-    found = {ROOT: os.path.join(folder, "__init__.py")}
-    for info in pkgutil.walk_packages([folder], prefix=f"{ROOT}."):
-        spec = info.module_finder.find_spec(info.name.rsplit(".", 1)[-1], None)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            found[info.name] = spec.origin
-    return found
+    """{dotted module name: source path} for the package and every module below it (pkgutil over the
+    folders, so that no subpackage is imported to be listed)."""
+    found = {}
+
+    def walk(name: str, folder: str) -> None:
+        found[name] = os.path.join(folder, "__init__.py")
+        for info in pkgutil.iter_modules([folder]):
+            path = os.path.join(folder, info.name)
+            if info.ispkg:
+                walk(f"{name}.{info.name}", path)
+            else:
+                found[f"{name}.{info.name}"] = path + ".py"
+
+    walk(ROOT, os.path.dirname(internvl_edge.__file__))
+    return {name: path for name, path in found.items() if os.path.isfile(path)}
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -58,10 +67,10 @@ def imported_names(module: str, path: str, modules: dict[str, str]) -> set[str]:
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-    targets: set[str] = set()
+    named: set[str] = set()  # what the import statements name
     for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
-            targets.update(alias.name for alias in node.names)
+            named.update(alias.name for alias in node.names)
             continue
         if node.level:
             base = package.split(".")
@@ -69,16 +78,13 @@ def imported_names(module: str, path: str, modules: dict[str, str]) -> set[str]:
             origin = ".".join(base + ([node.module] if node.module else []))
         else:
             origin = node.module or ""
-        targets.add(origin)
-        targets.update(f"{origin}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-    own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
-    edges = set()
-    for name in targets:
+        for alias in node.names:  # `from pkg import submodule`, or a name defined by pkg itself
+            named.add(f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin)
+    own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}  # itself and its packages
+    edges = {name for name in named if name in modules and name != module}
+    for name in named:  # the packages whose __init__ an import runs, but not the importer's own
         parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # the module and the packages whose __init__ it runs
-            candidate = ".".join(parts[:i])
-            if candidate in modules and candidate not in own:
-                edges.add(candidate)
+        edges.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in modules and p not in own)
     return edges
 
 

@@ -12,8 +12,8 @@ import importlib
 import os
 import sys
 
-from .. import __version__
 from ..errors import UserError
+from ..version import __version__
 
 # subcommand -> (module, help)
 COMMANDS = {
