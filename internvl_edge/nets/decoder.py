@@ -37,7 +37,7 @@ from onnx import TensorProto
 
 from ..checkpoint.reader import Checkpoint, DenseLinear, QuantLinear
 from .graph import MS_DOMAIN, Graph
-from .linear import linear, rms_norm
+from .linear import Linear, rms_norm
 from .quant import NBitsWeight, concat_outputs, from_awq, quantize
 
 
@@ -73,6 +73,8 @@ def _prepare(lin: DenseLinear | QuantLinear, opts: DecoderOptions) -> np.ndarray
 
 
 def _fuse(parts: list[np.ndarray | NBitsWeight]) -> np.ndarray | NBitsWeight:
+    if len(parts) == 1:
+        return parts[0]
     if all(isinstance(p, NBitsWeight) for p in parts):
         if len({(p.block_size, p.bits) for p in parts}) == 1:
             return concat_outputs(parts)
@@ -84,6 +86,8 @@ def _fuse(parts: list[np.ndarray | NBitsWeight]) -> np.ndarray | NBitsWeight:
 def _bias(lins) -> np.ndarray | None:
     if all(lin.bias is None for lin in lins):
         return None
+    if len(lins) == 1:
+        return lins[0].bias
     return np.concatenate(
         [lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32) for lin in lins]
     )
@@ -102,6 +106,12 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
     cfg = ckpt.config.text
     H, nh, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     g = Graph("decoder", weights)
+    linear = Linear(opts.store, opts.accuracy_level)
+
+    def proj(x: str, path: str, *lins: DenseLinear | QuantLinear) -> str:
+        """One linear from checkpoint linears over the same input (q, k, v; gate, up), outputs stacked."""
+        return linear(g, x, path, _fuse([_prepare(t, opts) for t in lins]), _bias(lins))
+
     FLOAT, INT32 = TensorProto.FLOAT, TensorProto.INT32
     x = g.input("inputs_embeds", FLOAT, ["batch", "sequence", H])
     seqlens_k = g.input("seqlens_k", INT32, ["batch"])
@@ -125,40 +135,39 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         else:
             h, residual = _skip_norm(g, pending, residual, f"{m}/input_layernorm", ln_in, cfg.rms_norm_eps)
 
-        q, k, v = (ckpt.linear(f"{p}.self_attn.{n}_proj") for n in "qkv")
-        qkv = linear(g, h, f"{m}/attn/qkv_proj", _fuse([_prepare(t, opts) for t in (q, k, v)]), _bias([q, k, v]),
-                     opts.store, opts.accuracy_level)  # fmt: skip
+        qkv = proj(h, f"{m}/attn/qkv_proj", *(ckpt.linear(f"{p}.self_attn.{n}_proj") for n in "qkv"))
         if cfg.qk_norm:
-            qkv = _qk_norms(g, qkv, f"{m}/attn", ckpt.f32(f"{p}.self_attn.q_norm.weight"),
-                            ckpt.f32(f"{p}.self_attn.k_norm.weight"), nh, kvh, hd, cfg.rms_norm_eps)  # fmt: skip
+            norms = [ckpt.f32(f"{p}.self_attn.{n}_norm.weight") for n in "qk"]
+            qkv = _qk_norms(g, qkv, f"{m}/attn", *norms, nh, kvh, hd, cfg.rms_norm_eps)
         past_k, past_v, present_k, present_v = kv_names(i)
         kv_shape = ["batch", kvh, opts.kv_capacity, hd]
         g.input(past_k, FLOAT, kv_shape)
         g.input(past_v, FLOAT, kv_shape)
+        # inputs 1-2 (a separate key and value) and 9-15 (optional inputs not used here) stay empty
+        inputs = [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache] + [""] * 7 + [query_lens]
         attn = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
-             "", "", "", "", "", "", "", query_lens],
+            inputs,
             f"/{m}/attn/GroupQueryAttention",
             outputs=[f"/{m}/attn/output", present_k, present_v],
-            domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
-        )[0]  # fmt: skip
+            domain=MS_DOMAIN,
+            num_heads=nh,
+            kv_num_heads=kvh,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )[0]
         kv_outputs += [(present_k, kv_shape), (present_v, kv_shape)]
-        o = ckpt.linear(f"{p}.self_attn.o_proj")
-        a = linear(g, attn, f"{m}/attn/o_proj", _prepare(o, opts), o.bias, opts.store, opts.accuracy_level)
+        a = proj(attn, f"{m}/attn/o_proj", ckpt.linear(f"{p}.self_attn.o_proj"))
 
-        h2, residual = _skip_norm(g, a, residual, f"{m}/post_attention_layernorm",
-                                  ckpt.f32(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps)  # fmt: skip
-        gate, up = ckpt.linear(f"{p}.mlp.gate_proj"), ckpt.linear(f"{p}.mlp.up_proj")
-        gu = linear(g, h2, f"{m}/mlp/gate_up_proj", _fuse([_prepare(gate, opts), _prepare(up, opts)]),
-                    _bias([gate, up]), opts.store, opts.accuracy_level)  # fmt: skip
+        ln_post = ckpt.f32(f"{p}.post_attention_layernorm.weight")
+        h2, residual = _skip_norm(g, a, residual, f"{m}/post_attention_layernorm", ln_post, cfg.rms_norm_eps)
+        gu = proj(h2, f"{m}/mlp/gate_up_proj", ckpt.linear(f"{p}.mlp.gate_proj"), ckpt.linear(f"{p}.mlp.up_proj"))
         gate_out, up_out = g.op(
             "Split", [gu, g.const([cfg.intermediate_size] * 2)], f"/{m}/mlp/Split", outputs=2, axis=-1
         )
         silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], f"/{m}/mlp/act/Sigmoid")], f"/{m}/mlp/act/Mul")
         act = g.op("Mul", [silu, up_out], f"/{m}/mlp/Mul")
-        down = ckpt.linear(f"{p}.mlp.down_proj")
-        pending = linear(g, act, f"{m}/mlp/down_proj", _prepare(down, opts), down.bias, opts.store, opts.accuracy_level)
+        pending = proj(act, f"{m}/mlp/down_proj", ckpt.linear(f"{p}.mlp.down_proj"))
         release()
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
@@ -174,7 +183,7 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         head_w = quantize(head_w, opts.lm_head_bits, opts.group_size)
     elif isinstance(head, DenseLinear):
         head_w = head_w.to_float32()
-    logits = linear(g, normed, "lm_head", head_w, head.bias, opts.store, opts.accuracy_level)
+    logits = linear(g, normed, "lm_head", head_w, head.bias)
     g.output(logits, "logits", FLOAT, ["batch", cfg.vocab_size])
     for name, shape in kv_outputs:
         g.output(name, name, FLOAT, shape)
@@ -200,8 +209,8 @@ def _qk_norms(
 def _skip_norm(g: Graph, x: str, skip: str, path: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
     """(normed(x + skip), x + skip) in one fused node."""
     w = g.weight(f"{path}.weight", np.asarray(weight, np.float32))
-    out = g.op("SkipSimplifiedLayerNormalization", [x, skip, w], f"/{path}/SkipSimplifiedLayerNormalization",
-               outputs=4, domain=MS_DOMAIN, epsilon=float(eps))  # fmt: skip
+    name = f"/{path}/SkipSimplifiedLayerNormalization"
+    out = g.op("SkipSimplifiedLayerNormalization", [x, skip, w], name, outputs=4, domain=MS_DOMAIN, epsilon=float(eps))
     return out[0], out[3]
 
 

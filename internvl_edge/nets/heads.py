@@ -53,23 +53,17 @@ def build_sample_head() -> Graph:
 
     seen = g.op("GatherElements", [logits, penalty_ids], "/sample_head/penalty/GatherElements", axis=1)
     positive = g.op("Greater", [seen, g.const(0.0, np.float32)], "/sample_head/penalty/Greater")
-    penalised = g.op(
-        "Where",
-        [positive, g.op("Div", [seen, penalty], "/sample_head/penalty/Div"),
-         g.op("Mul", [seen, penalty], "/sample_head/penalty/Mul")],
-        "/sample_head/penalty/Where",
-    )  # fmt: skip
+    divided = g.op("Div", [seen, penalty], "/sample_head/penalty/Div")
+    multiplied = g.op("Mul", [seen, penalty], "/sample_head/penalty/Mul")
+    penalised = g.op("Where", [positive, divided, multiplied], "/sample_head/penalty/Where")
     logits = g.op("ScatterElements", [logits, penalty_ids, penalised], "/sample_head/penalty/ScatterElements", axis=1)
     values, ids = g.op("TopK", [logits, top_k], "/sample_head/TopK", outputs=2, axis=-1, largest=1, sorted=1)
     scaled = g.op("Div", [values, temperature], "/sample_head/temperature/Div")
     probs = g.op("Softmax", [scaled], "/sample_head/Softmax", axis=-1)
     before = g.op("CumSum", [probs, g.const(1)], "/sample_head/top_p/CumSum", exclusive=1)
-    keep = g.op(
-        "Or",
-        [g.op("Less", [before, top_p], "/sample_head/top_p/Less"),
-         g.op("GreaterOrEqual", [top_p, g.const([1.0], np.float32)], "/sample_head/top_p/disabled")],
-        "/sample_head/top_p/Or",
-    )  # fmt: skip
+    within = g.op("Less", [before, top_p], "/sample_head/top_p/Less")
+    disabled = g.op("GreaterOrEqual", [top_p, g.const([1.0], np.float32)], "/sample_head/top_p/disabled")
+    keep = g.op("Or", [within, disabled], "/sample_head/top_p/Or")
     kept = g.op("Mul", [probs, g.op("Cast", [keep], "/sample_head/top_p/Cast", to=F)], "/sample_head/top_p/Mul")
     total = g.op("ReduceSum", [kept, g.const([1])], "/sample_head/top_p/ReduceSum", keepdims=1)
     probs = g.op("Div", [kept, total], "/sample_head/top_p/Div")

@@ -8,12 +8,16 @@ the fast path for memory-bound decoding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint.safetensors import bf16_bits
 from .graph import MS_DOMAIN, Graph
 from .quant import Int8Weight, NBitsWeight
+
+Weight = np.ndarray | NBitsWeight | Int8Weight  # float [N, K] (torch layout) or quantised
 
 STORE_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
@@ -51,27 +55,38 @@ def tensor(g: Graph, name: str, x: np.ndarray, store: str) -> str:
     return g.op("Cast", [w], f"{name}/Cast", to=TensorProto.FLOAT)
 
 
-def linear(
-    g: Graph,
-    x: str,
-    path: str,
-    weight: np.ndarray | NBitsWeight | Int8Weight,
-    bias: np.ndarray | None,
-    store: str,
-    accuracy_level: int = 4,
-) -> str:
-    """y = x @ W^T + b for W [N, K] (torch layout) or a quantised W. `path` is the module path."""
-    if isinstance(weight, Int8Weight):
+@dataclass(frozen=True)
+class Linear:
+    """How a net emits its linear layers: float weights stored in `store` precision, 4/8-bit blocks run
+    by MatMulNBits at `accuracy_level` (4: int8 activations, the fast path; 1: float32 activations)."""
+
+    store: str  # f32 | f16 | bf16
+    accuracy_level: int = 4
+
+    def __call__(self, g: Graph, x: str, path: str, weight: Weight, bias: np.ndarray | None) -> str:
+        """y = x @ W^T + b for W [N, K] (torch layout) or a quantised W. `path` is the module path."""
+        if isinstance(weight, Int8Weight):
+            return self._int8(g, x, path, weight, bias)
+        if isinstance(weight, NBitsWeight):
+            return self._nbits(g, x, path, weight, bias)
+        wt = tensor(g, f"{path}.weight_t", np.ascontiguousarray(np.asarray(weight, np.float32).T), self.store)
+        y = g.op("MatMul", [x, wt], f"/{path}/MatMul")
+        if bias is not None:
+            y = g.op("Add", [y, _bias(g, path, bias)], f"/{path}/Add")
+        return y
+
+    def _int8(self, g: Graph, x: str, path: str, weight: Int8Weight, bias: np.ndarray | None) -> str:
         q = g.weight(f"{path}.weight_int8", weight.q)
         s = g.weight(f"{path}.scales", weight.scales)
         z = g.const(np.zeros(weight.q.shape[1], np.int8), dtype=np.int8)
-        b = g.weight(f"{path}.bias", np.asarray(bias, np.float32)) if bias is not None else ""
+        b = _bias(g, path, bias) if bias is not None else ""
         return g.op("DynamicQuantizeMatMul", [x, q, s, z, b], f"/{path}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
-    if isinstance(weight, NBitsWeight):
+
+    def _nbits(self, g: Graph, x: str, path: str, weight: NBitsWeight, bias: np.ndarray | None) -> str:
         w = g.weight(f"{path}.weight_q{weight.bits}", weight.packed)
         s = g.weight(f"{path}.scales", weight.scales.reshape(-1).astype(np.float32))
         z = g.weight(f"{path}.zero_points", weight.zero_points.reshape(-1))
-        b = g.weight(f"{path}.bias", np.asarray(bias, np.float32)) if bias is not None else ""
+        b = _bias(g, path, bias) if bias is not None else ""
         return g.op(
             "MatMulNBits",
             [x, w, s, z, "", b],
@@ -81,19 +96,18 @@ def linear(
             N=weight.N,
             bits=weight.bits,
             block_size=weight.block_size,
-            accuracy_level=accuracy_level,
+            accuracy_level=self.accuracy_level,
         )
-    wt = tensor(g, f"{path}.weight_t", np.ascontiguousarray(np.asarray(weight, np.float32).T), store)
-    y = g.op("MatMul", [x, wt], f"/{path}/MatMul")
-    if bias is not None:
-        y = g.op("Add", [y, g.weight(f"{path}.bias", np.asarray(bias, np.float32))], f"/{path}/Add")
-    return y
+
+
+def _bias(g: Graph, path: str, bias: np.ndarray) -> str:
+    return g.weight(f"{path}.bias", np.asarray(bias, np.float32))
 
 
 def rms_norm(g: Graph, x: str, path: str, weight: np.ndarray, eps: float) -> str:
     w = g.weight(f"{path}.weight", np.asarray(weight, np.float32))
-    return g.op("SimplifiedLayerNormalization", [x, w], f"/{path}/SimplifiedLayerNormalization",
-                axis=-1, epsilon=float(eps), stash_type=1)  # fmt: skip
+    name = f"/{path}/SimplifiedLayerNormalization"
+    return g.op("SimplifiedLayerNormalization", [x, w], name, axis=-1, epsilon=float(eps), stash_type=1)
 
 
 def layer_norm(g: Graph, x: str, path: str, weight: np.ndarray, bias: np.ndarray, eps: float) -> str:
