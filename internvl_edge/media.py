@@ -31,10 +31,15 @@ MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit, made ex
 def tile_grid(width: int, height: int, max_tiles: int, min_tiles: int = 1, tile: int = 448) -> tuple[int, int]:
     """(columns, rows) of the tiling InternVL picks for an image of this size."""
     ratios = sorted(
-        {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-         if min_tiles <= i * j <= max_tiles},
+        {
+            (i, j)
+            for n in range(min_tiles, max_tiles + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_tiles <= i * j <= max_tiles
+        },
         key=lambda r: r[0] * r[1],
-    )  # fmt: skip
+    )
     aspect = width / height
     area = width * height
     best, best_diff = (1, 1), float("inf")

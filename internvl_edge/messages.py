@@ -66,8 +66,8 @@ def decode_data_url(url: str, kind: str = "image") -> bytes:
         raise UserError(f"only base64 data URLs are supported (data:{kind}/...;base64,...)")
     mime = meta[: -len(";base64")].split(";")[0].strip().lower()
     if mime and not mime.startswith(f"{kind}/") and not (kind == "video" and mime == "application/octet-stream"):
-        raise UserError(f"the data URL holds {mime!r}, not an {kind}" if kind == "image" else
-                        f"the data URL holds {mime!r}, not a {kind}")  # fmt: skip
+        article = "an" if kind == "image" else "a"
+        raise UserError(f"the data URL holds {mime!r}, not {article} {kind}")
     try:
         return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -153,8 +153,9 @@ def _image_ref(part: dict, where: str):
     return url
 
 
-def _content(content, where: str, resolve: Callable, allow_images: bool,
-             resolve_video: Callable = resolve_video) -> tuple[str, list, object]:  # fmt: skip
+def _content(
+    content, where: str, resolve: Callable, allow_images: bool, resolve_video: Callable = resolve_video
+) -> tuple[str, list, object]:
     """A message's content (a string or a list of parts) -> its text, resolved images and video."""
     if content is None:
         return "", [], None
@@ -193,8 +194,9 @@ def _content(content, where: str, resolve: Callable, allow_images: bool,
     return "\n".join(texts), images, video
 
 
-def parse_messages(messages: Sequence, resolve: Callable = resolve_image,
-                   resolve_video: Callable = resolve_video) -> Conversation:  # fmt: skip
+def parse_messages(
+    messages: Sequence, resolve: Callable = resolve_image, resolve_video: Callable = resolve_video
+) -> Conversation:
     """OpenAI messages -> Conversation. Consecutive messages of one role are joined; the last message
     must be the user's (the answer to it is what gets generated)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:

@@ -168,5 +168,5 @@ class PrefixCache(_Lru):
                     self._drop(name)
         rows = backend.read_rows(cache, slot, n)
         self.counter += 1
-        self.put(self.counter, _Prefix(np.array(key, np.int64), rows, np.array(logits, np.float32)),
-                 n * self.row_bytes + logits.nbytes)  # fmt: skip
+        prefix = _Prefix(np.array(key, np.int64), rows, np.array(logits, np.float32))
+        self.put(self.counter, prefix, n * self.row_bytes + logits.nbytes)

@@ -18,14 +18,40 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from ..tokenizer import qwen2_pipeline
 
 QWEN2_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}  # fmt: skip
+NOT_SPECIAL = {
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+}
 
 _CORPUS = """
 Describe the image. What is in the picture? The cat sits on a red mat next to a blue door.
@@ -90,8 +116,9 @@ def _filled(tok: Tokenizer, size: int) -> Tokenizer:
         if not grown:
             raise ValueError(f"cannot fill the vocabulary to {size} tokens")
         frontier = grown
-    filled = qwen2_pipeline(Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
-                                                 byte_fallback=False)))  # fmt: skip
+    filled = qwen2_pipeline(
+        Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    )
     return filled
 
 
@@ -119,11 +146,15 @@ def write_tokenizer_files(tok: Tokenizer, out_dir: str, model_max_length: int = 
         json.dump(ids, f, indent=2, ensure_ascii=False)
     decoder = {
         str(ids[t]): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": t not in NOT_SPECIAL,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t not in NOT_SPECIAL,
         }
         for t in specials
-    }  # fmt: skip
+    }
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,

@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _flush()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: internal error ({type(e).__name__}: {first}); rerun with INTERNVL_EDGE_DEBUG=1 for details",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: internal error ({type(e).__name__}: {first}); rerun with INTERNVL_EDGE_DEBUG=1 for details",
+            file=sys.stderr,
+        )
         return 1
 
 

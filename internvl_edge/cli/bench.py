@@ -32,7 +32,13 @@ def main(args) -> int:
     from ..bench import as_dict, format_result, run_bench
     from .names import resolve_bundle
 
-    result = run_bench(resolve_bundle(args.model_path), threads=args.threads, repeats=args.repeats,
-                       decode_tokens=args.decode_tokens, quick=args.quick, profile=args.profile)  # fmt: skip
+    result = run_bench(
+        resolve_bundle(args.model_path),
+        threads=args.threads,
+        repeats=args.repeats,
+        decode_tokens=args.decode_tokens,
+        quick=args.quick,
+        profile=args.profile,
+    )
     print(json.dumps(as_dict(result), indent=2) if args.json else format_result(result))
     return 0

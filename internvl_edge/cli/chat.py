@@ -71,9 +71,13 @@ def add_arguments(p) -> None:
         default=None,
         help="frames sampled from a video (default: as many as fit the context, up to 8)",
     )
-    p.add_argument("--history-file", dest="history_file", default=None,
-                   help="where a terminal session keeps its questions (default: $INTERNVL_EDGE_HISTORY, else "
-                        "~/.cache/internvl-edge/history; 'none' keeps none)")  # fmt: skip
+    p.add_argument(
+        "--history-file",
+        dest="history_file",
+        default=None,
+        help="where a terminal session keeps its questions (default: $INTERNVL_EDGE_HISTORY, else "
+        "~/.cache/internvl-edge/history; 'none' keeps none)",
+    )
 
 
 def history_path(flag: str | None) -> str | None:
@@ -240,8 +244,10 @@ class Chat:
         if s is None:
             print("no answer yet")
             return
-        print(f"FTL: {s.ftl_s:.3f} s  TPS: {s.decode_tps:.3f} token/s  prompt tokens: {s.prompt_tokens}  "
-              f"answer tokens: {s.generated_tokens}  image tiles: {s.num_tiles}  vision: {s.vision_s:.3f} s")  # fmt: skip
+        print(
+            f"FTL: {s.ftl_s:.3f} s  TPS: {s.decode_tps:.3f} token/s  prompt tokens: {s.prompt_tokens}  "
+            f"answer tokens: {s.generated_tokens}  image tiles: {s.num_tiles}  vision: {s.vision_s:.3f} s"
+        )
 
     # -- one question ---------------------------------------------------------------------------------
     def answer(self, question: str) -> None:

@@ -39,8 +39,9 @@ def float_in(low: float, high: float | None = None, low_open: bool = False):
         too_low = value <= low if low_open else value < low
         if too_low or (high is not None and value > high) or math.isnan(value):
             bound = f"above {low}" if low_open else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}{f' and at most {high}' if high is not None else ''}, "
-                                             f"got {text}")  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"must be {bound}{f' and at most {high}' if high is not None else ''}, got {text}"
+            )
         return value
 
     return parse
@@ -136,10 +137,12 @@ def add_generation_arguments(p) -> None:
     )
 
 
+GENERATION_ARGUMENTS = "max_new_tokens do_sample temperature top_k top_p repetition_penalty seed ignore_eos".split()
+
+
 def generation_kwargs(args) -> dict:
-    kw = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                                          "repetition_penalty", "seed", "ignore_eos")}  # fmt: skip
-    return kw
+    """The generation flags (add_generation_arguments) as keyword arguments of Model.generate and stream."""
+    return {k: getattr(args, k) for k in GENERATION_ARGUMENTS}
 
 
 def check_image_file(path: str, flag: str = "--image") -> str:
@@ -201,8 +204,13 @@ def load_model(args, quiet: bool = False):
     path = resolve_bundle(args.model_path)
     progress = Progress("[load] ", enabled=not quiet)
     progress.step(f"bundle {path}")
-    model = load(path, threads=args.threads, device=args.devid, config_path=args.config_path,
-                 log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
+    model = load(
+        path,
+        threads=args.threads,
+        device=args.devid,
+        config_path=args.config_path,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
     progress.done()
     return model
 

@@ -98,9 +98,12 @@ def add_arguments(p) -> None:
         help="Sophgo targets: TPU-MLIR's tpu_mlir folder "
         "(default: TPUC_ROOT, then `internvl-edge toolchain install`'s copy)",
     )
-    p.add_argument("--verify", action="store_true",
-                   help="after converting, run `internvl-edge verify` against the checkpoint and store its summary "
-                        "in the manifest (shown by run --json and bench)")  # fmt: skip
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after converting, run `internvl-edge verify` against the checkpoint and store its summary "
+        "in the manifest (shown by run --json and bench)",
+    )
     p.add_argument(
         "--vision-bits",
         dest="vision_bits",
@@ -125,13 +128,24 @@ def main(args) -> int:
     out_dir = destination(args)
     replaced = describe(out_dir) if os.path.isdir(out_dir) else None
     opts = ConvertOptions(
-        model_path=expand_path(args.model_path), out_dir=out_dir, seq_length=args.seq_length, quantize=args.quantize,
-        chip=args.chip, q_group_size=args.q_group_size, max_input_length=args.max_input_length,
-        max_prefill_kv_length=args.max_prefill_kv_length, use_block_with_kv=args.use_block_with_kv,
-        dynamic=args.dynamic, static=args.static, do_sample=args.do_sample, max_tiles=args.max_tiles,
-        lm_head_bits=args.lm_head_bits, vision_bits=args.vision_bits, accuracy_level=args.accuracy_level,
+        model_path=expand_path(args.model_path),
+        out_dir=out_dir,
+        seq_length=args.seq_length,
+        quantize=args.quantize,
+        chip=args.chip,
+        q_group_size=args.q_group_size,
+        max_input_length=args.max_input_length,
+        max_prefill_kv_length=args.max_prefill_kv_length,
+        use_block_with_kv=args.use_block_with_kv,
+        dynamic=args.dynamic,
+        static=args.static,
+        do_sample=args.do_sample,
+        max_tiles=args.max_tiles,
+        lm_head_bits=args.lm_head_bits,
+        vision_bits=args.vision_bits,
+        accuracy_level=args.accuracy_level,
         tpu_mlir=args.tpu_mlir,
-    )  # fmt: skip
+    )
     manifest = convert(opts)
     if replaced:
         print(

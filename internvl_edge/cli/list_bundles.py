@@ -22,9 +22,13 @@ def main(args) -> int:
         )
         return 0
     head = ("NAME", "SOURCE", "MODE", "TARGET", "SIZE", "CONTEXT", "DATE")
-    rows = [(b["name"], b["source"], b["mode"], b["target"], human_bytes(b["bytes"]), str(b["context"]),
-             b["date"].replace("T", " ").rstrip("Z")) for b in bundles]  # fmt: skip
+    rows = [_row(b) for b in bundles]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _row(b: dict) -> tuple[str, ...]:
+    date = b["date"].replace("T", " ").rstrip("Z")
+    return (b["name"], b["source"], b["mode"], b["target"], human_bytes(b["bytes"]), str(b["context"]), date)

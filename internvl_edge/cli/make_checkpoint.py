@@ -38,8 +38,15 @@ def main(args) -> int:
         raise UserError("AWQ checkpoints are published in the original format only")
     progress = Progress("[make-checkpoint] ")
     progress.step(f"{args.size} {args.fmt} {args.weights} tensors")
-    make_checkpoint(args.out_dir, size=args.size, fmt=args.fmt, weights=args.weights, seed=args.seed,
-                    overwrite=args.force, progress=lambda d, t, n: progress.update(d, t))  # fmt: skip
+    make_checkpoint(
+        args.out_dir,
+        size=args.size,
+        fmt=args.fmt,
+        weights=args.weights,
+        seed=args.seed,
+        overwrite=args.force,
+        progress=lambda d, t, n: progress.update(d, t),
+    )
     progress.done()
     print(f"wrote {args.out_dir}")
     return 0

@@ -37,8 +37,10 @@ def resolve_bundle(model: str) -> str:
     named = os.path.join(bundle_home(), model)
     if os.path.isdir(named):
         return named
-    raise UserError(f"bundle not found: {model} (no such folder, and no bundle named {model} in {bundle_home()}; "
-                    "see `internvl-edge list`)")  # fmt: skip
+    raise UserError(
+        f"bundle not found: {model} (no such folder, and no bundle named {model} in {bundle_home()}; "
+        "see `internvl-edge list`)"
+    )
 
 
 def describe(path: str) -> dict | None:

@@ -28,29 +28,65 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address Serve's proxies listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int_at_least(1), default=8000, help="port (default 8000)")
     p.add_argument("--name", default=APP_NAME, help=f"application name (default {APP_NAME})")
-    p.add_argument("--parallel", type=int_at_least(1), default=4,
-                   help="sequences decoded together per replica (default 4)")  # fmt: skip
-    p.add_argument("--max-queue", dest="max_queue", type=int_at_least(0), default=64,
-                   help="requests that may wait per replica; beyond it 429 (default 64)")  # fmt: skip
-    p.add_argument("--api-key", dest="api_key", default=None,
-                   help="write this key into the file (default: the ingress reads $INTERNVL_EDGE_API_KEY)")  # fmt: skip
-    p.add_argument("--allowed-local-media-path", dest="allowed_media_path", default=None,
-                   help="folder (on the ingress's node) whose images requests may name (default: none)")  # fmt: skip
-    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=32 << 20,
-                   help="largest request body (default 32 MiB)")  # fmt: skip
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
-                   help="the most tokens one answer may ask for (default: the bundle's context)")  # fmt: skip
-    p.add_argument("--served-model-name", dest="served_model_name", default=None,
-                   help="the model id clients send (default: the bundle folder's name)")  # fmt: skip
+    p.add_argument(
+        "--parallel", type=int_at_least(1), default=4, help="sequences decoded together per replica (default 4)"
+    )
+    p.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int_at_least(0),
+        default=64,
+        help="requests that may wait per replica; beyond it 429 (default 64)",
+    )
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=None,
+        help="write this key into the file (default: the ingress reads $INTERNVL_EDGE_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        dest="allowed_media_path",
+        default=None,
+        help="folder (on the ingress's node) whose images requests may name (default: none)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        default=32 << 20,
+        help="largest request body (default 32 MiB)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        dest="max_tokens",
+        type=int,
+        default=None,
+        help="the most tokens one answer may ask for (default: the bundle's context)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        default=None,
+        help="the model id clients send (default: the bundle folder's name)",
+    )
 
 
 def config_text(settings, name: str, host: str, port: int) -> str:
     """Serve's config file; JSON scalars are valid YAML, so values are quoted by json.dumps."""
     args = settings.as_args()
-    lines = ["# Ray Serve config written by `internvl-edge ray-config`; deploy with `serve deploy FILE`",
-             "proxy_location: EveryNode", "http_options:", f"  host: {json.dumps(host)}", f"  port: {port}",
-             "applications:", f"  - name: {json.dumps(name)}", "    route_prefix: /",
-             "    import_path: internvl_edge.server.ray_app:builder", "    args:"]  # fmt: skip
+    lines = [
+        "# Ray Serve config written by `internvl-edge ray-config`; deploy with `serve deploy FILE`",
+        "proxy_location: EveryNode",
+        "http_options:",
+        f"  host: {json.dumps(host)}",
+        f"  port: {port}",
+        "applications:",
+        f"  - name: {json.dumps(name)}",
+        "    route_prefix: /",
+        "    import_path: internvl_edge.server.ray_app:builder",
+        "    args:",
+    ]
     lines += [f"      {key}: {json.dumps(value)}" for key, value in args.items()]
     return "\n".join(lines) + "\n"
 
@@ -60,8 +96,8 @@ def main(args) -> int:
         raise UserError("--port must be between 1 and 65535")
     settings = ray_settings(args)
     if not os.path.isdir(settings.bundle):
-        print(f"note: {settings.bundle} is not on this machine; every node of the cluster needs it there",
-              file=sys.stderr)  # fmt: skip
+        note = f"note: {settings.bundle} is not on this machine; every node of the cluster needs it there"
+        print(note, file=sys.stderr)
     text = config_text(settings, args.name, args.host, args.port)
     tmp = f"{args.output}.{os.getpid()}.tmp"
     try:

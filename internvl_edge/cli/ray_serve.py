@@ -28,18 +28,42 @@ def add_ray_arguments(p, serving: bool) -> None:
     from .common import int_at_least
 
     if serving:
-        p.add_argument("--ray", action="store_true",
-                       help="serve on Ray Serve: engine replicas behind one ingress "
-                            "(pip install 'internvl-edge[ray]'; default: one process, no Ray)")  # fmt: skip
-        p.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None,
-                       help="with --ray: join this Ray cluster (default: start a local one on 127.0.0.1)")  # fmt: skip
-    p.add_argument("--replicas", type=int_at_least(1), default=None,
-                   help="engine replicas, each with --threads threads (default 1)")  # fmt: skip
-    p.add_argument("--min-replicas", "--min_replicas", dest="min_replicas", type=int_at_least(0), default=None,
-                   help="with --max-replicas: Serve's autoscaling on ongoing requests per replica, target --parallel "
-                        "(default: a fixed --replicas)")  # fmt: skip
-    p.add_argument("--max-replicas", "--max_replicas", dest="max_replicas", type=int_at_least(1), default=None,
-                   help="the autoscaling's upper bound (default: a fixed --replicas)")  # fmt: skip
+        p.add_argument(
+            "--ray",
+            action="store_true",
+            help="serve on Ray Serve: engine replicas behind one ingress "
+            "(pip install 'internvl-edge[ray]'; default: one process, no Ray)",
+        )
+        p.add_argument(
+            "--ray-address",
+            "--ray_address",
+            dest="ray_address",
+            default=None,
+            help="with --ray: join this Ray cluster (default: start a local one on 127.0.0.1)",
+        )
+    p.add_argument(
+        "--replicas",
+        type=int_at_least(1),
+        default=None,
+        help="engine replicas, each with --threads threads (default 1)",
+    )
+    p.add_argument(
+        "--min-replicas",
+        "--min_replicas",
+        dest="min_replicas",
+        type=int_at_least(0),
+        default=None,
+        help="with --max-replicas: Serve's autoscaling on ongoing requests per replica, target --parallel "
+        "(default: a fixed --replicas)",
+    )
+    p.add_argument(
+        "--max-replicas",
+        "--max_replicas",
+        dest="max_replicas",
+        type=int_at_least(1),
+        default=None,
+        help="the autoscaling's upper bound (default: a fixed --replicas)",
+    )
 
 
 def ray_settings(args):
@@ -51,13 +75,19 @@ def ray_settings(args):
         args.allowed_media_path = os.path.abspath(args.allowed_media_path)
     settings = RaySettings(
         bundle=os.path.abspath(resolve_bundle(args.model_path)),
-        replicas=args.replicas, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, threads=args.threads or 1, parallel=args.parallel, max_queue=args.max_queue,
-        api_key=getattr(args, "api_key", None), allowed_media_path=args.allowed_media_path,
-        max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        threads=args.threads or 1,
+        parallel=args.parallel,
+        max_queue=args.max_queue,
+        api_key=getattr(args, "api_key", None),
+        allowed_media_path=args.allowed_media_path,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
         served_model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model_path)),
         config_path=os.path.abspath(args.config_path) if args.config_path else None,
-    )  # fmt: skip
+    )
     settings.check()
     return settings
 
@@ -147,19 +177,28 @@ def main(args) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": port})
         host, port = proxy_address(args.host, port)
-        count = (f"{settings.replicas or 1} replicas" if settings.min_replicas is None
-                 else f"{settings.min_replicas}-{settings.max_replicas} replicas (autoscaled)")  # fmt: skip
-        print(f"[ray] deploying {count} x parallel {settings.parallel}, {settings.threads} threads each",
-              file=sys.stderr, flush=True)  # fmt: skip
+        count = (
+            f"{settings.replicas or 1} replicas"
+            if settings.min_replicas is None
+            else f"{settings.min_replicas}-{settings.max_replicas} replicas (autoscaled)"
+        )
+        print(
+            f"[ray] deploying {count} x parallel {settings.parallel}, {settings.threads} threads each",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             serve.run(ray_app.build_app(settings), name=APP_NAME, route_prefix="/")
         except RuntimeError:
             raise UserError(f"the application did not deploy: {failure_reason(serve, APP_NAME)}") from None
         shown = f"[{host}]" if ":" in host else host
-        print(f"serving {settings.model_name} on http://{shown}:{port}/v1 on Ray Serve ({count}, parallel "
-              f"{settings.parallel} each{', API key required' if settings.api_key else ''}); "
-              "/health lists the replicas",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"serving {settings.model_name} on http://{shown}:{port}/v1 on Ray Serve ({count}, parallel "
+            f"{settings.parallel} each{', API key required' if settings.api_key else ''}); "
+            "/health lists the replicas",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

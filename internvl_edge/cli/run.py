@@ -78,8 +78,12 @@ def blank_answer_note(model, token_ids: list[int]) -> str:
     known = model.tokenizer.vocab_size()
     vocab = model.manifest.facts.vocab_size or known
     beyond = sum(1 for t in token_ids if t >= known)
-    why = (f"; {beyond} of them are ids the tokenizer does not have (it covers {known} of the model's {vocab}"
-           " ids; a random checkpoint made by an older make-checkpoint: make it again)") if beyond else ""  # fmt: skip
+    why = ""
+    if beyond:
+        why = (
+            f"; {beyond} of them are ids the tokenizer does not have (it covers {known} of the model's {vocab}"
+            " ids; a random checkpoint made by an older make-checkpoint: make it again)"
+        )
     return f"the answer's {len(token_ids)} tokens decode to no visible text{why}"
 
 
@@ -94,8 +98,13 @@ def main(args) -> int:
         frames, why = model.fit_video_frames(prompt, args.video_frames, args.system)
         if not args.json:
             note(why)
-    request = {"images": images, "video": video, "video_frames": frames, "system": args.system,
-               "max_tiles": args.max_tiles}  # fmt: skip
+    request = {
+        "images": images,
+        "video": video,
+        "video_frames": frames,
+        "system": args.system,
+        "max_tiles": args.max_tiles,
+    }
     if args.json:
         result = model.generate(prompt, **request, **kw)
         out = {
@@ -104,13 +113,19 @@ def main(args) -> int:
             "text": result.text,
             "logprobs": [[[t, lp] for t, lp in step] for step in result.logprobs] if result.logprobs else None,
             "finish_reason": result.finish_reason,
-            "timings": {"ftl_s": result.stats.ftl_s, "decode_tps": result.stats.decode_tps,
-                        "vision_s": result.stats.vision_s},
+            "timings": {
+                "ftl_s": result.stats.ftl_s,
+                "decode_tps": result.stats.decode_tps,
+                "vision_s": result.stats.vision_s,
+            },
             "usage": {"prompt_tokens": result.stats.prompt_tokens, "completion_tokens": len(result.token_ids)},
             "backend": model.backend.describe(),
-            "bundle": {"path": model.manifest.path, "quantize": model.manifest.settings.quantize,
-                       "verification": model.manifest.verification or None},  # convert --verify's summary
-        }  # fmt: skip
+            "bundle": {
+                "path": model.manifest.path,
+                "quantize": model.manifest.settings.quantize,
+                "verification": model.manifest.verification or None,
+            },  # convert --verify's summary
+        }
         if video:
             out["video_frames"] = frames
         if result.notice:

@@ -29,12 +29,25 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--parallel", type=int_at_least(1), default=4, help="sequences decoded together in one batch (default 4)"
     )
-    p.add_argument("--max-queue", dest="max_queue", type=int_at_least(0), default=64,
-                   help="requests that may wait for a free slot; beyond it 429 (default 64)")  # fmt: skip
-    p.add_argument("--api-key", dest="api_key", default=os.environ.get("INTERNVL_EDGE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` (default: $INTERNVL_EDGE_API_KEY, else none)")  # fmt: skip
-    p.add_argument("--allowed-local-media-path", dest="allowed_media_path", default=None,
-                   help="folder whose images requests may name as file:// URLs or paths (default: none)")  # fmt: skip
+    p.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int_at_least(0),
+        default=64,
+        help="requests that may wait for a free slot; beyond it 429 (default 64)",
+    )
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=os.environ.get("INTERNVL_EDGE_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $INTERNVL_EDGE_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        dest="allowed_media_path",
+        default=None,
+        help="folder whose images requests may name as file:// URLs or paths (default: none)",
+    )
     p.add_argument(
         "--max-body-bytes",
         dest="max_body_bytes",
@@ -49,11 +62,20 @@ def add_arguments(p) -> None:
         default=None,
         help="the most tokens one answer may ask for; more is a 400 (default: the bundle's context)",
     )
-    p.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=30.0,
-                   help="on SIGTERM/Ctrl-C, seconds the answers in progress get to finish before they are "
-                        "ended with an error (default 30)")  # fmt: skip
-    p.add_argument("--served-model-name", dest="served_model_name", default=None,
-                   help="the model id clients send (default: the bundle folder's name)")  # fmt: skip
+    p.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds the answers in progress get to finish before they are "
+        "ended with an error (default 30)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        default=None,
+        help="the model id clients send (default: the bundle folder's name)",
+    )
     add_ray_arguments(p, serving=True)
 
 
@@ -88,8 +110,11 @@ def graceful_server(uvicorn):
 
         async def _drain(self, name: str) -> None:
             log = logging.getLogger("internvl_edge.server")
-            log.info("%s: stopping; new requests get 503, answers in progress get up to %g s (--drain-timeout)",
-                     name, self.drain_timeout)  # fmt: skip
+            log.info(
+                "%s: stopping; new requests get 503, answers in progress get up to %g s (--drain-timeout)",
+                name,
+                self.drain_timeout,
+            )
             try:
                 finished, ended = await self.drain(self.drain_timeout, self.hurry)
                 log.info("stopped: %d requests finished, %d ended by the stop", finished, ended)
@@ -130,14 +155,24 @@ def main(args) -> int:
     sock = listen(args.host, args.port)  # a busy port is told before the model's load too
     model = load_model(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
-    settings = ServerSettings(model_name=name, parallel=args.parallel, max_queue=args.max_queue, api_key=args.api_key,
-                              allowed_media_path=args.allowed_media_path, max_body_bytes=args.max_body_bytes,
-                              max_tokens=args.max_tokens)  # fmt: skip
+    settings = ServerSettings(
+        model_name=name,
+        parallel=args.parallel,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        allowed_media_path=args.allowed_media_path,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+    )
     app = create_app(model, settings)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} on http://{shown}:{port}/v1 (parallel {args.parallel}, queue {args.max_queue}"
-          f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"serving {name} on http://{shown}:{port}/v1 (parallel {args.parallel}, queue {args.max_queue}"
+        f"{', API key required' if args.api_key else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
     print(f"chat page: http://{shown}:{port}/ (open it in a browser)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     graceful_server(uvicorn)(config, app.state.drain, args.drain_timeout).run(sockets=[sock])

@@ -45,15 +45,19 @@ def main(args) -> int:
         info = {"found": False, "expected": toolchain.install_dir(), "install": toolchain.INSTALL_COMMAND}
     else:
         problems = toolchain.check(tc)
-        info = {"found": True, **tc.describe(), "works": not problems, "problems": problems,
-                "simulators": {c: toolchain.SIMULATOR[c] for c in toolchain.SIMULATOR}}  # fmt: skip
+        info = {
+            "found": True,
+            **tc.describe(),
+            "works": not problems,
+            "problems": problems,
+            "simulators": {c: toolchain.SIMULATOR[c] for c in toolchain.SIMULATOR},
+        }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if info.get("works") else 1
     if not info["found"]:
-        print(
-            f"TPU-MLIR {toolchain.VERSION}: not installed (expected in {info['expected']}); run `{toolchain.INSTALL_COMMAND}`"
-        )
+        where = info["expected"]
+        print(f"TPU-MLIR {toolchain.VERSION}: not installed (expected in {where}); run `{toolchain.INSTALL_COMMAND}`")
         return 1
     print(f"TPU-MLIR: {info['root']} ({info['origin']}, {info['version']})")
     print(f"simulators: {', '.join(f'{c} ({lib})' for c, lib in info['simulators'].items())}")

@@ -43,9 +43,13 @@ def add_arguments(p) -> None:
         default=None,
         help="tiles per image (default: the bundle's)",
     )
-    p.add_argument("--reference", default="onnxruntime", choices=REFERENCES,
-                   help="onnxruntime: our float32 graphs, one layer at a time (default); transformers: its model, "
-                        "if torch and transformers are installed (needs the whole model in float32)")  # fmt: skip
+    p.add_argument(
+        "--reference",
+        default="onnxruntime",
+        choices=REFERENCES,
+        help="onnxruntime: our float32 graphs, one layer at a time (default); transformers: its model, "
+        "if torch and transformers are installed (needs the whole model in float32)",
+    )
     p.add_argument(
         "--min-agreement",
         dest="min_agreement",
@@ -67,9 +71,17 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     prompts = read_prompts(args.prompts) if args.prompts else []
-    report = verify(resolve_bundle(args.model_path), args.checkpoint, images=args.image, prompts=prompts, steps=args.steps,
-                    reference=args.reference, max_tiles=args.max_tiles, threads=args.threads,
-                    builtin=args.builtin)  # fmt: skip
+    report = verify(
+        resolve_bundle(args.model_path),
+        args.checkpoint,
+        images=args.image,
+        prompts=prompts,
+        steps=args.steps,
+        reference=args.reference,
+        max_tiles=args.max_tiles,
+        threads=args.threads,
+        builtin=args.builtin,
+    )
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     agreement = report["summary"]["top1_agreement"]
     if args.min_agreement is not None and agreement < args.min_agreement:
