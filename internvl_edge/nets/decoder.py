@@ -162,9 +162,8 @@ def build_decoder(ckpt: Checkpoint, opts: DecoderOptions, weights, progress=None
         ln_post = ckpt.f32(f"{p}.post_attention_layernorm.weight")
         h2, residual = _skip_norm(g, a, residual, f"{m}/post_attention_layernorm", ln_post, cfg.rms_norm_eps)
         gu = proj(h2, f"{m}/mlp/gate_up_proj", ckpt.linear(f"{p}.mlp.gate_proj"), ckpt.linear(f"{p}.mlp.up_proj"))
-        gate_out, up_out = g.op(
-            "Split", [gu, g.const([cfg.intermediate_size] * 2)], f"/{m}/mlp/Split", outputs=2, axis=-1
-        )
+        halves = g.const([cfg.intermediate_size] * 2)
+        gate_out, up_out = g.op("Split", [gu, halves], f"/{m}/mlp/Split", outputs=2, axis=-1)
         silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], f"/{m}/mlp/act/Sigmoid")], f"/{m}/mlp/act/Mul")
         act = g.op("Mul", [silu, up_out], f"/{m}/mlp/Mul")
         pending = proj(act, f"{m}/mlp/down_proj", ckpt.linear(f"{p}.mlp.down_proj"))
@@ -216,9 +215,8 @@ def _skip_norm(g: Graph, x: str, skip: str, path: str, weight: np.ndarray, eps: 
 
 def _last_rows(g: Graph, hidden: str, query_lens: str, width: int) -> str:
     """hidden [B, S, W] -> [B, W]: row query_lens[b] - 1 of each batch entry."""
-    idx = g.op(
-        "Sub", [g.op("Cast", [query_lens], "/model/last/Cast", to=TensorProto.INT64), g.const(1)], "/model/last/Sub"
-    )
+    lens = g.op("Cast", [query_lens], "/model/last/Cast", to=TensorProto.INT64)
+    idx = g.op("Sub", [lens, g.const(1)], "/model/last/Sub")
     idx = g.op("Reshape", [idx, g.const([-1, 1, 1])], "/model/last/Reshape")
     batch = g.op("Shape", [hidden], "/model/last/Shape", start=0, end=1)
     shape = g.op("Concat", [batch, g.const([1, width])], "/model/last/Concat", axis=0)

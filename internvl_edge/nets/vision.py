@@ -82,9 +82,8 @@ def build_vision(ckpt: Checkpoint, opts: VisionOptions, weights, progress=None) 
         if v.qk_normalization:  # RMSNorm over all heads at once, before the head split
             q = rms_norm(g, q, f"{m}/attn/q_norm", ckpt.f32(f"{p}.attn.q_norm.weight"), v.layer_norm_eps)
             k = rms_norm(g, k, f"{m}/attn/k_norm", ckpt.f32(f"{p}.attn.k_norm.weight"), v.layer_norm_eps)
-        attn = g.op(
-            "MultiHeadAttention", [q, k, val], f"/{m}/attn/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads
-        )
+        mha = f"/{m}/attn/MultiHeadAttention"
+        attn = g.op("MultiHeadAttention", [q, k, val], mha, domain=MS_DOMAIN, num_heads=heads)
         o = linear(g, attn, f"{m}/attn/proj", *_params(ckpt, f"{p}.attn.proj", opts, optional_bias=True))
         o = g.op("Mul", [o, g.weight(f"{p}.ls1", ckpt.f32(f"{p}.ls1"))], f"/{m}/ls1/Mul")
         x = g.op("Add", [x, o], f"/{m}/residual1/Add")
