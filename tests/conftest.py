@@ -27,10 +27,17 @@ from internvl_edge.progress import Progress  # noqa: E402
 
 ODD = shapes_with(
     "tiny",
-    vision_hidden=96, vision_layers=3, vision_heads=6, vision_intermediate=200,
-    text_hidden=192, text_layers=3, text_heads=6, text_kv_heads=2, text_intermediate=352,
+    vision_hidden=96,
+    vision_layers=3,
+    vision_heads=6,
+    vision_intermediate=200,
+    text_hidden=192,
+    text_layers=3,
+    text_heads=6,
+    text_kv_heads=2,
+    text_intermediate=352,
     tie_word_embeddings=True,
-)  # fmt: skip
+)
 
 # hidden 1024 and 3 layers: large enough that a batched reduction order would change the logits
 # (tests/test_batch_invariance.py); head_dim 128 as in InternVL3-1B/2B
@@ -38,10 +45,18 @@ MID = shapes_with("tiny", text_hidden=1024, text_layers=3, text_heads=8, text_kv
 
 ODD35 = shapes_with(
     "3.5-tiny",
-    vision_hidden=96, vision_layers=3, vision_heads=6, vision_intermediate=200,
-    text_hidden=160, text_layers=3, text_heads=3, text_kv_heads=1, text_intermediate=288, text_head_dim=128,
+    vision_hidden=96,
+    vision_layers=3,
+    vision_heads=6,
+    vision_intermediate=200,
+    text_hidden=160,
+    text_layers=3,
+    text_heads=3,
+    text_kv_heads=1,
+    text_intermediate=288,
+    text_head_dim=128,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 
 CHECKPOINTS = {
     # name: (size, format, weights, seed)
@@ -82,8 +97,13 @@ def bundle(workdir, checkpoint):
         key = (ckpt, quantize, tuple(sorted(options.items())))
         if key not in made:
             tag = "_".join([ckpt, quantize] + [f"{k}{v}" for k, v in sorted(options.items())])
-            opts = ConvertOptions(model_path=checkpoint(ckpt), out_dir=str(workdir / f"bundle_{tag}"),
-                                  seq_length=options.pop("seq_length", 2048), quantize=quantize, **options)  # fmt: skip
+            opts = ConvertOptions(
+                model_path=checkpoint(ckpt),
+                out_dir=str(workdir / f"bundle_{tag}"),
+                seq_length=options.pop("seq_length", 2048),
+                quantize=quantize,
+                **options,
+            )
             made[key] = convert(opts, progress=Progress(enabled=False)).path
         return made[key]
 
@@ -94,8 +114,10 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     """A structured test image: smooth gradients plus blocks, so resampling differences would show."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
-                    ((x + y) * 127 // max(width + height, 1))], axis=-1).astype(np.uint8)  # fmt: skip
+    img = np.stack(
+        [(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 127 // max(width + height, 1))],
+        axis=-1,
+    ).astype(np.uint8)
     for _ in range(6):
         x0, y0 = rng.integers(0, width - 8), rng.integers(0, height - 8)
         img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
@@ -106,8 +128,12 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
 def images(workdir):
     """Files: one tile (square), 2x1 + thumbnail (wide), 2x2 + thumbnail (large square), tall."""
     out = {}
-    for name, (w, h, seed) in {"square": (320, 320, 1), "wide": (500, 300, 2), "large": (900, 880, 3),
-                               "tall": (240, 700, 4)}.items():  # fmt: skip
+    for name, (w, h, seed) in {
+        "square": (320, 320, 1),
+        "wide": (500, 300, 2),
+        "large": (900, 880, 3),
+        "tall": (240, 700, 4),
+    }.items():
         path = workdir / f"{name}.png"
         picture(w, h, seed).save(path)
         out[name] = str(path)

@@ -54,12 +54,19 @@ def _hf_config(raw: dict, image_token_id: int) -> InternVLConfig:
     t["model_type"] = "qwen3" if "Qwen3ForCausalLM" in t.get("architectures", []) else "qwen2"
     size = raw.get("force_image_size") or v["image_size"]
     vision = {
-        "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
-        "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
-        "image_size": [size, size], "patch_size": [v["patch_size"]] * 2, "norm_type": v["norm_type"],
-        "layer_norm_eps": v["layer_norm_eps"], "attention_bias": v["qkv_bias"],
-        "use_qk_norm": v["qk_normalization"], "use_mean_pooling": True, "hidden_act": v["hidden_act"],
-    }  # fmt: skip
+        "hidden_size": v["hidden_size"],
+        "num_hidden_layers": v["num_hidden_layers"],
+        "num_attention_heads": v["num_attention_heads"],
+        "intermediate_size": v["intermediate_size"],
+        "image_size": [size, size],
+        "patch_size": [v["patch_size"]] * 2,
+        "norm_type": v["norm_type"],
+        "layer_norm_eps": v["layer_norm_eps"],
+        "attention_bias": v["qkv_bias"],
+        "use_qk_norm": v["qk_normalization"],
+        "use_mean_pooling": True,
+        "hidden_act": v["hidden_act"],
+    }
     patches = (size // v["patch_size"]) ** 2
     return InternVLConfig(
         vision_config=vision,
@@ -91,7 +98,7 @@ def original_state_dict(ckpt_dir: str, raw: dict) -> dict[str, torch.Tensor]:
             n = n.replace(".norm1.", ".layernorm_before.").replace(".norm2.", ".layernorm_after.")
             n = n.replace(".ls1", ".lambda_1").replace(".ls2", ".lambda_2")
             if ".attn.qkv." in n:
-                for part, chunk in zip("qkv", torch.chunk(t, 3, dim=0)):
+                for part, chunk in zip("qkv", torch.chunk(t, 3, dim=0), strict=True):
                     sd[n.replace(".attn.qkv.", f".attention.{part}_proj.")] = chunk.clone()
                 continue
             sd[n] = t
@@ -143,8 +150,9 @@ def load_reference(ckpt_dir: str) -> InternVLForConditionalGeneration:
     return model
 
 
-def matmulnbits_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, K: int, N: int,
-                           bits: int, block: int) -> np.ndarray:  # fmt: skip
+def matmulnbits_dequantize(
+    packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, K: int, N: int, bits: int, block: int
+) -> np.ndarray:
     """ORT MatMulNBits layout -> float32 [N, K] (ContribOperators.md: low nibble first)."""
     blocks = -(-K // block)
     b = packed.reshape(N, blocks, -1)

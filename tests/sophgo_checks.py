@@ -74,9 +74,13 @@ def reference_pixels(path: str, size: int, max_tiles: int = 1) -> np.ndarray:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     proc = GotOcr2ImageProcessorPil(
-        crop_to_patches=True, min_patches=1, max_patches=max_tiles, size={"height": size, "width": size},
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+        size={"height": size, "width": size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     return proc(images=[Image.open(path).convert("RGB")], return_tensors="np")["pixel_values"]
 
 
@@ -133,8 +137,12 @@ def net_errors(bundle_dir: str, ckpt_dir: str, cpu_dir: str, image: str, check_v
     errors["greedy_head_wrong"] = float(int(be.greedy(logits)[0]) != token)
 
     # block_cache: the next token after the prompt, on the reference's K/V history
-    step = lm(inputs_embeds=lm.embed_tokens(torch.tensor([[token]])), past_key_values=out.past_key_values,
-              output_hidden_states=True, use_cache=True)  # fmt: skip
+    step = lm(
+        inputs_embeds=lm.embed_tokens(torch.tensor([[token]])),
+        past_key_values=out.past_key_values,
+        output_hidden_states=True,
+        use_cache=True,
+    )
     hs2 = [h[0].numpy() for h in step.hidden_states]
     mask1 = np.full((1, 1, 1, S + 1), -10000.0, np.float32)
     mask1[..., :n] = 0.0
@@ -177,9 +185,14 @@ def greedy_tokens(bundle_dir: str, ckpt_dir: str, steps: int, image: str | None 
     ref_tokens, ref_logits = greedy(reference_for(ckpt_dir, model.manifest), ids, pv, steps)
     ours = model.generate(QUESTION, images=[image] if image else [], max_tiles=1, max_new_tokens=steps, ignore_eos=True)
     top2 = np.sort(ref_logits, axis=-1)[:, -2:]
-    return {"prompt_ids_equal": ours.prompt_token_ids == ids, "ours": ours.token_ids, "reference": ref_tokens,
-            "margins": (top2[:, 1] - top2[:, 0]).tolist(), "logit_std": ref_logits.std(axis=-1).tolist(),
-            "backend": model.backend.describe()}  # fmt: skip
+    return {
+        "prompt_ids_equal": ours.prompt_token_ids == ids,
+        "ours": ours.token_ids,
+        "reference": ref_tokens,
+        "margins": (top2[:, 1] - top2[:, 0]).tolist(),
+        "logit_std": ref_logits.std(axis=-1).tolist(),
+        "backend": model.backend.describe(),
+    }
 
 
 @torch.no_grad()
@@ -188,8 +201,12 @@ def reference_greedy(ckpt_dir: str, steps: int) -> dict:
     ids = prompt_ids(ckpt_dir, [], 0)
     tokens, logits = greedy(load_reference(ckpt_dir), ids, None, steps)
     top2 = np.sort(logits, axis=-1)[:, -2:]
-    return {"prompt_ids": ids, "tokens": tokens, "margins": (top2[:, 1] - top2[:, 0]).tolist(),
-            "logit_std": logits.std(axis=-1).tolist()}  # fmt: skip
+    return {
+        "prompt_ids": ids,
+        "tokens": tokens,
+        "margins": (top2[:, 1] - top2[:, 0]).tolist(),
+        "logit_std": logits.std(axis=-1).tolist(),
+    }
 
 
 if __name__ == "__main__":

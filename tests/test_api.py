@@ -39,42 +39,71 @@ def test_images_as_paths_bytes_or_pil(model, images):
 def test_messages_equal_prompt_and_images(model, images):
     messages = [
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [{"type": "text", "text": "Describe the image."},
-                                     {"type": "image_url", "image_url": {"url": data_url(images["square"])}}]},
-    ]  # fmt: skip
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Describe the image."},
+                {"type": "image_url", "image_url": {"url": data_url(images["square"])}},
+            ],
+        },
+    ]
     by_messages = model.generate(messages=messages, max_new_tokens=8, logprobs=2)
-    by_prompt = model.generate("Describe the image.", images=[images["square"]], system="You are terse.",
-                               max_new_tokens=8, logprobs=2)  # fmt: skip
+    by_prompt = model.generate(
+        "Describe the image.", images=[images["square"]], system="You are terse.", max_new_tokens=8, logprobs=2
+    )
     assert by_messages.prompt_token_ids == by_prompt.prompt_token_ids
     assert by_messages.token_ids == by_prompt.token_ids and by_messages.text == by_prompt.text
     # a plain string content and the Python-only image part
     plain = model.generate(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=3)
     assert plain.prompt_token_ids == model.generate("Hi", max_new_tokens=3).prompt_token_ids
-    pil = [{"role": "user", "content": [{"type": "image", "image": Image.open(images["square"])},
-                                        {"type": "text", "text": "Describe the image."}]}]  # fmt: skip
-    assert model.generate(messages=pil, max_new_tokens=3).prompt_token_ids == model.generate(
-        "Describe the image.", images=[images["square"]], max_new_tokens=3).prompt_token_ids  # fmt: skip
+    pil = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.open(images["square"])},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
+    assert (
+        model.generate(messages=pil, max_new_tokens=3).prompt_token_ids
+        == model.generate("Describe the image.", images=[images["square"]], max_new_tokens=3).prompt_token_ids
+    )
 
 
 def test_multi_turn_messages_make_the_chat_template(model, images):
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image_url", "image_url": data_url(images["square"])},
-                                     {"type": "text", "text": "What is it?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": data_url(images["square"])},
+                {"type": "text", "text": "What is it?"},
+            ],
+        },
         {"role": "assistant", "content": "A square."},
         {"role": "user", "content": "And its colour?"},
         {"role": "user", "content": [{"type": "text", "text": "One word."}]},
-    ]  # fmt: skip
+    ]
     text, found = model.messages_prompt(messages)
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n"
-                    "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA square.<|im_end|>\n"
-                    "<|im_start|>user\nAnd its colour?\nOne word.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA square.<|im_end|>\n"
+        "<|im_start|>user\nAnd its colour?\nOne word.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert len(found) == 1 and found[0] == open(images["square"], "rb").read()
     r = model.generate(messages=messages, max_new_tokens=2)
     assert r.prompt_token_ids.count(model.tokens["img_context"]) == 256
-    two = [{"role": "user", "content": [{"type": "text", "text": "Compare."},
-                                        {"type": "image_url", "image_url": {"url": images["square"]}},
-                                        {"type": "image_url", "image_url": {"url": "file://" + images["tall"]}}]}]  # fmt: skip
+    two = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare."},
+                {"type": "image_url", "image_url": {"url": images["square"]}},
+                {"type": "image_url", "image_url": {"url": "file://" + images["tall"]}},
+            ],
+        }
+    ]
     text, found = model.messages_prompt(two)
     assert "<|im_start|>user\nImage-1: <image>\nImage-2: <image>\nCompare.<|im_end|>" in text
     assert found == [images["square"], images["tall"]]
@@ -107,22 +136,41 @@ def test_stop_strings_end_the_answer_before_them(model):
     assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("messages, needle", [
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
-     "not fetched from http(s)"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "the last message must be the user's"),
-    ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "unsupported part type 'audio'"),
-    ([{"role": "tool", "content": "x"}], "unsupported role 'tool'"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}],
-     "not valid base64"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}],
-     "not an image"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]}],
-     "not an image Pillow can read"),
-    ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
-      {"role": "user", "content": "Hi"}], "only user messages may hold images"),
-    ([], "non-empty list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "messages, needle",
+    [
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
+            "not fetched from http(s)",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            "the last message must be the user's",
+        ),
+        ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "unsupported part type 'audio'"),
+        ([{"role": "tool", "content": "x"}], "unsupported role 'tool'"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}],
+            "not valid base64",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}],
+            "not an image",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]}],
+            "not an image Pillow can read",
+        ),
+        (
+            [
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                {"role": "user", "content": "Hi"},
+            ],
+            "only user messages may hold images",
+        ),
+        ([], "non-empty list"),
+    ],
+)
 def test_bad_messages_are_one_line_errors(model, messages, needle):
     with pytest.raises(UserError) as e:
         model.generate(messages=messages, max_new_tokens=2)

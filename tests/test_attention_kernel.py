@@ -38,15 +38,28 @@ def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.nd
     inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)]
     if domain == "com.microsoft":  # as nets/decoder.py writes it
         ins = ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
-        node = helper.make_node("GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads,
-                                kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)  # fmt: skip
+        node = helper.make_node(
+            "GroupQueryAttention",
+            ins,
+            ["out", "k", "v"],
+            domain=domain,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
     else:
         ins = ["qkv", "past_k", "past_v", "seqlens_k", "total", "cos", "sin", "query_lens"]
-        node = helper.make_node("GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads,
-                                kv_num_heads=kv_heads)  # fmt: skip
-    graph = helper.make_graph([node], "attention", inputs, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                                            for n in ("out", "k", "v")],
-                              [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])  # fmt: skip
+        node = helper.make_node(
+            "GroupQueryAttention", ins, ["out", "k", "v"], domain=domain, num_heads=heads, kv_num_heads=kv_heads
+        )
+    graph = helper.make_graph(
+        [node],
+        "attention",
+        inputs,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "k", "v")],
+        [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -97,8 +110,12 @@ def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, re
     past_k, past_v = (rng.standard_normal((batch, kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
     query_lens = np.array(real, np.int32)
     totals = np.array(past) + query_lens
-    feeds = {"qkv": qkv, "seqlens_k": (np.maximum(totals, 1) - 1).astype(np.int32),
-             "total": np.array(max(int(totals.max()), rows), np.int32), "query_lens": query_lens}  # fmt: skip
+    feeds = {
+        "qkv": qkv,
+        "seqlens_k": (np.maximum(totals, 1) - 1).astype(np.int32),
+        "total": np.array(max(int(totals.max()), rows), np.int32),
+        "query_lens": query_lens,
+    }
     theirs = _run(_session("com.microsoft", heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
     ours = _run(_session(kernels.DOMAIN, heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
     assert ours[0].shape == theirs[0].shape == (batch, rows, heads * head_dim)
@@ -120,8 +137,14 @@ def test_tiled_prefill_path_matches_onnxruntime():
     path (the library reads the variable once per process: a child runs them)."""
     env = {**os.environ, "INTERNVL_EDGE_BATCH_INVARIANT": "0"}
     test = f"{os.path.abspath(__file__)}::test_matches_onnxruntime"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], check=False, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout
 
@@ -161,8 +184,17 @@ def _qk_norm_model(heads: int, kv_heads: int, head_dim: int, capacity: int, eps:
     normed = _qk_norms(g, qkv, "attn", gammas[0], gammas[1], heads, kv_heads, head_dim, eps)
     cos, sin = rotary_tables(head_dim, 10000.0, capacity)
     ins = [normed, "", "", "past_k", "past_v", "seqlens_k", "total", g.weight("cos", cos), g.weight("sin", sin)]
-    g.op("GroupQueryAttention", ins + [""] * 7 + ["query_lens"], "/attn/GroupQueryAttention", outputs=["out", "k", "v"],
-         domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)  # fmt: skip
+    g.op(
+        "GroupQueryAttention",
+        ins + [""] * 7 + ["query_lens"],
+        "/attn/GroupQueryAttention",
+        outputs=["out", "k", "v"],
+        domain=MS_DOMAIN,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
     for name in ("out", "k", "v"):
         g.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return g.model()
@@ -180,20 +212,34 @@ def test_query_key_norms_folded_into_ours(heads, kv_heads, head_dim, rows, past)
     rng = np.random.default_rng(rows)
     qkv = (3 * rng.standard_normal((1, rows, (heads + 2 * kv_heads) * head_dim))).astype(np.float32)
     past_k, past_v = (rng.standard_normal((1, kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
-    feeds = {"qkv": qkv, "seqlens_k": np.array([past + rows - 1], np.int32), "total": np.array(past + rows, np.int32),
-             "query_lens": np.array([rows], np.int32)}  # fmt: skip
+    feeds = {
+        "qkv": qkv,
+        "seqlens_k": np.array([past + rows - 1], np.int32),
+        "total": np.array(past + rows, np.int32),
+        "query_lens": np.array([rows], np.int32),
+    }
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    theirs = _run(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), feeds,
-                  past_k, past_v, True)  # fmt: skip
+    theirs = _run(
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]),
+        feeds,
+        past_k,
+        past_v,
+        True,
+    )
     moved = kernels.rewrite(model)
     assert moved["GroupQueryAttention"] == 1 and moved["qk_norm"] == 1
     (node,) = model.graph.node
     assert node.domain == kernels.DOMAIN and node.input[0] == "qkv" and len(node.input) == 10
     assert [a.f for a in node.attribute if a.name == "qk_norm_epsilon"] == [pytest.approx(eps)]
     so.register_custom_ops_library(kernels.library_path())
-    ours = _run(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), feeds,
-                past_k, past_v, True)  # fmt: skip
+    ours = _run(
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]),
+        feeds,
+        past_k,
+        past_v,
+        True,
+    )
     np.testing.assert_allclose(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
     for mine, ref in zip(ours[1:], theirs[1:], strict=True):
         np.testing.assert_allclose(mine[:, :, : past + rows], ref[:, :, : past + rows], atol=1e-5, rtol=1e-5)
@@ -224,8 +270,16 @@ def test_rewrite_takes_only_the_decoders_attention():
     assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0}
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
     moved = model.graph.node[0]
-    assert list(moved.input) == ["qkv", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
-                                 "cos", "sin", "query_seqlens"]  # fmt: skip
+    assert list(moved.input) == [
+        "qkv",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "seqlens_k",
+        "total",
+        "cos",
+        "sin",
+        "query_seqlens",
+    ]
     assert {a.name for a in moved.attribute} == {"num_heads", "kv_num_heads"}
     odd = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, 64, 72])
     model = helper.make_model(helper.make_graph([_attention_node()], "g", [odd], []))

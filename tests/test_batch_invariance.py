@@ -77,8 +77,10 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 def _same(a: list[np.ndarray], b: list[np.ndarray], what: str) -> None:
     for step, (x, y) in enumerate(zip(a, b, strict=True)):
         if not np.array_equal(x.view(np.uint32), y.view(np.uint32)):
-            raise AssertionError(f"{what}: step {step} differs, max |diff| {np.abs(x - y).max():.3g}, "
-                                 f"tokens {np.argmax(x)} / {np.argmax(y)}")  # fmt: skip
+            raise AssertionError(
+                f"{what}: step {step} differs, max |diff| {np.abs(x - y).max():.3g}, "
+                f"tokens {np.argmax(x)} / {np.argmax(y)}"
+            )
         assert np.array_equal(log_softmax(x).view(np.uint32), log_softmax(y).view(np.uint32))
 
 
@@ -221,8 +223,7 @@ def _chunked_attention_matches() -> bool:
         )
         parts.append(out)
         at += n
-    return (_bits_equal(np.concatenate(parts, axis=1), whole) and _bits_equal(k, k_whole)
-            and _bits_equal(v, v_whole))  # fmt: skip
+    return _bits_equal(np.concatenate(parts, axis=1), whole) and _bits_equal(k, k_whole) and _bits_equal(v, v_whole)
 
 
 @needs_kernel

@@ -41,9 +41,10 @@ def page_bundle(bundle):
 @contextmanager
 def serve(bundle_path: str, *flags: str):
     """`internvl-edge serve` on a free loopback port; yields the page's base URL; always stopped."""
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", bundle_path, "--host", LOOPBACK,
-                             "--port", "0", "--parallel", "2", *flags],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    argv = [sys.executable, "-m", "internvl_edge", "serve", "-m", bundle_path, "--host", LOOPBACK, "--port", "0"]
+    proc = subprocess.Popen(
+        [*argv, "--parallel", "2", *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     try:
@@ -75,8 +76,15 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # nothing may be downloaded: Debian's browser and driver
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,820",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,820",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -124,8 +132,11 @@ def all_of(driver, css: str):
 
 
 def console_errors(driver, allowed: tuple[str, ...] = ()) -> list[str]:
-    return [e["message"] for e in driver.get_log("browser")
-            if e["level"] == "SEVERE" and not any(a in e["message"] for a in allowed)]  # fmt: skip
+    return [
+        e["message"]
+        for e in driver.get_log("browser")
+        if e["level"] == "SEVERE" and not any(a in e["message"] for a in allowed)
+    ]
 
 
 def requested_urls(driver) -> list[str]:
@@ -182,15 +193,17 @@ def health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=10).json()
 
 
-def test_a_question_with_an_image_streams_the_answer_of_run_json_and_turn_two_sends_both(page, server, page_bundle,
-                                                                                         images, tmp_path):  # fmt: skip
+def test_a_question_with_an_image_streams_the_answer_of_run_json_and_turn_two_sends_both(
+    page, server, page_bundle, images, tmp_path
+):
     open_page(page, server)
     wait(page, lambda d: by_id(d, "model-name").text == os.path.basename(page_bundle))
     assert not by_id(page, "key-dialog").is_displayed()  # no key set: no key asked
     settings(page, temperature=0, max_tokens=12)
     first = ask(page, "Describe the image.", files=(images["square"],))
-    expected = cli_run_json(page_bundle, "-p", "Describe the image.", "--image", images["square"],
-                            "--max-new-tokens", 12)  # fmt: skip
+    expected = cli_run_json(
+        page_bundle, "-p", "Describe the image.", "--image", images["square"], "--max-new-tokens", 12
+    )
     assert first.get_attribute("data-raw") == expected["text"]
     stats = first.find_element("css selector", ".stats").text
     assert "12 tokens" in stats and "first token" in stats and "tokens/s" in stats, stats
@@ -199,9 +212,11 @@ def test_a_question_with_an_image_streams_the_answer_of_run_json_and_turn_two_se
     # turn 2 is answered with turn 1 (its image and answer) in the prompt: the API's answer to both turns
     second = ask(page, "And its colour?")
     image = {"type": "image_url", "image_url": {"url": data_url(images["square"], "image/png")}}
-    both = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, image]},
-            {"role": "assistant", "content": expected["text"]},
-            {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]  # fmt: skip
+    both = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe the image."}, image]},
+        {"role": "assistant", "content": expected["text"]},
+        {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]},
+    ]
     ref = load(page_bundle)
     assert second.get_attribute("data-raw") == ref.generate(messages=both, max_new_tokens=12).text
     assert second.get_attribute("data-raw") != ref.generate(messages=both[2:], max_new_tokens=12).text

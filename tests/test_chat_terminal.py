@@ -19,8 +19,14 @@ LEFT, UP = "\x1b[D", "\x1b[A"
 def spawn(bundle_dir: str, home, *extra: str):
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), TERM="xterm")
     env.pop(HISTORY, None)
-    return pexpect.spawn(CLI[0], [*CLI[1:], "chat", "-m", bundle_dir, *extra], env=env, encoding="utf-8",
-                         timeout=90, dimensions=(40, 200))  # fmt: skip
+    return pexpect.spawn(
+        CLI[0],
+        [*CLI[1:], "chat", "-m", bundle_dir, *extra],
+        env=env,
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(40, 200),
+    )
 
 
 HISTORY = "INTERNVL_EDGE_HISTORY"
@@ -130,9 +136,10 @@ def test_ctrl_c_stops_an_answer(bundle, tmp_path):
 
 def test_slash_commands_through_a_pipe(bundle, images, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", "libx264", 20)
-    script = "\n".join([f"/image {images['square']},{images['wide']}", "Compare them.", "/stats",
-                        "/set max-tokens 2", "Hello", "", "/stats", f"/video {clip} {clip}", f"/video {clip}", "What happens?", "/stats",
-                        "exit"]) + "\n"  # fmt: skip
+    lines = [f"/image {images['square']},{images['wide']}", "Compare them.", "/stats"]
+    lines += ["/set max-tokens 2", "Hello", "", "/stats"]
+    lines += [f"/video {clip} {clip}", f"/video {clip}", "What happens?", "/stats", "exit"]
+    script = "\n".join(lines) + "\n"
     proc = cli("chat", "-m", bundle("tiny_bf16", "w4bf16"), "--max-new-tokens", 4, stdin=script)
     assert proc.returncode == 0, proc.stderr
     assert "2 images for the next question" in proc.stdout and "image tiles: 4" in proc.stdout  # 1 + (2 + 1)

@@ -42,8 +42,8 @@ def test_convert_cli_shows_progress_and_writes_a_bundle(checkpoint, tmp_path):
 
 def test_run_json(bundle, images):
     b = bundle("tiny_bf16", "w4bf16")
-    proc = cli("run", "-m", b, "-p", "Describe the image.", "--image", images["wide"], "--json",
-               "--logprobs", 3, "--max-new-tokens", 6)  # fmt: skip
+    flags = ("--json", "--logprobs", 3, "--max-new-tokens", 6)
+    proc = cli("run", "-m", b, "-p", "Describe the image.", "--image", images["wide"], *flags)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) >= {"prompt_token_ids", "token_ids", "text", "logprobs", "timings"}
@@ -84,8 +84,12 @@ def test_chat_survives_bad_input_and_ends_at_eof(bundle, tmp_path):
 
 def test_chat_on_a_terminal(bundle, images):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "-m", bundle("tiny_bf16", "w4bf16"), "--max-new-tokens", "4"],
-                          encoding="utf-8", timeout=60)  # fmt: skip
+    child = pexpect.spawn(
+        CLI[0],
+        CLI[1:] + ["chat", "-m", bundle("tiny_bf16", "w4bf16"), "--max-new-tokens", "4"],
+        encoding="utf-8",
+        timeout=60,
+    )
     try:
         child.expect("Question: ")
         child.sendline("Describe the image.")

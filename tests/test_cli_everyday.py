@@ -49,19 +49,22 @@ def test_both_spellings_and_the_seeds_meaning_of_c():
     assert convert.parse_args(["-m", "ck", "-o", "o", "-c", "bm1684x"]).chip == "bm1684x"
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["run", "-m", "b", "-p", "x", "--max-tiles", "0"], "--max-tiles"),
-    (["run", "-m", "b", "-p", "x", "--top_p", "1.5"], "--top_p"),
-    (["run", "-m", "b", "-p", "x", "--temperature", "-1"], "--temperature"),
-    (["run", "-m", "b", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["run", "-m", "b", "-p", "x", "--video-frames", "0"], "--video-frames"),
-    (["run", "-m", "b", "-p", "x", "--logprobs", "3"], "--logprobs needs --json"),
-    (["chat", "-m", "b", "--threads", "0"], "--threads"),
-    (["convert", "-m", "ck", "-o", "o", "--max-tiles", "0"], "--max-tiles"),
-    (["convert", "-m", "ck", "-o", "o", "-s", "8"], "--seq_length"),
-    (["serve", "-m", "b", "--parallel", "0"], "--parallel"),
-    (["run", "-m", "b", "--no-such-flag"], "--no-such-flag"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "-m", "b", "-p", "x", "--max-tiles", "0"], "--max-tiles"),
+        (["run", "-m", "b", "-p", "x", "--top_p", "1.5"], "--top_p"),
+        (["run", "-m", "b", "-p", "x", "--temperature", "-1"], "--temperature"),
+        (["run", "-m", "b", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["run", "-m", "b", "-p", "x", "--video-frames", "0"], "--video-frames"),
+        (["run", "-m", "b", "-p", "x", "--logprobs", "3"], "--logprobs needs --json"),
+        (["chat", "-m", "b", "--threads", "0"], "--threads"),
+        (["convert", "-m", "ck", "-o", "o", "--max-tiles", "0"], "--max-tiles"),
+        (["convert", "-m", "ck", "-o", "o", "-s", "8"], "--seq_length"),
+        (["serve", "-m", "b", "--parallel", "0"], "--parallel"),
+        (["run", "-m", "b", "--no-such-flag"], "--no-such-flag"),
+    ],
+)
 def test_out_of_range_values_are_refused_on_one_line(argv, needle):
     assert_one_line_error(cli(*argv), needle)
 
@@ -74,8 +77,9 @@ def test_inputs_are_checked_before_the_bundle_loads(tmp_path):
         cli("run", "-m", missing_bundle, "-p", "x", "--image", tmp_path / "cat.jpg"), "cat.jpg: image not found"
     )
     assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--image", text), "notes.txt: not an image")
-    assert_one_line_error(cli("run", "-m", missing_bundle, "-p", "x", "--image", "https://example.com/a.jpg"),
-                          "URLs are not fetched")  # fmt: skip
+    assert_one_line_error(
+        cli("run", "-m", missing_bundle, "-p", "x", "--image", "https://example.com/a.jpg"), "URLs are not fetched"
+    )
     assert_one_line_error(
         cli("run", "-m", missing_bundle, "-p", "x", "--video", tmp_path / "clip.mp4"), "clip.mp4: video not found"
     )
@@ -94,8 +98,10 @@ def test_prompt_file_and_tilde_paths(bundle, images, tmp_path):
     shutil.copy(images["square"], home / "pic.png")
     (home / "q.txt").write_text("Describe the image.")
     env = {"HOME": str(home)}
-    proc = cli("run", "-m", bundle("tiny_bf16", "w4bf16"), "--prompt-file", "~/q.txt", "--image", "~/pic.png",
-               "--max-new-tokens", 2, "--json", env=env)  # fmt: skip
+    b = bundle("tiny_bf16", "w4bf16")
+    proc = cli(
+        "run", "-m", b, "--prompt-file", "~/q.txt", "--image", "~/pic.png", "--max-new-tokens", 2, "--json", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert (
         json.loads(proc.stdout)["prompt_token_ids"].count(load(bundle("tiny_bf16", "w4bf16")).tokens["img_context"])
@@ -173,7 +179,8 @@ def test_video_frames_fitted_to_the_context(bundle, tmp_path):
     with the largest one that does."""
     b = bundle("tiny_bf16", "w4bf16")  # the default -s 2048
     clip = write_video(tmp_path / "clip.mp4", "libx264", 64)
-    proc = cli("run", "-m", b, "-p", "What happens in this video?", "--video", clip, "--max-new-tokens", 2)
+    ask = ("run", "-m", b, "-p", "What happens in this video?", "--video", clip)
+    proc = cli(*ask, "--max-new-tokens", 2)
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note: video:")]
     assert len(notes) == 1 and "7 evenly spaced frames" in notes[0] and "seq_length 2048" in notes[0], proc.stderr
@@ -181,10 +188,8 @@ def test_video_frames_fitted_to_the_context(bundle, tmp_path):
     assert model.video_prompt_tokens("What happens in this video?", 7) < 2048 - 128
     assert model.video_prompt_tokens("What happens in this video?", 8) >= 2048
     for asked in (8, 64):
-        assert_one_line_error(cli("run", "-m", b, "-p", "What happens in this video?", "--video", clip,
-                                  "--video-frames", asked), "use --video-frames 7 or fewer")  # fmt: skip
-    proc = cli("run", "-m", b, "-p", "What happens in this video?", "--video", clip, "--video-frames", 7,
-               "--max-new-tokens", 2, "--json")  # fmt: skip
+        assert_one_line_error(cli(*ask, "--video-frames", asked), "use --video-frames 7 or fewer")
+    proc = cli(*ask, "--video-frames", 7, "--max-new-tokens", 2, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["video_frames"] == 7
     assert json.loads(proc.stdout)["prompt_token_ids"].count(model.tokens["img_context"]) == 7 * 256

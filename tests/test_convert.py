@@ -262,8 +262,13 @@ def test_4bit_block_size_default_and_flag(bundle, group):
     expected = group or 128
     assert model.manifest.options["q_group_size"] == expected
     graph = onnx.load(model.manifest.net_path("decoder"), load_external_data=False).graph
-    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-              if a.name == "block_size" and any(b.name == "bits" and b.i == 4 for b in n.attribute)}  # fmt: skip
+    blocks = {
+        a.i
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size" and any(b.name == "bits" and b.i == 4 for b in n.attribute)
+    }
     assert blocks == {expected}
 
 

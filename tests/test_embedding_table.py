@@ -49,10 +49,12 @@ def test_the_backend_uses_the_lookup_instead_of_a_session(bundle):
 
 def small_net(nodes, table: np.ndarray, out_type=TensorProto.FLOAT) -> bytes:
     graph = helper.make_graph(
-        nodes, "embedding", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("inputs_embeds", out_type, None)],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([2.0], np.float32), "two")],
-    )  # fmt: skip
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 

@@ -49,8 +49,13 @@ def test_turn_two_sees_turn_one_like_the_whole_conversation(checkpoint, bundle, 
     turn2 = "<|im_end|>\n<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\n"
     # the answer as generated (a stop token is not part of it: turn 2's separator closes the answer)
     conversation = tok(turn1).input_ids + t1.token_ids + tok(turn2).input_ids
-    proc = GotOcr2ImageProcessorPil(crop_to_patches=True, max_patches=4, size={"height": 448, "width": 448},
-                                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    proc = GotOcr2ImageProcessorPil(
+        crop_to_patches=True,
+        max_patches=4,
+        size={"height": 448, "width": 448},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     pv = proc(images=[Image.open(images["square"]).convert("RGB")], return_tensors="np")["pixel_values"]
     ref_tokens, ref_logits = greedy(load_reference(ckpt), conversation, pv, 8)
 

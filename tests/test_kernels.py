@@ -40,6 +40,15 @@ def test_library_is_built_here():
 needs_kernel = pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm kernel not available here")
 
 
+def _nbits_node(inputs: list[str], output: str, w, domain: str, bits: int | None = None, **attrs):
+    """A MatMulNBits node for the quantised weight `w` (accuracy level 4 unless given)."""
+    attrs.setdefault("accuracy_level", 4)
+    bits = w.bits if bits is None else bits
+    return helper.make_node(
+        "MatMulNBits", inputs, [output], domain=domain, K=w.K, N=w.N, bits=bits, block_size=w.block_size, **attrs
+    )
+
+
 def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4, b_fed: bool = False, **attrs):
     """One MatMulNBits node; `b_fed`: B is a graph input (fed with each run), not a constant."""
     inits = [numpy_helper.from_array(w.scales.reshape(-1).astype(np.float32), "S")]
@@ -54,10 +63,9 @@ def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4, b_f
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
         inputs += ["", "bias"]
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=w.K, N=w.N, bits=w.bits,
-                            block_size=w.block_size, accuracy_level=accuracy_level, **attrs)  # fmt: skip
-    graph = helper.make_graph([node], "q4", graph_inputs,
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    node = _nbits_node(inputs, "Y", w, domain, accuracy_level=accuracy_level, **attrs)
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "q4", graph_inputs, [output], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -217,15 +225,29 @@ def test_shapes_and_errors():
 
 def test_rewrite_takes_only_what_the_kernel_computes():
     def node(bits=4, level=4, block=128, g_idx=""):
-        return helper.make_node("MatMulNBits", ["A", "B", "S", "Z", g_idx], ["Y"], domain="com.microsoft",
-                                K=256, N=8, bits=bits, block_size=block, accuracy_level=level)  # fmt: skip
+        return helper.make_node(
+            "MatMulNBits",
+            ["A", "B", "S", "Z", g_idx],
+            ["Y"],
+            domain="com.microsoft",
+            K=256,
+            N=8,
+            bits=bits,
+            block_size=block,
+            accuracy_level=level,
+        )
 
-    nodes = [node(), node(bits=8), node(level=1), node(block=32), node(g_idx="g"),
-             helper.make_node("MatMul", ["A", "W"], ["Y"])]  # fmt: skip
+    nodes = [
+        node(),
+        node(bits=8),
+        node(level=1),
+        node(block=32),
+        node(g_idx="g"),
+        helper.make_node("MatMul", ["A", "W"], ["Y"]),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
     assert kernels.rewrite(model) == {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0, "norm": 0, "qk_norm": 0}
-    assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.microsoft", "com.microsoft",
-                                                     "com.microsoft", "com.microsoft", ""]  # fmt: skip
+    assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, *["com.microsoft"] * 4, ""]
     assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
 
 
@@ -330,13 +352,21 @@ def _swiglu_graph(w, fused: bool, bias: np.ndarray | None = None):
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
         inputs += ["", "bias"]
-    mm = helper.make_node("MatMulNBits", inputs, ["GU"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
-                          block_size=w.block_size, accuracy_level=4)  # fmt: skip
-    nodes = [mm, helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
-             helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
-             helper.make_node("Mul", ["silu", "up"], ["Y"])]  # fmt: skip
-    graph = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    mm = _nbits_node(inputs, "GU", w, kernels.DOMAIN, bits=4)
+    nodes = [
+        mm,
+        helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
+        helper.make_node("Sigmoid", ["gate"], ["sig"]),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "swiglu",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)]
     )
@@ -372,11 +402,15 @@ def test_swiglu_is_fused_only_where_the_pattern_is_whole():
     w = quantize(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32), 4, 128)
 
     def model(extra_use: bool = False, sizes=(32, 32)):
-        nodes = [helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["GU"], domain=kernels.DOMAIN, K=128, N=64,
-                                  bits=4, block_size=128),  # fmt: skip
-                 helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
-                 helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["sig", "gate"], ["silu"]),
-                 helper.make_node("Mul", ["up", "silu"], ["Y"])]  # fmt: skip
+        nodes = [
+            helper.make_node(
+                "MatMulNBits", ["A", "B", "S", "Z"], ["GU"], domain=kernels.DOMAIN, K=128, N=64, bits=4, block_size=128
+            ),
+            helper.make_node("Split", ["GU", "halves"], ["gate", "up"], axis=-1),
+            helper.make_node("Sigmoid", ["gate"], ["sig"]),
+            helper.make_node("Mul", ["sig", "gate"], ["silu"]),
+            helper.make_node("Mul", ["up", "silu"], ["Y"]),
+        ]
         outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
         if extra_use:  # the gate half is needed elsewhere: it must stay
             outputs.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, None))
@@ -404,19 +438,30 @@ def _norm_graph(w, skipped: bool, fused: bool, extra_use: str = "", constant_ski
             inits.append(numpy_helper.from_array(rng.standard_normal(w.K).astype(np.float32), "R"))
         else:
             inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, None))
-        norm = helper.make_node("SkipSimplifiedLayerNormalization", ["X", "R", "gamma"], ["H", "mean", "inv", "sum"],
-                                domain="com.microsoft", epsilon=1e-6)  # fmt: skip
+        norm = helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            ["X", "R", "gamma"],
+            ["H", "mean", "inv", "sum"],
+            domain="com.microsoft",
+            epsilon=1e-6,
+        )
         outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, None))
     else:
-        norm = helper.make_node("SimplifiedLayerNormalization", ["X", "gamma"], ["H"], axis=-1, epsilon=1e-6,
-                                stash_type=1)  # fmt: skip
+        norm = helper.make_node(
+            "SimplifiedLayerNormalization", ["X", "gamma"], ["H"], axis=-1, epsilon=1e-6, stash_type=1
+        )
     if extra_use:
         outputs.append(helper.make_tensor_value_info(extra_use, TensorProto.FLOAT, None))
-    mm = helper.make_node("MatMulNBits", ["H", "B", "S", "Z"], ["Y"], domain=kernels.DOMAIN, K=w.K, N=w.N, bits=4,
-                          block_size=w.block_size, accuracy_level=4)  # fmt: skip
+    mm = _nbits_node(["H", "B", "S", "Z"], "Y", w, kernels.DOMAIN, bits=4)
     graph = helper.make_graph([norm, mm], "norm", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1),
-                                                    helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 18),
+            helper.make_opsetid(kernels.DOMAIN, 1),
+            helper.make_opsetid("com.microsoft", 1),
+        ],
+    )
     if fused:
         assert _fuse_norms(model) == 1
         assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
@@ -497,20 +542,32 @@ def test_every_instruction_set_variant(variant):
     """The AVX2 and AVX-VNNI variants (what CPUs without AVX-512 run) pass the same comparisons with
     ONNX Runtime's kernels, forced on this CPU with INTERNVL_EDGE_ISA in a child process."""
     env = {**os.environ, "INTERNVL_EDGE_ISA": variant}
-    probe = subprocess.run([sys.executable, "-c", "from internvl_edge import kernels; print(kernels.isa())"], env=env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "from internvl_edge import kernels; print(kernels.isa())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if probe.stdout.strip() != variant:
         pytest.skip(f"this CPU cannot run {variant}")
     here = os.path.dirname(os.path.abspath(__file__))
-    tests = [f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
-             f"{here}/test_kernels.py::test_weights_repacked_or_not_give_the_same_result",
-             f"{here}/test_kernels.py::test_8bit_weights_match_onnxruntime",
-             f"{here}/test_kernels.py::test_fused_swiglu_matches_the_unfused_graph",
-             f"{here}/test_kernels.py::test_scale_table_in_float16_or_float[1-4]",  # 8 bits: VNNI only
-             f"{here}/test_kernels.py::test_scale_table_in_float16_or_float[12-4]",
-             f"{here}/test_kernels.py::test_fused_norm_matches_the_unfused_graph",
-             f"{here}/test_attention_kernel.py::test_matches_onnxruntime"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    tests = [
+        f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
+        f"{here}/test_kernels.py::test_weights_repacked_or_not_give_the_same_result",
+        f"{here}/test_kernels.py::test_8bit_weights_match_onnxruntime",
+        f"{here}/test_kernels.py::test_fused_swiglu_matches_the_unfused_graph",
+        f"{here}/test_kernels.py::test_scale_table_in_float16_or_float[1-4]",  # 8 bits: VNNI only
+        f"{here}/test_kernels.py::test_scale_table_in_float16_or_float[12-4]",
+        f"{here}/test_kernels.py::test_fused_norm_matches_the_unfused_graph",
+        f"{here}/test_attention_kernel.py::test_matches_onnxruntime",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout

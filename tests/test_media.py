@@ -48,9 +48,13 @@ def test_matches_transformers_image_processor(size, max_tiles):
     """transformers' InternVL processor (GotOcr2, PIL backend) with InternVL's preprocessor settings."""
     img = picture(*size, seed=size[0])
     proc = GotOcr2ImageProcessorPil(
-        crop_to_patches=True, min_patches=1, max_patches=max_tiles, size={"height": 448, "width": 448},
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+        size={"height": 448, "width": 448},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     ref = proc(images=[img], return_tensors="np")
     ours = preprocess(img, max_tiles=max_tiles)
     assert ours.num_tiles == int(ref["num_patches"][0])

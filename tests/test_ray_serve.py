@@ -140,13 +140,15 @@ def test_whole_and_streamed_answers_equal_run_json(app, greedy_bundle, images):
         greedy_bundle, "-p", "Describe the image.", "--image", images["wide"], "--max-new-tokens", 12
     )
     messages = user("Describe the image.", data_url(images["wide"]))
-    resp = app.client().chat.completions.create(model=NAME, messages=messages, max_tokens=12,
-                                                extra_body={"return_token_ids": True})  # fmt: skip
+    resp = app.client().chat.completions.create(
+        model=NAME, messages=messages, max_tokens=12, extra_body={"return_token_ids": True}
+    )
     choice = resp.choices[0]
     assert choice.token_ids == expected["token_ids"] and resp.prompt_token_ids == expected["prompt_token_ids"]
     assert choice.message.content == expected["text"] and choice.finish_reason == "length"
-    stream = app.client().chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True,
-                                                  stream_options={"include_usage": True})  # fmt: skip
+    stream = app.client().chat.completions.create(
+        model=NAME, messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -160,8 +162,9 @@ def test_sixteen_concurrent_streams_complete_over_both_replicas(app, greedy_bund
 
     def one(i: int) -> tuple[str, str, str, str]:
         prompt = prompts[i % 4]
-        raw = app.client().chat.completions.with_raw_response.create(model=NAME, messages=user(prompt), max_tokens=24,
-                                                                     stream=True)  # fmt: skip
+        raw = app.client().chat.completions.with_raw_response.create(
+            model=NAME, messages=user(prompt), max_tokens=24, stream=True
+        )
         chunks = list(raw.parse())
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         return prompt, text, chunks[-1].choices[0].finish_reason, raw.headers["x-served-by"]
@@ -182,8 +185,9 @@ def test_a_wrong_key_is_401(app):
 
 def test_a_client_that_leaves_cancels_its_sequence_on_its_replica(app):
     long = {"model": NAME, "messages": user("Go on."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", app.url + "/v1/chat/completions", json=long, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", app.url + "/v1/chat/completions", json=long, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         replica = r.headers["x-served-by"]
         lines = r.iter_lines()
         next(lines)
@@ -245,8 +249,13 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(app):
     def non_streamed():  # in flight on one replica: it must end with an error object, not hang
         results["json"] = app.post(long)
 
-    with httpx.stream("POST", app.url + "/v1/chat/completions", json={**long, "stream": True}, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        app.url + "/v1/chat/completions",
+        json={**long, "stream": True},
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as r:
         victim = r.headers["x-served-by"]
         lines = r.iter_lines()
         next(lines)
@@ -265,8 +274,13 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(app):
     j = results["json"]
     assert j.status_code == 200 or (j.status_code == 503 and j.json()["error"]["code"] == "replica_failed")
     # Serve replaces the replica; later requests succeed
-    h = app.wait_for(lambda h: len([x for x in h["replicas"] if x["status"] == "ok"]) == 2
-                     and victim not in {x["replica"] for x in h["replicas"]}, timeout=120)  # fmt: skip
+    h = app.wait_for(
+        lambda h: (
+            len([x for x in h["replicas"] if x["status"] == "ok"]) == 2
+            and victim not in {x["replica"] for x in h["replicas"]}
+        ),
+        timeout=120,
+    )
     assert len(set(before) & {x["replica"] for x in h["replicas"]}) == 1
     for _ in range(4):
         resp = app.client().chat.completions.create(model=NAME, messages=user("Hi again"), max_tokens=4)
@@ -277,8 +291,14 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(app):
 
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "internvl_edge", *map(str, args)], check=False, capture_output=True,
-                          text=True, timeout=kw.pop("timeout", 120), **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "internvl_edge", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=kw.pop("timeout", 120),
+        **kw,
+    )
 
 
 def test_ray_config_writes_what_the_builder_takes(greedy_bundle, tmp_path):
@@ -292,8 +312,12 @@ def test_ray_config_writes_what_the_builder_takes(greedy_bundle, tmp_path):
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     (app,) = config["applications"]
     assert app["import_path"] == "internvl_edge.server.ray_app:builder" and app["route_prefix"] == "/"
-    assert app["args"] == {"bundle": os.path.abspath(greedy_bundle), "replicas": 2, "parallel": 2,
-                           "served_model_name": os.path.basename(greedy_bundle)}  # fmt: skip
+    assert app["args"] == {
+        "bundle": os.path.abspath(greedy_bundle),
+        "replicas": 2,
+        "parallel": 2,
+        "served_model_name": os.path.basename(greedy_bundle),
+    }
     assert isinstance(builder(app["args"]), Application)
     auto = builder({"bundle": greedy_bundle, "min_replicas": "1", "max_replicas": "3", "parallel": "2", "threads": "2"})
     engine = auto._bound_deployment.init_args[0]._bound_deployment  # Serve's objects (the extra pins Ray)
@@ -306,7 +330,8 @@ def test_ray_config_writes_what_the_builder_takes(greedy_bundle, tmp_path):
         builder({"bundle": greedy_bundle, "replicas": "two"})
     proc = cli("ray-config", "-m", greedy_bundle, "--replicas", 2, "--min-replicas", 1, "-o", out)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: give either a fixed number of replicas or min/max replicas for autoscaling, not both"]  # fmt: skip
+        "error: give either a fixed number of replicas or min/max replicas for autoscaling, not both"
+    ]
 
 
 def test_serve_ray_a_missing_bundle_is_one_line(tmp_path):

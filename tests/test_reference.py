@@ -54,9 +54,13 @@ def reference_inputs(ckpt: str, paths: list[str], max_tiles: int = 4):
     pv, tiles = None, []
     if paths:
         proc = GotOcr2ImageProcessorPil(
-            crop_to_patches=True, min_patches=1, max_patches=max_tiles, size={"height": 448, "width": 448},
-            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-        )  # fmt: skip
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=max_tiles,
+            size={"height": 448, "width": 448},
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
         out = proc(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="np")
         pv, tiles = out["pixel_values"], [int(n) for n in out["num_patches"]]
     return tok(prompt_text(QUESTION, tiles)).input_ids, pv

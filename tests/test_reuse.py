@@ -63,7 +63,7 @@ def test_same_answers_with_and_without_reuse(pair, images):
         assert a.stats.cached_tokens == expected and a.stats.prompt_tokens == len(ids)
         seen.append(key)
     cached = [warm.generate(q, images=p, **kw, max_new_tokens=1).stats.cached_tokens for kw, q, p in requests]
-    assert all(c == len(k) for c, k in zip(cached, seen))  # every prompt is stored now
+    assert all(c == len(k) for c, k in zip(cached, seen, strict=True))  # every prompt is stored now
     assert reusable(common_prefix(seen[0], seen[1]), len(seen[1]), 512) >= 16  # the system prompt
     assert reusable(common_prefix(seen[2], seen[3]), len(seen[3]), 512) > 3 * 256  # system + image
 
@@ -116,6 +116,6 @@ def test_prefix_cache_keeps_the_longest_prompt_of_a_chain(bundle):
     again, logits_again, cache_again = run(len(ids))
     assert again == len(ids) and len(prefixes.items) == 1 and np.array_equal(logits, logits_again)
     n = len(ids)
-    for a, b in zip(cache.buffers, cache_again.buffers):
+    for a, b in zip(cache.buffers, cache_again.buffers, strict=True):
         assert np.array_equal(a[0, :, :n], b[0, :, :n])
     assert run(30)[0] == 16 and len(prefixes.items) == 2  # a shorter prompt: 8 rows or more prefilled; its own logits

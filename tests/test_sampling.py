@@ -76,15 +76,24 @@ def test_sampling_head_net_matches_the_pure_functions(seed):
     vocab = 300
     logits = (rng.standard_normal((1, vocab)) * 3).astype(np.float32)
     seen = rng.integers(0, vocab, size=12)
-    params = SamplingParams(temperature=float(rng.uniform(0.3, 2.0)), top_k=int(rng.integers(1, 60)),
-                            top_p=float(rng.uniform(0.2, 1.0)), repetition_penalty=float(rng.uniform(1.0, 1.5)))  # fmt: skip
+    params = SamplingParams(
+        temperature=float(rng.uniform(0.3, 2.0)),
+        top_k=int(rng.integers(1, 60)),
+        top_p=float(rng.uniform(0.2, 1.0)),
+        repetition_penalty=float(rng.uniform(1.0, 1.5)),
+    )
     sess = ort.InferenceSession(build_sample_head().model().SerializeToString(), providers=["CPUExecutionProvider"])
-    probs, ids = sess.run(None, {
-        "logits": logits, "penalty_ids": seen[None].astype(np.int64),
-        "repetition_penalty": np.array([params.repetition_penalty], np.float32),
-        "temperature": np.array([params.temperature], np.float32), "top_k": np.array([params.top_k], np.int64),
-        "top_p": np.array([params.top_p], np.float32),
-    })  # fmt: skip
+    probs, ids = sess.run(
+        None,
+        {
+            "logits": logits,
+            "penalty_ids": seen[None].astype(np.int64),
+            "repetition_penalty": np.array([params.repetition_penalty], np.float32),
+            "temperature": np.array([params.temperature], np.float32),
+            "top_k": np.array([params.top_k], np.int64),
+            "top_p": np.array([params.top_p], np.float32),
+        },
+    )
     ref_probs, ref_ids = candidates(logits[0], seen, params)
     assert ids[0].tolist() == ref_ids.tolist()
     assert np.abs(probs[0] - ref_probs).max() < 1e-5
@@ -149,8 +158,10 @@ def test_parameters_come_from_generation_config(workdir, bundle):
     assert len(stop) == 3 and stop not in text[:6]
     gen = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1, "stop_strings": [stop]}
     ckpt = make_checkpoint(str(workdir / "ckpt_gen"), size="tiny", weights="bf16", seed=0, generation=gen)
-    path = convert(ConvertOptions(ckpt, str(workdir / "bundle_gen"), seq_length=1024, do_sample=True),
-                   progress=Progress(enabled=False)).path  # fmt: skip
+    path = convert(
+        ConvertOptions(ckpt, str(workdir / "bundle_gen"), seq_length=1024, do_sample=True),
+        progress=Progress(enabled=False),
+    ).path
     model = load(path)
     cfg = model.generation_config(do_sample=True)
     assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.repetition_penalty) == (

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import pairwise
 
 import httpx
 import numpy as np
@@ -43,8 +44,13 @@ class Served:
     def post(self, body, key: str | None = KEY, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + "/v1/chat/completions", content=data, timeout=kw.pop("timeout", 60),
-                          headers={"Content-Type": "application/json", **headers, **kw.pop("headers", {})}, **kw)  # fmt: skip
+        return httpx.post(
+            self.url + "/v1/chat/completions",
+            content=data,
+            timeout=kw.pop("timeout", 60),
+            headers={"Content-Type": "application/json", **headers, **kw.pop("headers", {})},
+            **kw,
+        )
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -115,8 +121,14 @@ def media_root(tmp_path_factory, images):
 
 @pytest.fixture(scope="module")
 def served(greedy_bundle, media_root):
-    with serving(greedy_bundle, parallel=8, max_queue=32, api_key=KEY, allowed_media_path=str(media_root[0]),
-                 max_body_bytes=4 << 20) as s:  # fmt: skip
+    with serving(
+        greedy_bundle,
+        parallel=8,
+        max_queue=32,
+        api_key=KEY,
+        allowed_media_path=str(media_root[0]),
+        max_body_bytes=4 << 20,
+    ) as s:
         yield s
 
 
@@ -128,8 +140,12 @@ def reference(greedy_bundle):
 
 
 def cli_run_json(bundle_path: str, *args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "internvl_edge", "run", "-m", bundle_path, "--json", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "internvl_edge", "run", "-m", bundle_path, "--json", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -142,9 +158,11 @@ def test_openai_client_with_an_image_equals_run_json(served, greedy_bundle, imag
         greedy_bundle, "-p", "Describe the image.", "--image", images["wide"], "--max-new-tokens", 12
     )
     resp = served.client().chat.completions.create(
-        model=NAME, messages=user("Describe the image.", data_url(images["wide"])), max_tokens=12,
+        model=NAME,
+        messages=user("Describe the image.", data_url(images["wide"])),
+        max_tokens=12,
         extra_body={"return_token_ids": True},
-    )  # fmt: skip
+    )
     choice = resp.choices[0]
     assert choice.token_ids == expected["token_ids"]
     assert resp.prompt_token_ids == expected["prompt_token_ids"]
@@ -159,8 +177,12 @@ def test_openai_client_with_an_image_equals_run_json(served, greedy_bundle, imag
 def test_openai_client_streaming_with_usage(served, reference, images):
     messages = user("What is in the picture?", data_url(images["square"]))
     stream = served.client().chat.completions.create(
-        model=NAME, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True},
-    )  # fmt: skip
+        model=NAME,
+        messages=messages,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -178,8 +200,9 @@ def test_requests_share_the_prefix_and_image_caches(served, reference, images):
 
     def ask(question):
         messages = [{"role": "system", "content": "Answer in one word."}] + user(question, data_url(images["tall"]))
-        resp = served.client().chat.completions.create(model=NAME, messages=messages, max_tokens=6,
-                                                       extra_body={"return_token_ids": True})  # fmt: skip
+        resp = served.client().chat.completions.create(
+            model=NAME, messages=messages, max_tokens=6, extra_body={"return_token_ids": True}
+        )
         assert resp.choices[0].token_ids == reference.generate(messages=messages, max_new_tokens=6).token_ids
         return resp
 
@@ -190,8 +213,9 @@ def test_requests_share_the_prefix_and_image_caches(served, reference, images):
 
 def test_raw_stream_is_sse_ending_in_done(served):
     body = {"model": NAME, "messages": user("Hi"), "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", served.url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -208,7 +232,7 @@ def test_logprobs_stop_and_max_tiles(served, reference, images):
     expected = reference.generate(messages=user("Hello"), max_new_tokens=6, logprobs=3)
     content = resp.choices[0].logprobs.content
     assert len(content) == 6
-    for entry, top in zip(content, expected.logprobs):
+    for entry, top in zip(content, expected.logprobs, strict=True):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx([lp for _, lp in top], abs=1e-4)
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the likeliest token
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
@@ -250,13 +274,22 @@ def test_sixteen_concurrent_streams_equal_single_requests(served, reference, ima
         return forward(cache, embeds, query_lens)
 
     pics = [images["square"], images["wide"], images["tall"]]
-    requests = [(user(f"Question {i}: describe it." if i % 3 else f"Tell me about item {i}.",
-                      *([data_url(pics[i % 3])] if i % 4 == 0 else [])), 6 + (i * 7) % 19) for i in range(16)]  # fmt: skip
+    requests = [
+        (
+            user(
+                f"Question {i}: describe it." if i % 3 else f"Tell me about item {i}.",
+                *([data_url(pics[i % 3])] if i % 4 == 0 else []),
+            ),
+            6 + (i * 7) % 19,
+        )
+        for i in range(16)
+    ]
 
     def run_stream(request):
         messages, max_tokens = request
-        stream = served.client().chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens,
-                                                         stream=True, extra_body={"return_token_ids": True})  # fmt: skip
+        stream = served.client().chat.completions.create(
+            model=NAME, messages=messages, max_tokens=max_tokens, stream=True, extra_body={"return_token_ids": True}
+        )
         ids, text, finish = [], [], None
         for c in stream:
             if c.choices:
@@ -275,9 +308,9 @@ def test_sixteen_concurrent_streams_equal_single_requests(served, reference, ima
     finally:
         served.model.backend.forward = forward
     assert max(batches[:crowd]) == 8 and set(batches[crowd:]) == {1}, batches
-    assert any(b < a for a, b in zip(batches[:crowd], batches[1:crowd]))  # live sequences moved to a smaller batch
+    assert any(b < a for a, b in pairwise(batches[:crowd]))  # live sequences moved to a smaller batch
     assert alone[0] == reference.generate(messages=user("Alone now."), max_new_tokens=8).token_ids
-    for (messages, max_tokens), (ids, text, finish) in zip(requests, results):
+    for (messages, max_tokens), (ids, text, finish) in zip(requests, results, strict=True):
         alone = reference.generate(messages=messages, max_new_tokens=max_tokens)
         assert ids == alone.token_ids and text == alone.text and finish == alone.finish_reason
     assert max(rows_per_call) > 1 and sum(rows_per_call) / len(rows_per_call) > 1.5, rows_per_call
@@ -293,8 +326,13 @@ def test_a_cancelled_stream_frees_its_slot(served):
         "stream": True,
     }
     with slowed(served):
-        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            served.url + "/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as r:
             lines = r.iter_lines()
             for _ in range(6):
                 next(lines)
@@ -380,14 +418,22 @@ def test_sampling_requests_keep_their_own_state_in_a_batch(bundle):
     with serving(b, parallel=4) as s:
 
         def ask(kw):
-            r = s.post({"model": NAME, "messages": user("Say something."), "max_tokens": 16, "ignore_eos": True,
-                        "return_token_ids": True, **kw})  # fmt: skip
+            r = s.post(
+                {
+                    "model": NAME,
+                    "messages": user("Say something."),
+                    "max_tokens": 16,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                    **kw,
+                }
+            )
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["token_ids"]
 
         with ThreadPoolExecutor(4) as pool:
             served_ids = list(pool.map(ask, cases))
-    for kw, ids in zip(cases, served_ids):
+    for kw, ids in zip(cases, served_ids, strict=True):
         alone = ref.generate(messages=user("Say something."), max_new_tokens=16, ignore_eos=True, do_sample=True, **kw)
         assert ids == alone.token_ids
     assert served_ids[0] != served_ids[1]
@@ -396,8 +442,15 @@ def test_sampling_requests_keep_their_own_state_in_a_batch(bundle):
 def test_a_bundle_without_the_head_samples(bundle):
     """`temperature: 0.8, seed: 1` on a bundle converted without --do_sample: the host samples, the same
     tokens twice and the same tokens as the bundle with the sampling head."""
-    body = {"model": NAME, "messages": user("Say something."), "max_tokens": 12, "ignore_eos": True,
-            "return_token_ids": True, "temperature": 0.8, "seed": 1}  # fmt: skip
+    body = {
+        "model": NAME,
+        "messages": user("Say something."),
+        "max_tokens": 12,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "temperature": 0.8,
+        "seed": 1,
+    }
 
     def tokens(path: str) -> list[list[int]]:
         with serving(path, parallel=2) as s:
@@ -410,8 +463,9 @@ def test_a_bundle_without_the_head_samples(bundle):
 
     host, head = tokens(bundle("tiny_bf16", "w4bf16")), tokens(bundle("tiny_bf16", "w4bf16", do_sample=True))
     assert host[0] == host[1] == head[0] == head[1] and len(host[0]) == 12
-    greedy = load(bundle("tiny_bf16", "w4bf16")).generate(messages=user("Say something."), max_new_tokens=12,
-                                                          ignore_eos=True)  # fmt: skip
+    greedy = load(bundle("tiny_bf16", "w4bf16")).generate(
+        messages=user("Say something."), max_new_tokens=12, ignore_eos=True
+    )
     assert host[0] != greedy.token_ids
 
 
@@ -420,16 +474,30 @@ def test_a_bundle_without_the_head_samples(bundle):
 
 def test_local_media_only_under_the_allowed_folder(served, media_root, reference, images):
     root, outside = media_root
-    ok = served.post({"model": NAME, "messages": user("Describe.", "pics/square.png"), "max_tokens": 5,
-                      "return_token_ids": True})  # fmt: skip
+    ok = served.post(
+        {"model": NAME, "messages": user("Describe.", "pics/square.png"), "max_tokens": 5, "return_token_ids": True}
+    )
     assert ok.status_code == 200, ok.text
-    as_file_url = served.post({"model": NAME, "messages": user("Describe.", (root / "pics" / "square.png").as_uri()),
-                               "max_tokens": 5, "return_token_ids": True})  # fmt: skip
+    as_file_url = served.post(
+        {
+            "model": NAME,
+            "messages": user("Describe.", (root / "pics" / "square.png").as_uri()),
+            "max_tokens": 5,
+            "return_token_ids": True,
+        }
+    )
     expected = reference.generate("Describe.", images=[images["square"]], max_new_tokens=5).token_ids
     assert ok.json()["choices"][0]["token_ids"] == as_file_url.json()["choices"][0]["token_ids"] == expected
-    refused = [str(outside / "secret.png"), (outside / "secret.png").as_uri(), "../outside/secret.png",
-               "pics/../../outside/secret.png", "pics/escape.png", "linkdir/secret.png", str(root / "linkdir" / "secret.png"),
-               "/etc/hostname"]  # fmt: skip
+    refused = [
+        str(outside / "secret.png"),
+        (outside / "secret.png").as_uri(),
+        "../outside/secret.png",
+        "pics/../../outside/secret.png",
+        "pics/escape.png",
+        "linkdir/secret.png",
+        str(root / "linkdir" / "secret.png"),
+        "/etc/hostname",
+    ]
     for ref in refused:
         r = served.post({"model": NAME, "messages": user("Describe.", ref), "max_tokens": 2})
         assert r.status_code == 400, (ref, r.text)
@@ -445,9 +513,17 @@ def test_media_policy_reads_only_regular_files_under_the_root(media_root):
     policy = MediaPolicy(str(root), max_bytes=1 << 20)
     os.mkfifo(root / "pics" / "pipe.png")  # opening it must neither block nor read
     assert policy.resolve("pics/square.png") == (root / "pics" / "square.png").read_bytes()
-    for ref, needle in [("pics", "not a regular file"), ("pics/pipe.png", "not a regular file"), (".", "outside"), ("", "outside"), (str(root), "outside"),
-                        ("pics/escape.png", "outside"), ("ftp://host/x.png", "scheme 'ftp'"),
-                        ("file://otherhost/x.png", "not on 'otherhost'"), ("pics/\x00.png", "not valid")]:  # fmt: skip
+    for ref, needle in [
+        ("pics", "not a regular file"),
+        ("pics/pipe.png", "not a regular file"),
+        (".", "outside"),
+        ("", "outside"),
+        (str(root), "outside"),
+        ("pics/escape.png", "outside"),
+        ("ftp://host/x.png", "scheme 'ftp'"),
+        ("file://otherhost/x.png", "not on 'otherhost'"),
+        ("pics/\x00.png", "not valid"),
+    ]:
         with pytest.raises(UserError, match=needle):
             policy.resolve(ref)
     with pytest.raises(UserError, match="larger than"):
@@ -526,9 +602,10 @@ def test_api_key(served):
 
 
 def test_serve_command(greedy_bundle):
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--host", LOOPBACK,
-                             "--port", "0", "--parallel", "2", "--api-key", KEY],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    argv = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--host", LOOPBACK, "--port", "0"]
+    proc = subprocess.Popen(
+        [*argv, "--parallel", "2", "--api-key", KEY], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
@@ -566,19 +643,25 @@ def test_serve_refuses_a_busy_port(greedy_bundle):
         taken.bind((LOOPBACK, 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--host", LOOPBACK,
-                               "--port", str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        argv = [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, "--host", LOOPBACK]
+        proc = subprocess.run([*argv, "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on {LOOPBACK}:{port}")
     assert "[load]" not in proc.stderr  # told before the model's load
 
 
 def test_serve_refuses_bad_limits_before_loading(greedy_bundle):
-    for flag, told in [(["--parallel", "0"], "argument --parallel: must be at least 1"),
-                       (["--max-queue", "-1"], "argument --max-queue/--max_queue: must be at least 0"),
-                       (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-                       (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more seconds")]:  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, *flag],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    for flag, told in [
+        (["--parallel", "0"], "argument --parallel: must be at least 1"),
+        (["--max-queue", "-1"], "argument --max-queue/--max_queue: must be at least 0"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more seconds"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "internvl_edge", "serve", "-m", greedy_bundle, *flag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and "[load]" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {told}")

@@ -32,12 +32,12 @@ class Serve:
     """`internvl-edge serve` in a subprocess; its stderr collected line by line."""
 
     def __init__(self, bundle_path: str, *flags: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "internvl_edge", "serve", "-m", bundle_path, "--host",
-                                      LOOPBACK, "--port", "0", "--served-model-name", NAME, *flags],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+        argv = [sys.executable, "-m", "internvl_edge", "serve", "-m", bundle_path, "--host", LOOPBACK, "--port", "0"]
+        argv += ["--served-model-name", NAME, *flags]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
-                                       daemon=True)  # fmt: skip
+        lines = iter(self.proc.stderr.readline, "")
+        self.reader = threading.Thread(target=self.lines.extend, args=(lines,), daemon=True)
         self.reader.start()
         self.url = self.line_with("serving ", timeout=300).split(" on ")[1].split()[0].removesuffix("/v1")
 
@@ -118,9 +118,12 @@ def test_admission_fills_every_free_slot(greedy_bundle):
         watcher = threading.Thread(target=watch)
         watcher.start()
         results = [[] for _ in range(requests)]
-        threads = [threading.Thread(target=raw_stream, args=(s.url, body(f"Count to {i}.", max_tokens=200,
-                                                                           ignore_eos=True), results[i]))
-                   for i in range(requests)]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=raw_stream, args=(s.url, body(f"Count to {i}.", max_tokens=200, ignore_eos=True), results[i])
+            )
+            for i in range(requests)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -146,8 +149,10 @@ def test_sigterm_lets_streams_finish_refuses_new_requests_and_exits_0(greedy_bun
     with serve(greedy_bundle, "--parallel", "2", "--drain-timeout", "60") as s:
         streams = [[] for _ in range(3)]  # two decoding, one waiting for a slot
         started = [threading.Event() for _ in streams]
-        threads = [threading.Thread(target=raw_stream, args=(s.url, body(f"Story {i}.", **LONG), ev, st))
-                   for i, (ev, st) in enumerate(zip(streams, started))]  # fmt: skip
+        threads = [
+            threading.Thread(target=raw_stream, args=(s.url, body(f"Story {i}.", **LONG), ev, st))
+            for i, (ev, st) in enumerate(zip(streams, started, strict=True))
+        ]
         for t in threads:
             t.start()
         s.wait_for(lambda h: h["decoding"] == 2 and h["waiting"] == 1)
@@ -215,8 +220,9 @@ def test_max_tokens_is_bounded_by_the_context_and_the_servers_cap(greedy_bundle)
 
 def test_a_stream_its_client_leaves_is_logged_as_cancelled(greedy_bundle):
     with serve(greedy_bundle) as s:
-        stream = s.client().chat.completions.create(model=NAME, messages=user("A long story."), stream=True,
-                                                    extra_body={"ignore_eos": True}, max_tokens=1500)  # fmt: skip
+        stream = s.client().chat.completions.create(
+            model=NAME, messages=user("A long story."), stream=True, extra_body={"ignore_eos": True}, max_tokens=1500
+        )
         first = next(iter(stream))
         stream.close()
         line = s.line_with(first.id)
@@ -232,11 +238,24 @@ def test_greedy_answers_under_concurrent_load_equal_the_request_alone(bundle, im
     decoder calls and the admission's prefill chunks with it."""
     path = bundle("mid_bf16", "w4bf16")
     image = data_url(images["wide"])
-    probe = {"model": NAME, "messages": user("Describe the picture in detail. " * 20, image), "max_tokens": 24,
-             "logprobs": True, "return_token_ids": True, "ignore_eos": True}  # fmt: skip
-    others = [{"model": NAME, "max_tokens": 40, "ignore_eos": True,
-               "messages": user(f"Question {i}: what is it?", *([image] if i % 2 else [])),
-               **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {})} for i in range(7)]  # fmt: skip
+    probe = {
+        "model": NAME,
+        "messages": user("Describe the picture in detail. " * 20, image),
+        "max_tokens": 24,
+        "logprobs": True,
+        "return_token_ids": True,
+        "ignore_eos": True,
+    }
+    others = [
+        {
+            "model": NAME,
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "messages": user(f"Question {i}: what is it?", *([image] if i % 2 else [])),
+            **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {}),
+        }
+        for i in range(7)
+    ]
     with serving(path, parallel=4, max_queue=16) as s:
         alone = s.post(probe, key=None).json()
         assert alone["usage"]["prompt_tokens"] > 2 * s.app.state.engine.prefill_chunk

@@ -115,11 +115,21 @@ def test_metrics_count_requests_tokens_and_times(greedy_bundle):
         ttft = ok.json()["timings"]["ftl_s"]
         assert abs(after[p + "time_to_first_token_seconds_sum"] - ttft) < 1e-3
         # a long stream in the slot and one waiting behind it show in the gauges; closing it counts as cancelled
-        long = {"model": NAME, "messages": user("Write a long story."), "max_tokens": 1900, "ignore_eos": True,
-                "stream": True}  # fmt: skip
+        long = {
+            "model": NAME,
+            "messages": user("Write a long story."),
+            "max_tokens": 1900,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with slowed(s):
-            with httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=60,
-                              headers={"Authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                s.url + "/v1/chat/completions",
+                json=long,
+                timeout=60,
+                headers={"Authorization": f"Bearer {KEY}"},
+            ) as r:
                 lines = r.iter_lines()
                 for _ in range(3):
                     next(lines)

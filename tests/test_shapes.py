@@ -64,7 +64,7 @@ def test_static_and_dynamic_bundles_agree(bundle, images):
         s = static.generate("Describe the image.", max_new_tokens=10, ignore_eos=True, logprobs=3, **kw)
         d = dynamic.generate("Describe the image.", max_new_tokens=10, ignore_eos=True, logprobs=3, **kw)
         assert s.token_ids == d.token_ids
-        for a, b in zip(s.logprobs, d.logprobs):
+        for a, b in zip(s.logprobs, d.logprobs, strict=True):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert np.allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4)
 
@@ -89,8 +89,8 @@ def test_static_pads_every_prefill_and_feeds_one_tile_at_a_time(bundle, images):
 def test_cpu_shape_flags(checkpoint, tmp_path):
     """--dynamic is still accepted on the CPU (it is the default there); --static with it is refused."""
     out = tmp_path / "b"
-    run = [sys.executable, "-m", "internvl_edge", "convert", "-m", checkpoint("tiny_bf16"), "-s", "256", "-q", "f32",
-           "--out_dir", str(out)]  # fmt: skip
+    run = [sys.executable, "-m", "internvl_edge", "convert", "-m", checkpoint("tiny_bf16"), "-s", "256", "-q", "f32"]
+    run += ["--out_dir", str(out)]
     proc = subprocess.run(run + ["--dynamic"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "dynamic shapes" in proc.stdout

@@ -113,8 +113,14 @@ def sim_bundle(workdir, sim_checkpoint):
         key = (kind, chip, quantize, tuple(sorted(options.items())))
         if key not in made:
             tag = "_".join([kind, chip, quantize] + [f"{k}{v}" for k, v in sorted(options.items())])
-            opts = ConvertOptions(model_path=sim_checkpoint(kind), out_dir=str(workdir / f"sim_bundle_{tag}"),
-                                  seq_length=128, quantize=quantize, chip=chip, **options)  # fmt: skip
+            opts = ConvertOptions(
+                model_path=sim_checkpoint(kind),
+                out_dir=str(workdir / f"sim_bundle_{tag}"),
+                seq_length=128,
+                quantize=quantize,
+                chip=chip,
+                **options,
+            )
             made[key] = convert(opts, progress=Progress(enabled=False)).path
         return made[key]
 
@@ -143,8 +149,13 @@ def assert_net_errors(errors: dict, half: str, check_vit: bool, onnx_exact: bool
     # the CPU target keeps float32 4-bit scales where the chip's are rounded to bf16: within one unit
     assert errors["onnx_vs_reference"] < (1e-5 if onnx_exact else UNIT_ROUNDOFF[half])
     assert errors["embedding"] <= UNIT_ROUNDOFF[half] and errors["embedding_cache"] <= UNIT_ROUNDOFF[half]
-    measured = {k: v for k, v in errors.items() if k.startswith(("block", "lm_head", "decoder", "vit"))
-                and "disagreements" not in k and (check_vit or not k.startswith("vit"))}  # fmt: skip
+    measured = {
+        k: v
+        for k, v in errors.items()
+        if k.startswith(("block", "lm_head", "decoder", "vit"))
+        and "disagreements" not in k
+        and (check_vit or not k.startswith("vit"))
+    }
     assert len(measured) == 3 * 2 * 2 + 3 + 2 * check_vit  # 2 layers x (block, block_cache) x (hidden, k, v), ...
     worst = max(measured, key=measured.get)
     assert measured[worst] < tol, f"{worst}: relative RMS error {measured[worst]:.2e} > {tol:.2e} ({half})"
@@ -214,9 +225,9 @@ def test_bm1688_nets_and_cli_run(tpu_mlir, sim_checkpoint, sim_bundle, tile):
     errors = _child([checks, "nets", bdir, ckpt, onnx_bundle(sim_bundle, "bf16", "f32"), tile, "1"])
     assert_net_errors(errors, "f16", True)
 
-    proc = subprocess.run([sys.executable, "-m", "internvl_edge", "run", "-m", bdir, "-p", sophgo_checks.QUESTION,
-                           "--max-new-tokens", str(STEPS), "--ignore-eos", "--json"],
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    argv = [sys.executable, "-m", "internvl_edge", "run", "-m", bdir, "-p", sophgo_checks.QUESTION]
+    argv += ["--max-new-tokens", str(STEPS), "--ignore-eos", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)  # stdout holds the JSON alone: the simulator's chatter is kept off it
     assert out["backend"]["library"].endswith("bm1688 simulator (cmodel)")
@@ -246,19 +257,29 @@ def test_bmodel_holds_the_seeds_nets(tpu_mlir, sim_bundle):
     }
     for i in range(2):
         expect[f"block_{i}"] = ([[1, L, H], [1, L], [1, 1, L, L]], [[1, L, H], [1, L, kvh, hd], [1, L, kvh, hd]])
-        expect[f"block_cache_{i}"] = ([[1, 1, H], [1, 1], [1, 1, 1, S + 1], [1, S, kvh, hd], [1, S, kvh, hd]],
-                                      [[1, 1, H], [1, 1, kvh, hd], [1, 1, kvh, hd]])  # fmt: skip
-        expect[f"block_kv_{i}"] = ([[1, L, H], [1, L], [1, 1, L, S + L], [1, S, kvh, hd], [1, S, kvh, hd]],
-                                   [[1, L, H], [1, L, kvh, hd], [1, L, kvh, hd]])  # fmt: skip
+        expect[f"block_cache_{i}"] = (
+            [[1, 1, H], [1, 1], [1, 1, 1, S + 1], [1, S, kvh, hd], [1, S, kvh, hd]],
+            [[1, 1, H], [1, 1, kvh, hd], [1, 1, kvh, hd]],
+        )
+        expect[f"block_kv_{i}"] = (
+            [[1, L, H], [1, L], [1, 1, L, S + L], [1, S, kvh, hd], [1, S, kvh, hd]],
+            [[1, L, H], [1, L, kvh, hd], [1, L, kvh, hd]],
+        )
     parsed = parse_info(text, bmodel)
     assert list(parsed) == ["vit", "embedding", "embedding_cache", "lm_head", "greedy_head", "sample_head"] + [
-        f"{k}_{i}" for i in range(2) for k in ("block", "block_cache", "block_kv")]  # fmt: skip
+        f"{k}_{i}" for i in range(2) for k in ("block", "block_cache", "block_kv")
+    ]
     for name, (ins, outs) in expect.items():
         assert [t["shape"] for t in parsed[name]["inputs"]] == ins, name
         assert [t["shape"] for t in parsed[name]["outputs"]] == outs, name
         assert parsed[name] == manifest["nets"][name]
     assert [t["name"] for t in parsed["block_cache_0"]["inputs"]] == [
-        "input_states", "position_ids", "attention_mask", "history_k", "history_v"]  # fmt: skip
+        "input_states",
+        "position_ids",
+        "attention_mask",
+        "history_k",
+        "history_v",
+    ]
     assert {t["dtype"] for t in parsed["block_0"]["inputs"]} == {"float16", "int32"}
 
 
@@ -299,8 +320,10 @@ def test_a_bundle_without_the_head_refuses_to_sample_in_the_requests_terms(tpu_m
     with pytest.raises(UserError, match="a temperature above 0, or --do_sample.*converted without --do_sample"):
         model.generate("Hi", do_sample=True, temperature=0.8, max_new_tokens=2)
     with TestClient(create_app(model, ServerSettings(model_name="sim", parallel=1))) as client:
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                      "temperature": 0.8, "max_tokens": 2})  # fmt: skip
+        r = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0.8, "max_tokens": 2},
+        )
         assert r.status_code == 400 and "temperature 0" in r.json()["error"]["message"], r.text
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert r.status_code == 200, r.text
@@ -333,8 +356,13 @@ def test_bench_runs_on_a_sophgo_bundle(tpu_mlir, sim_bundle):
     from internvl_edge.progress import Progress
 
     kind, chip, quantize, options, _, _ = NET_CASES["bm1684x-bf16"]
-    r = run_bench(sim_bundle(kind, chip, quantize, **options), repeats=1, quick=True, profile=True,
-                  progress=Progress(enabled=False))  # fmt: skip
+    r = run_bench(
+        sim_bundle(kind, chip, quantize, **options),
+        repeats=1,
+        quick=True,
+        profile=True,
+        progress=Progress(enabled=False),
+    )
     assert r.load_s > 0 and r.vision_s_per_tile > 0 and r.prefill_tps["64"] > 0
     assert not r.decode_tps and not r.roofline_tps and not r.decode_profile_ms  # -s 128: no 300-token context
     assert not r.ftl_s and r.bandwidth_gbs > 0 and r.peak_rss_bytes > 0
@@ -345,21 +373,38 @@ def test_bench_runs_on_a_sophgo_bundle(tpu_mlir, sim_bundle):
 @sim
 def test_unsupported_options_are_refused(tpu_mlir, sim_checkpoint, tmp_path):
     """Flags the chip flow does not support are refused in one line, never ignored; no bundle is left."""
-    for opts, words in (({"quantize": "f32"}, "-q f32"), ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
-                        ({"vision_bits": 8}, "--vision-bits"), ({"accuracy_level": 1}, "--accuracy_level"),
-                        ({"lm_head_bits": 8}, "--lm-head-bits"),
-                        ({"quantize": "w4bf16", "q_group_size": 256}, "-g 256")):  # fmt: skip
+    for opts, words in (
+        ({"quantize": "f32"}, "-q f32"),
+        ({"dynamic": True, "use_block_with_kv": True}, "--dynamic"),
+        ({"vision_bits": 8}, "--vision-bits"),
+        ({"accuracy_level": 1}, "--accuracy_level"),
+        ({"lm_head_bits": 8}, "--lm-head-bits"),
+        ({"quantize": "w4bf16", "q_group_size": 256}, "-g 256"),
+    ):
         out = tmp_path / "b"
         with pytest.raises(UserError, match=words.replace("-", r"\-")):
-            convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",
-                                   **{"quantize": "f16", **opts}), progress=Progress(enabled=False))  # fmt: skip
+            convert(
+                ConvertOptions(
+                    model_path=sim_checkpoint("bf16"),
+                    out_dir=str(out),
+                    seq_length=128,
+                    chip="bm1684x",
+                    **{"quantize": "f16", **opts},
+                ),
+                progress=Progress(enabled=False),
+            )
         assert not out.exists()
 
 
 @sim
 def test_toolchain_info_cli(tpu_mlir):
-    proc = subprocess.run([sys.executable, "-m", "internvl_edge", "toolchain", "info", "--json"], capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "internvl_edge", "toolchain", "info", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     info = json.loads(proc.stdout)
     assert proc.returncode == 0 and info["works"] and info["version"].startswith(f"v{toolchain.VERSION}")
     assert set(info["simulators"]) == {"bm1684x", "bm1688"}
@@ -383,8 +428,12 @@ def test_missing_toolchain_is_one_line(sim_checkpoint, tmp_path, monkeypatch):
     monkeypatch.delenv("TPUC_ROOT", raising=False)
     out = tmp_path / "bundle"
     with pytest.raises(UserError, match="internvl-edge toolchain install"):
-        convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1688",
-                               quantize="f16"), progress=Progress(enabled=False))  # fmt: skip
+        convert(
+            ConvertOptions(
+                model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1688", quantize="f16"
+            ),
+            progress=Progress(enabled=False),
+        )
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".bundle")]
 
 
@@ -403,8 +452,12 @@ def test_compile_failure_shows_the_log_and_leaves_no_bundle(tpu_mlir, sim_checkp
     monkeypatch.setattr(sophgo_compile, "steps", broken)
     out = tmp_path / "bundle"
     with pytest.raises(UserError, match=r"net block_cache_1 \(lowering step") as err:
-        convert(ConvertOptions(model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x",
-                               quantize="f16"), progress=Progress(stream=sys.stderr))  # fmt: skip
+        convert(
+            ConvertOptions(
+                model_path=sim_checkpoint("bf16"), out_dir=str(out), seq_length=128, chip="bm1684x", quantize="f16"
+            ),
+            progress=Progress(stream=sys.stderr),
+        )
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".bundle.partial")]
     log = str(err.value).rsplit("its log is ", 1)[1]
     assert os.path.isfile(log) and "no-such-pass" in open(log).read()

@@ -72,7 +72,7 @@ def test_w4_figures_equal_transformers(checkpoint, bundle, images):
     ref_model = load_reference(ckpt)
     quantised = load_reference(ckpt)
     apply_bundle_quantisation(quantised, b)
-    for probe, paths in zip(report["decoder"]["probes"], [[images["square"]], []]):
+    for probe, paths in zip(report["decoder"]["probes"], [[images["square"]], []], strict=True):
         ids, pv = reference_inputs(ckpt, paths)
         assert probe["prompt_tokens"] == len(ids)
         tokens, ref_logits = greedy(ref_model, ids, pv, STEPS)
@@ -87,8 +87,12 @@ def test_w4_figures_equal_transformers(checkpoint, bundle, images):
 
 
 def test_awq_bundle_with_float_activations_equals_its_reference(checkpoint, bundle):
-    report = run_verify(bundle("tiny_awq", "w4bf16", accuracy_level=1, lm_head_bits=0), checkpoint("tiny_awq"),
-                        prompts=["Count to five."], builtin=False)  # fmt: skip
+    report = run_verify(
+        bundle("tiny_awq", "w4bf16", accuracy_level=1, lm_head_bits=0),
+        checkpoint("tiny_awq"),
+        prompts=["Count to five."],
+        builtin=False,
+    )
     assert report["summary"]["top1_agreement"] == 1.0 and report["summary"]["kl_max"] < 1e-5
 
 
@@ -109,8 +113,10 @@ def _damage(src: str, dst: str, net: str, tensor: str) -> None:
         f.write(m.to_json())
 
 
-@pytest.mark.parametrize("net,tensor,stage", [("vision", "mlp1.1.weight_t", "float vision encoder"),
-                                              ("decoder", "lm_head.weight_t", "float lm_head")])  # fmt: skip
+@pytest.mark.parametrize(
+    "net,tensor,stage",
+    [("vision", "mlp1.1.weight_t", "float vision encoder"), ("decoder", "lm_head.weight_t", "float lm_head")],
+)
 def test_damaged_block_is_caught_and_attributed(net, tensor, stage, checkpoint, bundle, workdir, capsys):
     damaged = str(workdir / f"damaged_{net}")
     if not os.path.exists(damaged):
@@ -123,8 +129,8 @@ def test_damaged_block_is_caught_and_attributed(net, tensor, stage, checkpoint, 
     if net == "vision":
         assert report["summary"]["vision_cosine_min"] < 0.99
     capsys.readouterr()
-    rc = cli(["verify", "-m", damaged, "--checkpoint", checkpoint("tiny_bf16"), "--steps", "3", "--json",
-              "--min-agreement", "0.95"])  # fmt: skip
+    argv = ["verify", "-m", damaged, "--checkpoint", checkpoint("tiny_bf16"), "--steps", "3", "--json"]
+    rc = cli([*argv, "--min-agreement", "0.95"])
     out, err = capsys.readouterr()
     assert rc == 1 and json.loads(out)["summary"]["top1_agreement"] < 0.95
     assert err.strip().splitlines()[-1].startswith("error: top-1 agreement")
@@ -166,11 +172,11 @@ def test_transformers_reference_gives_the_same_figures(ckpt, checkpoint, bundle,
     ours = run_verify(b, checkpoint(ckpt), **kw)
     theirs = run_verify(b, checkpoint(ckpt), reference="transformers", **kw)
     assert "transformers" in theirs["reference"]
-    for a, t in zip(ours["decoder"]["probes"], theirs["decoder"]["probes"]):
+    for a, t in zip(ours["decoder"]["probes"], theirs["decoder"]["probes"], strict=True):
         assert a["reference_answer"] == t["reference_answer"]
         assert a["top1_agreement"] == t["top1_agreement"] and a["first_divergence"] == t["first_divergence"]
         assert a["kl_mean"] == pytest.approx(t["kl_mean"], rel=1e-2, abs=1e-5)
-    for a, t in zip(ours["vision"], theirs["vision"]):
+    for a, t in zip(ours["vision"], theirs["vision"], strict=True):
         assert a["cosine_min"] == pytest.approx(t["cosine_min"], abs=1e-5)
         assert a["relative_rms"] == pytest.approx(t["relative_rms"], rel=1e-2, abs=1e-6)
 
@@ -187,8 +193,9 @@ def test_transformers_reference_refused_without_torch(checkpoint, bundle, monkey
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(UserError, match="needs torch and transformers installed"):
-        run_verify(bundle("tiny_bf16", "f32"), checkpoint("tiny_bf16"), reference="transformers", builtin=False,
-                   prompts=["Hi"])  # fmt: skip
+        run_verify(
+            bundle("tiny_bf16", "f32"), checkpoint("tiny_bf16"), reference="transformers", builtin=False, prompts=["Hi"]
+        )
 
 
 def test_sophgo_bundle_refused_where_no_simulator_runs(bundle, checkpoint, workdir, tmp_path, monkeypatch):
@@ -204,6 +211,9 @@ def test_sophgo_bundle_refused_where_no_simulator_runs(bundle, checkpoint, workd
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no installed toolchain
     monkeypatch.setattr("internvl_edge.sophgo.bmrt.device_present", lambda: False)
-    with pytest.raises(UserError, match=r"is a bm1684x bundle: verify runs it on a board or TPU-MLIR's bm1684x "
-                                        r"simulator, and neither is found here \(TPU-MLIR .* is not installed"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"is a bm1684x bundle: verify runs it on a board or TPU-MLIR's bm1684x "
+        r"simulator, and neither is found here \(TPU-MLIR .* is not installed",
+    ):
         run_verify(fake, checkpoint("tiny_bf16"))

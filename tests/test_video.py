@@ -63,9 +63,13 @@ def test_frame_indices_match_internvl_get_index():
 
 @pytest.mark.parametrize(
     "name, codec, fmt",
-    [("clip.mp4", "libx264", None), ("clip.webm", "libvpx-vp9", None), ("clip.avi", "mjpeg", None),
-     ("clip.mkv", "libx264", None)],
-)  # fmt: skip
+    [
+        ("clip.mp4", "libx264", None),
+        ("clip.webm", "libvpx-vp9", None),
+        ("clip.avi", "mjpeg", None),
+        ("clip.mkv", "libx264", None),
+    ],
+)
 def test_containers_and_codecs(tmp_path, name, codec, fmt):
     path = write_video(tmp_path / name, codec, 30)
     frames = read_frames(path, 8)
@@ -122,8 +126,12 @@ def test_video_answer_matches_reference(name, checkpoint, bundle, tmp_path):
     all_frames = [f.to_image() for f in container.decode(video=0)]
     container.close()
     frames = [all_frames[i] for i in frame_indices(len(all_frames), 4)]
-    proc = GotOcr2ImageProcessorPil(crop_to_patches=False, size={"height": 448, "width": 448},
-                                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    proc = GotOcr2ImageProcessorPil(
+        crop_to_patches=False,
+        size={"height": 448, "width": 448},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     pv = proc(images=frames, return_tensors="np")["pixel_values"]
     system = (
         "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -133,8 +141,9 @@ def test_video_answer_matches_reference(name, checkpoint, bundle, tmp_path):
     text = text.replace("<image>", "<img>" + "<IMG_CONTEXT>" * 256 + "</img>")
     ids = reference_tokenizer(ckpt)(text).input_ids
     ref_tokens, _ = greedy(load_reference(ckpt), ids, pv, 16)
-    ours = load(bundle(name, "f32")).generate("What happens?", video=path, video_frames=4,
-                                                     max_new_tokens=16, ignore_eos=True)  # fmt: skip
+    ours = load(bundle(name, "f32")).generate(
+        "What happens?", video=path, video_frames=4, max_new_tokens=16, ignore_eos=True
+    )
     assert ours.prompt_token_ids == ids
     assert ours.token_ids == ref_tokens
     assert ours.stats.num_tiles == 4
