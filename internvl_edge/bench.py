@@ -74,8 +74,15 @@ def machine_info(threads: int) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": available_cores(), "threads": threads, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": available_cores(),
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 class ReadProbe:
@@ -89,11 +96,12 @@ class ReadProbe:
 
         rows = 64  # the reduction is split over rows, one per task
         graph = helper.make_graph(
-            [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "bandwidth",
+            [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)],
+            "bandwidth",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, None])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows])],
             [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
-        )  # fmt: skip
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -342,8 +350,15 @@ def profile_vision(model: Model, runs: int = 2) -> dict[str, float]:
     return _profile_net(model, "vision", lambda: [model.backend.encode_images(px) for _ in range(runs + 1)], runs)
 
 
-def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_tokens: int = 32,
-              quick: bool = False, profile: bool = False, progress: Progress | None = None) -> BenchResult:  # fmt: skip
+def run_bench(
+    bundle: str,
+    threads: int | None = None,
+    repeats: int = 3,
+    decode_tokens: int = 32,
+    quick: bool = False,
+    profile: bool = False,
+    progress: Progress | None = None,
+) -> BenchResult:
     from PIL import Image
 
     if min(repeats, decode_tokens) < 1 or (threads is not None and threads < 1):
@@ -404,9 +419,12 @@ def run_bench(bundle: str, threads: int | None = None, repeats: int = 3, decode_
     progress.step("first-token latency")
     picture = Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8))
     skipped = []
-    cases = (("text", None, ""), ("1 tile + 40 tokens", picture, ""),
-             ("1 tile + 40 tokens, repeated", picture, "repeat"),
-             ("1 tile + 40 tokens, same image, new question", picture, "new question"))  # fmt: skip
+    cases = (
+        ("text", None, ""),
+        ("1 tile + 40 tokens", picture, ""),
+        ("1 tile + 40 tokens, repeated", picture, "repeat"),
+        ("1 tile + 40 tokens, same image, new question", picture, "new question"),
+    )
     for case, image, warm in cases:
         try:
             res.ftl_s[case] = time_ftl(model, image, repeats, warm)
@@ -463,10 +481,10 @@ def format_result(r: BenchResult) -> str:
         line = f"decode at {ctx}: {tps:.2f} tokens/s"
         if ctx in r.roofline_tps:
             paired = r.roofline_fraction_paired.get(ctx)
-            line += (f", roofline {r.roofline_tps[ctx]:.1f} ({100 * r.roofline_fraction[ctx]:.0f}%"
-                     + (f"; {100 * paired:.0f}% step by step" if paired else "") + "), "
-                     f"{r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
-                     f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net")  # fmt: skip
+            fraction = f"{100 * r.roofline_fraction[ctx]:.0f}%"
+            fraction += f"; {100 * paired:.0f}% step by step" if paired else ""
+            line += f", roofline {r.roofline_tps[ctx]:.1f} ({fraction}), {r.bytes_per_token[ctx] / 1e6:.0f} MB/token, "
+            line += f"{r.decode_overhead_ms[ctx]:.2f} ms/token outside the decoder net"
         lines.append(line)
     lines += [f"FTL {k}: {v:.3f} s" for k, v in r.ftl_s.items()]
     if r.decode_profile_ms:

@@ -231,9 +231,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
                 "identity": source_identity,  # config hash + tensor checksums: verify refuses another checkpoint
             },
             target=target,
-            options={**asdict(opts), "model_path": os.path.abspath(opts.model_path),
-                     "out_dir": os.path.abspath(opts.out_dir), "store": store, "kv_capacity": kv_capacity,
-                     "decoder_weight_bits": dec_opts.weight_bits},
+            options={
+                **asdict(opts),
+                "model_path": os.path.abspath(opts.model_path),
+                "out_dir": os.path.abspath(opts.out_dir),
+                "store": store,
+                "kv_capacity": kv_capacity,
+                "decoder_weight_bits": dec_opts.weight_bits,
+            },
             model={
                 "name": os.path.basename(os.path.abspath(opts.model_path)).lower(),
                 "config": ckpt.config.summary(),
@@ -248,7 +253,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> bundle.Ma
                 "vocab_size": ckpt.config.text.vocab_size,
             },
             nets=nets,
-        )  # fmt: skip
+        )
         bundle.finish(tmp, manifest, opts.out_dir)
         progress.done()
     except BaseException:

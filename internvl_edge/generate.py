@@ -236,8 +236,10 @@ class SequenceDecoding:
         if ends:
             last = self._last("length")
             if stats.generated_tokens < cfg.max_new_tokens:
-                last.notice = (f"the answer was cut at the end of the bundle's context ({capacity} tokens, prompt "
-                               "included); convert with a larger -s or ask a shorter question")  # fmt: skip
+                last.notice = (
+                    f"the answer was cut at the end of the bundle's context ({capacity} tokens, prompt "
+                    "included); convert with a larger -s or ask a shorter question"
+                )
             return [out, last]
         self.seen.append(token)
         self.token = token

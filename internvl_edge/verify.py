@@ -71,9 +71,15 @@ def decoder_figures(ref_logits: np.ndarray, tokens: list[int], logits: np.ndarra
     top5 = np.argsort(-ref_logits, axis=-1, kind="stable")[:, :5]
     diff = np.abs(np.take_along_axis(lo, top5, -1) - np.take_along_axis(lr, top5, -1))
     parted = np.flatnonzero(~agree)
-    return {"top1_agreement": float(agree.mean()), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top5_logprob_diff_max": float(diff.max()), "first_divergence": int(parted[0]) if len(parted) else None,
-            "_agree": agree, "_kl": kl}  # fmt: skip
+    return {
+        "top1_agreement": float(agree.mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top5_logprob_diff_max": float(diff.max()),
+        "first_divergence": int(parted[0]) if len(parted) else None,
+        "_agree": agree,
+        "_kl": kl,
+    }
 
 
 def summarise(per_probe: list[dict]) -> dict:
@@ -81,9 +87,14 @@ def summarise(per_probe: list[dict]) -> dict:
     agree = np.concatenate([p["_agree"] for p in per_probe])
     kl = np.concatenate([p["_kl"] for p in per_probe])
     parted = [p["first_divergence"] for p in per_probe if p["first_divergence"] is not None]
-    return {"top1_agreement": float(agree.mean()), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top5_logprob_diff_max": max(p["top5_logprob_diff_max"] for p in per_probe),
-            "probes_parted": len(parted), "first_divergence": min(parted) if parted else None}  # fmt: skip
+    return {
+        "top1_agreement": float(agree.mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top5_logprob_diff_max": max(p["top5_logprob_diff_max"] for p in per_probe),
+        "probes_parted": len(parted),
+        "first_divergence": min(parted) if parted else None,
+    }
 
 
 def vision_figures(ref: np.ndarray, ours: np.ndarray) -> dict:
@@ -147,8 +158,9 @@ def float_activations(model) -> None:
                     a.i = 1
 
 
-def teacher_forced(model, probe: Probe, tokens: list[int], image_embeds: np.ndarray | None,
-                   hidden_name: str | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+def teacher_forced(
+    model, probe: Probe, tokens: list[int], image_embeds: np.ndarray | None, hidden_name: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The bundle's logits [steps, vocab] after the prompt and after each reference token but the last,
     and (with `hidden_name`, CPU bundles) what it fed lm_head at each of those steps."""
     backend = model.backend
@@ -193,8 +205,10 @@ def _sophgo_runner(manifest: Manifest) -> str:
     try:
         return find_libraries(chip).description
     except UserError as e:
-        raise UserError(f"{manifest.path} is a {chip} bundle: verify runs it on a board or TPU-MLIR's {chip} "
-                        f"simulator, and neither is found here ({e})") from None  # fmt: skip
+        raise UserError(
+            f"{manifest.path} is a {chip} bundle: verify runs it on a board or TPU-MLIR's {chip} "
+            f"simulator, and neither is found here ({e})"
+        ) from None
 
 
 def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
@@ -219,17 +233,30 @@ def _advice(decoder: dict, variants: dict, in_use: dict, manifest: Manifest) -> 
         share = 100 * gains[best] / base
         if in_use[best]:
             return f"the {what} would remove {share:.0f}% of the loss (mean KL): convert with {flag}"
-        return (f"the bundle's {what.replace('float ', '')} differs from the source more than its precision "
-                f"explains ({share:.0f}% of the loss): convert again")  # fmt: skip
+        return (
+            f"the bundle's {what.replace('float ', '')} differs from the source more than its precision "
+            f"explains ({share:.0f}% of the loss): convert again"
+        )
     if manifest.settings.decoder_weight_bits == 4:
-        return ("most of the loss is in the 4-bit decoder weights themselves, which no option undoes: "
-                "convert with -q bf16 (4x the decoder's size) if it matters")  # fmt: skip
+        return (
+            "most of the loss is in the 4-bit decoder weights themselves, which no option undoes: "
+            "convert with -q bf16 (4x the decoder's size) if it matters"
+        )
     return "the loss is in the decoder's weights as stored: convert with -q f32 to remove it"
 
 
-def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[str] = (), steps: int = DEFAULT_STEPS,
-           reference: str = "onnxruntime", max_tiles: int | None = None, threads: int | None = None,
-           builtin: bool = True, progress: Progress | None = None) -> dict:  # fmt: skip
+def verify(
+    bundle: str,
+    checkpoint: str,
+    images: list[str] = (),
+    prompts: list[str] = (),
+    steps: int = DEFAULT_STEPS,
+    reference: str = "onnxruntime",
+    max_tiles: int | None = None,
+    threads: int | None = None,
+    builtin: bool = True,
+    progress: Progress | None = None,
+) -> dict:
     from .api import Model
     from .tokenizer import TextTokenizer
     from .verify_probes import user_probes
@@ -298,8 +325,14 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
                 vision.append({"probe": p.name, "image": label, "tiles": tiles, **figures})
                 start += n
         logits, h = teacher_forced(model, p, r.tokens, img, hidden_name)
-        per_probe.append({"probe": p.name, "prompt_tokens": len(p.ids), "reference_answer": list(r.tokens),
-                          **decoder_figures(r.logits, r.tokens, logits)})  # fmt: skip
+        per_probe.append(
+            {
+                "probe": p.name,
+                "prompt_tokens": len(p.ids),
+                "reference_answer": list(r.tokens),
+                **decoder_figures(r.logits, r.tokens, logits),
+            }
+        )
         hidden.append(h)
         progress.update(i + 1, len(probes))
     progress.done()
@@ -308,45 +341,70 @@ def verify(bundle: str, checkpoint: str, images: list[str] = (), prompts: list[s
     if cpu:
         if any(p.pixel_values is not None for p in probes):
             progress.step("attribution: float vision")
-            variants["float_vision"] = summarise([
-                decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, r.image_embeds, None)[0])
-                if p.pixel_values is not None else fig
-                for p, r, fig in zip(probes, refs, per_probe, strict=True)])  # fmt: skip
+            variants["float_vision"] = summarise(
+                [
+                    decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, r.image_embeds, None)[0])
+                    if p.pixel_values is not None
+                    else fig
+                    for p, r, fig in zip(probes, refs, per_probe, strict=True)
+                ]
+            )
             progress.done()
         del model
         gc.collect()
         progress.step("attribution: float lm_head")
-        variants["float_lm_head"] = summarise([decoder_figures(r.logits, r.tokens, lm_head_logits(ckpt, h))
-                                               for r, h in zip(refs, hidden, strict=True)])  # fmt: skip
+        variants["float_lm_head"] = summarise(
+            [decoder_figures(r.logits, r.tokens, lm_head_logits(ckpt, h)) for r, h in zip(refs, hidden, strict=True)]
+        )
         ckpt.release()
         progress.done()
         if in_use["float_activations"]:
             progress.step("attribution: float activations in the 4-bit matmuls")
             model = _load(bundle, threads, edits={"decoder": float_activations})
-            variants["float_activations"] = summarise([
-                decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
-                for p, r, ours in zip(probes, refs, ours_images, strict=True)])  # fmt: skip
+            variants["float_activations"] = summarise(
+                [
+                    decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
+                    for p, r, ours in zip(probes, refs, ours_images, strict=True)
+                ]
+            )
             del model
             gc.collect()
             progress.done()
     decoder = summarise(per_probe)
     advice = _advice(decoder, variants, in_use, manifest) if cpu else None
     order = ["float_activations", "float_lm_head", "float_vision"]
-    attribution = [{"undone": OPTIONS[k][0], "flag": OPTIONS[k][1], "option_in_use": in_use[k], **variants[k]}
-                   for k in order if k in variants]  # fmt: skip
+    attribution = [
+        {"undone": OPTIONS[k][0], "flag": OPTIONS[k][1], "option_in_use": in_use[k], **variants[k]}
+        for k in order
+        if k in variants
+    ]
     summary = {
-        "top1_agreement": decoder["top1_agreement"], "kl_mean": decoder["kl_mean"], "kl_max": decoder["kl_max"],
-        "top5_logprob_diff_max": decoder["top5_logprob_diff_max"], "first_divergence": decoder["first_divergence"],
+        "top1_agreement": decoder["top1_agreement"],
+        "kl_mean": decoder["kl_mean"],
+        "kl_max": decoder["kl_max"],
+        "top5_logprob_diff_max": decoder["top5_logprob_diff_max"],
+        "first_divergence": decoder["first_divergence"],
         "vision_cosine_min": min((v["cosine_min"] for v in vision), default=None),
         "vision_relative_rms_max": max((v["relative_rms"] for v in vision), default=None),
-        "probes": len(probes), "steps": steps, "reference": reference, "ran_on": ran_on, "advice": advice,
-    }  # fmt: skip
+        "probes": len(probes),
+        "steps": steps,
+        "reference": reference,
+        "ran_on": ran_on,
+        "advice": advice,
+    }
     return {
-        "bundle": manifest.path, "checkpoint": os.path.abspath(checkpoint), "source_checked": checked,
-        "reference": ref_name, "ran_on": ran_on, "steps": steps,
-        "vision": vision, "decoder": {"probes": [_public(p) for p in per_probe], "summary": decoder},
-        "attribution": attribution, "advice": advice, "summary": summary,
-    }  # fmt: skip
+        "bundle": manifest.path,
+        "checkpoint": os.path.abspath(checkpoint),
+        "source_checked": checked,
+        "reference": ref_name,
+        "ran_on": ran_on,
+        "steps": steps,
+        "vision": vision,
+        "decoder": {"probes": [_public(p) for p in per_probe], "summary": decoder},
+        "attribution": attribution,
+        "advice": advice,
+        "summary": summary,
+    }
 
 
 def record(bundle: str, report: dict) -> dict:
@@ -358,8 +416,11 @@ def record(bundle: str, report: dict) -> dict:
 
     m = load_manifest(bundle, verify=False)
     keys = ("undone", "flag", "option_in_use", "top1_agreement", "kl_mean")
-    m.verification = {**report["summary"], "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "attribution": [{k: a[k] for k in keys} for a in report["attribution"]]}  # fmt: skip
+    m.verification = {
+        **report["summary"],
+        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "attribution": [{k: a[k] for k in keys} for a in report["attribution"]],
+    }
     write_manifest(m)
     return m.verification
 
@@ -382,23 +443,30 @@ def _lm_head_input_of(manifest: Manifest) -> str:
 def format_report(report: dict) -> str:
     """The report as a few aligned tables for a terminal."""
     unchecked = "" if report["source_checked"] else " (not checked: the bundle records no source identity)"
-    lines = [f"bundle     {report['bundle']}", f"checkpoint {report['checkpoint']}{unchecked}",
-             f"reference  {report['reference']}",
-             f"ran on     {report['ran_on']}, {report['steps']} tokens per answer",
-             ""]  # fmt: skip
+    lines = [
+        f"bundle     {report['bundle']}",
+        f"checkpoint {report['checkpoint']}{unchecked}",
+        f"reference  {report['reference']}",
+        f"ran on     {report['ran_on']}, {report['steps']} tokens per answer",
+        "",
+    ]
     if report["vision"]:
         lines.append(f"{'vision':<24} {'tiles':>5} {'cos min':>8} {'cos mean':>9} {'rel RMS':>8}")
         for v in report["vision"]:
-            lines.append(f"{v['probe'][:24]:<24} {v['tiles']:>5} {v['cosine_min']:>8.4f} {v['cosine_mean']:>9.4f} "
-                         f"{v['relative_rms']:>8.4f}")  # fmt: skip
+            lines.append(
+                f"{v['probe'][:24]:<24} {v['tiles']:>5} {v['cosine_min']:>8.4f} {v['cosine_mean']:>9.4f} "
+                f"{v['relative_rms']:>8.4f}"
+            )
         lines.append("")
     head = f"{'decoder':<24} {'top-1':>6} {'KL mean':>9} {'KL max':>9} {'top-5 dlogp':>11} {'parts at':>8}"
     lines.append(head)
 
     def row(name, f):
         parted = "-" if f["first_divergence"] is None else str(f["first_divergence"])
-        return (f"{name[:24]:<24} {100 * f['top1_agreement']:>5.1f}% {f['kl_mean']:>9.5f} {f['kl_max']:>9.5f} "
-                f"{f['top5_logprob_diff_max']:>11.4f} {parted:>8}")  # fmt: skip
+        return (
+            f"{name[:24]:<24} {100 * f['top1_agreement']:>5.1f}% {f['kl_mean']:>9.5f} {f['kl_max']:>9.5f} "
+            f"{f['top5_logprob_diff_max']:>11.4f} {parted:>8}"
+        )
 
     for p in report["decoder"]["probes"]:
         lines.append(row(p["probe"], p))
@@ -406,8 +474,10 @@ def format_report(report: dict) -> str:
     if report["attribution"]:
         lines += ["", f"{'with one option undone':<24}" + head[24:]]
         for a in report["attribution"]:
-            lines.append(row(a["undone"].replace(" in the 4-bit matmuls", ""), a)
-                         + ("" if a["option_in_use"] else "  (bundle already float here)"))  # fmt: skip
+            lines.append(
+                row(a["undone"].replace(" in the 4-bit matmuls", ""), a)
+                + ("" if a["option_in_use"] else "  (bundle already float here)")
+            )
     if report["advice"]:
         lines += ["", f"advice: {report['advice']}"]
     return "\n".join(lines)

@@ -35,7 +35,7 @@ def bar_chart(width: int = 640, height: int = 480) -> Image.Image:
     values = [3, 7, 5, 9, 2, 6]
     colours = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948"]
     step = (width - left - 40) // len(values)
-    for i, (v, c) in enumerate(zip(values, colours)):
+    for i, (v, c) in enumerate(zip(values, colours, strict=True)):
         x0 = left + 15 + i * step
         y0 = bottom - v * (bottom - top) // 10
         d.rectangle([x0, y0, x0 + step - 25, bottom], fill=c, outline="black")
@@ -48,8 +48,13 @@ def bar_chart(width: int = 640, height: int = 480) -> Image.Image:
 def rendered_text(width: int = 896, height: int = 448) -> Image.Image:
     img = Image.new("RGB", (width, height), (250, 248, 240))
     d = ImageDraw.Draw(img)
-    lines = ["INVOICE 2024-117", "Item: 12 x solar panel", "Unit price: 149.90 EUR",
-             "Total due: 1798.80 EUR", "Pay before 30 June"]  # fmt: skip
+    lines = [
+        "INVOICE 2024-117",
+        "Item: 12 x solar panel",
+        "Unit price: 149.90 EUR",
+        "Total due: 1798.80 EUR",
+        "Pay before 30 June",
+    ]
     for i, line in enumerate(lines):
         d.text((40, 30 + i * 80), line, fill=(20, 20, 20), font=_font(44 if i == 0 else 36))
     return img

@@ -211,8 +211,9 @@ class OrtReference:
         self.ckpt.release()
         capacity = max(len(p.ids) for p in probes) + steps
         shapes = [(1, t.num_key_value_heads, len(p.ids) + steps, t.head_dim) for p in probes]
-        caches = [[(np.zeros(s, np.float32), np.zeros(s, np.float32)) for _ in range(t.num_hidden_layers)]
-                  for s in shapes]  # fmt: skip
+        caches = [
+            [(np.zeros(s, np.float32), np.zeros(s, np.float32)) for _ in range(t.num_hidden_layers)] for s in shapes
+        ]
         lengths = [0] * len(probes)
         tokens: list[list[int]] = [[] for _ in probes]
         logits: list[list[np.ndarray]] = [[] for _ in probes]

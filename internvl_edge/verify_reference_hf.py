@@ -51,19 +51,30 @@ def _config(ckpt: Checkpoint, image_token_id: int, InternVLConfig):
         t["model_type"] = "qwen2"
         size = raw.get("force_image_size") or v["image_size"]
         vision = {
-            "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
-            "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
-            "image_size": [size, size], "patch_size": [v["patch_size"]] * 2, "norm_type": v["norm_type"],
-            "layer_norm_eps": v["layer_norm_eps"], "attention_bias": v["qkv_bias"],
-            "use_qk_norm": v["qk_normalization"], "use_mean_pooling": not ckpt.config.vision.post_layernorm,
+            "hidden_size": v["hidden_size"],
+            "num_hidden_layers": v["num_hidden_layers"],
+            "num_attention_heads": v["num_attention_heads"],
+            "intermediate_size": v["intermediate_size"],
+            "image_size": [size, size],
+            "patch_size": [v["patch_size"]] * 2,
+            "norm_type": v["norm_type"],
+            "layer_norm_eps": v["layer_norm_eps"],
+            "attention_bias": v["qkv_bias"],
+            "use_qk_norm": v["qk_normalization"],
+            "use_mean_pooling": not ckpt.config.vision.post_layernorm,
             "hidden_act": v["hidden_act"],
-        }  # fmt: skip
+        }
         cfg = InternVLConfig(
-            vision_config=vision, text_config=t, downsample_ratio=raw["downsample_ratio"],
-            image_token_id=image_token_id, image_seq_length=ckpt.config.num_image_token,
-            vision_feature_layer=raw.get("select_layer", -1), vision_feature_select_strategy="default",
-            projector_hidden_act="gelu", tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-        )  # fmt: skip
+            vision_config=vision,
+            text_config=t,
+            downsample_ratio=raw["downsample_ratio"],
+            image_token_id=image_token_id,
+            image_seq_length=ckpt.config.num_image_token,
+            vision_feature_layer=raw.get("select_layer", -1),
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -106,8 +117,15 @@ class TransformersReference:
         from transformers import GenerationConfig
 
         torch = self.torch
-        cfg = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        cfg = GenerationConfig(
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         out = []
         with torch.no_grad():
             for p in probes:

@@ -96,16 +96,19 @@ class _Spec:
 def _plan(s: Shapes, vocab: int) -> list[_Spec]:
     """Every tensor of the model, in canonical names, with how to initialise it."""
     C, Iv = s.vision_hidden, s.vision_intermediate
-    H, I, nh, kvh = s.text_hidden, s.text_intermediate, s.text_heads, s.text_kv_heads
+    H, It, nh, kvh = s.text_hidden, s.text_intermediate, s.text_heads, s.text_kv_heads
     hd, qwen3 = s.head_dim, s.llm == "qwen3"
     n_pos = (s.image_size // s.patch_size) ** 2 + 1
     specs = [
         _Spec("vision_model.embeddings.class_embedding", (1, 1, C), _Init("normal", 0.5)),
-        _Spec("vision_model.embeddings.patch_embedding.weight", (C, 3, s.patch_size, s.patch_size),
-              _Init("normal", 1.0 / np.sqrt(3 * s.patch_size**2))),
+        _Spec(
+            "vision_model.embeddings.patch_embedding.weight",
+            (C, 3, s.patch_size, s.patch_size),
+            _Init("normal", 1.0 / np.sqrt(3 * s.patch_size**2)),
+        ),
         _Spec("vision_model.embeddings.patch_embedding.bias", (C,), _Init("normal", 0.05)),
         _Spec("vision_model.embeddings.position_embedding", (1, n_pos, C), _Init("normal", 0.5)),
-    ]  # fmt: skip
+    ]
     for i in range(s.vision_layers):
         p = f"vision_model.encoder.layers.{i}"
         specs += [
@@ -141,9 +144,15 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
     for i in range(s.text_layers):
         p = f"language_model.model.layers.{i}"
         qkv_bias = not qwen3  # Qwen2 has q/k/v biases, Qwen3 none
-        lin = [("self_attn.q_proj", nh * hd, H, qkv_bias), ("self_attn.k_proj", kvh * hd, H, qkv_bias),
-               ("self_attn.v_proj", kvh * hd, H, qkv_bias), ("self_attn.o_proj", H, nh * hd, False),
-               ("mlp.gate_proj", I, H, False), ("mlp.up_proj", I, H, False), ("mlp.down_proj", H, I, False)]  # fmt: skip
+        lin = [
+            ("self_attn.q_proj", nh * hd, H, qkv_bias),
+            ("self_attn.k_proj", kvh * hd, H, qkv_bias),
+            ("self_attn.v_proj", kvh * hd, H, qkv_bias),
+            ("self_attn.o_proj", H, nh * hd, False),
+            ("mlp.gate_proj", It, H, False),
+            ("mlp.up_proj", It, H, False),
+            ("mlp.down_proj", H, It, False),
+        ]
         specs += [
             _Spec(f"{p}.input_layernorm.weight", (H,), _Init("around_one", 0.1)),
             _Spec(f"{p}.post_attention_layernorm.weight", (H,), _Init("around_one", 0.1)),
@@ -153,8 +162,10 @@ def _plan(s: Shapes, vocab: int) -> list[_Spec]:
             if bias:
                 specs.append(_Spec(f"{p}.{name}.bias", (n_out,), _Init("normal", 0.2)))
         if qwen3:  # one weight per head dimension, shared by the heads
-            specs += [_Spec(f"{p}.self_attn.q_norm.weight", (hd,), _Init("around_one", 0.3)),
-                      _Spec(f"{p}.self_attn.k_norm.weight", (hd,), _Init("around_one", 0.3))]  # fmt: skip
+            specs += [
+                _Spec(f"{p}.self_attn.q_norm.weight", (hd,), _Init("around_one", 0.3)),
+                _Spec(f"{p}.self_attn.k_norm.weight", (hd,), _Init("around_one", 0.3)),
+            ]
     specs.append(_Spec("language_model.model.norm.weight", (H,), _Init("around_one", 0.1)))
     if not s.tie_word_embeddings:
         # peaked logits: each logit has a standard deviation of ~8 for unit-variance hidden states
@@ -247,7 +258,7 @@ class _ShardedWriter:
             with open(os.path.join(self.out_dir, fname), "wb") as f:
                 f.write(struct.pack("<Q", len(head)))
                 f.write(head)
-                for name, dtype, shape, nbytes in shard:
+                for name, *_, nbytes in shard:
                     data = produce(name)
                     assert data.nbytes == nbytes, name
                     f.write(np.ascontiguousarray(data).tobytes())
@@ -284,8 +295,15 @@ def _configs(s: Shapes, vocab: int, fmt: str, weights: str, ids: dict[str, int])
             "attention_dropout": 0.0,
         }
     )
-    llm.update({"vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                "use_cache": True, "torch_dtype": torch_dtype})  # fmt: skip
+    llm.update(
+        {
+            "vocab_size": vocab,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "use_cache": True,
+            "torch_dtype": torch_dtype,
+        }
+    )
     if weights == "awq":
         # OpenGVLab's -AWQ checkpoints keep quantization_config inside llm_config
         llm["quantization_config"] = {
@@ -403,14 +421,33 @@ def _preprocessor_config(s: Shapes, fmt: str) -> dict:
     """As the published checkpoints ship it (ImageNet mean/std, bicubic, 448)."""
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     if fmt == "original":
-        return {"crop_size": s.image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": mean, "image_std": std,
-                "resample": 3, "size": s.image_size}  # fmt: skip
-    return {"image_processor_type": "GotOcr2ImageProcessor", "processor_class": "InternVLProcessor",
-            "crop_to_patches": False, "min_patches": 1, "max_patches": 12, "do_resize": True,
-            "size": {"height": s.image_size, "width": s.image_size}, "resample": 3, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
-            "do_convert_rgb": True}  # fmt: skip
+        return {
+            "crop_size": s.image_size,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": mean,
+            "image_std": std,
+            "resample": 3,
+            "size": s.image_size,
+        }
+    return {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": False,
+        "min_patches": 1,
+        "max_patches": 12,
+        "do_resize": True,
+        "size": {"height": s.image_size, "width": s.image_size},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_convert_rgb": True,
+    }
 
 
 def make_checkpoint(
@@ -457,8 +494,17 @@ def make_checkpoint(
         with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
             json.dump(_preprocessor_config(shapes, fmt), f, indent=2)
         with open(os.path.join(tmp, "internvl_edge_factory.json"), "w", encoding="utf-8") as f:
-            json.dump({"size": size if isinstance(size, str) else "custom", "shapes": asdict(shapes),
-                       "format": fmt, "weights": weights, "seed": seed}, f, indent=2)  # fmt: skip
+            json.dump(
+                {
+                    "size": size if isinstance(size, str) else "custom",
+                    "shapes": asdict(shapes),
+                    "format": fmt,
+                    "weights": weights,
+                    "seed": seed,
+                },
+                f,
+                indent=2,
+            )
         _write_weights(
             tmp, shapes, vocab, fmt, weights, seed, shard_bytes, [ids["<|im_end|>"], ids["<|endoftext|>"]], progress
         )

@@ -36,8 +36,10 @@ class MediaPolicy:
             raise UserError(f"this server does not fetch http(s) URLs; send the {media} as a data URL ({example})")
         path = file_url_path(ref) if kind == "file" else ref
         if self.root is None:
-            raise UserError("local files are not served (start the server with --allowed-local-media-path "
-                            f"to allow a folder); send the {media} as a data URL")  # fmt: skip
+            raise UserError(
+                "local files are not served (start the server with --allowed-local-media-path "
+                f"to allow a folder); send the {media} as a data URL"
+            )
         return self._read_under_root(path)
 
     def resolve_video(self, ref) -> bytes:

@@ -41,7 +41,7 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, cumulative = [], 0
-        for bound, n in zip(self.buckets, self.counts):
+        for bound, n in zip(self.buckets, self.counts[:-1], strict=True):
             cumulative += n
             out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
         out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
@@ -70,8 +70,10 @@ class Metrics:
     def text(self, active: int, waiting: int) -> str:
         p = PREFIX
         with self.lock:
-            lines = [f"# HELP {p}_requests_total Finished chat completion requests by HTTP status, or cancelled.",
-                     f"# TYPE {p}_requests_total counter"]  # fmt: skip
+            lines = [
+                f"# HELP {p}_requests_total Finished chat completion requests by HTTP status, or cancelled.",
+                f"# TYPE {p}_requests_total counter",
+            ]
             lines += [f'{p}_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
             counters = [
                 ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of requests that ran."),
@@ -79,8 +81,10 @@ class Metrics:
             ]
             for name, value, what in counters:
                 lines += [f"# HELP {p}_{name} {what}", f"# TYPE {p}_{name} counter", f"{p}_{name} {value}"]
-            for name, value, what in [("active_sequences", active, "Sequences decoding in a KV cache slot."),
-                                      ("waiting_sequences", waiting, "Requests waiting for a slot.")]:  # fmt: skip
+            for name, value, what in [
+                ("active_sequences", active, "Sequences decoding in a KV cache slot."),
+                ("waiting_sequences", waiting, "Requests waiting for a slot."),
+            ]:
                 lines += [f"# HELP {p}_{name} {what}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {value}"]
             histograms = [
                 ("time_to_first_token_seconds", self.ttft, "Request arrival to its first token."),

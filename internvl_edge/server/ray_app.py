@@ -122,8 +122,11 @@ class RaySettings:
     def as_args(self) -> dict:
         """The non-default arguments, as `from_args` takes them."""
         defaults = RaySettings(bundle="")
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name == "bundle" or getattr(self, f.name) != getattr(defaults, f.name)}  # fmt: skip
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name == "bundle" or getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
 
 # -- the engine replicas ---------------------------------------------------------------------------
@@ -255,22 +258,30 @@ class RemoteHandle:
             if self.cancelled:
                 return None
             self.finished = True
-            raise ApiError(500, f"the replica ended the request without an answer ({type(e).__name__})",
-                           code="internal_error") from None  # fmt: skip
+            raise ApiError(
+                500, f"the replica ended the request without an answer ({type(e).__name__})", code="internal_error"
+            ) from None
         except BackPressureError:
             self.finished = True
-            raise ApiError(429, "the server is busy: every replica's queue is full; retry later",
-                           code="server_busy") from None  # fmt: skip
+            raise ApiError(
+                429, "the server is busy: every replica's queue is full; retry later", code="server_busy"
+            ) from None
         except DeploymentUnavailableError:
             self.finished = True
-            raise ApiError(503, "no engine replica is available: the engine deployment failed to deploy "
-                                "(see `serve status`)", code="unavailable") from None  # fmt: skip
+            raise ApiError(
+                503,
+                "no engine replica is available: the engine deployment failed to deploy (see `serve status`)",
+                code="unavailable",
+            ) from None
         except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as e:
             self.finished = True
             self.engine.lost(self.served_by)
             where = f"replica {self.served_by}" if self.served_by else "the replica"
-            raise ApiError(503, f"{where} serving this request stopped ({type(e).__name__}); retry the request",
-                           code="replica_failed") from None  # fmt: skip
+            raise ApiError(
+                503,
+                f"{where} serving this request stopped ({type(e).__name__}); retry the request",
+                code="replica_failed",
+            ) from None
         if msg[0] == "error":
             self.finished = True
             raise ApiError(*msg[1:])
@@ -329,8 +340,13 @@ class RemoteEngine:
         out = []
         for at, state in self.reports.values():
             seen = now - at
-            out.append({**state, "status": state["status"] if seen <= UNREACHABLE_S else "unreachable",
-                        "seen_s": round(seen, 3)})  # fmt: skip
+            out.append(
+                {
+                    **state,
+                    "status": state["status"] if seen <= UNREACHABLE_S else "unreachable",
+                    "seen_s": round(seen, 3),
+                }
+            )
         return sorted(out, key=lambda r: r["replica"])
 
     def _live(self) -> list[dict]:
@@ -348,9 +364,14 @@ class RemoteEngine:
         replicas = self.replicas()
         live = [r for r in replicas if r["status"] == "ok"]
         status = ("draining" if self.draining else "ok") if live else "unavailable"
-        return {"status": status, "parallel": sum(r["parallel"] for r in live),
-                "active": sum(r["active"] for r in live), "waiting": sum(r["waiting"] for r in live),
-                "decode_steps": sum(r["decode_steps"] for r in live), "replicas": replicas}  # fmt: skip
+        return {
+            "status": status,
+            "parallel": sum(r["parallel"] for r in live),
+            "active": sum(r["active"] for r in live),
+            "waiting": sum(r["waiting"] for r in live),
+            "decode_steps": sum(r["decode_steps"] for r in live),
+            "replicas": replicas,
+        }
 
 
 class FrontendBackend:
@@ -373,8 +394,13 @@ def frontend_model(bundle: str, config_path: str | None = None) -> Model:
     return Model(manifest, FrontendBackend(manifest), TextTokenizer(config_dir), config_dir)
 
 
-@serve.deployment(name=INGRESS, num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-                  ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})  # fmt: skip
+@serve.deployment(
+    name=INGRESS,
+    num_replicas=1,
+    max_ongoing_requests=INGRESS_MAX_ONGOING,
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},
+)
 @serve.ingress()
 class Ingress:
     """app.py's FastAPI app over the engine replicas; replicas call `report` with their state."""
@@ -393,9 +419,15 @@ class Ingress:
             raise RuntimeError(f"ingress on {socket.gethostname()}: {e}") from None
         self.engine = RemoteEngine(engine_handle, s)
         api_key = s.api_key or os.environ.get("INTERNVL_EDGE_API_KEY") or None
-        server = ServerSettings(model_name=s.model_name, parallel=s.parallel, max_queue=s.max_queue, api_key=api_key,
-                                allowed_media_path=s.allowed_media_path, max_body_bytes=s.max_body_bytes,
-                                max_tokens=s.max_tokens)  # fmt: skip
+        server = ServerSettings(
+            model_name=s.model_name,
+            parallel=s.parallel,
+            max_queue=s.max_queue,
+            api_key=api_key,
+            allowed_media_path=s.allowed_media_path,
+            max_body_bytes=s.max_body_bytes,
+            max_tokens=s.max_tokens,
+        )
         self.asgi = create_app(model, server, engine=self.engine)
 
     def __serve_build_asgi_app__(self):

@@ -203,15 +203,19 @@ class Engine:
         handle = Handle(job, loop)
         with self.cond:
             if not self.running or self.draining:
-                raise ApiError(503, "the server is shutting down; retry on another instance or later",
-                               code="unavailable")  # fmt: skip
+                raise ApiError(
+                    503, "the server is shutting down; retry on another instance or later", code="unavailable"
+                )
             # the queue limit counts requests that must wait for a slot: with a slot free, even
             # --max-queue 0 takes the request
             must_wait = self.admitted + len(self.waiting) >= self.parallel
             if must_wait and len(self.waiting) >= self.max_queue:
-                raise ApiError(429, f"the server is busy: {self.admitted} requests are generating and "
-                                    f"{len(self.waiting)} are waiting (the limit); retry later",
-                               code="server_busy")  # fmt: skip
+                raise ApiError(
+                    429,
+                    f"the server is busy: {self.admitted} requests are generating and "
+                    f"{len(self.waiting)} are waiting (the limit); retry later",
+                    code="server_busy",
+                )
             self.waiting.append(handle)
             self._fill()
             self.cond.notify_all()
@@ -235,8 +239,13 @@ class Engine:
         """/health's view: every admitted request by stage, and the waiting ones."""
         with self.cond:  # the engine moves a request between admitting and its slot under this lock
             stages, decoding, waiting = [a.stage for a in self.admitting], self.active, len(self.waiting)
-        return {"active": decoding + len(stages), "preparing": stages.count("preparing"),
-                "prefilling": stages.count("prefilling"), "decoding": decoding, "waiting": waiting}  # fmt: skip
+        return {
+            "active": decoding + len(stages),
+            "preparing": stages.count("preparing"),
+            "prefilling": stages.count("prefilling"),
+            "decoding": decoding,
+            "waiting": waiting,
+        }
 
     @property
     def waiting_count(self) -> int:
@@ -246,8 +255,13 @@ class Engine:
         """What /health reports: whether the engine runs (or drains), its slots and its requests by stage."""
         alive = self.running and self.thread is not None and self.thread.is_alive()
         status = ("draining" if self.draining else "ok") if alive else "unavailable"
-        return {"status": status, "parallel": self.parallel, "batch": self.cache.batch, **self.counts(),
-                "decode_steps": self.steps}  # fmt: skip
+        return {
+            "status": status,
+            "parallel": self.parallel,
+            "batch": self.cache.batch,
+            **self.counts(),
+            "decode_steps": self.steps,
+        }
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
