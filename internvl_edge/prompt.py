@@ -56,7 +56,10 @@ TEMPLATES = {
     "Hermes-2": Template(
         name="Hermes-2",
         system_template="<|im_start|>system\n{system_message}",
-        system_message="你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+        system_message=(
+            "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+            "英文名叫InternVL, 是一个有用无害的人工智能助手。"
+        ),
         user="<|im_start|>user\n",
         assistant="<|im_start|>assistant\n",
         sep="<|im_end|>",

@@ -47,8 +47,13 @@ class Shape(C.Structure):
 
 
 class DeviceMem(C.Structure):  # bm_mem_desc_t: 64-bit device address, then flags and a 32-bit size
-    _fields_ = [("device_addr", C.c_uint64), ("reserved", C.c_uint32), ("dmabuf_fd", C.c_int32),
-                ("flags", C.c_uint32), ("size", C.c_uint32)]  # fmt: skip
+    _fields_ = [
+        ("device_addr", C.c_uint64),
+        ("reserved", C.c_uint32),
+        ("dmabuf_fd", C.c_int32),
+        ("flags", C.c_uint32),
+        ("size", C.c_uint32),
+    ]
 
 
 class Tensor(C.Structure):
@@ -61,19 +66,35 @@ class StageInfo(C.Structure):  # only the leading fields, the same in every libs
 
 class NetInfo(C.Structure):
     _fields_ = [
-        ("name", C.c_char_p), ("is_dynamic", C.c_bool),
-        ("input_num", C.c_int), ("input_names", C.POINTER(C.c_char_p)), ("input_dtypes", C.POINTER(C.c_int)),
+        ("name", C.c_char_p),
+        ("is_dynamic", C.c_bool),
+        ("input_num", C.c_int),
+        ("input_names", C.POINTER(C.c_char_p)),
+        ("input_dtypes", C.POINTER(C.c_int)),
         ("input_scales", C.POINTER(C.c_float)),
-        ("output_num", C.c_int), ("output_names", C.POINTER(C.c_char_p)), ("output_dtypes", C.POINTER(C.c_int)),
+        ("output_num", C.c_int),
+        ("output_names", C.POINTER(C.c_char_p)),
+        ("output_dtypes", C.POINTER(C.c_int)),
         ("output_scales", C.POINTER(C.c_float)),
-        ("stage_num", C.c_int), ("stages", C.POINTER(StageInfo)),
-        ("max_input_bytes", C.POINTER(C.c_size_t)), ("max_output_bytes", C.POINTER(C.c_size_t)),
-    ]  # fmt: skip
+        ("stage_num", C.c_int),
+        ("stages", C.POINTER(StageInfo)),
+        ("max_input_bytes", C.POINTER(C.c_size_t)),
+        ("max_output_bytes", C.POINTER(C.c_size_t)),
+    ]
 
 
 # bm_data_type_t -> (name, bytes); bf16 travels as its uint16 bit pattern
-DTYPES = {0: ("f32", 4), 1: ("f16", 2), 2: ("i8", 1), 3: ("u8", 1), 4: ("i16", 2), 5: ("u16", 2),
-          6: ("i32", 4), 7: ("u32", 4), 8: ("bf16", 2)}  # fmt: skip
+DTYPES = {
+    0: ("f32", 4),
+    1: ("f16", 2),
+    2: ("i8", 1),
+    3: ("u8", 1),
+    4: ("i16", 2),
+    5: ("u16", 2),
+    6: ("i32", 4),
+    7: ("u32", 4),
+    8: ("bf16", 2),
+}
 
 
 @dataclass
@@ -213,8 +234,10 @@ def _load(folder: str):
     """libbmlib and libbmrt from one folder, once per process."""
     with _lock:
         if _loaded and _loaded["folder"] != folder:
-            raise UserError(f"this process already runs {_loaded['folder']}; a bundle for another chip or "
-                            "runtime needs a process of its own")  # fmt: skip
+            raise UserError(
+                f"this process already runs {_loaded['folder']}; a bundle for another chip or "
+                "runtime needs a process of its own"
+            )
         if not _loaded:
             try:
                 bmlib = C.CDLL(os.path.join(folder, "libbmlib.so"), mode=C.RTLD_GLOBAL)
@@ -248,9 +271,12 @@ def _declare(bmlib, bmrt) -> None:
         ("bmrt_get_network_number", C.c_int, [vp]),
         ("bmrt_get_network_names", None, [vp, C.POINTER(C.POINTER(C.c_char_p))]),
         ("bmrt_get_network_info", C.POINTER(NetInfo), [vp, C.c_char_p]),
-        ("bmrt_launch_tensor_ex", C.c_bool, [vp, C.c_char_p, C.POINTER(Tensor), C.c_int, C.POINTER(Tensor), C.c_int,
-                                             C.c_bool, C.c_bool]),
-    ):  # fmt: skip
+        (
+            "bmrt_launch_tensor_ex",
+            C.c_bool,
+            [vp, C.c_char_p, C.POINTER(Tensor), C.c_int, C.POINTER(Tensor), C.c_int, C.c_bool, C.c_bool],
+        ),
+    ):
         f = getattr(bmrt, name)
         f.restype, f.argtypes = res, args
 
@@ -295,9 +321,12 @@ class Runtime:
                 TensorInfo(names[i].decode(), DTYPES[dtypes[i]][0], dtypes[i], shapes[i].tuple()) for i in range(num)
             ]
 
-        return NetIO(name, bool(info.is_dynamic),
-                     tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes),
-                     tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes))  # fmt: skip
+        return NetIO(
+            name,
+            bool(info.is_dynamic),
+            tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes),
+            tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes),
+        )
 
     # -- memory ----------------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> DeviceMem:
@@ -343,11 +372,11 @@ class Runtime:
     def launch(self, net: NetIO, inputs: list[DeviceMem], outputs: list[DeviceMem], input_shapes=None) -> None:
         """Run a net on device memory (outputs written into the given buffers)."""
         ins = (Tensor * len(inputs))()
-        for i, (t, mem) in enumerate(zip(net.inputs, inputs)):
+        for i, (t, mem) in enumerate(zip(net.inputs, inputs, strict=True)):
             ins[i].dtype, ins[i].device_mem, ins[i].st_mode = t.dtype_code, mem, 0
             ins[i].shape = Shape.of(input_shapes[i] if input_shapes else t.shape)
         outs = (Tensor * len(outputs))()
-        for i, (t, mem) in enumerate(zip(net.outputs, outputs)):
+        for i, (t, mem) in enumerate(zip(net.outputs, outputs, strict=True)):
             outs[i].dtype, outs[i].device_mem, outs[i].st_mode = t.dtype_code, mem, 0
             outs[i].shape = Shape.of(t.shape)
         with _lock, quiet_c_stdout():
@@ -366,12 +395,12 @@ class Runtime:
         ins = [self.alloc(t.nbytes) for t in net.inputs]
         outs = [self.alloc(t.nbytes) for t in net.outputs]
         try:
-            for mem, t, data in zip(ins, net.inputs, inputs):
+            for mem, t, data in zip(ins, net.inputs, inputs, strict=True):
                 self.upload(mem, to_device_dtype(np.asarray(data).reshape(t.shape), t.dtype))
             self.launch(net, ins, outs)
             return [
                 from_device_dtype(self.download(mem, t.nbytes), t.dtype).reshape(t.shape)
-                for mem, t in zip(outs, net.outputs)
+                for mem, t in zip(outs, net.outputs, strict=True)
             ]
         finally:
             for mem in ins + outs:

@@ -40,30 +40,46 @@ def steps(net: Net, chip: str, num_core: int) -> list[tuple[str, list[str]]]:
     """The three tpuc-opt runs of one net, run in its folder (`<name>.mlir` in, `<name>.bmodel` out)."""
     n = net.name
     lowering = [
-        "tpuc-opt", f"{n}.mlir",
-        f'--processor-assign=chip={chip} mode={net.mode} num_device=1 num_core={num_core} '
-        f'addr_mode={net.addr_mode} high_precision=True',
+        "tpuc-opt",
+        f"{n}.mlir",
+        f"--processor-assign=chip={chip} mode={net.mode} num_device=1 num_core={num_core} "
+        f"addr_mode={net.addr_mode} high_precision=True",
         "--processor-top-optimize",
         f"--convert-top-to-tpu=weightFileName={n}_tpu_weights.npz asymmetric=False doWinograd=False "
         f"q_group_size={net.q_group_size} q_symmetric=False matmul_perchannel=False gelu_mode=normal",
-        "--canonicalize", "--weight-fold", "-o", f"{n}_tpu.mlir",
-    ]  # fmt: skip
+        "--canonicalize",
+        "--weight-fold",
+        "-o",
+        f"{n}_tpu.mlir",
+    ]
     optimize = [
-        "tpuc-opt", f"{n}_tpu.mlir", "--mlir-disable-threading",
+        "tpuc-opt",
+        f"{n}_tpu.mlir",
+        "--mlir-disable-threading",
         f"--strip-io-quant=quant_input={net.quant_input} quant_output={net.quant_output} quant_input_list= "
         "quant_output_list= quant_output_bf16=False quant_input_int8=False quant_output_int8=False",
-        "--processor-tpu-optimize", "--dev-parallel", "--weight-reorder",
-        f"--subnet-divide=dynamic={net.dynamic}", "--op-reorder", "--topo-sort",
+        "--processor-tpu-optimize",
+        "--dev-parallel",
+        "--weight-reorder",
+        f"--subnet-divide=dynamic={net.dynamic}",
+        "--op-reorder",
+        "--topo-sort",
         "--layer-group=opt=2 group_by_cores=auto compress_mode=none debugger=0 disable_group_overlap=false "
         "lgcache=true config_filename= enable_lghash=false lghash_dir=",
-        "--core-parallel", "--after-layergroup-weight-reorder", "--address-assign", "-o", f"{n}_final.mlir",
-    ]  # fmt: skip
+        "--core-parallel",
+        "--after-layergroup-weight-reorder",
+        "--address-assign",
+        "-o",
+        f"{n}_final.mlir",
+    ]
     codegen = [
-        "tpuc-opt", f"{n}_final.mlir",
+        "tpuc-opt",
+        f"{n}_final.mlir",
         f"--codegen=model_file={n}.bmodel embed_debug_info=False model_version=latest bmodel_only=False "
         "gdma_check=False rvti=False",
-        "-o", os.devnull,
-    ]  # fmt: skip
+        "-o",
+        os.devnull,
+    ]
     return [("lowering", lowering), ("tpu passes", optimize), ("codegen", codegen)]
 
 
@@ -124,8 +140,9 @@ class Compiler:
         if isinstance(exc, CompileError):
             tail = _tail(exc.log, LOG_TAIL)
             self.progress.stream.write(f"--- last lines of {exc.log} ---\n{tail}\n---\n")
-            raise UserError(f"TPU-MLIR failed to compile net {exc.net} ({exc.step} step, exit {exc.rc}); "
-                            f"its log is {exc.log}") from None  # fmt: skip
+            raise UserError(
+                f"TPU-MLIR failed to compile net {exc.net} ({exc.step} step, exit {exc.rc}); its log is {exc.log}"
+            ) from None
         raise exc
 
     def finish(self) -> list[str]:

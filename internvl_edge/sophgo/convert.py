@@ -123,8 +123,18 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
                 m = mlir.block(ckpt, lw, kind, rows, S, f"../block_{i}.npz", small_mask if prefill else 0)
                 if prefill:
                     comp.write_weights(f"block_{i}.npz", m.weights)
-                comp.submit(Net(f"{kind}_{i}", m, mode, quant_input=True, quant_output=True, addr_mode=addr_mode,
-                                q_group_size=group, dynamic=prefill and opts.dynamic))  # fmt: skip
+                comp.submit(
+                    Net(
+                        f"{kind}_{i}",
+                        m,
+                        mode,
+                        quant_input=True,
+                        quant_output=True,
+                        addr_mode=addr_mode,
+                        q_group_size=group,
+                        dynamic=prefill and opts.dynamic,
+                    )
+                )
             del lw, m
         bmodels = comp.finish()
         progress.done()
@@ -142,9 +152,15 @@ def build(ckpt: Checkpoint, opts, tmp: str, progress) -> tuple[dict, dict]:
         clean_work(work, keep_logs=not ok)
     if list(nets) != plan:
         raise UserError(f"the combined bmodel holds {list(nets)}, expected {plan}")
-    target = {"chip": opts.chip, "backend": "bmrt", "bmodel": name, "num_device": 1, "num_core": MAX_CORES[opts.chip],
-              "toolchain": f"tpu-mlir {toolchain.VERSION} ({toolchain.tool_version(tc)})",
-              "weights": {"blocks": mode, "other": half_mode, "q_group_size": group}}  # fmt: skip
+    target = {
+        "chip": opts.chip,
+        "backend": "bmrt",
+        "bmodel": name,
+        "num_device": 1,
+        "num_core": MAX_CORES[opts.chip],
+        "toolchain": f"tpu-mlir {toolchain.VERSION} ({toolchain.tool_version(tc)})",
+        "weights": {"blocks": mode, "other": half_mode, "q_group_size": group},
+    }
     return nets, target
 
 

@@ -138,9 +138,11 @@ class Module:
         attr = ", ".join(f"{k} = {_attr(v)}" for k, v in sorted(attrs.items()))
         types_in = ", ".join(o.type for o in operands)
         types_out = outs[0].type if len(outs) == 1 else "(" + ", ".join(o.type for o in outs) + ")"
-        self.body.append(f'{lhs} = "top.{kind}"({", ".join(o.ref for o in operands)})'
-                         f'{" {" + attr + "}" if attr else ""} : ({types_in}) -> {types_out} '
-                         f'{_loc(locs[0] if len(locs) == 1 else locs)}')  # fmt: skip
+        self.body.append(
+            f'{lhs} = "top.{kind}"({", ".join(o.ref for o in operands)})'
+            f"{' {' + attr + '}' if attr else ''} : ({types_in}) -> {types_out} "
+            f"{_loc(locs[0] if len(locs) == 1 else locs)}"
+        )
         return outs
 
     def ret(self, *values: V) -> None:
@@ -149,10 +151,11 @@ class Module:
     def text(self) -> str:
         args = ", ".join(f"{a.ref}: {a.type}" for a in self.args)
         results = ", ".join(v.type for v in self.outputs)
-        attrs = (f'module.weight_file = "{self.weight_file}", module.platform = "{self.platform}", '
-                 'module.state = "TOP_F32", module.chip = "ALL", module.top_run_mode = "STATIC"')  # fmt: skip
-        lines = [f"module @{self.name} attributes {{{attrs}}} {{",
-                 f"  func.func @main({args}) -> ({results}) {{"]  # fmt: skip
+        attrs = (
+            f'module.weight_file = "{self.weight_file}", module.platform = "{self.platform}", '
+            'module.state = "TOP_F32", module.chip = "ALL", module.top_run_mode = "STATIC"'
+        )
+        lines = [f"module @{self.name} attributes {{{attrs}}} {{", f"  func.func @main({args}) -> ({results}) {{"]
         lines += [f"    {b}" for b in self.body]
         lines.append(f"    return {', '.join(v.ref for v in self.outputs)} : {results} loc(unknown)")
         lines += ["  } loc(unknown)", "} loc(unknown)", ""]
@@ -192,8 +195,9 @@ def linear(m: Module, x: V, path: str, w: np.ndarray | A16Weight, bias: np.ndarr
         q = m.weight(f"{path}.qweight", w.qweight)
         s = m.weight(f"{path}.scales", w.scales.astype(np.float32))
         z = m.weight(f"{path}.qzeros", w.zeros)
-        return m.op("A16MatMul", [x, q, s, z, b], out, path, right_transpose=True, q_group_size=w.group_size,
-                    weight_bits=4)  # fmt: skip
+        return m.op(
+            "A16MatMul", [x, q, s, z, b], out, path, right_transpose=True, q_group_size=w.group_size, weight_bits=4
+        )
     wt = m.weight(f"{path}.weight", np.ascontiguousarray(np.asarray(w, np.float32).T))
     return m.op("MatMul", [x, wt, b], out, path, do_relu=False)
 
@@ -238,8 +242,16 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
     x = m.input("pixel_values", (1, v.num_channels, v.image_size, v.image_size))
     w = m.weight(f"{e}.patch_embedding.weight", ckpt.f32(f"{e}.patch_embedding.weight"))
     b = m.weight(f"{e}.patch_embedding.bias", ckpt.f32(f"{e}.patch_embedding.bias"))
-    x = m.op("Conv", [x, w, b], (1, C, g, g), f"{e}.patch_embedding", kernel_shape=[p, p], strides=[p, p],
-             pads=[0, 0, 0, 0], dilations=[1, 1])  # fmt: skip
+    x = m.op(
+        "Conv",
+        [x, w, b],
+        (1, C, g, g),
+        f"{e}.patch_embedding",
+        kernel_shape=[p, p],
+        strides=[p, p],
+        pads=[0, 0, 0, 0],
+        dilations=[1, 1],
+    )
     x = m.op("Reshape", [x], (1, C, g * g), f"{e}.patch_embedding.reshape", shape=[1, C, g * g])
     x = m.op("Permute", [x], (1, g * g, C), f"{e}.patch_embedding.permute", order=[0, 2, 1])
     cls = m.weight(f"{e}.class_embedding", ckpt.f32(f"{e}.class_embedding").reshape(1, 1, C))
@@ -253,8 +265,13 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
         qkv_w, qkv_b = ckpt.f32(f"{lp}.attn.qkv.weight"), ckpt.optional_f32(f"{lp}.attn.qkv.bias")
         parts = []
         for j, name in enumerate("qkv"):  # the fused qkv as three matmuls: no slicing needed
-            t = linear(m, h, f"{lp}.attn.qkv.{name}", qkv_w[j * C : (j + 1) * C],
-                       None if qkv_b is None else qkv_b[j * C : (j + 1) * C])  # fmt: skip
+            t = linear(
+                m,
+                h,
+                f"{lp}.attn.qkv.{name}",
+                qkv_w[j * C : (j + 1) * C],
+                None if qkv_b is None else qkv_b[j * C : (j + 1) * C],
+            )
             if v.qk_normalization and name in "qk":  # RMSNorm over all heads at once, before the head split
                 t = rms_norm(
                     m, t, f"{lp}.attn.{name}_norm", ckpt.f32(f"{lp}.attn.{name}_norm.weight"), v.layer_norm_eps
@@ -276,14 +293,27 @@ def vit(ckpt: Checkpoint, weight_file: str) -> Module:
         h = m.op("Mul", [h, m.weight(f"{lp}.ls2", ckpt.f32(f"{lp}.ls2").reshape(1, 1, C))], h.shape, f"{lp}.ls2.mul")
         x = m.op("Add", [x, h], x.shape, f"{lp}.mlp.add")
     if v.post_layernorm:
-        x = layer_norm(m, x, "vision_model.post_layernorm", ckpt.f32("vision_model.post_layernorm.weight"),
-                       ckpt.f32("vision_model.post_layernorm.bias"), v.layer_norm_eps)  # fmt: skip
+        x = layer_norm(
+            m,
+            x,
+            "vision_model.post_layernorm",
+            ckpt.f32("vision_model.post_layernorm.weight"),
+            ckpt.f32("vision_model.post_layernorm.bias"),
+            v.layer_norm_eps,
+        )
 
     # drop CLS; pixel shuffle (modeling_internvl_chat.pixel_shuffle, ps_version v2):
     # [1, g, g, C] -> [1, g, g/f, Cf] -> swap -> [1, g/f, g, Cf] -> [1, g/f, g/f, Cf^2] -> swap back
     f = int(round(1 / cfg.downsample_ratio))
-    x = m.op("Slice", [x, m.none(), m.none(), m.none()], (1, g * g, C), "mlp1.drop_cls", offset=[0, 1, 0],
-             steps=[1, 1, 1], ends=[1, T, C])  # fmt: skip
+    x = m.op(
+        "Slice",
+        [x, m.none(), m.none(), m.none()],
+        (1, g * g, C),
+        "mlp1.drop_cls",
+        offset=[0, 1, 0],
+        steps=[1, 1, 1],
+        ends=[1, T, C],
+    )
     x = m.op("Reshape", [x], (1, g, g // f, C * f), "mlp1.pixel_shuffle.reshape0", shape=[1, g, g // f, C * f])
     x = m.op("Permute", [x], (1, g // f, g, C * f), "mlp1.pixel_shuffle.permute0", order=[0, 2, 1, 3])
     x = m.op(
@@ -358,8 +388,15 @@ def sample_head(vocab: int, penalty_rows: int, weight_file: str) -> Module:
     top_p = m.input("top_p", (1, 1))
     iota = m.weight("sample_head.candidate_index", np.arange(K, dtype=np.float32).reshape(1, K))
     seen = m.op("GatherElements", [logits, ids], (1, penalty_rows), "sample_head.penalty.gather", axis=1)
-    positive = m.op("CompareConst", [seen], seen.shape, "sample_head.penalty.positive", mode="Greater", const_val=0.0,
-                    inversed=False)  # fmt: skip
+    positive = m.op(
+        "CompareConst",
+        [seen],
+        seen.shape,
+        "sample_head.penalty.positive",
+        mode="Greater",
+        const_val=0.0,
+        inversed=False,
+    )
     divided = m.op("Div", [seen, penalty], seen.shape, "sample_head.penalty.div")
     multiplied = m.op("Mul", [seen, penalty], seen.shape, "sample_head.penalty.mul")
     seen = m.op("Where", [positive, divided, multiplied], seen.shape, "sample_head.penalty.where")
@@ -367,8 +404,9 @@ def sample_head(vocab: int, penalty_rows: int, weight_file: str) -> Module:
     values, tokens = m.ops("TopK", [logits], [(1, K), (1, K)], ["sample_head.topk.values", "token_ids"], axis=1, K=K)
     scaled = m.op("Div", [values, temperature], (1, K), "sample_head.temperature")
     within_k = m.op("Compare", [iota, top_k], (1, K), "sample_head.top_k", mode="Less")
-    scaled = m.op("Where", [within_k, scaled, m.none()], (1, K), "sample_head.top_k.where", y_is_const=True,
-                  y_const_val=-10000.0)  # fmt: skip
+    scaled = m.op(
+        "Where", [within_k, scaled, m.none()], (1, K), "sample_head.top_k.where", y_is_const=True, y_const_val=-10000.0
+    )
     probs = m.op("Softmax", [scaled], (1, K), "sample_head.softmax", axis=SI32(1))
     upto = m.op("CumSum", [probs, m.none()], (1, K), "sample_head.top_p.cumsum", axis=1)
     before = m.op("Sub", [upto, probs], (1, K), "sample_head.top_p.before")  # mass of the better candidates
@@ -397,8 +435,15 @@ class LayerWeights:
     k_norm: np.ndarray | None = None
 
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def layer_weights(ckpt: Checkpoint, i: int, four_bit: bool, group_size: int, half: str, seq: int) -> LayerWeights:

@@ -69,23 +69,34 @@ class Toolchain:
         libs = [self.lib, os.path.join(self.lib, "capi"), os.path.join(self.lib, "third_party")]
         if env.get("LD_LIBRARY_PATH"):
             libs.append(env["LD_LIBRARY_PATH"])
-        env.update({
-            "TPUC_ROOT": self.root,
-            "LD_LIBRARY_PATH": os.pathsep.join(libs),
-            "PATH": os.pathsep.join([os.path.join(self.root, "bin"), os.path.join(ppl, "bin"), env.get("PATH", "")]),
-            "PPL_PROJECT_ROOT": ppl,
-            "PPL_RUNTIME_PATH": os.path.join(ppl, "deps"),
-            "PPL_BUILD_PATH": os.path.join(self.work, "ppl"),
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),  # we run several tools side by side
-        })  # fmt: skip
+        env.update(
+            {
+                "TPUC_ROOT": self.root,
+                "LD_LIBRARY_PATH": os.pathsep.join(libs),
+                "PATH": os.pathsep.join(
+                    [os.path.join(self.root, "bin"), os.path.join(ppl, "bin"), env.get("PATH", "")]
+                ),
+                "PPL_PROJECT_ROOT": ppl,
+                "PPL_RUNTIME_PATH": os.path.join(ppl, "deps"),
+                "PPL_BUILD_PATH": os.path.join(self.work, "ppl"),
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),  # we run several tools side by side
+            }
+        )
         return env
 
     def run(self, args: list[str], cwd: str | None = None, log=None, timeout: float | None = None) -> int:
         """Run a tool with the toolchain's environment; its output goes to `log` (a file object)."""
         exe = args[0] if os.sep in args[0] else self.tool(args[0])
         try:
-            proc = subprocess.run([exe, *args[1:]], cwd=cwd, env=self.env(), stdout=log or subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)  # fmt: skip
+            proc = subprocess.run(
+                [exe, *args[1:]],
+                cwd=cwd,
+                env=self.env(),
+                stdout=log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         except OSError as e:
             raise UserError(f"cannot run {exe}: {e.strerror}; reinstall with `{INSTALL_COMMAND}`") from None
         return proc.returncode
@@ -209,14 +220,16 @@ def require_working(path: str | None = None) -> Toolchain:
 # -- installing ---------------------------------------------------------------------------------------
 def _download(dest: str, progress) -> str:
     progress.step(f"downloading {REQUIREMENT} with pip (about 312 MB)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.10", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", REQUIREMENT, "-d", dest]  # fmt: skip
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.10", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "-q", REQUIREMENT, "-d", dest]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheel = os.path.join(dest, WHEEL)
     if proc.returncode != 0 or not os.path.isfile(wheel):
         err = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
-        raise UserError(f"pip could not download {REQUIREMENT} ({err[-1].strip() if err else 'no output'}); "
-                        "check the network or pip's index settings, or set TPUC_ROOT to an existing TPU-MLIR")  # fmt: skip
+        raise UserError(
+            f"pip could not download {REQUIREMENT} ({err[-1].strip() if err else 'no output'}); "
+            "check the network or pip's index settings, or set TPUC_ROOT to an existing TPU-MLIR"
+        )
     progress.done()
     return wheel
 
@@ -283,9 +296,17 @@ def install(progress, force: bool = False, wheel: str | None = None) -> Toolchai
             raise UserError(f"the unpacked TPU-MLIR does not run here: {problems[0]}")
         progress.done()
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
-            json.dump({"requirement": REQUIREMENT, "wheel_sha256": digest, "moved_aside": list(BUNDLED_GLIBC),
-                       "skipped": list(SKIPPED_PREFIXES), "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                      f, indent=2)  # fmt: skip
+            json.dump(
+                {
+                    "requirement": REQUIREMENT,
+                    "wheel_sha256": digest,
+                    "moved_aside": list(BUNDLED_GLIBC),
+                    "skipped": list(SKIPPED_PREFIXES),
+                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                f,
+                indent=2,
+            )
         if os.path.exists(final):
             old = tmp + ".old"
             os.rename(final, old)

@@ -89,8 +89,10 @@ def from_awq(awq: AwqLinear, half: str) -> A16Weight:
 def quantize_a16(weight_nk: np.ndarray, group_size: int, half: str) -> A16Weight:
     n, k = weight_nk.shape
     if k % group_size:
-        raise UserError(f"a linear layer with {k} inputs cannot be split into 4-bit groups of {group_size}; "
-                        "choose another -g/--q_group_size")  # fmt: skip
+        raise UserError(
+            f"a linear layer with {k} inputs cannot be split into 4-bit groups of {group_size}; "
+            "choose another -g/--q_group_size"
+        )
     nb = quantize(weight_nk, 4, group_size)  # [N, blocks, G/2] packed like ours: even k in the low nibble
     return A16Weight(
         qweight=np.ascontiguousarray(nb.packed.reshape(n, k // 2)),
