@@ -136,38 +136,28 @@ def test_stop_strings_end_the_answer_before_them(model):
     assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
 
 
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def said(role: str, *parts) -> dict:
+    return {"role": role, "content": list(parts)}
+
+
+HI = {"role": "user", "content": "Hi"}
+
+
 @pytest.mark.parametrize(
     "messages, needle",
     [
-        (
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
-            "not fetched from http(s)",
-        ),
-        (
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-            "the last message must be the user's",
-        ),
-        ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "unsupported part type 'audio'"),
+        ([said("user", image_part("https://example.com/a.png"))], "not fetched from http(s)"),
+        ([HI, {"role": "assistant", "content": "Hello"}], "the last message must be the user's"),
+        ([said("user", {"type": "audio", "audio": "x"})], "unsupported part type 'audio'"),
         ([{"role": "tool", "content": "x"}], "unsupported role 'tool'"),
-        (
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}],
-            "not valid base64",
-        ),
-        (
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}],
-            "not an image",
-        ),
-        (
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]}],
-            "not an image Pillow can read",
-        ),
-        (
-            [
-                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
-                {"role": "user", "content": "Hi"},
-            ],
-            "only user messages may hold images",
-        ),
+        ([said("user", image_part("data:image/png;base64,%%%"))], "not valid base64"),
+        ([said("user", image_part("data:text/plain;base64,aGk="))], "not an image"),
+        ([said("user", image_part("data:image/png;base64,aGk="))], "not an image Pillow can read"),
+        ([said("system", image_part("x.png")), HI], "only user messages may hold images"),
         ([], "non-empty list"),
     ],
 )
