@@ -113,10 +113,12 @@ def test_two_images_settings_and_stats(bundle, images, tmp_path):
 
 
 def test_ctrl_c_stops_an_answer(bundle, tmp_path):
-    b = bundle("tiny_bf16", "w4bf16")
+    # an 8192-token context: the tiny model's answer runs for seconds, so Ctrl-C lands in it even on a loaded
+    # machine (a 2048-token answer ended within 2 s, before the interrupt arrived)
+    b = bundle("tiny_bf16", "w4bf16", seq_length=8192)
     home = tmp_path / "home"
     home.mkdir()
-    child = spawn(b, home, "--ignore-eos")  # would run to the end of the 2048-token context
+    child = spawn(b, home, "--ignore-eos")  # would run to the end of the context
     try:
         child.expect("Question: ")
         child.sendline("Tell a long story.")
