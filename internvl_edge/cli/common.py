@@ -145,18 +145,24 @@ def generation_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in GENERATION_ARGUMENTS}
 
 
-def check_image_file(path: str, flag: str = "--image") -> str:
-    """A readable image file, checked before the bundle loads (seconds sooner than decoding it)."""
-    from PIL import Image, UnidentifiedImageError
-
+def local_file(path: str, flag: str, kind: str) -> tuple[str, str]:
+    """(the name errors use, the expanded path) of a local file that exists and is not a folder."""
     name = f"{flag} {path}" if flag else path
     if "://" in path:
         raise UserError(f"{name}: give a local file; URLs are not fetched")
     full = expand_path(path)
     if not os.path.exists(full):
-        raise UserError(f"{name}: image not found")
+        raise UserError(f"{name}: {kind} not found")
     if os.path.isdir(full):
-        raise UserError(f"{name}: is a folder, not an image")
+        raise UserError(f"{name}: is a folder, not a{'n' if kind[0] in 'aeiou' else ''} {kind}")
+    return name, full
+
+
+def check_image_file(path: str, flag: str = "--image") -> str:
+    """A readable image file, checked before the bundle loads (seconds sooner than decoding it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    name, full = local_file(path, flag, "image")
     try:
         with Image.open(full):
             pass
@@ -171,14 +177,7 @@ def check_video_file(path: str, flag: str = "--video") -> str:
     """A file PyAV opens as a video, checked before the bundle loads."""
     from ..video import probe
 
-    name = f"{flag} {path}" if flag else path
-    if "://" in path:
-        raise UserError(f"{name}: give a local file; URLs are not fetched")
-    full = expand_path(path)
-    if not os.path.exists(full):
-        raise UserError(f"{name}: video not found")
-    if os.path.isdir(full):
-        raise UserError(f"{name}: is a folder, not a video")
+    _, full = local_file(path, flag, "video")
     probe(full)
     return full
 
