@@ -113,9 +113,9 @@ def test_two_images_settings_and_stats(bundle, images, tmp_path):
 
 
 def test_ctrl_c_stops_an_answer(bundle, tmp_path):
-    # an 8192-token context: the tiny model's answer runs for seconds, so Ctrl-C lands in it even on a loaded
-    # machine (a 2048-token answer ended within 2 s, before the interrupt arrived)
-    b = bundle("tiny_bf16", "w4bf16", seq_length=8192)
+    # the tiny model's whole context (32768): its answer runs for tens of seconds, so Ctrl-C lands in it even
+    # when the machine is loaded (a 2048-token answer ended within 2 s, before the interrupt arrived)
+    b = bundle("tiny_bf16", "w4bf16", seq_length=32768)
     home = tmp_path / "home"
     home.mkdir()
     child = spawn(b, home, "--ignore-eos")  # would run to the end of the context
