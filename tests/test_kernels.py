@@ -256,11 +256,10 @@ def test_the_passes_keep_one_index_current(bundle, monkeypatch):
     """rewrite builds one GraphIndex for a w4 decoder, and after every pass has edited the graph through it
     (attention moved, SwiGLU and norms folded into the linears), it says what one built afresh from the
     rewritten graph says: each tensor's producer and readers."""
-    import importlib
-
     import onnx
 
-    passes = importlib.import_module("internvl_edge.kernels.rewrite")  # the module: kernels.rewrite is its function
+    from internvl_edge.kernels import passes
+
     built = []
 
     class Recorded(kernels.GraphIndex):

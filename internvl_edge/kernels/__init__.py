@@ -31,7 +31,7 @@ the library is here and the CPU can run it (x86-64 with AVX2+FMA+F16C; VNNI when
 on ONNX Runtime's kernels.
 
 The package: `library.py` finds and loads the compiled library and reads its counters, `settings.py`
-reads the environment's flags once (`KernelSettings`), `rewrite.py` moves and fuses the decoder graph's
+reads the environment's flags once (`KernelSettings`), `passes.py` moves and fuses the decoder graph's
 nodes onto our kernels over one `GraphIndex`. The C side, one name prefix per component: `q4_` the
 4-bit GEMM (q4gemm.c), `attn_` attention (attention.c), `norm_` the RMS norm (rms_norm.c), `isa_` the
 CPU detection (isa.c), `ort_` the ONNX Runtime ABI and glue (ort_abi.h, ort_glue.c, ort_op.c,
@@ -39,7 +39,7 @@ ort_attention.c); `*_isa.inc` are the kernels' bodies, compiled once per instruc
 """
 
 from .library import EIGHT_BIT_ISAS, PACKED_4BIT_ISAS, isa, library_path, pack_stats, paired_swiglus, table_stats
-from .rewrite import (
+from .passes import (
     ATTENTION_ISAS,
     ATTENTION_OP,
     DOMAIN,

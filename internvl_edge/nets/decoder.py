@@ -18,7 +18,7 @@ size) and an RMS norm over each query and key head before the rotary embedding:
     (k likewise with k_norm) ──Concat(q, k, v)── GroupQueryAttention
 
 written with standard nodes, so ONNX Runtime's own GroupQueryAttention can run it; where our attention
-kernel runs, the load folds these nodes into it (kernels/rewrite.py, fold_qk_norms).
+kernel runs, the load folds these nodes into it (kernels/passes.py, fold_qk_norms).
 
 GroupQueryAttention (com.microsoft) reads and writes the cache buffer in place (past and present
 are bound to the same buffer), applies rotary embeddings at each row's absolute position, and with
