@@ -1,6 +1,7 @@
 """Side by side on this machine, in one go: our bundles, transformers (the reference) and llama.cpp.
 
     python benchmarks/compare.py --checkpoint CKPT --work DIR [--threads 2] [--write BENCHMARKS.md]
+    python benchmarks/compare.py --checkpoint CKPT_8B --work DIR --repeats 1 --quick --write BENCHMARKS.md
 
 CKPT is an InternVL3 checkpoint in OpenGVLab's original bf16 format (weights cannot be downloaded here,
 so the recorded runs use `internvl-edge make-checkpoint CKPT --size 2b`: random weights, exact
@@ -16,7 +17,9 @@ InternVL3-2B shapes). Not part of CI: it takes about an hour on 2 cores.
   Our random checkpoint's tokenizer is unknown to the converter's pre-tokenizer table, so it is told
   that the tokenizer is Qwen2's (which the real InternVL3 tokenizer maps to).
 
-The table it writes gives medians and the ratios ours / peer.
+The table it writes gives medians and the ratios ours / peer, in a section of its own per model size
+(the size is read from the factory's record in CKPT). `--quick` measures the default bundle alone against
+llama.cpp Q4_0 (bf16 mmproj), without transformers: the form used for the 1B and 8B shapes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from statistics import median
 
 from records import write_atomic
 
@@ -74,12 +78,14 @@ def timed(cmd: list[str], **kw) -> tuple[str, float, float]:
 
 
 # -- ours ------------------------------------------------------------------------------------------
-def our_bundles(ckpt: str, work: str) -> dict[str, dict]:
+def our_bundles(ckpt: str, work: str, quick: bool) -> dict[str, dict]:
     variants = {
         "w4bf16 static": ["--static"],
         "w4bf16 dynamic": [],  # the CPU's default
         "w4bf16 dynamic, int8 vision": ["--vision-bits", "8"],
     }
+    if quick:  # the default bundle alone
+        variants = {"w4bf16 dynamic": []}
     out = {}
     for name, flags in variants.items():
         path = os.path.join(work, "ours_" + re.sub(r"\W+", "_", name))
@@ -191,7 +197,7 @@ convert_hf_to_gguf.main()
 """
 
 
-def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
+def gguf_files(llama: str, ckpt: str, work: str, quick: bool) -> dict[str, str]:
     files = {
         "bf16": os.path.join(work, "text-bf16.gguf"),
         "q4_0": os.path.join(work, "text-q4_0.gguf"),
@@ -201,11 +207,17 @@ def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
     gguf_py = os.path.join(llama, "gguf-py")
     if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
         sys.exit("compare.py: llama.cpp's convert_hf_to_gguf.py needs sentencepiece: pip install sentencepiece")
-    for key, args in (
+    conversions = [
         ("bf16", [ckpt, "--outtype", "bf16", "--outfile", files["bf16"]]),
         ("mmproj_bf16", [ckpt, "--mmproj", "--outtype", "bf16", "--outfile", files["mmproj_bf16"]]),
         ("mmproj_f16", [ckpt, "--mmproj", "--outtype", "f16", "--outfile", files["mmproj_f16"]]),
-    ):
+    ]
+    if quick:
+        del files["mmproj_f16"]
+        conversions.pop()
+    for key, args in conversions:
+        if key == "bf16" and quick and os.path.isfile(files["q4_0"]):
+            continue
         if not os.path.isfile(files[key]):  # written under a temporary name: a file there is whole
             partial = files[key] + ".partial"
             sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args[:-1] + [partial])])
@@ -213,27 +225,36 @@ def gguf_files(llama: str, ckpt: str, work: str) -> dict[str, str]:
     if not os.path.isfile(files["q4_0"]):
         sh([os.path.join(llama, "build", "bin", "llama-quantize"), files["bf16"], files["q4_0"] + ".partial", "Q4_0"])
         os.replace(files["q4_0"] + ".partial", files["q4_0"])
+    if quick:  # the bf16 text model is only the quantiser's input here (an 8B one is 16 GB of disk)
+        bf16 = files.pop("bf16")
+        if os.path.isfile(bf16):
+            os.remove(bf16)
     return files
 
 
-def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
+def bench_llama(llama: str, files: dict, threads: int, repeats: int, image: str) -> dict:
     bench = os.path.join(llama, "build", "bin", "llama-bench")
     res = {}
     for model in ("q4_0", "bf16"):
-        shapes = "-p 64,256,1024 -n 64 -d 0,300,1500 -r 3 -o json".split()
-        out = sh([bench, "-m", files[model], "-t", str(threads), *shapes], stdout_only=True)
-        rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
-        for row in rows:
-            depth = row.get("n_depth", 0)
-            if row["n_prompt"] and not row["n_gen"] and depth == 0:
-                res[f"{model} prefill {row['n_prompt']}"] = row["avg_ts"]
-            if row["n_gen"] and not row["n_prompt"]:
-                res[f"{model} decode at {depth}"] = row["avg_ts"]
+        if model not in files:
+            continue
+        # prefill from an empty context, decode after 0 / 300 / 1500 tokens of context
+        for shapes in ("-p 64,256,1024 -n 0 -d 0", "-p 0 -n 64 -d 0,300,1500"):
+            cmd = [bench, "-m", files[model], "-t", str(threads), *shapes.split(), "-r", str(repeats), "-o", "json"]
+            out = sh(cmd, stdout_only=True)
+            for row in json.loads(out[out.index("[") : out.rindex("]") + 1]):
+                depth = row.get("n_depth", 0)
+                if row["n_prompt"] and not row["n_gen"] and depth == 0:
+                    res[f"{model} prefill {row['n_prompt']}"] = row["avg_ts"]
+                if row["n_gen"] and not row["n_prompt"]:
+                    res[f"{model} decode at {depth}"] = row["avg_ts"]
     cli = os.path.join(llama, "build", "bin", "llama-mtmd-cli")
     prompt = " ".join(["word"] * 40)
     for proj in ("mmproj_bf16", "mmproj_f16"):
+        if proj not in files:
+            continue
         ftls, encodes, images = [], [], []
-        for _ in range(3):
+        for _ in range(repeats):
             cmd = [cli, "-m", files["q4_0"], "--mmproj", files[proj], "--image", image, "-p", prompt, "-n", "1"]
             out = sh(cmd + ["-t", str(threads), *"--temp 0 --chat-template chatml --perf -lv 4".split()])
             encodes.append(float(re.search(r"mtmd batch encoding done in (\d+) ms", out).group(1)) / 1000)
@@ -244,9 +265,9 @@ def bench_llama(llama: str, files: dict, threads: int, image: str) -> dict:
             start = _log_seconds(out, "encoding mtmd batch")
             end = _log_seconds(out, "llama_perf_context_print")
             ftls.append(end - start)
-        res[f"{proj} vision s/tile"] = sorted(encodes)[1]
-        res[f"{proj} 256 image embeddings through the LM s"] = sorted(images)[1]
-        res[f"{proj} FTL 1 tile + 40 words"] = sorted(ftls)[1]
+        res[f"{proj} vision s/tile"] = median(encodes)
+        res[f"{proj} 256 image embeddings through the LM s"] = median(images)
+        res[f"{proj} FTL 1 tile + 40 words"] = median(ftls)
     return res
 
 
@@ -271,17 +292,38 @@ def _f(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def model_size(ckpt: str) -> str:
+    """The factory's size name of a random checkpoint (`make-checkpoint --size`), else "custom"."""
+    path = os.path.join(ckpt, "internvl_edge_factory.json")
+    return json.load(open(path)).get("size", "custom") if os.path.isfile(path) else "custom"
+
+
+def model_name(size: str) -> str:
+    family, _, params = size.rpartition("-")  # "2b" -> InternVL3-2B, "3.5-8b" -> InternVL3.5-8B
+    return f"InternVL{family or '3'}-{params.upper()}"
+
+
+def markers(size: str) -> tuple[str, str]:
+    """Each model size has its own section in BENCHMARKS.md (2B's keeps the original markers)."""
+    return (START, END) if size == "2b" else (f"<!-- compare {size}:start -->", f"<!-- compare {size}:end -->")
+
+
 def render(results: dict, command: str) -> str:
     """The comparison as markdown: one row per system, our rows' ratios against llama.cpp Q4_0."""
     m = results.get("machine", {})
+    size = results.get("size", "2b")
+    start, end = markers(size)
+    repeats = results.get("repeats", 3)
     lines = [
-        START,
-        "## Side by side: internvl-edge, llama.cpp and transformers (InternVL3-2B shapes)",
+        start,
+        f"## Side by side: internvl-edge, llama.cpp{' and transformers' * ('transformers' in results)} "
+        f"({model_name(size)} shapes)",
         "",
         f"Measured {m.get('date')} on this machine kind ({m.get('cores')} cores, {m.get('threads')} threads "
         "everywhere), random",
-        "weights with the exact InternVL3-2B shapes (`internvl-edge make-checkpoint CKPT --size 2b`), one run",
-        "after another (never concurrently). Medians of 3 runs after a warm-up. Command:",
+        f"weights with the exact {model_name(size)} shapes (`internvl-edge make-checkpoint CKPT --size {size}`), "
+        "one run",
+        f"after another (never concurrently). Medians of {repeats} runs after a warm-up. Command:",
         "",
         f"    {command}",
         "",
@@ -348,14 +390,15 @@ def render(results: dict, command: str) -> str:
             f"{h['64']:.2f} s after a 64-token turn 1 and {h['1024']:.2f} s after a 1024-token turn 1: "
             "its prefill covers its own tokens, not the history.",
         ]
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
+def write_section(path: str, section: str, size: str) -> None:
+    start, end = markers(size)
     text = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     write_atomic(path, text)
@@ -368,20 +411,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ours,history,transformers,llama")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the default bundle alone against llama.cpp Q4_0 with its bf16 mmproj; no transformers, no history "
+        "(for the 1B and 8B shapes: an 8B in float32 does not fit 24 GB)",
+    )
     ap.add_argument("--out", default=None, help="JSON file for the raw results (default WORK/results.json)")
     ap.add_argument("--write", default=None, help="update this markdown file's comparison section (BENCHMARKS.md)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        skip |= {"history", "transformers"}
     os.makedirs(args.work, exist_ok=True)
     out_path = args.out or os.path.join(args.work, "results.json")
     results = json.load(open(out_path)) if os.path.isfile(out_path) else {}
     results["machine"] = machine_info(args.threads)  # as `internvl-edge bench` reports it
+    results["size"], results["repeats"] = model_size(args.checkpoint), args.repeats
 
     def save():
         write_atomic(out_path, json.dumps(results, indent=2))
 
     if "ours" not in skip:
-        bundles = our_bundles(args.checkpoint, args.work)
+        bundles = our_bundles(args.checkpoint, args.work, args.quick)
         results["ours"] = {}
         for name, info in bundles.items():
             log(f"bench ours: {name}")
@@ -401,15 +453,17 @@ def main() -> None:
         save()
     if "llama" not in skip:
         llama = build_llama_cpp(args.work)
-        files = gguf_files(llama, args.checkpoint, args.work)
-        results["llama.cpp"] = bench_llama(llama, files, args.threads, picture(os.path.join(args.work, "tile.png")))
+        files = gguf_files(llama, args.checkpoint, args.work, args.quick)
+        tile = picture(os.path.join(args.work, "tile.png"))
+        results["llama.cpp"] = bench_llama(llama, files, args.threads, args.repeats, tile)
         save()
     log(f"wrote {out_path}")
     if args.write:
         # the table covers every part (a --skip run reuses the others' saved results), so it names the full command
         command = ["python", "benchmarks/compare.py", "--checkpoint", args.checkpoint, "--work", args.work]
-        command += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--write", args.write]
-        write_section(args.write, render(results, " ".join(command)))
+        command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+        command += ["--quick"] * args.quick + ["--write", args.write]
+        write_section(args.write, render(results, " ".join(command)), results["size"])
         log(f"updated {args.write}")
 
 
