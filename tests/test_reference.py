@@ -112,6 +112,9 @@ CASES = [
     ("tiny35_bf16", "f16", {}),
     ("tiny35_bf16", "w4bf16", {}),
     ("odd35_bf16", "w4bf16", {}),
+    # InternVL3.5's decoder with AWQ int4 linears (as LMDeploy publishes them)
+    ("tiny35_awq", "w4f16", {}),
+    ("tiny35_awq", "w4f16", {"accuracy_level": 1}),
 ]
 
 
