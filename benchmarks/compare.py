@@ -460,9 +460,10 @@ def main() -> None:
     log(f"wrote {out_path}")
     if args.write:
         # the table covers every part (a --skip run reuses the others' saved results), so it names the full command
-        command = ["python", "benchmarks/compare.py", "--checkpoint", args.checkpoint, "--work", args.work]
+        # BENCHMARKS.md's placeholders (CKPT, WORK), not this machine's folders
+        command = ["python", "benchmarks/compare.py", "--checkpoint", "CKPT", "--work", "WORK"]
         command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-        command += ["--quick"] * args.quick + ["--write", args.write]
+        command += ["--quick"] * args.quick + ["--write", os.path.basename(args.write)]
         write_section(args.write, render(results, " ".join(command)), results["size"])
         log(f"updated {args.write}")
 
