@@ -328,6 +328,9 @@ def render(results: dict, command: str) -> str:
         f"    {command}",
         "",
     ]
+    kernels = sorted({info["bench"]["bundle"].get("q4_kernel") for info in results.get("ours", {}).values()} - {None})
+    if kernels:  # which instruction set our 4-bit kernel ran decides what "this machine kind" means here
+        lines += [f"CPU: {m.get('cpu')}; our 4-bit kernel: {', '.join(kernels)}.", ""]
     head = (
         "| system | decode tok/s @300 | decode tok/s @1500 | prefill tok/s 64 / 256 / 1024 | "
         "vision s/tile | FTL text s | FTL 1 tile + 40 tokens s | load s | peak RSS GB |"

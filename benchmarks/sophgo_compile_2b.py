@@ -36,9 +36,6 @@ PRESETS = {
 }
 
 
-MARKER = "<!-- compare:start -->"
-
-
 def section(size: str) -> str:
     return f"## Sophgo BM1684X compile ({PRESETS[size][0].replace('_', '.')} shapes)"
 
@@ -185,9 +182,6 @@ def write_section(heading: str, text: str) -> None:
         nxt = re.search(r"^## ", old[start + len(heading) :], flags=re.M)
         end = start + len(heading) + nxt.start() if nxt else len(old)
         new = old[:start] + text + ("\n" + old[end:] if nxt else "")
-    elif MARKER in old:  # before the region benchmarks/compare.py rewrites
-        at = old.index(MARKER)
-        new = old[:at] + text + "\n" + old[at:]
     else:
         new = old.rstrip("\n") + "\n\n" + text
     write_atomic(path, new)
