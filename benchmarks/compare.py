@@ -1,7 +1,7 @@
 """Side by side on this machine, in one go: our bundles, transformers (the reference) and llama.cpp.
 
     python benchmarks/compare.py --checkpoint CKPT --work DIR [--threads 2] [--write BENCHMARKS.md]
-    python benchmarks/compare.py --checkpoint CKPT_8B --work DIR --repeats 1 --quick --write BENCHMARKS.md
+    python benchmarks/compare.py --checkpoint CKPT_8B --work DIR --repeats 2 --quick --write BENCHMARKS.md
 
 CKPT is an InternVL3 checkpoint in OpenGVLab's original bf16 format (weights cannot be downloaded here,
 so the recorded runs use `internvl-edge make-checkpoint CKPT --size 2b`: random weights, exact
