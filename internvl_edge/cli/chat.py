@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from ..errors import UserError
@@ -275,7 +276,17 @@ class Chat:
         print(f"TPS: {stats.decode_tps:.3f} token/s")
 
 
+def catch_ctrl_c() -> None:
+    """Ctrl-C on a terminal stops an answer even when this process started with SIGINT ignored, as a
+    shell without job control starts a command run with `&`: Python then keeps the inherited SIG_IGN
+    instead of raising KeyboardInterrupt (https://docs.python.org/3/library/signal.html, "General
+    rules"), and the keys would do nothing. Through a pipe the inherited disposition is left alone."""
+    if sys.stdin.isatty() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(args) -> int:
+    catch_ctrl_c()
     model = load_model(args)
     chat = Chat(model, args)
     editor = LineEditor(history_path(args.history_file))
