@@ -499,8 +499,17 @@ def external(tmp_path_factory):
 
 
 def start(cmd: list, env: dict, ready: str, timeout: float = 180) -> tuple[subprocess.Popen, list[str]]:
-    """A long-running command; returns once a line of its output contains `ready`."""
-    proc = subprocess.Popen([*map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    """A long-running command; returns once a line of its output contains `ready`. It starts with SIGINT's
+    default disposition, as from a terminal, whatever this process inherited: a CI runner that starts the
+    tests with `&` (no job control) leaves SIGINT ignored, and the Ctrl-C that `stop` sends would be lost."""
+    proc = subprocess.Popen(
+        [*map(str, cmd)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines: list[str] = []
     done = threading.Event()
 
@@ -584,7 +593,7 @@ def test_serve_ray_joins_a_cluster_and_serve_run_deploys_beside_it(external, gre
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 404  # its route is gone
         assert by_run.client().chat.completions.create(model=NAME, messages=user("Hi"), max_tokens=2).choices
 
-        assert stop(run, signal.SIGINT, timeout=300) == 0  # Serve's shutdown on the cluster: slow on a loaded box
+        assert stop(run, signal.SIGINT, timeout=180) == 0  # Ctrl-C: Serve's shutdown on the cluster
         assert external.alive()
     finally:
         stop(joined, timeout=30)
