@@ -314,6 +314,7 @@ def render(results: dict, command: str) -> str:
     size = results.get("size", "2b")
     start, end = markers(size)
     repeats = results.get("repeats", 3)
+    runs = "One run" if repeats == 1 else f"Medians of {repeats} runs"
     lines = [
         start,
         f"## Side by side: internvl-edge, llama.cpp{' and transformers' * ('transformers' in results)} "
@@ -323,7 +324,7 @@ def render(results: dict, command: str) -> str:
         "everywhere), random",
         f"weights with the exact {model_name(size)} shapes (`internvl-edge make-checkpoint CKPT --size {size}`), "
         "one run",
-        f"after another (never concurrently). Medians of {repeats} runs after a warm-up. Command:",
+        f"after another (never concurrently). {runs} after a warm-up. Command:",
         "",
         f"    {command}",
         "",
