@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 
 import pytest
-from test_cli import CLI, cli
+from test_cli import CLI, cli, with_sigint
 from test_video import write_video
 
 pexpect = pytest.importorskip("pexpect")
@@ -17,22 +16,12 @@ pexpect = pytest.importorskip("pexpect")
 LEFT, UP = "\x1b[D", "\x1b[A"
 
 
-def spawn(bundle_dir: str, home, *extra: str, preexec_fn=None):
+def spawn(bundle_dir: str, home, *extra: str, sigint: str = "default"):
+    """`chat` in a pseudo-terminal, started with SIGINT "default" (as from a terminal) or "ignored"."""
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), TERM="xterm")
     env.pop(HISTORY, None)
-    return pexpect.spawn(
-        CLI[0],
-        [*CLI[1:], "chat", "-m", bundle_dir, *extra],
-        env=env,
-        encoding="utf-8",
-        timeout=90,
-        dimensions=(40, 200),
-        preexec_fn=preexec_fn,
-    )
-
-
-def ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cmd = with_sigint(sigint, [*CLI, "chat", "-m", bundle_dir, *extra])
+    return pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
 
 
 HISTORY = "INTERNVL_EDGE_HISTORY"
@@ -127,7 +116,7 @@ def test_ctrl_c_stops_an_answer(bundle, tmp_path, inherited):
     home = tmp_path / "home"
     home.mkdir()
     # --ignore-eos: it would run to the end of the context
-    child = spawn(b, home, "--ignore-eos", preexec_fn=ignore_sigint if inherited == "ignored" else None)
+    child = spawn(b, home, "--ignore-eos", sigint=inherited)
     try:
         child.expect("Question: ")
         child.sendline("Tell a long story.")

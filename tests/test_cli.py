@@ -17,6 +17,17 @@ from internvl_edge.api import load
 CLI = [sys.executable, "-m", "internvl_edge"]
 
 
+def with_sigint(disposition: str, cmd: list) -> list:
+    """`cmd` started with SIGINT "default" or "ignored", whatever this process has: a CI runner that starts
+    the tests with `&` (no job control) leaves it ignored, a terminal leaves the default. An exec wrapper,
+    not preexec_fn: that runs Python between fork and exec, unsafe in a process with threads."""
+    handler = {"default": "SIG_DFL", "ignored": "SIG_IGN"}[disposition]
+    code = (
+        f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{handler}); os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code, *map(str, cmd)]
+
+
 def cli(*args, stdin: str | None = None, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
     return subprocess.run(

@@ -34,6 +34,7 @@ with warnings.catch_warnings():  # Serve's pydantic models warn on import
     from ray import cloudpickle, serve
 
     from internvl_edge.server.ray_app import EngineReplica, RaySettings, build_app, builder
+from test_cli import with_sigint  # noqa: E402
 from test_server import cli_run_json, data_url, user  # noqa: E402 - after the skip when Ray is missing
 
 from internvl_edge.api import load  # noqa: E402
@@ -502,14 +503,8 @@ def start(cmd: list, env: dict, ready: str, timeout: float = 180) -> tuple[subpr
     """A long-running command; returns once a line of its output contains `ready`. It starts with SIGINT's
     default disposition, as from a terminal, whatever this process inherited: a CI runner that starts the
     tests with `&` (no job control) leaves SIGINT ignored, and the Ctrl-C that `stop` sends would be lost."""
-    proc = subprocess.Popen(
-        [*map(str, cmd)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    cmd = with_sigint("default", [shutil.which(str(cmd[0])) or cmd[0], *cmd[1:]])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     done = threading.Event()
 
