@@ -23,7 +23,7 @@ def with_sigint(disposition: str, cmd: list) -> list:
     not preexec_fn: that runs Python between fork and exec, unsafe in a process with threads."""
     handler = {"default": "SIG_DFL", "ignored": "SIG_IGN"}[disposition]
     code = (
-        f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{handler}); os.execv(sys.argv[1], sys.argv[1:])"
+        f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{handler}); os.execvp(sys.argv[1], sys.argv[1:])"
     )
     return [sys.executable, "-c", code, *map(str, cmd)]
 

@@ -503,8 +503,9 @@ def start(cmd: list, env: dict, ready: str, timeout: float = 180) -> tuple[subpr
     """A long-running command; returns once a line of its output contains `ready`. It starts with SIGINT's
     default disposition, as from a terminal, whatever this process inherited: a CI runner that starts the
     tests with `&` (no job control) leaves SIGINT ignored, and the Ctrl-C that `stop` sends would be lost."""
-    cmd = with_sigint("default", [shutil.which(str(cmd[0])) or cmd[0], *cmd[1:]])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        with_sigint("default", cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     lines: list[str] = []
     done = threading.Event()
 
