@@ -15,12 +15,23 @@ setup(
             "internvl_edge.kernels._q4",
             sources=[
                 f"internvl_edge/kernels/{name}.c"
-                for name in ("ort_op", "ort_attention", "ort_glue", "q4gemm", "attention", "isa", "rms_norm")
+                for name in (
+                    "ort_op",
+                    "ort_attention",
+                    "ort_bf16",
+                    "ort_glue",
+                    "q4gemm",
+                    "bf16gemm",
+                    "attention",
+                    "isa",
+                    "rms_norm",
+                )
             ],
             depends=[
                 f"internvl_edge/kernels/{name}"
                 for name in (
                     "q4gemm.h",
+                    "bf16gemm.h",
                     "q4gemm_isa.inc",
                     "attention.h",
                     "attention_isa.inc",

@@ -222,17 +222,18 @@ def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
     }
 
 
-def _advice(decoder: dict, variants: dict, in_use: dict, manifest: Manifest) -> str:
+def _advice(decoder: dict, variants: dict, in_use: dict, manifest: Manifest, options: dict = OPTIONS) -> str:
     base = decoder["kl_mean"]
     if base < NOTHING_LOST_KL and decoder["top1_agreement"] == 1.0:
         return "nothing to fix: the bundle agrees with the float reference on every probe"
     gains = {k: base - v["kl_mean"] for k, v in variants.items()}
     best = max(gains, key=gains.get) if gains else None
     if best is not None and gains[best] > 0.25 * base:
-        what, flag = OPTIONS[best]
+        what, flag = options[best]
         share = 100 * gains[best] / base
         if in_use[best]:
-            return f"the {what} would remove {share:.0f}% of the loss (mean KL): convert with {flag}"
+            how = f"convert with {flag}" if flag.startswith("--") else f"run with {flag}"
+            return f"the {what} would remove {share:.0f}% of the loss (mean KL): {how}"
         return (
             f"the bundle's {what.replace('float ', '')} differs from the source more than its precision "
             f"explains ({share:.0f}% of the loss): convert again"
@@ -313,6 +314,13 @@ def verify(
         model = _load(bundle, threads)  # Sophgo: no in-memory edits, so no attribution
         hidden_name = None
     ran_on = model.backend.runs_on
+    options = dict(OPTIONS)
+    bf16_vision = str(getattr(model.backend, "vision_kernel", "")).startswith("internvl-edge bf16")
+    if bf16_vision and manifest.settings.vision_bits != 8:
+        # the encoder's float weights run as bfloat16 products on this CPU (kernels/bf16gemm.h): a loss
+        # of the runtime's, not of the bundle's, which the environment undoes
+        in_use["float_vision"] = True
+        options["float_vision"] = ("float32 vision encoder", "INTERNVL_EDGE_BF16=none")
     vision, ours_images, per_probe, hidden = [], [], [], []
     for i, (p, r) in enumerate(zip(probes, refs, strict=True)):
         img = bundle_images(model, p)
@@ -371,10 +379,10 @@ def verify(
             gc.collect()
             progress.done()
     decoder = summarise(per_probe)
-    advice = _advice(decoder, variants, in_use, manifest) if cpu else None
+    advice = _advice(decoder, variants, in_use, manifest, options) if cpu else None
     order = ["float_activations", "float_lm_head", "float_vision"]
     attribution = [
-        {"undone": OPTIONS[k][0], "flag": OPTIONS[k][1], "option_in_use": in_use[k], **variants[k]}
+        {"undone": options[k][0], "flag": options[k][1], "option_in_use": in_use[k], **variants[k]}
         for k in order
         if k in variants
     ]

@@ -73,6 +73,7 @@ class OrtBackend:
         self.sessions = {}
         self.q4_kernel: str | None = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
         self.attention_kernel: str | None = "onnxruntime"  # and its attention
+        self.vision_kernel = "onnxruntime"  # who computes the vision encoder's float linears
         # what the decoder's kernels read in place of scale and zero-point initializers (bench's roofline)
         self.table_inputs: list[str] = []  # those initializers
         self.table_bytes = 0  # our 4-bit kernel's tables of them
@@ -115,17 +116,30 @@ class OrtBackend:
         return so
 
     def _kernel_graph(self, name: str, path: str) -> bytes | None:
-        """The decoder's graph with its 4-bit linears and attention moved to our kernels (kernels/),
-        serialised, when they are installed and run on this CPU; else None (the graph as it is)."""
+        """The decoder's graph with its 4-bit linears and attention moved to our kernels (kernels/), or
+        the vision encoder's with its bfloat16 linears moved to ours, serialised, when they are
+        installed and run on this CPU; else None (the graph as it is)."""
         edit = self.edits.get(name)
-        if edit is None and (name != "decoder" or kernels.library_path() is None):
+        ours = name == "decoder" and kernels.library_path() is not None
+        bf16 = name == "vision" and kernels.bf16_path() is not None
+        if edit is None and not (ours or bf16):
             return None
         import onnx
 
         model = onnx.load(path, load_external_data=False)  # the graph only: a few hundred KB
         if edit is not None:
             edit(model)
-        if name != "decoder" or kernels.library_path() is None:
+        if bf16:
+            # the bfloat16 weights as stored, bfloat16 products summed in float32, instead of a float32
+            # copy of the encoder made at load (kernels/bf16gemm.h; BENCHMARKS.md, "bfloat16 vision")
+            path = kernels.bf16_path()
+            moved = kernels.rewrite_vision(model, self.threads, attention=path == "amx")
+            if moved[kernels.BF16_OP]:
+                with_attention = " with its attention" if moved[kernels.VISION_ATTENTION_OP] else ""
+                self.vision_kernel = f"internvl-edge bf16 ({path}){with_attention}"
+                return model.SerializeToString()
+            return model.SerializeToString() if edit is not None else None
+        if not ours:
             return model.SerializeToString()
         moved = kernels.rewrite(model, self.threads)
         if not any(moved.values()):
@@ -158,7 +172,8 @@ class OrtBackend:
                 # the tables this session's kernels make (process-wide counters: one load at a time)
                 before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
-                self.table_bytes = sum(kernels.table_stats()) - before
+                if name == "decoder":
+                    self.table_bytes = sum(kernels.table_stats()) - before
                 return sess
             if ort_cache.enabled() and net.get("data") and not profile_prefix:
                 key = ort_cache.cache_key(self.ort.__version__, [self.manifest.files[f]["sha256"] for f in files])
@@ -347,6 +362,7 @@ class OrtBackend:
             "python": sys.version.split()[0],
             "q4_kernel": self.q4_kernel,
             "attention_kernel": self.attention_kernel,
+            "vision_kernel": self.vision_kernel,
             "sampling": "head" if self.has_sample_head else "host",
             "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime",
         }

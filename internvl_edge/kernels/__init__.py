@@ -38,32 +38,50 @@ CPU detection (isa.c), `ort_` the ONNX Runtime ABI and glue (ort_abi.h, ort_glue
 ort_attention.c); `*_isa.inc` are the kernels' bodies, compiled once per instruction set.
 """
 
-from .library import EIGHT_BIT_ISAS, PACKED_4BIT_ISAS, isa, library_path, pack_stats, paired_swiglus, table_stats
+from .library import (
+    EIGHT_BIT_ISAS,
+    PACKED_4BIT_ISAS,
+    bf16_pack_stats,
+    bf16_path,
+    isa,
+    library_path,
+    pack_stats,
+    paired_swiglus,
+    table_stats,
+)
 from .passes import (
     ATTENTION_ISAS,
     ATTENTION_OP,
+    BF16_OP,
     DOMAIN,
     OP,
     SOURCE_DOMAIN,
+    VISION_ATTENTION_OP,
     GraphIndex,
     fold_qk_norms,
     fuse_norms,
     fuse_swiglu,
     rewrite,
+    rewrite_vision,
     table_inputs,
     takes,
     takes_attention,
+    takes_vision_attention,
 )
 from .settings import KernelSettings, settings
 
 __all__ = [
     "ATTENTION_ISAS",
     "ATTENTION_OP",
+    "BF16_OP",
     "DOMAIN",
     "EIGHT_BIT_ISAS",
+    "bf16_pack_stats",
+    "bf16_path",
     "OP",
     "PACKED_4BIT_ISAS",
     "SOURCE_DOMAIN",
+    "VISION_ATTENTION_OP",
     "GraphIndex",
     "KernelSettings",
     "fold_qk_norms",
@@ -74,9 +92,11 @@ __all__ = [
     "pack_stats",
     "paired_swiglus",
     "rewrite",
+    "rewrite_vision",
     "settings",
     "table_inputs",
     "table_stats",
     "takes",
     "takes_attention",
+    "takes_vision_attention",
 ]

@@ -47,6 +47,19 @@ def isa() -> str | None:
     return _library()[1] if library_path() is not None else None
 
 
+def bf16_path() -> str | None:
+    """Where the vision encoder's bfloat16 linears run here ("amx", "avx512bf16"), or None: no library,
+    a CPU with neither AMX-BF16 nor AVX512-BF16, or INTERNVL_EDGE_BF16=none (bf16gemm.h). The library
+    caps it as INTERNVL_EDGE_BF16 says ("avx512bf16": not AMX), so the tests can run both paths."""
+    found = _library() if library_path() is not None else None
+    if found is None:
+        return None
+    lib = ctypes.CDLL(found[0])
+    lib.bf16_kernel_path.restype = ctypes.c_char_p
+    name = lib.bf16_kernel_path().decode()
+    return None if name == "none" else name
+
+
 def _counters(symbol: str, count: int) -> tuple[int, ...]:
     """The `count` uint64 counters the library's `symbol` reports (0s without the library)."""
     found = _library()
@@ -61,6 +74,12 @@ def pack_stats() -> tuple[int, int]:
     """(bytes of 4- and 8-bit weights our MatMulNBits kernels copied into their sequential layout in
     this process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
     return _counters("q4_pack_stats", 2)
+
+
+def bf16_pack_stats() -> tuple[int, int]:
+    """(bytes of bfloat16 weights our MatMulBf16 kernels copied into their packed layout in this
+    process, bytes of ONNX Runtime's memory-mapped originals handed back to the page cache)."""
+    return _counters("bf16_pack_stats", 2)
 
 
 def table_stats() -> tuple[int, int]:

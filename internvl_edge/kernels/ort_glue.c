@@ -1,8 +1,12 @@
 /* ort_glue.h's helpers, shared by the library's custom ops. */
+#define _GNU_SOURCE /* madvise */
 #include "ort_glue.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 const OrtApi *ort_api;
 
@@ -196,4 +200,47 @@ OrtStatus *ort_parallel_ranges(OrtKernelContext *ctx, void (*fn)(void *, size_t)
     }
     ort_ranges rs = {fn, user, segments, ranges};
     return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, run_range, segments, segments, &rs);
+}
+
+/* Hand back to the page cache the whole pages of [data, data + bytes) when they belong to one
+ * file-backed mapping (/proc/self/maps: an inode), as ORT's memory-mapped external initializers do:
+ * MADV_DONTNEED drops them from this process; should anything read them again, they come back from
+ * the file unchanged. Anywhere else (anonymous memory, where MADV_DONTNEED would zero them, or no
+ * /proc) nothing is done. Returns the bytes handed back. */
+size_t ort_release_file_pages(const void *data, size_t bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)data + page - 1) & ~(page - 1), hi = ((uintptr_t)data + bytes) & ~(page - 1);
+    if (hi <= lo) return 0;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (!maps) return 0;
+    char line[512];
+    int file_backed = 0;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long start, end, offset, inode;
+        char perms[8], dev[16];
+        if (sscanf(line, "%lx-%lx %7s %lx %15s %lu", &start, &end, perms, &offset, dev, &inode) != 6) continue;
+        if (start <= (uintptr_t)data && (uintptr_t)data + bytes <= end) {
+            file_backed = inode != 0;
+            break;
+        }
+    }
+    fclose(maps);
+    if (!file_backed || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0) return 0;
+    return hi - lo;
+}
+
+/* Room for packed weights: from a huge page's size on, aligned to huge pages and marked for them
+ * (transparent huge pages in "madvise" mode, a common default and this machine's, give anonymous
+ * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
+ * probe reads huge pages too). Decode streams every weight once per token: a model of the kernel's
+ * loop on the packed layout read 93% of a plain read's bandwidth (2 MB pages) from 4 KB pages and
+ * 96% from 2 MB pages (benchmarks/stream_layouts.c; docs/performance-notes.md, "4-bit
+ * linears"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
+ * over InternVL3-2B's 56 linears of 2 MB or more. */
+uint8_t *ort_alloc_weights(size_t bytes) {
+    if (bytes < HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    const size_t rounded = (bytes + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    uint8_t *p = (uint8_t *)aligned_alloc(HUGE_PAGE, rounded);
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+    return p;
 }

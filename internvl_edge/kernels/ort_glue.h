@@ -70,4 +70,12 @@ ort_mem_type ORT_CALL ort_default_memory(const ort_custom_op *op, size_t index);
 ort_elem_type ORT_CALL ort_float_output(const ort_custom_op *op, size_t index);
 int ORT_CALL ort_variadic_one(const ort_custom_op *op);
 
+/* Hand back to the page cache the whole pages of [data, data + bytes) when they lie in one file-backed
+ * mapping (ORT's memory-mapped external initializers, once a kernel has made its own copy of one);
+ * anonymous memory is left alone. Returns the bytes handed back. */
+size_t ort_release_file_pages(const void *data, size_t bytes);
+/* 64-byte aligned room for a kernel's copy of a weight, on transparent huge pages from 2 MB on. */
+#define HUGE_PAGE ((size_t)2 << 20)
+uint8_t *ort_alloc_weights(size_t bytes);
+
 #endif

@@ -42,6 +42,8 @@
 #define OP_NAME "MatMulNBits"
 
 const ort_custom_op *ort_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
+const ort_custom_op *ort_bf16_op(void);      /* ort_bf16.c: NULL where the CPU has no bfloat16 path */
+const ort_custom_op *ort_bf16_attention_op(void); /* ort_bf16.c: NULL where the AMX path does not run */
 
 enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_SKIP, IN_GAMMA, IN_COUNT };
 enum { OUT_Y, OUT_SUM, OUT_COUNT };
@@ -276,50 +278,6 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     return NULL;
 }
 
-/* Hand back to the page cache the whole pages of [data, data + bytes) when they belong to one
- * file-backed mapping (/proc/self/maps: an inode), as ORT's memory-mapped external initializers do:
- * MADV_DONTNEED drops them from this process; should anything read them again, they come back from
- * the file unchanged. Anywhere else (anonymous memory, where MADV_DONTNEED would zero them, or no
- * /proc) nothing is done. Returns the bytes handed back. */
-static size_t release_file_pages(const void *data, size_t bytes) {
-    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    const uintptr_t lo = ((uintptr_t)data + page - 1) & ~(page - 1), hi = ((uintptr_t)data + bytes) & ~(page - 1);
-    if (hi <= lo) return 0;
-    FILE *maps = fopen("/proc/self/maps", "r");
-    if (!maps) return 0;
-    char line[512];
-    int file_backed = 0;
-    while (fgets(line, sizeof line, maps)) {
-        unsigned long start, end, offset, inode;
-        char perms[8], dev[16];
-        if (sscanf(line, "%lx-%lx %7s %lx %15s %lu", &start, &end, perms, &offset, dev, &inode) != 6) continue;
-        if (start <= (uintptr_t)data && (uintptr_t)data + bytes <= end) {
-            file_backed = inode != 0;
-            break;
-        }
-    }
-    fclose(maps);
-    if (!file_backed || madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0) return 0;
-    return hi - lo;
-}
-
-#define HUGE_PAGE ((size_t)2 << 20)
-/* Room for packed weights: from a huge page's size on, aligned to huge pages and marked for them
- * (transparent huge pages in "madvise" mode, a common default and this machine's, give anonymous
- * memory 4 KB pages otherwise; numpy marks its large arrays the same way, so the bench's bandwidth
- * probe reads huge pages too). Decode streams every weight once per token: a model of the kernel's
- * loop on the packed layout read 93% of a plain read's bandwidth (2 MB pages) from 4 KB pages and
- * 96% from 2 MB pages (benchmarks/stream_layouts.c; docs/performance-notes.md, "4-bit
- * linears"). The last huge page may be partly unused: at most 2 MB per linear, 38 MB
- * over InternVL3-2B's 56 linears of 2 MB or more. */
-static uint8_t *alloc_weights(size_t bytes) {
-    if (bytes < HUGE_PAGE) return (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    const size_t rounded = (bytes + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
-    uint8_t *p = (uint8_t *)aligned_alloc(HUGE_PAGE, rounded);
-    if (p) madvise(p, rounded, MADV_HUGEPAGE);
-    return p;
-}
-
 /* q4_pack's copy of B when B is a constant and the kernel takes packed weights for these shapes:
  * *packed NULL otherwise (Compute then reads B as it comes). */
 static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
@@ -332,13 +290,13 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     void *b = NULL;
     const int64_t stored = n * ((k + block - 1) / block) * (block * bits / 8); /* B's elements */
     if (ort_constant_input(info, count, IN_B, ORT_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
-    uint8_t *out = alloc_weights(bytes);
+    uint8_t *out = ort_alloc_weights(bytes);
     if (!out) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.b = (const uint8_t *)b;
     q4_pack(&p, out);
     __atomic_add_fetch(&g_packed_bytes, (size_t)stored, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&g_released_bytes, release_file_pages(b, (size_t)stored), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_released_bytes, ort_release_file_pages(b, (size_t)stored), __ATOMIC_RELAXED);
     *packed = out;
     return NULL;
 }
@@ -497,6 +455,10 @@ ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, con
     OrtStatus *s = ORT_FN(api, CustomOpDomain_Add)(domain, &g_op.op);
     const ort_custom_op *attention = ort_attention_op();
     if (!s && attention) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention);
+    const ort_custom_op *bf16 = ort_bf16_op();
+    if (!s && bf16) s = ORT_FN(api, CustomOpDomain_Add)(domain, bf16);
+    const ort_custom_op *bf16_attention = ort_bf16_attention_op();
+    if (!s && bf16_attention) s = ORT_FN(api, CustomOpDomain_Add)(domain, bf16_attention);
     if (!s) s = ORT_FN(api, AddCustomOpDomain)(options, domain);
     if (s) ORT_FN(api, ReleaseCustomOpDomain)(domain);
     return s;

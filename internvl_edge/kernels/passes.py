@@ -21,6 +21,9 @@ DOMAIN = "ai.internvl_edge"
 SOURCE_DOMAIN = "com.microsoft"
 OP = "MatMulNBits"
 ATTENTION_OP = "GroupQueryAttention"
+BF16_OP = "MatMulBf16"
+VISION_ATTENTION_OP = "MultiHeadAttention"
+BF16_MAX_HEAD = 256  # bf16gemm.h: BF16_ATTN_MAX_HEAD
 CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
 LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
 # where the runtime moves attention to attention.c: every ISA it is built for. Its AVX2 build (8-float
@@ -340,6 +343,82 @@ def fold_qk_norms(index: GraphIndex, attention: NodeProto) -> bool:
     index.set_inputs(attention, [qkv, *attention.input[1:], *gammas])
     attention.attribute.append(helper.make_attribute("qk_norm_epsilon", epsilons.pop()))
     return True
+
+
+def takes_vision_attention(node: NodeProto, index: GraphIndex) -> bool:
+    """Whether bf16gemm.h's AMX attention computes this node: a com.microsoft MultiHeadAttention as
+    nets/vision.py writes it (query, key and value only: no mask, bias or past; attributes num_heads and
+    scale only), whose heads are at most 256 wide where the Split that makes the query says so."""
+    if node.op_type != "MultiHeadAttention" or node.domain != SOURCE_DOMAIN:
+        return False
+    if len(node.input) != 3 or not all(node.input) or len(node.output) != 1:
+        return False
+    a = attrs(node)
+    if set(a) - {"num_heads", "scale"} or a.get("num_heads", 0) <= 0:
+        return False
+    split = index.producer.get(node.input[0])
+    sizes = (
+        index.constant(split.input[1])
+        if split is not None and split.op_type == "Split" and len(split.input) > 1
+        else None
+    )
+    return sizes is None or int(sizes[0]) // a["num_heads"] <= BF16_MAX_HEAD
+
+
+def rewrite_vision(model: ModelProto, threads: int | None = None, attention: bool = False) -> dict:
+    """Move the vision encoder's bfloat16 linears to our MatMulBf16 (in place, graph only): the pattern
+    nets/linear.py writes, MatMul(x, Cast(W) to float) with W a bfloat16 initializer [K, N] that this
+    Cast alone reads, and the Add of a float constant bias [N] that follows when the MatMul's result
+    goes to it alone. The Cast goes (no float32 copy of W is ever made: ONNX Runtime would fold it into
+    one) and the bias is added by the kernel. With `attention` (the AMX path), its MultiHeadAttention
+    nodes move to ours too (takes_vision_attention). Call it only where `bf16_path()` names a path.
+    Returns how many moved: {"MatMulBf16": linears, "MultiHeadAttention": attention nodes}.
+    `threads`: the session's intra-op threads; each linear splits its work into 8 contiguous ranges per
+    thread (attribute `batches`)."""
+    from onnx import TensorProto, helper
+
+    index = GraphIndex(model)
+    moved = 0
+    heads = 0
+    if attention:
+        for node in model.graph.node:
+            if takes_vision_attention(node, index):
+                node.domain = DOMAIN
+                heads += 1
+    for mm in [n for n in model.graph.node if n.op_type == "MatMul" and n.domain in ("", None)]:
+        cast = index.producer.get(mm.input[1])
+        if cast is None or cast.op_type != "Cast" or attrs(cast).get("to") != TensorProto.FLOAT:
+            continue
+        w = index.initializers.get(cast.input[0])
+        if (
+            w is None
+            or w.data_type != TensorProto.BFLOAT16
+            or len(w.dims) != 2
+            or not index.read_only_by(cast.output[0], mm)
+        ):
+            continue
+        if not index.read_only_by(cast.input[0], cast):
+            continue
+        k, n = (int(x) for x in w.dims)
+        inputs, out = [mm.input[0], cast.input[0]], mm.output[0]
+        add = index.only_reader(out, "Add")
+        if add is not None:
+            bias = next((x for x in add.input if x != out), None)
+            if bias is not None and index.float_dims(bias) == [n] and sorted(add.input) == sorted([out, bias]):
+                inputs.append(bias)
+                out = add.output[0]
+                index.remove(add)
+        index.remove(cast)
+        index.set_inputs(mm, inputs)
+        index.set_outputs(mm, [out])
+        mm.op_type, mm.domain = BF16_OP, DOMAIN
+        mm.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n)])
+        if threads:
+            mm.attribute.append(helper.make_attribute("batches", 8 * int(threads)))
+        moved += 1
+    if (moved or heads) and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return {BF16_OP: moved, VISION_ATTENTION_OP: heads}
 
 
 def rewrite(model: ModelProto, threads: int | None = None, kernel_settings: KernelSettings | None = None) -> dict:
