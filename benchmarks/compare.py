@@ -11,7 +11,8 @@ InternVL3-2B shapes). Not part of CI: it takes about an hour on 2 cores.
   with the 8-bit vision encoder), each measured by `internvl_edge.bench.run_bench` in a fresh process;
 - transformers 5.x on CPU in float32 and bfloat16 (eager attention), on the same weights;
 - llama.cpp, built from the llama-cpp-python source distribution on PyPI (its vendored llama.cpp,
-  `-DLLAMA_CURL=OFF -DGGML_NATIVE=ON`), CKPT converted with its own convert_hf_to_gguf.py (text model
+  `-DLLAMA_CURL=OFF -DGGML_NATIVE=ON`; on a CPU with AMX, whose tile path crashes in this llama.cpp, every
+  other extension of the CPU named instead: llama_build), CKPT converted with its own convert_hf_to_gguf.py (text model
   and `--mmproj`), quantised to Q4_0 with llama-quantize; llama-bench for prefill/decode and
   llama-mtmd-cli for the image encoder and the first-token latency of one tile + 40 words.
   Our random checkpoint's tokenizer is unknown to the converter's pre-tokenizer table, so it is told
@@ -164,6 +165,39 @@ print(json.dumps(res))
 
 
 # -- llama.cpp -------------------------------------------------------------------------------------
+def llama_build() -> tuple[str, list[str]]:
+    """(build folder, cmake options) for llama.cpp on this CPU: -DGGML_NATIVE=ON, except on a CPU with AMX,
+    where this llama.cpp's AMX path for Q4_0 crashes (SIGSEGV at its ldtilecfg; SIGILL at tileloadd with
+    the tile permission granted beforehand): there every x86 extension the CPU has but AMX, named one by
+    one (its int8/bf16 paths are then AVX512-VNNI/-BF16's)."""
+    base = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    if "amx_tile" not in flags:
+        return "build", [*base, "-DGGML_NATIVE=ON"]
+    extensions = {  # /proc/cpuinfo flag: ggml's cmake option
+        "avx": "GGML_AVX",
+        "avx2": "GGML_AVX2",
+        "bmi2": "GGML_BMI2",
+        "fma": "GGML_FMA",
+        "f16c": "GGML_F16C",
+        "avx_vnni": "GGML_AVX_VNNI",
+        "avx512f": "GGML_AVX512",
+        "avx512vbmi": "GGML_AVX512_VBMI",
+        "avx512_vnni": "GGML_AVX512_VNNI",
+        "avx512_bf16": "GGML_AVX512_BF16",
+    }
+    named = [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in extensions.items()]
+    return "build-noamx", [*base, "-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF"]
+
+
+def llama_bin(llama: str, name: str) -> str:
+    return os.path.join(llama, llama_build()[0], "bin", name)
+
+
 def build_llama_cpp(work: str) -> str:
     """llama.cpp from the llama-cpp-python sdist (PyPI); returns its source folder."""
     src_root = os.path.join(work, "llama-cpp-python")
@@ -177,12 +211,11 @@ def build_llama_cpp(work: str) -> str:
     if not os.path.isdir(llama):
         with tarfile.open(os.path.join(src_root, tars[0])) as tf:
             tf.extractall(src_root, filter="data")
-    bins = [os.path.join(llama, "build", "bin", b) for b in ("llama-bench", "llama-mtmd-cli", "llama-quantize")]
-    if not all(os.path.isfile(b) for b in bins):
-        options = "-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF"
-        sh(["cmake", "-B", "build", *options.split(), "-DLLAMA_BUILD_SERVER=OFF"], cwd=llama)
-        targets = ["llama-bench", "llama-mtmd-cli", "llama-quantize"]
-        sh(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *targets], cwd=llama)
+    targets = ["llama-bench", "llama-mtmd-cli", "llama-quantize"]
+    if not all(os.path.isfile(llama_bin(llama, b)) for b in targets):
+        folder, options = llama_build()
+        sh(["cmake", "-B", folder, *options], cwd=llama)
+        sh(["cmake", "--build", folder, "-j", str(os.cpu_count() or 2), "--target", *targets], cwd=llama)
     return llama
 
 
@@ -223,7 +256,7 @@ def gguf_files(llama: str, ckpt: str, work: str, quick: bool) -> dict[str, str]:
             sh([PY, "-c", CONVERT_WRAPPER.format(llama=llama, gguf=gguf_py, args=args[:-1] + [partial])])
             os.replace(partial, files[key])
     if not os.path.isfile(files["q4_0"]):
-        sh([os.path.join(llama, "build", "bin", "llama-quantize"), files["bf16"], files["q4_0"] + ".partial", "Q4_0"])
+        sh([llama_bin(llama, "llama-quantize"), files["bf16"], files["q4_0"] + ".partial", "Q4_0"])
         os.replace(files["q4_0"] + ".partial", files["q4_0"])
     if quick:  # the bf16 text model is only the quantiser's input here (an 8B one is 16 GB of disk)
         bf16 = files.pop("bf16")
@@ -233,7 +266,7 @@ def gguf_files(llama: str, ckpt: str, work: str, quick: bool) -> dict[str, str]:
 
 
 def bench_llama(llama: str, files: dict, threads: int, repeats: int, image: str) -> dict:
-    bench = os.path.join(llama, "build", "bin", "llama-bench")
+    bench = llama_bin(llama, "llama-bench")
     res = {}
     for model in ("q4_0", "bf16"):
         if model not in files:
@@ -248,7 +281,7 @@ def bench_llama(llama: str, files: dict, threads: int, repeats: int, image: str)
                     res[f"{model} prefill {row['n_prompt']}"] = row["avg_ts"]
                 if row["n_gen"] and not row["n_prompt"]:
                     res[f"{model} decode at {depth}"] = row["avg_ts"]
-    cli = os.path.join(llama, "build", "bin", "llama-mtmd-cli")
+    cli = llama_bin(llama, "llama-mtmd-cli")
     prompt = " ".join(["word"] * 40)
     for proj in ("mmproj_bf16", "mmproj_f16"):
         if proj not in files:
@@ -303,8 +336,11 @@ def model_name(size: str) -> str:
     return f"InternVL{family or '3'}-{params.upper()}"
 
 
-def markers(size: str) -> tuple[str, str]:
-    """Each model size has its own section in BENCHMARKS.md (2B's keeps the original markers)."""
+def markers(size: str, section: str | None = None) -> tuple[str, str]:
+    """Each model size has its own section in BENCHMARKS.md (2B's keeps the original markers); `section`
+    names another (`--section`: the same size measured on another machine kind)."""
+    if section:
+        return f"<!-- compare {section}:start -->", f"<!-- compare {section}:end -->"
     return (START, END) if size == "2b" else (f"<!-- compare {size}:start -->", f"<!-- compare {size}:end -->")
 
 
@@ -312,7 +348,7 @@ def render(results: dict, command: str) -> str:
     """The comparison as markdown: one row per system, our rows' ratios against llama.cpp Q4_0."""
     m = results.get("machine", {})
     size = results.get("size", "2b")
-    start, end = markers(size)
+    start, end = markers(size, results.get("section"))
     repeats = results.get("repeats", 3)
     runs = "One run" if repeats == 1 else f"Medians of {repeats} runs"
     lines = [
@@ -330,8 +366,14 @@ def render(results: dict, command: str) -> str:
         "",
     ]
     kernels = sorted({info["bench"]["bundle"].get("q4_kernel") for info in results.get("ours", {}).values()} - {None})
+    vision = sorted(
+        {info["bench"]["bundle"].get("vision_kernel") for info in results.get("ours", {}).values()} - {None}
+    )
     if kernels:  # which instruction set our 4-bit kernel ran decides what "this machine kind" means here
-        lines += [f"CPU: {m.get('cpu')}; our 4-bit kernel: {', '.join(kernels)}.", ""]
+        seen = f"CPU: {m.get('cpu')}; our 4-bit kernel: {', '.join(kernels)}"
+        lines += [seen + (f"; our vision encoder: {', '.join(vision)}." if vision else "."), ""]
+    if results.get("llama.cpp", {}).get("cmake"):
+        lines += [f"llama.cpp built with `{results['llama.cpp']['cmake']}` (compare.py, llama_build).", ""]
     head = (
         "| system | decode tok/s @300 | decode tok/s @1500 | prefill tok/s 64 / 256 / 1024 | "
         "vision s/tile | FTL text s | FTL 1 tile + 40 tokens s | load s | peak RSS GB |"
@@ -398,8 +440,8 @@ def render(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str, size: str) -> None:
-    start, end = markers(size)
+def write_section(path: str, section: str, size: str, name: str | None = None) -> None:
+    start, end = markers(size, name)
     text = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
     if start in text and end in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
@@ -423,6 +465,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None, help="JSON file for the raw results (default WORK/results.json)")
     ap.add_argument("--write", default=None, help="update this markdown file's comparison section (BENCHMARKS.md)")
+    ap.add_argument("--section", default=None, help="the section's name in that file (default: the model size's)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
@@ -460,6 +503,7 @@ def main() -> None:
         files = gguf_files(llama, args.checkpoint, args.work, args.quick)
         tile = picture(os.path.join(args.work, "tile.png"))
         results["llama.cpp"] = bench_llama(llama, files, args.threads, args.repeats, tile)
+        results["llama.cpp"]["cmake"] = " ".join(llama_build()[1])
         save()
     log(f"wrote {out_path}")
     if args.write:
@@ -467,8 +511,10 @@ def main() -> None:
         # BENCHMARKS.md's placeholders (CKPT, WORK), not this machine's folders
         command = ["python", "benchmarks/compare.py", "--checkpoint", "CKPT", "--work", "WORK"]
         command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-        command += ["--quick"] * args.quick + ["--write", os.path.basename(args.write)]
-        write_section(args.write, render(results, " ".join(command)), results["size"])
+        command += ["--quick"] * args.quick + ["--section", args.section] * bool(args.section)
+        command += ["--write", os.path.basename(args.write)]
+        results["section"] = args.section
+        write_section(args.write, render(results, " ".join(command)), results["size"], args.section)
         log(f"updated {args.write}")
 
 

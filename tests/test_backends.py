@@ -7,6 +7,9 @@ tests/test_sophgo.py drives one through generate, bench and the API)."""
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -64,3 +67,34 @@ def test_forward_arguments_are_checked(bundle):
     cache.lengths[:] = backend.seq_length - 1
     with pytest.raises(ValueError, match="full"):
         checked_query_lens(backend, cache, rows, [2, 0])
+
+
+FREED_BLOCKS = """
+import sys, numpy as np
+from internvl_edge.backends.ort import hand_back_large_blocks
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+if sys.argv[1] == "1":
+    assert hand_back_large_blocks()
+a = np.ones(24 << 20, np.uint8); del a  # glibc raises its mmap threshold to 24 MiB here, unless fixed
+before = rss()
+b = np.ones(16 << 20, np.uint8); del b  # a heap block that stays, or a mapping handed back
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_large_blocks_go_back_to_the_system():
+    """The ONNX Runtime backend fixes glibc's mmap threshold (hand_back_large_blocks): a large block
+    freed after a larger one goes back to the system instead of staying in the heap."""
+    kept = {}
+    for fixed in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        proc = subprocess.run(
+            [sys.executable, "-c", FREED_BLOCKS, fixed], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        kept[fixed] = int(proc.stdout.split()[-1])
+    if kept["0"] < 8 << 20:
+        pytest.skip("this C library hands the block back by itself")
+    assert kept["1"] < 4 << 20, kept

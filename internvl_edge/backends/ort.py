@@ -9,6 +9,7 @@ which are in host memory here anyway.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
@@ -35,6 +36,25 @@ def aligned_zeros(shape, dtype=np.float32, align: int = 4096) -> np.ndarray:
     raw = np.zeros(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)  # the view keeps `raw` alive
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def hand_back_large_blocks(threshold: int = 1 << 20) -> bool:
+    """On glibc, blocks of `threshold` bytes and more always come from mmap and go back to the system
+    when freed. glibc's own threshold rises to the size of each large block freed (up to 32 MiB), after
+    which prefill's and the vision encoder's activations come from the heap and stay there, fragmented:
+    `internvl-edge bench` on InternVL3-2B shapes grew to 1.19x the weights by its end, 1.10x with this
+    (docs/performance-notes.md, "Memory and load"). Nothing where the process set MALLOC_MMAP_THRESHOLD_
+    itself or the C library is not glibc. True when set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def _plain_table(path: str):
@@ -69,6 +89,7 @@ class OrtBackend:
         self.hidden, self.vocab = facts.hidden_size, facts.vocab_size
         self.layers, self.kv_heads, self.head_dim = facts.num_layers, facts.num_kv_heads, facts.head_dim
         self.threads = threads or available_cores()
+        hand_back_large_blocks()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}
         self.q4_kernel: str | None = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
@@ -145,7 +166,7 @@ class OrtBackend:
         if not any(moved.values()):
             return model.SerializeToString() if edit is not None else None
         if moved[kernels.OP]:
-            self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()})"
+            self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()}, {kernels.prefetch_hint()} prefetch)"
         if moved[kernels.ATTENTION_OP]:
             self.attention_kernel = "internvl-edge"
         self.table_inputs = kernels.table_inputs(model)

@@ -12,6 +12,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A line of the KV cache fetched ahead: non-temporally or into L2, as isa_prefetch_nta says (isa.h) */
+#define ATTN_PREFETCH_LINE(addr, nta)                                                                  \
+    do {                                                                                               \
+        if (nta)                                                                                       \
+            __builtin_prefetch((addr), 0, 0);                                                          \
+        else                                                                                           \
+            __builtin_prefetch((addr), 0, 1);                                                          \
+    } while (0)
+
 #define ATTN_LANES 16       /* head_dim must be a multiple of the widest vector's floats */
 #define ATTN_MAX_HEAD_DIM 256
 #define ATTN_MAX_GROUP 16   /* query heads per KV head (Qwen2.5: 6 for 1.5B, 7 for 7B) */

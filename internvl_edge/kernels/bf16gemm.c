@@ -50,15 +50,19 @@ size_t bf16_packed_bytes(int64_t k, int64_t n) { return (size_t)bf16_kp(k) * (si
 
 void bf16_pack(const uint16_t *b, int64_t k, int64_t n, uint16_t *out) {
     const int64_t pairs = bf16_kp(k) / 2, blocks = bf16_np(n) / 16;
-    for (int64_t cb = 0; cb < blocks; cb++)
-        for (int64_t r = 0; r < pairs; r++) {
+    /* B's rows in order (the weight is read once, sequentially), each pair of them interleaved into
+     * every column block; zeros past k and n */
+    for (int64_t r = 0; r < pairs; r++) {
+        const uint16_t *even = 2 * r < k ? b + 2 * r * n : NULL, *odd = 2 * r + 1 < k ? b + (2 * r + 1) * n : NULL;
+        for (int64_t cb = 0; cb < blocks; cb++) {
             uint16_t *o = out + (cb * pairs + r) * 32;
-            for (int c = 0; c < 16; c++)
-                for (int h = 0; h < 2; h++) {
-                    const int64_t col = cb * 16 + c, kk = 2 * r + h;
-                    o[2 * c + h] = col < n && kk < k ? b[kk * n + col] : 0;
-                }
+            const int64_t c0 = cb * 16, width = n - c0 < 16 ? (n - c0 > 0 ? n - c0 : 0) : 16;
+            for (int64_t c = 0; c < 16; c++) {
+                o[2 * c] = even && c < width ? even[c0 + c] : 0;
+                o[2 * c + 1] = odd && c < width ? odd[c0 + c] : 0;
+            }
         }
+    }
 }
 
 /* float -> bfloat16 bits, nearest even (PyTorch's rounding: c10/util/BFloat16.h, round_to_nearest_even) */

@@ -41,6 +41,26 @@ isa_t isa_selected(void) {
     return (isa_t)cached;
 }
 
+int isa_prefetch_nta(void) {
+    static int cached = -1; /* as above */
+    if (cached < 0) {
+        const char *v = getenv("INTERNVL_EDGE_PREFETCH");
+        if (v && strcmp(v, "nta") == 0)
+            cached = 1;
+        else if (v && strcmp(v, "t2") == 0)
+            cached = 0;
+        else {
+#if defined(__x86_64__) && defined(__GNUC__)
+            __builtin_cpu_init();
+            cached = __builtin_cpu_is("amd") ? 1 : 0;
+#else
+            cached = 0;
+#endif
+        }
+    }
+    return cached;
+}
+
 int isa_batch_invariant(void) {
     static int cached = -1; /* as above: a race reads the variable twice */
     if (cached < 0) {

@@ -15,4 +15,13 @@ const char *isa_name(isa_t isa);
  * long prompts, whose order differs from decode's. Read once per process. */
 int isa_batch_invariant(void);
 
+/* 1 where the kernels' software prefetches of data read once per token (4-bit weights, KV rows) take
+ * the non-temporal hint, 0 where they take T2. AMD's cores keep an NTA line out of the L2 and L3 only:
+ * there it spares the KV rows and activations (decode 1.02-1.03x against T0 on Zen 5). Intel's server
+ * cores fetch an NTA line into L1 alone, through its few fill buffers, and their L2 streamer does not
+ * take it up: on a Xeon with AMX the 4-bit linears read 11-12 GB/s with NTA and 26-42 GB/s with T2
+ * (benchmarks/matmulnbits.py, 2 threads; docs/performance-notes.md). INTERNVL_EDGE_PREFETCH=nta|t2
+ * overrides the choice (for measuring it). Read once per process. */
+int isa_prefetch_nta(void);
+
 #endif

@@ -47,6 +47,18 @@ def isa() -> str | None:
     return _library()[1] if library_path() is not None else None
 
 
+def prefetch_hint() -> str | None:
+    """How the 4-bit linears and attention prefetch the weights and KV rows they read once per token
+    ("nta": non-temporally, on AMD; "t2": into L2, elsewhere; INTERNVL_EDGE_PREFETCH overrides it:
+    isa.h), or None where our kernels do not run."""
+    found = _library() if library_path() is not None else None
+    if found is None:
+        return None
+    lib = ctypes.CDLL(found[0])
+    lib.q4_prefetch_hint.restype = ctypes.c_char_p
+    return lib.q4_prefetch_hint().decode()
+
+
 def bf16_path() -> str | None:
     """Where the vision encoder's bfloat16 linears run here ("amx", "avx512bf16"), or None: no library,
     a CPU with neither AMX-BF16 nor AVX512-BF16, or INTERNVL_EDGE_BF16=none (bf16gemm.h). The library

@@ -34,6 +34,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "isa.h"
 #include "ort_glue.h"
 #include "q4gemm.h"
 #include "rms_norm.h"
@@ -420,6 +421,8 @@ static const struct {
 };
 
 ORT_EXPORT const char *q4_kernel_isa(void) { return q4_isa(); }
+/* How the kernels prefetch what they read once per token: "nta" or "t2" (isa.h, isa_prefetch_nta) */
+ORT_EXPORT const char *q4_prefetch_hint(void) { return isa_prefetch_nta() ? "nta" : "t2"; }
 
 /* Bytes of weights packed by this process's MatMulNBits kernels so far, and of those, how many of
  * ORT's copies were handed back to the page cache. */

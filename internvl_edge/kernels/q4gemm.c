@@ -24,12 +24,16 @@
 #define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
 #endif
 
-#ifndef Q4_PREFETCH_HINT
-#define Q4_PREFETCH_HINT _MM_HINT_NTA /* weights are read once per token: fetched without displacing
-                                         what decode reuses (KV rows, activations, the Python loop's
-                                         state) from L2 and L3. Decode 1.01-1.03x against T0
-                                         (benchmarks/kernels_ab.py --against; docs/performance-notes.md) */
-#endif
+/* One line of weights fetched ahead: they are read once per token, so non-temporally where that keeps
+ * them from displacing what decode reuses (KV rows, activations) from L2 and L3, else into L2 (T2):
+ * isa_prefetch_nta says which. `nta` is read once per task; the branch is the same every line. */
+#define Q4_PREFETCH_LINE(addr, nta)                                                                    \
+    do {                                                                                               \
+        if (nta)                                                                                       \
+            _mm_prefetch((const char *)(addr), _MM_HINT_NTA);                                          \
+        else                                                                                           \
+            _mm_prefetch((const char *)(addr), _MM_HINT_T2);                                           \
+    } while (0)
 
 #ifndef Q4_PACKED_PREFETCH
 #define Q4_PACKED_PREFETCH 8192 /* bytes ahead in q4_pack's layout, one stream: tuned on 2 cores with
@@ -128,6 +132,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
     const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
     const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
+    const int nta = isa_prefetch_nta();
     __m256 facc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; b++) {
         __m512i acc[8];
@@ -145,7 +150,7 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
                 const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
-                _mm_prefetch((const char *)(wp + ahead), Q4_PREFETCH_HINT);
+                Q4_PREFETCH_LINE(wp + ahead, nta);
                 const __m512i w = _mm512_loadu_si512((const void *)wp);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);

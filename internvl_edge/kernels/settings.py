@@ -5,10 +5,12 @@ runs on ONNX Runtime's kernels), "matmul" or "attention" only that one of ours (
 a time); "unpacked" is 1 with the 4-bit weights read as stored instead of repacked (what the repacking
 gives), "unfused" is 1 with the norms left as nodes of their own (what folding them gives: fuse_norms).
 
-Two more flags belong to the compiled library itself, which reads them once when ONNX Runtime first
-runs it (isa.c), with or without this module in the process: INTERNVL_EDGE_ISA caps the instruction
-set ("avx2", "avxvnni", "avx512vnni"; the tests run every variant that way) and
-INTERNVL_EDGE_BATCH_INVARIANT=0 lets prefill attention take its tiled path (isa.h).
+More flags belong to the compiled library itself, which reads them once when ONNX Runtime first runs
+it, with or without this module in the process: INTERNVL_EDGE_ISA caps the instruction set ("avx2",
+"avxvnni", "avx512vnni"; the tests run every variant that way; isa.c); INTERNVL_EDGE_BATCH_INVARIANT=0
+lets prefill attention take its tiled path (isa.h); INTERNVL_EDGE_PREFETCH ("nta", "t2") overrides the
+prefetch hint the CPU's vendor picks (isa.h); INTERNVL_EDGE_BF16 caps the vision encoder's bfloat16
+path ("avx512bf16": not AMX; "none": the float32 encoder; bf16gemm.h).
 """
 
 from __future__ import annotations
