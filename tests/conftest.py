@@ -13,6 +13,7 @@ nothing depends on one fixture's sizes and each decoder's distinctive features a
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -124,6 +125,27 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
         x0, y0 = rng.integers(0, width - 8), rng.integers(0, height - 8)
         img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
     return Image.fromarray(img, "RGB")
+
+
+def child_prints(code: str, env: dict) -> str:
+    """What Python `code` prints in a child process with `env` (the kernel library reads its flags
+    once per process, so a flag's effect is seen in a child)."""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip()
+
+
+def run_tests_in_child(tests: list[str], env: dict) -> str:
+    """Run these test ids in a child pytest with `env`; its output, once it has passed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")

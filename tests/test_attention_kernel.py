@@ -15,12 +15,11 @@ comparisons again on the AVX2 variant.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import run_tests_in_child
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
@@ -137,16 +136,7 @@ def test_tiled_prefill_path_matches_onnxruntime():
     path (the library reads the variable once per process: a child runs them)."""
     env = {**os.environ, "INTERNVL_EDGE_BATCH_INVARIANT": "0"}
     test = f"{os.path.abspath(__file__)}::test_matches_onnxruntime"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout
+    run_tests_in_child([test], env)
 
 
 @needs_kernel

@@ -7,13 +7,12 @@ which tests/test_reference.py covers."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import child_prints, run_tests_in_child
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
@@ -186,21 +185,12 @@ def test_the_avx512bf16_path_too():
     env = {**os.environ, "INTERNVL_EDGE_BF16": "avx512bf16"}
     here = os.path.dirname(os.path.abspath(__file__))
     code = "from internvl_edge import kernels; print(kernels.bf16_path())"
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "avx512bf16"
+    assert child_prints(code, env) == "avx512bf16"
     tests = [
         f"{here}/test_bf16_vision.py::test_matmul_bf16_matches_numpy",
         f"{here}/test_bf16_vision.py::test_rows_do_not_depend_on_the_batch",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+    assert "skipped" not in run_tests_in_child(tests, env)
 
 
 def _rel(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

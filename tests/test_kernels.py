@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import subprocess
 import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import child_prints, run_tests_in_child
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
@@ -541,14 +541,7 @@ def test_every_instruction_set_variant(variant):
     """The AVX2 and AVX-VNNI variants (what CPUs without AVX-512 run) pass the same comparisons with
     ONNX Runtime's kernels, forced on this CPU with INTERNVL_EDGE_ISA in a child process."""
     env = {**os.environ, "INTERNVL_EDGE_ISA": variant}
-    probe = subprocess.run(
-        [sys.executable, "-c", "from internvl_edge import kernels; print(kernels.isa())"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if probe.stdout.strip() != variant:
+    if child_prints("from internvl_edge import kernels; print(kernels.isa())", env) != variant:
         pytest.skip(f"this CPU cannot run {variant}")
     here = os.path.dirname(os.path.abspath(__file__))
     tests = [
@@ -561,15 +554,7 @@ def test_every_instruction_set_variant(variant):
         f"{here}/test_kernels.py::test_fused_norm_matches_the_unfused_graph",
         f"{here}/test_attention_kernel.py::test_matches_onnxruntime",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+    assert "skipped" not in run_tests_in_child(tests, env)
 
 
 def _cpu_vendor() -> str:
@@ -584,11 +569,10 @@ def test_either_prefetch_hint(hint):
     (isa.h: Intel's cores run the 4-bit linears at half speed with NTA); INTERNVL_EDGE_PREFETCH
     names the other one, and the kernels pass the same comparisons with ONNX Runtime's under it."""
     code = "from internvl_edge import kernels; print(kernels.prefetch_hint())"
-    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert default.stdout.strip() == ("nta" if _cpu_vendor() == "AuthenticAMD" else "t2")
+    default = {k: v for k, v in os.environ.items() if k != "INTERNVL_EDGE_PREFETCH"}
+    assert child_prints(code, default) == ("nta" if _cpu_vendor() == "AuthenticAMD" else "t2")
     env = {**os.environ, "INTERNVL_EDGE_PREFETCH": hint}
-    forced = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert forced.stdout.strip() == hint
+    assert child_prints(code, env) == hint
     here = os.path.dirname(os.path.abspath(__file__))
     tests = [
         f"{here}/test_kernels.py::test_matches_onnxruntime_and_numpy",
@@ -596,12 +580,4 @@ def test_either_prefetch_hint(hint):
         f"{here}/test_kernels.py::test_8bit_weights_match_onnxruntime",
         f"{here}/test_attention_kernel.py::test_matches_onnxruntime",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout
+    run_tests_in_child(tests, env)
