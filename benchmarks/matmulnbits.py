@@ -14,6 +14,16 @@ runtime moves them), one after the other. Not part of CI.
 The gate/up shape also runs fused with its SwiGLU (attribute swiglu=1, as the runtime fuses it:
 kernels.fuse_swiglu), on ours: "gate_up swiglu", the same weights read, half the columns written.
 
+`--layers 28` (1 to 28) times the 4-bit linears the way decode runs them instead: qkv, o_proj, gate_up, down_proj
+of each layer in turn, each fed (a slice of) the one before, distinct random weights per layer (655
+MB for 28 layers: more than the caches), no attention, norms or lm_head; milliseconds per pass and
+GB/s of weights, medians of 40 passes. Between shapes, each linear starts where the last one ended
+(the thread pool's hand-over, the serial prologue, cold first lines), which the per-shape figures,
+each shape repeated, do not show. Builds compare by running it from each build in turn:
+
+    python benchmarks/matmulnbits.py --layers 28
+    PYTHONPATH=OTHER python benchmarks/matmulnbits.py --layers 28   # OTHER: a copy of the package
+
 `--hot` times 8 distinct weights of 1536 x 2048 (12.6 MB, held in this machine's 32 MB L3), run after
 run: what the kernel can consume when memory is not the limit (on a machine whose bandwidth changes
 with its load, the figure that says whether a kernel can keep up with the fast state). Distinct
@@ -31,6 +41,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
+from internvl_edge.backends.ort import hand_back_large_blocks
 from internvl_edge.bench import read_bandwidth
 
 HIDDEN, INTERMEDIATE, LAYERS = 1536, 8960, 28
@@ -105,13 +116,102 @@ def time_shape(
     return seconds / copies * 1e3, copies * n * k * bits / 8 / seconds / 1e9
 
 
+def layers_graph(layers: int, block: int, accuracy_level: int):
+    """The decoder's 4-bit linears of `layers` layers in decode's order, each fed by the one before."""
+    rng = np.random.default_rng(0)
+    shapes = [("qkv", *SHAPES["qkv"][:2]), ("o", HIDDEN, HIDDEN), ("gate_up", *SHAPES["gate_up"][:2])]
+    shapes.append(("down", INTERMEDIATE, HIDDEN))
+    inits = [numpy_helper.from_array(np.array([v], np.int64), name) for name, v in (("zero", 0), ("one", 1))]
+    inits += [numpy_helper.from_array(np.array([w], np.int64), f"width{w}") for w in (HIDDEN, INTERMEDIATE)]
+    nodes, x, width = [], "x", HIDDEN
+    for layer in range(layers):
+        for name, k, n in shapes:
+            if width != k:  # the next linear's input: the first k outputs (o_proj after qkv, down after gate_up)
+                nodes.append(helper.make_node("Slice", [x, "zero", f"width{k}", "one"], [f"{x}_{k}"]))
+                x = f"{x}_{k}"
+            w = f"{name}{layer}"
+            blocks = (k + block - 1) // block
+            scales = rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001  # as graph()'s
+            inits += [
+                numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), w + "_w"),
+                numpy_helper.from_array(scales, w + "_s"),
+                numpy_helper.from_array(rng.integers(0, 256, n * (-(-blocks // 2)), dtype=np.uint8), w + "_z"),
+            ]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [x, w + "_w", w + "_s", w + "_z"],
+                    [w + "_y"],
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=4,
+                    block_size=block,
+                    accuracy_level=accuracy_level,
+                )
+            )
+            x, width = w + "_y", n
+    g = helper.make_graph(
+        nodes,
+        "decoder_linears",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, HIDDEN])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    weight_bytes = layers * sum(k * n // 2 for _, k, n in shapes)
+    return model, weight_bytes
+
+
+def time_layers(layers: int, threads: int, block: int, accuracy_level: int, ours: bool) -> tuple[float, float]:
+    """Milliseconds per pass through `layers` layers' linears, and GB/s of 4-bit weights."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False  # as the runtime's sessions (backends/ort.py)
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    model, weight_bytes = layers_graph(layers, block, accuracy_level)
+    if ours:
+        kernels.rewrite(model, threads)
+        so.register_custom_ops_library(kernels.library_path())
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # small: the values grow ~20x per layer and stay finite through the 2B's 28 layers (scales 20x
+    # smaller, which keep them near 1, made ONNX Runtime's kernel 1.4-1.5x slower; not looked into)
+    x = np.random.default_rng(1).random((1, HIDDEN), dtype=np.float32) * 0.01
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(40):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    return seconds * 1e3, weight_bytes / seconds / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--accuracy_level", type=int, default=4)
     ap.add_argument("--hot", action="store_true", help="8 weights of 1536 x 2048 held in L3: the compute ceiling")
+    ap.add_argument("--layers", type=int, default=0, help="time this many layers' linears in decode's order")
     args = ap.parse_args()
+    if not 0 <= args.layers <= LAYERS:
+        ap.error(f"--layers takes 1 to {LAYERS} (InternVL3-2B's layers)")
+    # as the runtime does (backends/ort.py), for every mode (figures recorded before it was set here were
+    # taken without it): without it glibc served the packed weights from heap memory
+    # that earlier sessions freed, in 4 KB pages (/proc/self/smaps: 0.15 of 0.63 GB in huge pages), and
+    # our kernel's --layers 28 ran 1.05-1.14x slower
+    hand_back_large_blocks()
+    if args.layers:
+        print(f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}", flush=True)
+        print(f"read bandwidth (ReduceSum): {read_bandwidth(args.threads):.1f} GB/s", flush=True)
+        for ours in (False, True) if kernels.library_path() is not None else (False,):
+            ms, gbs = time_layers(args.layers, args.threads, args.block, args.accuracy_level, ours)
+            name = "internvl-edge q4gemm" if ours else "onnxruntime"
+            print(f"{args.layers} layers' linears, {name}: {ms:.2f} ms per pass, {gbs:.1f} GB/s", flush=True)
+        return
     shapes = {"hot 8x1536x2048": (HIDDEN, 2048, 4, 8)} if args.hot else SHAPES
     print(
         f"onnxruntime {ort.__version__}, {args.threads} threads, blocks of {args.block}, "

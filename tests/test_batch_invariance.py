@@ -157,11 +157,21 @@ def test_float_bundle_is_batch_invariant_too(bundle):
 
 
 @needs_kernel
-@pytest.mark.parametrize("K,N,block,with_bias", [(1024, 200, 128, True), (640, 70, 64, False), (1536, 96, 256, False)])
+@pytest.mark.parametrize(
+    "K,N,block,with_bias",
+    [
+        (1024, 200, 128, True),
+        (1152, 64, 128, False),
+        (768, 48, 256, True),
+        (640, 70, 64, False),
+        (1536, 96, 256, False),
+    ],
+)
 def test_linear_row_is_the_same_alone_and_anywhere_in_a_batch(K, N, block, with_bias):
     """A row of the 4-bit linear, alone (decode's 8-column tiles) and at the start, middle and end of
     2 .. 300 rows (4-row prefill tiles, their remainders, more rows than one task): the same bits.
-    N = 70 leaves columns past the last group of 8; blocks of 64 have no scale table."""
+    N = 70 leaves columns past the last group of 8; blocks of 64 have no scale table; K = 1152 (9
+    blocks of 128) and 768 (3 of 256): decode reduces blocks two at a time and an odd last one alone."""
     rng = np.random.default_rng(K + N)
     w = quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 4, block)
     sess = _graph(w, kernels.DOMAIN, rng.standard_normal(N).astype(np.float32) if with_bias else None)

@@ -77,6 +77,8 @@ def _graph(w, domain: str, bias: np.ndarray | None, accuracy_level: int = 4, b_f
 CASES = [  # (rows, K, N, block, bias)
     (1, 256, 96, 128, False),
     (1, 1536, 200, 128, True),
+    (1, 1152, 72, 128, True),  # decode over an odd number of blocks: pairs, then the last one alone
+    (1, 768, 48, 256, False),  # the same with blocks of 256
     (2, 640, 37, 64, False),
     (3, 192, 33, 128, True),  # K padded to 256 in B
     (4, 384, 64, 128, False),  # three blocks: the last zero-point byte half used

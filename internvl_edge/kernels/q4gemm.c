@@ -66,13 +66,24 @@ q4_entry_scales(const uint8_t *entry, const int f16)
 }
 
 /* The end of one block of an 8-column decode tile (tile8_avx512vnni, tile8_sequential): the 8
- * columns' int32 partial sums (8 lanes each) reduced across lanes into [c0 .. c7] (exact: integers),
- * then scaled and zero-point corrected as vectors over the columns from the block's q4_blocks_fill
- * entry, in the one order every path of this kernel follows for every (row, column), so that a row's
+ * columns' int32 partial sums reduced across lanes into dot = [c0 .. c7] (exact: integers;
+ * q4_block_end does it for 8 lanes each, tile8_avx512vnni for two blocks of 16 at once), then scaled
+ * and zero-point corrected here as vectors over the columns from the block's q4_blocks_fill entry, in
+ * the one order every path of this kernel follows for every (row, column), so that a row's
  * result does not depend on how many rows share the call or where it sits (batch invariance):
  *   acc = fma(float(dot[c,b]), s[c,b] * sa[b], acc);  acc = acc - (s[c,b] * z[c,b]) * ts[b]  (one rounding)
  * over the blocks in order from acc = 0, then y = acc + bias (0 without one).
  * AVX2 code, inlined into every instruction set's tiles (each a superset). */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+q4_block_scale(const __m256i dot, const uint8_t *entry, const int f16, float sab, float tsb, __m256 *facc)
+{
+    const __m256 s8 = q4_entry_scales(entry, f16);
+    const __m128i zeros = _mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16)));
+    const __m256i z8 = _mm256_cvtepu8_epi32(zeros);
+    *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
+    *facc = _mm256_fnmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *facc);
+}
+
 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
 q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab, float tsb, __m256 *facc)
 {
@@ -80,11 +91,7 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
     const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
     const __m256i dot =
         _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-    const __m256 s8 = q4_entry_scales(entry, f16);
-    const __m128i zeros = _mm_loadl_epi64((const __m128i *)(const void *)(entry + Q4_ENTRY_ZEROS(f16)));
-    const __m256i z8 = _mm256_cvtepu8_epi32(zeros);
-    *facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_set1_ps(sab)), *facc);
-    *facc = _mm256_fnmadd_ps(_mm256_mul_ps(s8, _mm256_cvtepi32_ps(z8)), _mm256_set1_ps(tsb), *facc);
+    q4_block_scale(dot, entry, f16, sab, tsb, facc);
 }
 
 /* VNNI: u8 x s8 dot products of 4 bytes into int32 lanes. The high nibbles are used in place
@@ -106,14 +113,68 @@ q4_block_end(const __m256i v[8], const uint8_t *entry, const int f16, float sab,
 #define Q4_NAME(x) x##_avx512vnni
 #define Q4_DPBUSD _mm256_dpbusd_epi32
 
+/* Sixteen vectors of 16 int32 partial sums into one: lane i = the sum of v[i]'s lanes (exact:
+ * integers). Three rounds, each halving the vectors: 32-bit interleaves, 64-bit interleaves, then
+ * 128-bit lanes: 45 instructions for 16 sums, where folding each to 8 lanes and q4_block_end's
+ * horizontal adds take 50 for two blocks of 8, 12 of them horizontal adds of 3 micro-ops each. */
+static inline __attribute__((always_inline)) __m512i sum16_avx512(const __m512i v[16])
+{
+    __m512i w[8], x[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of (a, b) = v[2i], v[2i+1] */
+        w[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: v[4i] .. v[4i+3], each summed over that lane */
+        x[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(w[2 * i], w[2 * i + 1]),
+                                _mm512_unpackhi_epi64(w[2 * i], w[2 * i + 1]));
+    /* the four 128-bit lanes of each x[i] summed into lane i */
+    const __m512i y01 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i y23 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* One block of 8 columns, B weights from k = b * B, into acc[0..7] (16 int32 lanes per column). */
+static inline __attribute__((always_inline)) void block8_avx512vnni(const int8_t *qa, const uint8_t *wb, int64_t b,
+                                                                    int64_t B, int64_t column_stride,
+                                                                    int64_t step_stride, int64_t ahead, int nta,
+                                                                    __m512i acc[8])
+{
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++)
+        acc[j] = _mm512_setzero_si512();
+    for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += 128) {
+        /* the activation layout is per 64 weights [32 even | 32 odd]: pair two of them */
+        const __m512i a_lo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0))),
+                                                _mm256_load_si256((const __m256i *)(qa + k0 + 64)), 1);
+        const __m512i a_hi = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0 + 32))),
+            _mm256_load_si256((const __m256i *)(qa + k0 + 96)), 1);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
+            Q4_PREFETCH_LINE(wp + ahead, nta);
+            const __m512i w = _mm512_loadu_si512((const void *)wp);
+            acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
+            acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
+        }
+    }
+}
+
 /* Decode (one row) on 8 columns at a time, for blocks of a multiple of 128 weights: B is read 64
- * bytes (one block of 128) per load. Each column's 16 int32 partial sums of a block are folded to 8
- * (exact) and the block ends in q4_block_end, the order every path follows (batch invariance).
- * Reducing once per tile instead, in float, was 1.01-1.02x faster (benchmarks/kernels_ab.py
- * --against; docs/performance-notes.md) but gave a row another result than the prefill tiles.
- * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding
- * them per call, or gathering them, cost a third of the time). Not run on the AVX2-only machines
- * this was written on: the same arithmetic as tile8_sequential by construction.
+ * bytes (one block of 128) per load. Blocks go in pairs: the 16 columns' sums of the pair reduced
+ * together (sum16_avx512), then each block ends in q4_block_scale in order, the order every path
+ * follows (batch invariance); an odd last block alone, through q4_block_end. Against each block
+ * reduced alone, on a Xeon with AVX512-VNNI: InternVL3-2B's 28 layers of linears 1.06-1.10x faster
+ * on 4 KB pages, the same (0.99-1.02x) on huge pages (benchmarks/matmulnbits.py --layers 28;
+ * docs/performance-notes.md). Reducing once per tile instead, in float, was 1.01-1.02x faster on AMD
+ * (benchmarks/kernels_ab.py --against) but gave a row another result than the prefill tiles.
+ * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding them
+ * per call, or gathering them, cost a third of the time).
  */
 #define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
@@ -123,7 +184,6 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const int8_t *qa = (const int8_t *)p->scratch + r * K;
     const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
     const float *ts = sa + p->m * nblk;
-    const __m512i m0f = _mm512_set1_epi8(0x0F);
     const int f16 = p->blocks_f16;
     const int64_t entry = Q4_ENTRY_BYTES(f16);
     const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
@@ -134,28 +194,18 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
     const int nta = isa_prefetch_nta();
     __m256 facc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nblk; b++) {
+    int64_t b = 0;
+    for (; b + 2 <= nblk; b += 2) {
+        __m512i acc[16];
+        block8_avx512vnni(qa, wb, b, B, column_stride, step_stride, ahead, nta, acc);
+        block8_avx512vnni(qa, wb, b + 1, B, column_stride, step_stride, ahead, nta, acc + 8);
+        const __m512i dots = sum16_avx512(acc);
+        q4_block_scale(_mm512_castsi512_si256(dots), group + b * entry, f16, sa[b], ts[b], &facc);
+        q4_block_scale(_mm512_extracti64x4_epi64(dots, 1), group + (b + 1) * entry, f16, sa[b + 1], ts[b + 1], &facc);
+    }
+    if (b < nblk) {
         __m512i acc[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++)
-            acc[j] = _mm512_setzero_si512();
-        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += 128) {
-            /* the activation layout is per 64 weights [32 even | 32 odd]: pair two of them */
-            const __m512i a_lo = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0))),
-                _mm256_load_si256((const __m256i *)(qa + k0 + 64)), 1);
-            const __m512i a_hi = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(qa + k0 + 32))),
-                _mm256_load_si256((const __m256i *)(qa + k0 + 96)), 1);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
-                Q4_PREFETCH_LINE(wp + ahead, nta);
-                const __m512i w = _mm512_loadu_si512((const void *)wp);
-                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(w, m0f), a_lo);
-                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f), a_hi);
-            }
-        }
+        block8_avx512vnni(qa, wb, b, B, column_stride, step_stride, ahead, nta, acc);
         __m256i folded[8];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++)
