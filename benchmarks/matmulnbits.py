@@ -14,12 +14,13 @@ runtime moves them), one after the other. Not part of CI.
 The gate/up shape also runs fused with its SwiGLU (attribute swiglu=1, as the runtime fuses it:
 kernels.fuse_swiglu), on ours: "gate_up swiglu", the same weights read, half the columns written.
 
-`--layers 28` (1 to 28) times the 4-bit linears the way decode runs them instead: qkv, o_proj, gate_up, down_proj
-of each layer in turn, each fed (a slice of) the one before, distinct random weights per layer (655
-MB for 28 layers: more than the caches), no attention, norms or lm_head; milliseconds per pass and
-GB/s of weights, medians of 40 passes. Between shapes, each linear starts where the last one ended
-(the thread pool's hand-over, the serial prologue, cold first lines), which the per-shape figures,
-each shape repeated, do not show. Builds compare by running it from each build in turn:
+`--layers 28` (1 to 28) times the 4-bit linears in decode's order instead: qkv, o_proj, gate_up,
+down_proj of each layer in turn, each fed (a slice of) the one before, distinct random weights per
+layer (655 MB for 28 layers: more than the caches), without attention, norms, the fused SwiGLU or the
+lm_head, on our kernel and on ONNX Runtime's; milliseconds per pass and GB/s of weights, medians of
+40 passes. Between shapes, each linear starts where the last one ended (the thread pool's hand-over,
+the serial prologue, cold first lines), which the per-shape figures, each shape repeated, do not
+show. Builds compare by running it from each build in turn:
 
     python benchmarks/matmulnbits.py --layers 28
     PYTHONPATH=OTHER python benchmarks/matmulnbits.py --layers 28   # OTHER: a copy of the package
@@ -199,8 +200,7 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.layers <= LAYERS:
         ap.error(f"--layers takes 1 to {LAYERS} (InternVL3-2B's layers)")
-    # as the runtime does (backends/ort.py), for every mode (figures recorded before it was set here were
-    # taken without it): without it glibc served the packed weights from heap memory
+    # as the runtime does (backends/ort.py): without it glibc served the packed weights from heap memory
     # that earlier sessions freed, in 4 KB pages (/proc/self/smaps: 0.15 of 0.63 GB in huge pages), and
     # our kernel's --layers 28 ran 1.05-1.14x slower
     hand_back_large_blocks()
