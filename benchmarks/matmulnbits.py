@@ -56,45 +56,66 @@ SHAPES = {  # name: (K, N, bits, copies): one copy per layer; lm_head once, 8-bi
 }
 
 
+def linear(rng, name: str, x: str, k: int, n: int, bits: int, block: int, accuracy_level: int):
+    """One MatMulNBits node `name` reading `x` and writing `name`_y, and its random weights."""
+    blocks = (k + block - 1) // block
+    weights = [
+        numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), name + "_w"),
+        numpy_helper.from_array(rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001, name + "_s"),
+        # zero points as our bundles have them: always given
+        numpy_helper.from_array(rng.integers(0, 256, n * (-(-blocks * bits // 8)), dtype=np.uint8), name + "_z"),
+    ]
+    node = helper.make_node(
+        "MatMulNBits",
+        [x, name + "_w", name + "_s", name + "_z"],
+        [name + "_y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    return node, weights
+
+
 def graph(k: int, n: int, bits: int, block: int, copies: int, accuracy_level: int):
     rng = np.random.default_rng(0)
-    blocks = (k + block - 1) // block
     nodes, weights, outputs = [], [], []
     for i in range(copies):
-        packed = rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8)
-        scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
-        zeros = rng.integers(0, 256, n * (-(-blocks * bits // 8)), dtype=np.uint8)  # as our bundles: always given
-        weights += [
-            numpy_helper.from_array(packed, f"w{i}"),
-            numpy_helper.from_array(scales, f"s{i}"),
-            numpy_helper.from_array(zeros, f"z{i}"),
-        ]
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                ["x", f"w{i}", f"s{i}", f"z{i}"],
-                [f"y{i}"],
-                domain="com.microsoft",
-                K=k,
-                N=n,
-                bits=bits,
-                block_size=block,
-                accuracy_level=accuracy_level,
-            )
-        )
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+        node, w = linear(rng, f"l{i}", "x", k, n, bits, block, accuracy_level)
+        nodes.append(node)
+        weights += w
+        outputs.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, [1, n]))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
     g = helper.make_graph(nodes, "matmulnbits", [x], outputs, weights)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_shape(
-    k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False, swiglu=False
-) -> tuple[float, float]:
+def options(threads: int) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's sessions
+    return so
+
+
+def median_run(sess, x: np.ndarray, repeats: int) -> float:
+    """Seconds per run of `sess` on `x`, the median of `repeats` after 3 warm-up runs."""
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def time_shape(
+    k, n, bits, copies, threads, block, accuracy_level, ours=False, hot=False, swiglu=False
+) -> tuple[float, float]:
+    so = options(threads)
     model = graph(k, n, bits, block, copies, accuracy_level)
     repeats = 100 if hot else 10
     if ours:
@@ -105,15 +126,7 @@ def time_shape(
             node.attribute.append(helper.make_attribute("swiglu", 1))
             output.type.tensor_type.shape.dim[1].dim_value = n // 2
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).random((1, k), dtype=np.float32)
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
+    seconds = median_run(sess, np.random.default_rng(1).random((1, k), dtype=np.float32), repeats)
     return seconds / copies * 1e3, copies * n * k * bits / 8 / seconds / 1e9
 
 
@@ -130,28 +143,10 @@ def layers_graph(layers: int, block: int, accuracy_level: int):
             if width != k:  # the next linear's input: the first k outputs (o_proj after qkv, down after gate_up)
                 nodes.append(helper.make_node("Slice", [x, "zero", f"width{k}", "one"], [f"{x}_{k}"]))
                 x = f"{x}_{k}"
-            w = f"{name}{layer}"
-            blocks = (k + block - 1) // block
-            scales = rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001  # as graph()'s
-            inits += [
-                numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), w + "_w"),
-                numpy_helper.from_array(scales, w + "_s"),
-                numpy_helper.from_array(rng.integers(0, 256, n * (-(-blocks // 2)), dtype=np.uint8), w + "_z"),
-            ]
-            nodes.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    [x, w + "_w", w + "_s", w + "_z"],
-                    [w + "_y"],
-                    domain="com.microsoft",
-                    K=k,
-                    N=n,
-                    bits=4,
-                    block_size=block,
-                    accuracy_level=accuracy_level,
-                )
-            )
-            x, width = w + "_y", n
+            node, weights = linear(rng, f"{name}{layer}", x, k, n, 4, block, accuracy_level)
+            nodes.append(node)
+            inits += weights
+            x, width = node.output[0], n
     g = helper.make_graph(
         nodes,
         "decoder_linears",
@@ -166,11 +161,8 @@ def layers_graph(layers: int, block: int, accuracy_level: int):
 
 def time_layers(layers: int, threads: int, block: int, accuracy_level: int, ours: bool) -> tuple[float, float]:
     """Milliseconds per pass through `layers` layers' linears, and GB/s of 4-bit weights."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so = options(threads)
     so.enable_cpu_mem_arena = False  # as the runtime's sessions (backends/ort.py)
-    so.add_session_config_entry("session.force_spinning_stop", "1")
     model, weight_bytes = layers_graph(layers, block, accuracy_level)
     if ours:
         kernels.rewrite(model, threads)
@@ -179,14 +171,7 @@ def time_layers(layers: int, threads: int, block: int, accuracy_level: int, ours
     # small: the values grow ~20x per layer and stay finite through the 2B's 28 layers (scales 20x
     # smaller, which keep them near 1, made ONNX Runtime's kernel 1.4-1.5x slower; not looked into)
     x = np.random.default_rng(1).random((1, HIDDEN), dtype=np.float32) * 0.01
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    times = []
-    for _ in range(40):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
+    seconds = median_run(sess, x, 40)
     return seconds * 1e3, weight_bytes / seconds / 1e9
 
 
