@@ -4,9 +4,12 @@ This machine's speed drifts by more than the kernels differ (decode 28-47 tok/s 
 one bench after the other says little. This loads the bundle once per setting of
 INTERNVL_EDGE_KERNELS (`--modes`: 1 = all of ours, matmul = our 4-bit matmul and SwiGLU with ONNX
 Runtime's attention, attention = the other way round, 0 = ONNX Runtime's alone), keeps them all
-loaded, and then, round after round, times the same work on each in turn: a prefill of 256 and of
-1024 tokens, and 16 greedy decode steps at contexts 300 and 1500 (from a cache prefilled once per
-setting, rewound to the context every round, so every round decodes the same positions). Medians,
+loaded, and then, round after round, times the same work on each in turn (in the reverse order
+every other round: the setting timed second in a pair read up to 4% faster in an A/A run): a
+prefill of 256 and of 1024 tokens, and 16 greedy decode steps at contexts 300 and 1500 (from a cache
+prefilled once per setting, rewound to the context every round, so every round decodes the same
+positions). A setting may name the KV cache's type after a slash (`1/float32`: all of our kernels
+with a float32 cache; INTERNVL_EDGE_KV_CACHE, kernels/settings.py). Medians,
 bests (the machine's fast state) and the median per-round speed ratio against the last mode. Not
 part of CI. `--against LIB` adds another build of our library (another commit's `_q4*.so`, or one
 built with other -D settings) as one more setting, named "against", with all of its kernels;
@@ -14,6 +17,7 @@ built with other -D settings) as one more setting, named "against", with all of 
 other options), with all of our kernels, as the setting "bundle2".
 
     python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
+    python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1,1/float32
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against OTHER/_q4.so
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against-bundle B2
 """
@@ -55,7 +59,12 @@ def main() -> None:
     loaded = {}
     ours = kernels.library_path
     for mode in modes:
-        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode in ("against", "bundle2") else mode
+        kernel_mode, _, kv_cache = mode.partition("/")
+        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode in ("against", "bundle2") else kernel_mode
+        if kv_cache:
+            os.environ["INTERNVL_EDGE_KV_CACHE"] = kv_cache
+        else:
+            os.environ.pop("INTERNVL_EDGE_KV_CACHE", None)
         kernels.settings.cache_clear()
         kernels.library_path = (lambda: args.against) if mode == "against" else ours  # what the runtime loads
         model = internvl_edge.load(args.against_bundle if mode == "bundle2" else args.bundle, threads=args.threads)
@@ -64,14 +73,14 @@ def main() -> None:
         loaded[mode] = (model, caches)
         print(
             f"loaded INTERNVL_EDGE_KERNELS={mode}: 4-bit linears {model.backend.q4_kernel}, attention "
-            f"{model.backend.attention_kernel}",
+            f"{model.backend.attention_kernel}, {model.backend.kv_dtype} KV cache",
             flush=True,
         )
     embeds = {n: _random_embeds(loaded[modes[0]][0], n) for n in PREFILLS}
     step_ms = {(m, c): [] for m in modes for c in CONTEXTS}
     prefill_tps = {(m, n): [] for m in modes for n in PREFILLS}
     for rnd in range(args.rounds):
-        for mode in modes:
+        for mode in modes if rnd % 2 == 0 else modes[::-1]:
             model, caches = loaded[mode]
             for ctx in CONTEXTS:
                 cache, token = caches[ctx]

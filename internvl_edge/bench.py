@@ -175,8 +175,8 @@ def decoder_bytes_per_token(model: Model) -> int:
 
 
 def kv_bytes(model: Model, context: int) -> int:
-    m = model.manifest.facts
-    return 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * context
+    """Bytes of KV cache one decode step reads at `context`, in the cache's element type."""
+    return model.backend.row_bytes * context
 
 
 def _median(xs: list[float]) -> float:
@@ -390,6 +390,7 @@ def run_bench(
         "model": model.manifest.facts.name,
         "q4_kernel": model.backend.q4_kernel,
         "attention_kernel": model.backend.attention_kernel,
+        "kv_cache": str(kv) if (kv := getattr(model.backend, "kv_dtype", None)) is not None else None,
         "verification": model.manifest.verification or None,
     }
     res.weight_bytes = model.manifest.weight_bytes
@@ -472,7 +473,8 @@ def format_result(r: BenchResult) -> str:
         f"bundle: {r.bundle['path']} ({r.bundle['quantize']}, {'dynamic' if r.bundle['dynamic'] else 'static'}, "
         f"max_input_length {r.bundle['max_input_length']}, lm_head bits {r.bundle['lm_head_bits']}, "
         f"vision bits {r.bundle['vision_bits']})",
-        f"4-bit linears: {r.bundle.get('q4_kernel') or '-'}; attention: {r.bundle.get('attention_kernel') or '-'}",
+        f"4-bit linears: {r.bundle.get('q4_kernel') or '-'}; attention: {r.bundle.get('attention_kernel') or '-'}"
+        + (f", {r.bundle['kv_cache']} KV cache" if r.bundle.get("kv_cache") else ""),
         f"load (second): {r.load_s:.2f} s",
         f"vision: {r.vision_s_per_tile:.3f} s per tile",
     ]

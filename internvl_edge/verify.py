@@ -12,8 +12,9 @@ figures     vision, per image: cosine similarity of the embeddings reaching the 
             first disagreement, so that step is where free-running answers part)
 attribution the decoder figures again with one lossy option undone in memory at a time: float
             activations in the 4-bit matmuls (the nets' accuracy_level set to 1), a float lm_head
-            (the source's, applied to what the bundle feeds its lm_head) and float vision (the
-            reference's image embeddings); the advice names the convert flag that removes the
+            (the source's, applied to what the bundle feeds its lm_head), float vision (the
+            reference's image embeddings) and, where the runtime keeps the KV cache in float16, a
+            float32 cache; the advice names the convert flag (or runtime setting) that removes the
             largest share of the loss (mean KL)
 """
 
@@ -42,6 +43,7 @@ OPTIONS = {  # variant -> (what is undone, the convert flag that removes the los
     "float_activations": ("float activations in the 4-bit matmuls", "--accuracy_level 1"),
     "float_lm_head": ("float lm_head", "--lm-head-bits 0"),
     "float_vision": ("float vision encoder", "--vision-bits 0"),
+    "float_kv_cache": ("float32 KV cache", "INTERNVL_EDGE_KV_CACHE=float32"),
 }
 
 
@@ -211,6 +213,23 @@ def _sophgo_runner(manifest: Manifest) -> str:
         ) from None
 
 
+def _load_with_float32_cache(bundle: str, threads):
+    """The bundle loaded with its KV cache in float32 (INTERNVL_EDGE_KV_CACHE, read at load)."""
+    from . import kernels
+
+    before = os.environ.get(kernels.KV_VARIABLE)
+    os.environ[kernels.KV_VARIABLE] = "float32"
+    kernels.settings.cache_clear()
+    try:
+        return _load(bundle, threads)
+    finally:
+        if before is None:
+            os.environ.pop(kernels.KV_VARIABLE, None)
+        else:
+            os.environ[kernels.KV_VARIABLE] = before
+        kernels.settings.cache_clear()
+
+
 def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
     o = manifest.settings
     source_half = {"BF16": "bf16", "F16": "f16"}.get(ckpt.storage_dtype, "f32")
@@ -219,6 +238,7 @@ def _options_in_use(manifest: Manifest, ckpt: Checkpoint) -> dict:
         "float_activations": w4 and o.accuracy_level == 4,
         "float_lm_head": o.lm_head_bits > 0,
         "float_vision": o.vision_bits == 8 or o.store not in ("f32", source_half),
+        "float_kv_cache": False,  # the runtime's choice, known once the bundle is loaded
     }
 
 
@@ -314,6 +334,7 @@ def verify(
         model = _load(bundle, threads)  # Sophgo: no in-memory edits, so no attribution
         hidden_name = None
     ran_on = model.backend.runs_on
+    in_use["float_kv_cache"] = np.dtype(getattr(model.backend, "kv_dtype", np.float32)) == np.float16
     options = dict(OPTIONS)
     bf16_vision = str(getattr(model.backend, "vision_kernel", "")).startswith("internvl-edge bf16")
     if bf16_vision and manifest.settings.vision_bits != 8:
@@ -378,9 +399,21 @@ def verify(
             del model
             gc.collect()
             progress.done()
+        if in_use["float_kv_cache"]:
+            progress.step("attribution: float32 KV cache")
+            model = _load_with_float32_cache(bundle, threads)
+            variants["float_kv_cache"] = summarise(
+                [
+                    decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
+                    for p, r, ours in zip(probes, refs, ours_images, strict=True)
+                ]
+            )
+            del model
+            gc.collect()
+            progress.done()
     decoder = summarise(per_probe)
     advice = _advice(decoder, variants, in_use, manifest, options) if cpu else None
-    order = ["float_activations", "float_lm_head", "float_vision"]
+    order = ["float_activations", "float_lm_head", "float_vision", "float_kv_cache"]
     attribution = [
         {"undone": options[k][0], "flag": options[k][1], "option_in_use": in_use[k], **variants[k]}
         for k in order

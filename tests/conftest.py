@@ -74,6 +74,16 @@ CHECKPOINTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _kernel_settings_follow_the_environment():
+    """Our kernels' settings are read from the environment once per process (kernels.settings): read
+    them again after every test, so that one that changes the environment leaves nothing behind."""
+    yield
+    from internvl_edge import kernels
+
+    kernels.settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("internvl_edge")

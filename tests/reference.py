@@ -10,6 +10,7 @@ Everything runs in float32 with eager attention.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -220,6 +221,31 @@ def prompt_text(question: str, tiles_per_image: list[int], tokens_per_tile: int 
     for n in tiles_per_image:
         text = text.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * n) + "</img>", 1)
     return text
+
+
+@contextlib.contextmanager
+def float16_cache(enabled: bool = True):
+    """transformers' models, while inside, keep their KV cache rounded to float16 (to nearest even, as
+    F16C rounds), computing in float32 as before: the runtime's cache for 4-bit and half-precision
+    bundles (kernels/settings.py). Every row is rounded as it enters the cache, before attention reads
+    it, as our kernel writes a step's rows and then reads them back."""
+    from transformers import cache_utils
+
+    original = cache_utils.DynamicLayer.update
+    calls = []
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        calls.append(1)
+        rounded = (t.to(torch.float16).to(key_states.dtype) for t in (key_states, value_states))
+        return original(self, *rounded, *args, **kwargs)
+
+    if enabled:
+        cache_utils.DynamicLayer.update = update
+    try:
+        yield
+    finally:
+        cache_utils.DynamicLayer.update = original
+    assert calls or not enabled, "the reference's cache never went through DynamicLayer.update"
 
 
 @torch.no_grad()

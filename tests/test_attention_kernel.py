@@ -31,9 +31,9 @@ moves_attention = pytest.mark.skipif(
 )
 
 
-def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.ndarray):
+def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.ndarray, cache=TensorProto.FLOAT):
     names = ["qkv", "past_k", "past_v", "seqlens_k", "total", "query_lens"]
-    types = [TensorProto.FLOAT] * 3 + [TensorProto.INT32] * 3
+    types = [TensorProto.FLOAT, cache, cache] + [TensorProto.INT32] * 3
     inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)]
     if domain == "com.microsoft":  # as nets/decoder.py writes it
         ins = ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos", "sin"] + [""] * 7 + ["query_lens"]
@@ -56,7 +56,10 @@ def _session(domain: str, heads: int, kv_heads: int, cos: np.ndarray, sin: np.nd
         [node],
         "attention",
         inputs,
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "k", "v")],
+        [
+            helper.make_tensor_value_info(n, t, None)
+            for n, t in zip(("out", "k", "v"), (TensorProto.FLOAT, cache, cache), strict=True)
+        ],
         [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
@@ -100,13 +103,19 @@ CASES = [  # (heads, kv_heads, head_dim, capacity, rows, past per entry, real ro
 
 
 @needs_kernel
+@pytest.mark.parametrize("cache", ["float32", "float16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,capacity,rows,past,real,in_place", CASES)
-def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, real, in_place):
+def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, real, in_place, cache):
+    """In float32 both agree to float rounding. With our cache in float16 (what the runtime uses for
+    half-precision and 4-bit bundles), ORT's kernel runs on a float32 cache holding the same
+    float16 values: the new cache rows are ORT's rounded to float16, and the outputs differ by the
+    rounding of the new keys and values only."""
     rng = np.random.default_rng(heads * 100 + rows + capacity)
     batch = len(past)
+    half = cache == "float16"
     cos, sin = (rng.standard_normal((capacity, head_dim // 2)).astype(np.float32) for _ in range(2))
     qkv = rng.standard_normal((batch, rows, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
-    past_k, past_v = (rng.standard_normal((batch, kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
+    past_k, past_v = (rng.standard_normal((batch, kv_heads, capacity, head_dim)).astype(cache) for _ in range(2))
     query_lens = np.array(real, np.int32)
     totals = np.array(past) + query_lens
     feeds = {
@@ -115,16 +124,23 @@ def test_matches_onnxruntime(heads, kv_heads, head_dim, capacity, rows, past, re
         "total": np.array(max(int(totals.max()), rows), np.int32),
         "query_lens": query_lens,
     }
-    theirs = _run(_session("com.microsoft", heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
-    ours = _run(_session(kernels.DOMAIN, heads, kv_heads, cos, sin), feeds, past_k, past_v, in_place)
+    wide_k, wide_v = past_k.astype(np.float32), past_v.astype(np.float32)
+    theirs = _run(_session("com.microsoft", heads, kv_heads, cos, sin), feeds, wide_k, wide_v, in_place)
+    cache_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    ours = _run(_session(kernels.DOMAIN, heads, kv_heads, cos, sin, cache_type), feeds, past_k, past_v, in_place)
     assert ours[0].shape == theirs[0].shape == (batch, rows, heads * head_dim)
+    assert ours[1].dtype == ours[2].dtype == np.dtype(cache)
     for b in range(batch):
         q, n = real[b], int(totals[b])
-        np.testing.assert_allclose(ours[0][b, :q], theirs[0][b, :q], atol=1e-5, rtol=1e-5)
+        # float16: the new keys' and values' rounding moves the outputs by up to ~2e-3 here
+        atol, rtol = (5e-3, 1e-3) if half else (1e-5, 1e-5)
+        np.testing.assert_allclose(ours[0][b, :q], theirs[0][b, :q], atol=atol, rtol=rtol)
         assert not ours[0][b, q:].any(), "padded rows must be zeros"
         # cache rows up to the new length: history kept, new rows rotated
         for mine, ref in zip(ours[1:], theirs[1:], strict=True):
-            np.testing.assert_allclose(mine[b, :, :n], ref[b, :, :n], atol=1e-5, rtol=1e-5)
+            tolerance = 1e-3 if half else 1e-5  # within one float16 step either side
+            ref = ref.astype(cache).astype(np.float32)
+            np.testing.assert_allclose(mine[b, :, :n].astype(np.float32), ref[b, :, :n], atol=tolerance, rtol=tolerance)
             assert np.array_equal(mine[b, :, n:], (past_k if mine is ours[1] else past_v)[b, :, n:]), (
                 "rows past the length are untouched"
             )
@@ -257,7 +273,8 @@ def test_rewrite_takes_only_the_decoders_attention():
         _attention_node(kv_num_heads=4),
     ]
     model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
-    assert kernels.rewrite(model) == {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0}
+    expected = {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0}
+    assert kernels.rewrite(model, half_cache=True) == expected, "one attention left on ORT's: the cache stays float32"
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
     moved = model.graph.node[0]
     assert list(moved.input) == [
@@ -276,11 +293,46 @@ def test_rewrite_takes_only_the_decoders_attention():
     assert kernels.rewrite(model)["GroupQueryAttention"] == 0, "head_dim 72 is not a multiple of 16"
 
 
+def _cache_graph(extra_reader: bool = False):
+    """Two decoder layers' attention nodes on graph inputs past_* and outputs present_*; with
+    `extra_reader`, another node reads layer 1's past key too."""
+    nodes, inputs, outputs = [], [], []
+    for layer in range(2):
+        past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        present = [f"present.{layer}.key", f"present.{layer}.value"]
+        node = _attention_node()
+        node.input[3:5] = past
+        node.output[:] = [f"o{layer}", *present]
+        nodes.append(node)
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 2, 64, 128]) for n in past]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 2, 64, 128]) for n in present]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["past_key_values.1.key"], ["copy"]))
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+
+
+@moves_attention
+def test_rewrite_makes_the_cache_float16_when_asked():
+    """With half_cache, every moved attention node's past inputs and present outputs become float16;
+    without it, or when a past input has another reader, the types stay float32."""
+    model = _cache_graph()
+    assert kernels.rewrite(model, half_cache=True)["half_cache"] == 2
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert set(types.values()) == {TensorProto.FLOAT16}, types
+    model = _cache_graph()
+    assert kernels.rewrite(model)["half_cache"] == 0
+    assert {v.type.tensor_type.elem_type for v in model.graph.input} == {TensorProto.FLOAT}
+    model = _cache_graph(extra_reader=True)
+    assert kernels.rewrite(model, half_cache=True)["half_cache"] == 0
+    assert {v.type.tensor_type.elem_type for v in model.graph.input} == {TensorProto.FLOAT}
+
+
 @moves_attention
 @pytest.mark.parametrize("ckpt, quant", [("tiny_bf16", "w4bf16"), ("tiny35_bf16", "f16")])
 def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypatch):
     """The decoder's attention runs on our kernel by default and on ORT's with INTERNVL_EDGE_KERNELS=matmul;
-    a prefill and decode steps give the same logits within float rounding either way. InternVL3.5's
+    with the KV cache in float32 on both (ORT's is), a prefill and decode steps give the same logits
+    within float rounding either way. InternVL3.5's
     query/key norms are folded into ours in every layer (and run as nodes of their own on ORT's). The
     InternVL3.5 bundle has float linears: with int8 activation blocks, a float-rounding difference in
     an attention output can move a value across a rounding boundary of its block, one whole
@@ -305,7 +357,10 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
             rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
         return np.concatenate(rows)
 
+    monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", "float32")
+    kernels.settings.cache_clear()
     ours = load(path)
+    assert ours.backend.kv_dtype == np.float32
     assert ours.backend.attention_kernel == "internvl-edge"
     assert ours.backend.describe()["attention_kernel"] == "internvl-edge"
     mine = logits(ours)
@@ -314,9 +369,70 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
     try:
         theirs_model = load(path)
         assert theirs_model.backend.attention_kernel == "onnxruntime"
+        assert theirs_model.backend.kv_dtype == np.float32
         assert theirs_model.backend.q4_kernel.startswith("internvl-edge q4gemm") == quant.startswith("w4")
         theirs = logits(theirs_model)
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
+        monkeypatch.delenv("INTERNVL_EDGE_KV_CACHE")
         kernels.settings.cache_clear()
     np.testing.assert_allclose(mine, theirs, atol=1e-4 * np.abs(theirs).max())
+
+
+def _prefill_and_steps(model) -> np.ndarray:
+    """Logits of a 37-token prefill and three decode steps after it."""
+    backend = model.backend
+    cache = backend.new_cache(1)
+    ids = np.arange(3, 40, dtype=np.int64)[None]
+    rows = [backend.forward(cache, backend.embed(ids), [ids.shape[1]]).copy()]
+    for token in (5, 9, 11):
+        rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
+    return np.concatenate(rows)
+
+
+@moves_attention
+@pytest.mark.parametrize(
+    "ckpt, quant, half", [("tiny_bf16", "w4bf16", True), ("tiny35_bf16", "f16", True), ("tiny_bf16", "f32", False)]
+)
+def test_kv_cache_type_follows_the_bundle(ckpt, quant, half, bundle, monkeypatch):
+    """Where our attention runs, the KV cache is float16 for 4-bit and half-precision bundles and
+    float32 for -q f32 ones (the reference's numerics); INTERNVL_EDGE_KV_CACHE overrides either way and
+    a value it does not know is a one-line error. The float16 cache's logits stay within the float16
+    rounding of the keys and values of the float32 cache's, and a prefix's rows copied out of one
+    cache and into another (prefix reuse) keep their type and values."""
+    from internvl_edge.api import load
+    from internvl_edge.errors import UserError
+
+    path = bundle(ckpt, quant)
+    model = load(path)
+    assert model.backend.kv_dtype == (np.float16 if half else np.float32)
+    assert model.backend.describe()["kv_cache"] == ("float16" if half else "float32")
+    assert model.backend.row_bytes == 2 * model.backend.layers * model.backend.kv_heads * model.backend.head_dim * (
+        2 if half else 4
+    )
+    mine = _prefill_and_steps(model)
+    cache = model.backend.new_cache(1)
+    model.backend.forward(cache, model.backend.embed(np.arange(3, 20, dtype=np.int64)[None]), [17])
+    rows = model.backend.read_rows(cache, 0, 17)
+    assert all(r.dtype == model.backend.kv_dtype for r in rows)
+    other = model.backend.new_cache(2)
+    model.backend.write_rows(other, 1, rows, 17)
+    assert all(np.array_equal(a[1, :, :17], b[0, :, :17]) for a, b in zip(other.buffers, cache.buffers, strict=True))
+
+    flipped = "float32" if half else "float16"
+    monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", flipped)
+    kernels.settings.cache_clear()
+    try:
+        flipped_model = load(path)
+        assert flipped_model.backend.kv_dtype == np.dtype(flipped)
+        theirs = _prefill_and_steps(flipped_model)
+        monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", "f8")
+        kernels.settings.cache_clear()
+        with pytest.raises(UserError, match="INTERNVL_EDGE_KV_CACHE=f8 is not a cache type"):
+            load(path)
+    finally:
+        monkeypatch.delenv("INTERNVL_EDGE_KV_CACHE")
+        kernels.settings.cache_clear()
+    spread = np.abs(theirs).max()
+    difference = np.abs(mine - theirs).max()
+    assert 0 < difference < 2e-2 * spread, "float16 rounding of the cache moves the logits, but only a little"

@@ -35,6 +35,8 @@ def test_bench_reports_every_figure(bundle):
     assert len(pairs) == 8 and all(step > 0 and gbs > 1 for step, gbs in pairs) and r["probe_bytes"] >= 2**28
     assert r["roofline_fraction_paired"]["300"] == paired_fraction(pairs, r["bytes_per_token"]["300"], r["probe_bytes"])
     assert r["bundle"]["attention_kernel"] in ("internvl-edge", "onnxruntime")
+    ours = r["bundle"]["attention_kernel"] == "internvl-edge"
+    assert r["bundle"]["kv_cache"] == ("float16" if ours else "float32")
     assert r["peak_rss_bytes"] > r["weight_bytes"] > 0
     # the profile times the decoder as it runs (our kernels included: their ops keep their names)
     assert "MatMulNBits" in r["decode_profile_ms"] and "GroupQueryAttention" in r["decode_profile_ms"]
@@ -57,12 +59,16 @@ def test_paired_fraction_is_the_ratio_of_summed_rates():
 
 def test_bytes_per_token_counts_weights_as_held_in_memory(bundle):
     """An f32 bundle's decoder reads its whole weight file per token (less the rotary tables, of which
-    one row is used); the KV cache adds 2 x layers x kv_heads x head_dim x 4 bytes per context token."""
+    one row is used); the KV cache adds 2 x layers x kv_heads x head_dim x 4 bytes per context token,
+    2 bytes where the cache is float16 (a 4-bit bundle on our attention)."""
     model = load(bundle("tiny_bf16", "f32"))
     data = model.manifest.files["decoder.data"]["bytes"]
     tables = 2 * model.backend.kv_capacity * model.backend.head_dim // 2 * 4
     assert data - tables - 4096 * 200 <= decoder_bytes_per_token(model) <= data - tables
     assert kv_bytes(model, 100) == 2 * 2 * 2 * 32 * 4 * 100
+    w4 = load(bundle("tiny_bf16", "w4bf16"))
+    itemsize = 2 if w4.backend.attention_kernel == "internvl-edge" else 4
+    assert kv_bytes(w4, 100) == 2 * 2 * 2 * 32 * itemsize * 100
 
 
 @pytest.mark.skipif(kernels.library_path() is None, reason="q4gemm kernel not available here")

@@ -4,7 +4,9 @@
 - a w4 bundle (float activations, so transformers can compute the same function) reports the figures
   this test computes itself from transformers' model: the source's weights for the reference, the
   bundle's 4-bit (and 8-bit lm_head) weights dequantised for the bundle;
-- an AWQ bundle keeps the published 4-bit values, so with float activations it equals its reference;
+- an AWQ bundle keeps the published 4-bit values, so with float activations and a float32 KV cache
+  it equals its reference: the attribution's "float32 KV cache" says so, and the bundle as it runs
+  (float16 cache) is within that cache's rounding;
 - a bundle with one damaged weight block is caught, --min-agreement fails, and the attribution points
   at the stage that was damaged;
 - a checkpoint that is not the bundle's source is refused in one line.
@@ -23,6 +25,7 @@ from reference import apply_bundle_quantisation, greedy, load_reference, logits_
 from test_reference import QUESTION, reference_inputs
 
 from internvl_edge import bundle as bundle_files
+from internvl_edge import kernels
 from internvl_edge.checkpoint.factory import make_checkpoint
 from internvl_edge.cli import main as cli
 from internvl_edge.errors import UserError
@@ -65,7 +68,9 @@ def _independent(ref_logits: np.ndarray, tokens: list[int], logits: np.ndarray) 
 
 
 @pytest.mark.slow
-def test_w4_figures_equal_transformers(checkpoint, bundle, images):
+def test_w4_figures_equal_transformers(checkpoint, bundle, images, monkeypatch):
+    monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", "float32")  # transformers' cache, as its model computes
+    kernels.settings.cache_clear()
     ckpt = checkpoint("tiny_bf16")
     b = bundle("tiny_bf16", "w4bf16", accuracy_level=1)
     report = run_verify(b, ckpt, images=[images["square"]], prompts=[QUESTION], builtin=False)
@@ -93,7 +98,15 @@ def test_awq_bundle_with_float_activations_equals_its_reference(checkpoint, bund
         prompts=["Count to five."],
         builtin=False,
     )
-    assert report["summary"]["top1_agreement"] == 1.0 and report["summary"]["kl_max"] < 1e-5
+    undone = {a["undone"]: a for a in report["attribution"]}
+    if kernels.library_path() is None or kernels.isa() not in kernels.ATTENTION_ISAS:  # ORT's attention: float32
+        assert "float32 KV cache" not in undone
+        assert report["summary"]["top1_agreement"] == 1.0 and report["summary"]["kl_max"] < 1e-5
+        return
+    cache = undone["float32 KV cache"]
+    assert cache["option_in_use"] and cache["flag"] == "INTERNVL_EDGE_KV_CACHE=float32"
+    assert cache["top1_agreement"] == 1.0 and cache["kl_max"] < 1e-5
+    assert 1e-7 < report["summary"]["kl_max"] < 1e-3  # the float16 cache's rounding, and only that
 
 
 def _damage(src: str, dst: str, net: str, tensor: str) -> None:

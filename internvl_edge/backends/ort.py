@@ -94,6 +94,9 @@ class OrtBackend:
         self.sessions = {}
         self.q4_kernel: str | None = "onnxruntime"  # who computes the decoder's 4-bit linears (describe, bench)
         self.attention_kernel: str | None = "onnxruntime"  # and its attention
+        # the KV cache's element type: float16 where our attention takes the decoder's and the bundle's
+        # weights are not float32 (kernels/settings.py, INTERNVL_EDGE_KV_CACHE), as the session declares
+        self.kv_dtype = np.dtype(np.float32)
         self.vision_kernel = "onnxruntime"  # who computes the vision encoder's float linears
         # what the decoder's kernels read in place of scale and zero-point initializers (bench's roofline)
         self.table_inputs: list[str] = []  # those initializers
@@ -111,6 +114,10 @@ class OrtBackend:
             t0 = time.perf_counter()
             self.sessions[name] = self._session(name)
             self.load_seconds[name] = time.perf_counter() - t0
+        if "decoder" in self.sessions:
+            declared = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
+            if declared.get(kv_names(0)[0]) == "tensor(float16)":
+                self.kv_dtype = np.dtype(np.float16)
 
     def _options(self, optimize: bool = True, profile_prefix: str | None = None):
         so = self.ort.SessionOptions()
@@ -162,7 +169,8 @@ class OrtBackend:
             return model.SerializeToString() if edit is not None else None
         if not ours:
             return model.SerializeToString()
-        moved = kernels.rewrite(model, self.threads)
+        half_cache = kernels.settings().half_cache(self.manifest.settings.quantize)
+        moved = kernels.rewrite(model, self.threads, half_cache=half_cache)
         if not any(moved.values()):
             return model.SerializeToString() if edit is not None else None
         if moved[kernels.OP]:
@@ -238,7 +246,7 @@ class OrtBackend:
         for layer in range(self.layers):
             past_k, past_v, present_k, present_v = kv_names(layer)
             # numpy owns the memory and the OrtValues wrap it (no copy), so slots can be copied with numpy
-            k, v = aligned_zeros(shape), aligned_zeros(shape)
+            k, v = aligned_zeros(shape, self.kv_dtype), aligned_zeros(shape, self.kv_dtype)
             k_val, v_val = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
             binding.bind_ortvalue_input(past_k, k_val)
             binding.bind_ortvalue_input(past_v, v_val)
@@ -290,7 +298,7 @@ class OrtBackend:
     @property
     def row_bytes(self) -> int:
         """Bytes of one token's KV rows, all layers."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * 4
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
 
     def read_rows(self, cache: KVCache, slot: int, n: int) -> list[np.ndarray]:
         """A copy of the first n cached rows of one sequence: per layer K and V, [kv_heads, n, head_dim]."""
@@ -383,6 +391,7 @@ class OrtBackend:
             "python": sys.version.split()[0],
             "q4_kernel": self.q4_kernel,
             "attention_kernel": self.attention_kernel,
+            "kv_cache": str(self.kv_dtype),
             "vision_kernel": self.vision_kernel,
             "sampling": "head" if self.has_sample_head else "host",
             "embedding": "numpy table lookup" if self.embedding_lookup is not None else "onnxruntime",

@@ -19,7 +19,10 @@ is 1.17x faster (docs/performance-notes.md, "Attention"). Prefill
 rows take the decode row path one by one, so that a prompt's KV rows do not depend on how it was
 chunked (batch invariance, the default); with INTERNVL_EDGE_BATCH_INVARIANT=0 chunks of 8 rows and
 more take a tiled path instead (keys turned around once per call, 4 queries x 64 keys of
-multiply-add chains), faster on long prompts. The 4-bit linears compute every row in one order
+multiply-add chains), faster on long prompts. The cache is float16 for 4-bit and half-precision
+bundles (passes.halve_caches, settings.py's INTERNVL_EDGE_KV_CACHE): each block of 16 cached rows is
+widened to float32 once, in L1, for all the query heads that share it; decode at context 1500 1.05x
+faster on InternVL3-2B shapes (docs/performance-notes.md, "Attention"). The 4-bit linears compute every row in one order
 whatever tile computes it, with no opt-out (q4gemm.c, q4_block_end).
 
 The vision encoder (`bf16gemm.c`): where the CPU has AVX512-BF16 (and AMX-BF16: Sapphire Rapids and
@@ -78,7 +81,7 @@ from .passes import (
     takes_attention,
     takes_vision_attention,
 )
-from .settings import KernelSettings, settings
+from .settings import KV_VARIABLE, KernelSettings, settings
 
 __all__ = [
     "ATTENTION_ISAS",
@@ -93,6 +96,7 @@ __all__ = [
     "SOURCE_DOMAIN",
     "VISION_ATTENTION_OP",
     "GraphIndex",
+    "KV_VARIABLE",
     "KernelSettings",
     "fold_qk_norms",
     "fuse_norms",

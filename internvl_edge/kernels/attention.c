@@ -133,8 +133,10 @@ int attn_plan(const attn_problem *p, attn_plan_t *plan, char *why, size_t why_si
 
 /* The vector code, once per instruction set, and the entry points that pick one. */
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define ATTN_W 8
 #define ATTN_SCORED_W 1
 #define ATTN_FN(name) name##_avx2
@@ -145,7 +147,7 @@ int attn_plan(const attn_problem *p, attn_plan_t *plan, char *why, size_t why_si
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 #define ATTN_W 16
 #define ATTN_SCORED_W ATTN_SCORED
 #define ATTN_FN(name) name##_avx512

@@ -16,6 +16,9 @@
  * heads that share it (one task per batch entry, KV head and query row, a flash-attention style
  * running softmax so nothing of size context is stored).
  *
+ * The cache in float16 (kv_half) halves the bytes decode reads per token: each block of keys and values
+ * is widened to float32 once, into a buffer in L1, and the sums run in float32 as with a float32 cache.
+ *
  * Use: attn_plan() checks the shapes and says how much scratch and how many tasks, then
  * attn_prepare(p, task) for tasks 0 .. plan.prepare_tasks-1 (rotary and cache writes),
  * attn_transpose(p, task) for tasks 0 .. plan.transpose_tasks-1 (none for decode), then
@@ -30,7 +33,9 @@
 
 typedef struct {
     const float *qkv;         /* [batch, rows, (heads + 2 * kv_heads) * head_dim]: q heads, k heads, v heads */
-    float *k_cache, *v_cache; /* [batch, kv_heads, capacity, head_dim], updated in place */
+    void *k_cache, *v_cache;  /* [batch, kv_heads, capacity, head_dim], updated in place: float32, or
+                                 IEEE float16 with kv_half (written rounded to nearest, read widened) */
+    int kv_half;
     const float *cos, *sin;   /* [positions, head_dim / 2] */
     const int32_t *seqlens_k; /* [batch]: tokens in the cache after the step, minus one */
     const int32_t *query_lens; /* [batch]: real rows of the chunk */

@@ -47,6 +47,7 @@ typedef enum {
     ORT_TYPE_FLOAT = 1,
     ORT_TYPE_UINT8 = 2,
     ORT_TYPE_INT32 = 6,
+    ORT_TYPE_FLOAT16 = 10,
     ORT_TYPE_BFLOAT16 = 16,
 } ort_elem_type;
 

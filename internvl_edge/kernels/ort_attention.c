@@ -3,15 +3,19 @@
  * kernel. kernels/rewrite.py moves a node here only when it has exactly that form.
  *
  *   inputs:  qkv float [B, S, (num_heads + 2 kv_num_heads) head_dim] (packed, as com.microsoft's
- *            query with key and value absent), past_key, past_value float [B, kv_num_heads,
- *            capacity, head_dim], seqlens_k int32 [B], total_sequence_length int32 [1],
+ *            query with key and value absent), past_key, past_value float or float16 (both the
+ *            same) [B, kv_num_heads, capacity, head_dim], seqlens_k int32 [B], total_sequence_length int32 [1],
  *            cos_cache, sin_cache float [positions, head_dim / 2], query_seqlens int32 [B],
  *            q_norm, k_norm float [head_dim] (optional, both or neither, with qk_norm_epsilon: Qwen3's
  *            RMS norm of each query and key head before the rotary, which kernels/rewrite.py folds
  *            in from the nodes nets/decoder.py writes for it)
  *   attrs:   num_heads, kv_num_heads; qk_norm_epsilon (float, optional); rotary is always applied
  *            (do_rotary=1, rotate-half)
- *   outputs: output float [B, S, num_heads head_dim], present_key, present_value (past's shape)
+ *   outputs: output float [B, S, num_heads head_dim], present_key, present_value (past's shape and
+ *            element type)
+ * Registered twice under this name, once per cache type: ONNX Runtime picks the one whose types match
+ * the graph's (kernels/passes.py sets them to float16 where the runtime keeps the cache in half
+ * precision), and one compute serves both.
  *
  * present_* bound to the same buffers as past_* (the runtime's IO binding) are updated in place;
  * otherwise past is copied to present first and present is updated.
@@ -67,8 +71,15 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const OrtValue *in[IN_COUNT] = {0};
     ort_tensor_desc qkv, pk, pv, sk, tot, cs, sn, ql;
     ORT_TRY(input_of(ctx, IN_QKV, "qkv", ORT_TYPE_FLOAT, "float32", &in[IN_QKV], &qkv));
-    ORT_TRY(input_of(ctx, IN_PAST_K, "past_key", ORT_TYPE_FLOAT, "float32", &in[IN_PAST_K], &pk));
-    ORT_TRY(input_of(ctx, IN_PAST_V, "past_value", ORT_TYPE_FLOAT, "float32", &in[IN_PAST_V], &pv));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, IN_PAST_K, &in[IN_PAST_K]));
+    if (!in[IN_PAST_K]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input past_key is missing");
+    ORT_TRY(ort_describe(OP_NAME, in[IN_PAST_K], "past_key", &pk));
+    if (pk.type != ORT_TYPE_FLOAT && pk.type != ORT_TYPE_FLOAT16)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "past_key must be float32 or float16 (element type %d given)",
+                         (int)pk.type);
+    const int half = pk.type == ORT_TYPE_FLOAT16;
+    ORT_TRY(input_of(ctx, IN_PAST_V, "past_value", pk.type, half ? "float16, as past_key" : "float32, as past_key",
+                     &in[IN_PAST_V], &pv));
     ORT_TRY(input_of(ctx, IN_SEQLENS_K, "seqlens_k", ORT_TYPE_INT32, "int32", &in[IN_SEQLENS_K], &sk));
     ORT_TRY(input_of(ctx, IN_TOTAL, "total_sequence_length", ORT_TYPE_INT32, "int32", &in[IN_TOTAL], &tot));
     ORT_TRY(input_of(ctx, IN_COS, "cos_cache", ORT_TYPE_FLOAT, "float32", &in[IN_COS], &cs));
@@ -120,10 +131,10 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     OrtStatus *s = NULL;
     attn_problem p;
     memset(&p, 0, sizeof p);
-    const float *past_k = (const float *)ort_data_of(in[IN_PAST_K], &s);
-    const float *past_v = s ? NULL : (const float *)ort_data_of(in[IN_PAST_V], &s);
-    if (!s) p.k_cache = (float *)ort_data_of(present_k, &s);
-    if (!s) p.v_cache = (float *)ort_data_of(present_v, &s);
+    const void *past_k = ort_data_of(in[IN_PAST_K], &s);
+    const void *past_v = s ? NULL : ort_data_of(in[IN_PAST_V], &s);
+    if (!s) p.k_cache = ort_data_of(present_k, &s);
+    if (!s) p.v_cache = ort_data_of(present_v, &s);
     if (!s) p.qkv = (const float *)ort_data_of(in[IN_QKV], &s);
     if (!s) p.cos = (const float *)ort_data_of(in[IN_COS], &s);
     if (!s) p.sin = (const float *)ort_data_of(in[IN_SIN], &s);
@@ -134,7 +145,7 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (!s && kn->qk_norm) p.k_norm = (const float *)ort_data_of(in[IN_K_NORM], &s);
     if (s) return s;
     /* not bound in place: present starts as a copy of past */
-    const size_t cache_bytes = (size_t)pk.count * sizeof(float);
+    const size_t cache_bytes = (size_t)pk.count * (half ? 2 : sizeof(float));
     if (p.k_cache != past_k && cache_bytes) memcpy(p.k_cache, past_k, cache_bytes);
     if (p.v_cache != past_v && cache_bytes) memcpy(p.v_cache, past_v, cache_bytes);
     p.batch = B;
@@ -145,6 +156,7 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.capacity = pk.dims[2];
     p.positions = cs.dims[0];
     p.qk_norm_epsilon = kn->qk_norm_epsilon;
+    p.kv_half = half;
 
     char why[240];
     attn_plan_t plan;
@@ -186,9 +198,21 @@ static void ORT_CALL destroy_kernel(void *kernel) { free(kernel); }
 static const char *ORT_CALL op_name(const ort_custom_op *op) { (void)op; return OP_NAME; }
 static size_t ORT_CALL input_count(const ort_custom_op *op) { (void)op; return IN_COUNT; }
 static size_t ORT_CALL output_count(const ort_custom_op *op) { (void)op; return OUT_COUNT; }
+static ort_elem_type input_type_of(size_t i, ort_elem_type cache) {
+    if (i == IN_PAST_K || i == IN_PAST_V) return cache;
+    return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORT_TYPE_INT32 : ORT_TYPE_FLOAT;
+}
 static ort_elem_type ORT_CALL input_type(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i == IN_SEQLENS_K || i == IN_TOTAL || i == IN_QUERY_LENS ? ORT_TYPE_INT32 : ORT_TYPE_FLOAT;
+    return input_type_of(i, ORT_TYPE_FLOAT);
+}
+static ort_elem_type ORT_CALL input_type_half(const ort_custom_op *op, size_t i) {
+    (void)op;
+    return input_type_of(i, ORT_TYPE_FLOAT16);
+}
+static ort_elem_type ORT_CALL output_type_half(const ort_custom_op *op, size_t i) {
+    (void)op;
+    return i == OUT_Y ? ORT_TYPE_FLOAT : ORT_TYPE_FLOAT16;
 }
 static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     (void)op;
@@ -200,29 +224,37 @@ static ort_io_kind ORT_CALL required(const ort_custom_op *op, size_t i) {
     return ORT_IO_REQUIRED;
 }
 
-static const struct {
+/* the op's table, with the cache's element types as `inputs` and `outputs` say */
+#define ATTENTION_OP_TABLE(inputs, outputs)                                                        \
+    {                                                                                              \
+        .op = {                                                                                    \
+            .version = ORT_CUSTOM_OP_VERSION,                                                      \
+            .get_name = op_name,                                                                   \
+            .get_execution_provider_type = ort_cpu_provider,                                       \
+            .get_input_type = inputs,                                                              \
+            .get_input_type_count = input_count,                                                   \
+            .get_output_type = outputs,                                                            \
+            .get_output_type_count = output_count,                                                 \
+            .kernel_destroy = destroy_kernel,                                                      \
+            .get_input_characteristic = input_kind,                                                \
+            .get_output_characteristic = required,                                                 \
+            .get_input_memory_type = ort_default_memory,                                           \
+            .get_variadic_input_min_arity = ort_variadic_one,                                      \
+            .get_variadic_input_homogeneity = ort_variadic_one,                                    \
+            .get_variadic_output_min_arity = ort_variadic_one,                                     \
+            .get_variadic_output_homogeneity = ort_variadic_one,                                   \
+            .create_kernel_v2 = create_kernel,                                                     \
+            .kernel_compute_v2 = compute,                                                          \
+        },                                                                                         \
+    }
+
+typedef struct {
     ort_custom_op op;
     void *reserved[16]; /* as ort_op.c's: zeroed room past version 16's fields */
-} g_attention_op = {
-    .op = {
-        .version = ORT_CUSTOM_OP_VERSION,
-        .get_name = op_name,
-        .get_execution_provider_type = ort_cpu_provider,
-        .get_input_type = input_type,
-        .get_input_type_count = input_count,
-        .get_output_type = ort_float_output,
-        .get_output_type_count = output_count,
-        .kernel_destroy = destroy_kernel,
-        .get_input_characteristic = input_kind,
-        .get_output_characteristic = required,
-        .get_input_memory_type = ort_default_memory,
-        .get_variadic_input_min_arity = ort_variadic_one,
-        .get_variadic_input_homogeneity = ort_variadic_one,
-        .get_variadic_output_min_arity = ort_variadic_one,
-        .get_variadic_output_homogeneity = ort_variadic_one,
-        .create_kernel_v2 = create_kernel,
-        .kernel_compute_v2 = compute,
-    },
-};
+} attention_op_table;
+
+static const attention_op_table g_attention_op = ATTENTION_OP_TABLE(input_type, ort_float_output);
+static const attention_op_table g_attention_op_half = ATTENTION_OP_TABLE(input_type_half, output_type_half);
 
 const ort_custom_op *ort_attention_op(void) { return attn_supported() == 0 ? &g_attention_op.op : NULL; }
+const ort_custom_op *ort_attention_op_half(void) { return attn_supported() == 0 ? &g_attention_op_half.op : NULL; }

@@ -43,6 +43,7 @@
 #define OP_NAME "MatMulNBits"
 
 const ort_custom_op *ort_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
+const ort_custom_op *ort_attention_op_half(void); /* the same op for a float16 KV cache */
 const ort_custom_op *ort_bf16_op(void);      /* ort_bf16.c: NULL where the CPU has no bfloat16 path */
 const ort_custom_op *ort_bf16_attention_op(void); /* ort_bf16.c: NULL where the AMX path does not run */
 
@@ -458,6 +459,8 @@ ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, con
     OrtStatus *s = ORT_FN(api, CustomOpDomain_Add)(domain, &g_op.op);
     const ort_custom_op *attention = ort_attention_op();
     if (!s && attention) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention);
+    const ort_custom_op *attention_half = ort_attention_op_half();
+    if (!s && attention_half) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention_half);
     const ort_custom_op *bf16 = ort_bf16_op();
     if (!s && bf16) s = ORT_FN(api, CustomOpDomain_Add)(domain, bf16);
     const ort_custom_op *bf16_attention = ort_bf16_attention_op();

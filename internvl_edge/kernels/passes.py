@@ -286,6 +286,35 @@ def fuse_norms(index: GraphIndex) -> int:
     return fused
 
 
+def halve_caches(model: ModelProto, index: GraphIndex) -> int:
+    """Make the KV cache float16 (attention.h, kv_half): the past key and value inputs and present
+    outputs of every one of our attention nodes become float16 graph inputs and outputs, when every
+    GroupQueryAttention of the graph is ours and each of those tensors is a graph input (output)
+    that only that node reads (writes); else nothing changes, and the cache stays float32. The
+    runtime allocates the cache with the types the session then declares (backends/ort.py). Returns
+    how many nodes' caches."""
+    from onnx import TensorProto
+
+    nodes = [n for n in model.graph.node if n.op_type == ATTENTION_OP]
+    if not nodes or any(n.domain != DOMAIN for n in nodes):
+        return 0
+    inputs = {v.name: v for v in model.graph.input}
+    outputs = {v.name: v for v in model.graph.output}
+    changed = []
+    for node in nodes:
+        past, present = list(node.input[1:3]), list(node.output[1:3])
+        if not all(name in inputs and index.read_only_by(name, node) for name in past):
+            return 0
+        if not all(name in outputs for name in present):
+            return 0
+        changed += [inputs[name] for name in past] + [outputs[name] for name in present]
+    if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in changed):
+        return 0
+    for value in changed:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return len(nodes)
+
+
 def fold_qk_norms(index: GraphIndex, attention: NodeProto) -> bool:
     """Fold Qwen3's per-head query and key norms into our attention node `attention` (already moved, its
     first input the packed qkv): the pattern nets/decoder.py writes, Split(qkv) in q, k, v ->
@@ -421,11 +450,17 @@ def rewrite_vision(model: ModelProto, threads: int | None = None, attention: boo
     return {BF16_OP: moved, VISION_ATTENTION_OP: heads}
 
 
-def rewrite(model: ModelProto, threads: int | None = None, kernel_settings: KernelSettings | None = None) -> dict:
+def rewrite(
+    model: ModelProto,
+    threads: int | None = None,
+    kernel_settings: KernelSettings | None = None,
+    half_cache: bool = False,
+) -> dict:
     """Move the nodes our kernels take to our domain (in place, graph only), fold Qwen3's query/key
     norms into the moved attention nodes, then fuse SwiGLU into the moved gate/up linears and the
-    norms that feed moved linears into them. Returns how many moved, by op type, and how many of each
-    were fused.
+    norms that feed moved linears into them; with `half_cache`, make the KV cache float16
+    (halve_caches). Returns how many moved, by op type, how many of each were fused, and how many
+    attention nodes' caches are float16 ("half_cache").
     `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
     contiguous ranges per thread (attribute `batches`; the op's default is 8).
     `kernel_settings`: which of our kernels may run (default: the process's, settings.py)."""
@@ -433,7 +468,7 @@ def rewrite(model: ModelProto, threads: int | None = None, kernel_settings: Kern
 
     s = kernel_settings or settings()
     index = GraphIndex(model)
-    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0}
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0}
     attention_here = s.attention and isa() in ATTENTION_ISAS
     for node in list(model.graph.node):
         if s.matmul and takes(node, index):
@@ -454,6 +489,7 @@ def rewrite(model: ModelProto, threads: int | None = None, kernel_settings: Kern
             moved["qk_norm"] += fold_qk_norms(index, node)
     moved["swiglu"] = fuse_swiglu(index)
     moved["norm"] = fuse_norms(index) if s.fold_norms else 0
+    moved["half_cache"] = halve_caches(model, index) if half_cache else 0
     if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return moved
