@@ -228,24 +228,25 @@ def float16_cache(enabled: bool = True):
     """transformers' models, while inside, keep their KV cache rounded to float16 (to nearest even, as
     F16C rounds), computing in float32 as before: the runtime's cache for 4-bit and half-precision
     bundles (kernels/settings.py). Every row is rounded as it enters the cache, before attention reads
-    it, as our kernel writes a step's rows and then reads them back."""
+    it, as our kernel writes a step's rows and then reads them back. The rounding sits in
+    `Cache.update`, through which every layer type's cache is updated."""
     from transformers import cache_utils
 
-    original = cache_utils.DynamicLayer.update
-    calls = []
+    original = cache_utils.Cache.update
+    layers = set()
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        calls.append(1)
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layers.add(layer_idx)
         rounded = (t.to(torch.float16).to(key_states.dtype) for t in (key_states, value_states))
-        return original(self, *rounded, *args, **kwargs)
+        return original(self, *rounded, layer_idx, *args, **kwargs)
 
     if enabled:
-        cache_utils.DynamicLayer.update = update
+        cache_utils.Cache.update = update
     try:
         yield
     finally:
-        cache_utils.DynamicLayer.update = original
-    assert calls or not enabled, "the reference's cache never went through DynamicLayer.update"
+        cache_utils.Cache.update = original
+    assert layers or not enabled, "the reference's cache never went through Cache.update"
 
 
 @torch.no_grad()

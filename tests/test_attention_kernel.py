@@ -1,7 +1,9 @@
 """Our attention (internvl_edge/kernels/attention.c) against ONNX Runtime's GroupQueryAttention.
 
 Both compute float32 causal attention with rotary embeddings over an in-place cache, so on the same
-inputs they agree to float rounding: outputs and cache rows within 1e-5. Cases cover decode (one row,
+inputs they agree to float rounding: outputs and cache rows within 1e-5. Every case runs again with our
+cache in float16 against ORT's on the same float16 values in float32: new cache rows within one float16
+step, outputs within the rounding of the new keys and values. Cases cover decode (one row,
 short and long contexts, chunk edges at 32 keys), prefill chunks from an empty cache and after history
 (by default on the row path, batch invariance; with INTERNVL_EDGE_BATCH_INVARIANT=0 the tiled path
 from 8 rows on, block edges at 16 and 64 keys, run again that way in a child process), right-padded
@@ -325,6 +327,10 @@ def test_rewrite_makes_the_cache_float16_when_asked():
     model = _cache_graph(extra_reader=True)
     assert kernels.rewrite(model, half_cache=True)["half_cache"] == 0
     assert {v.type.tensor_type.elem_type for v in model.graph.input} == {TensorProto.FLOAT}
+    model = _cache_graph()
+    del model.graph.output[-1]  # layer 1's present value is not a graph output
+    assert kernels.rewrite(model, half_cache=True)["half_cache"] == 0
+    assert {v.type.tensor_type.elem_type for v in model.graph.input} == {TensorProto.FLOAT}
 
 
 @moves_attention
@@ -411,13 +417,17 @@ def test_kv_cache_type_follows_the_bundle(ckpt, quant, half, bundle, monkeypatch
         2 if half else 4
     )
     mine = _prefill_and_steps(model)
-    cache = model.backend.new_cache(1)
-    model.backend.forward(cache, model.backend.embed(np.arange(3, 20, dtype=np.int64)[None]), [17])
-    rows = model.backend.read_rows(cache, 0, 17)
-    assert all(r.dtype == model.backend.kv_dtype for r in rows)
-    other = model.backend.new_cache(2)
-    model.backend.write_rows(other, 1, rows, 17)
-    assert all(np.array_equal(a[1, :, :17], b[0, :, :17]) for a, b in zip(other.buffers, cache.buffers, strict=True))
+    backend = model.backend
+    cache = backend.new_cache(1)
+    backend.forward(cache, backend.embed(np.arange(3, 20, dtype=np.int64)[None]), [17])
+    rows = backend.read_rows(cache, 0, 17)
+    assert all(r.dtype == backend.kv_dtype for r in rows)
+    other = backend.new_cache(1)
+    backend.write_rows(other, 0, rows, 17)
+    step = backend.embed(np.array([[7]], np.int64))
+    assert np.array_equal(backend.forward(other, step, [1]), backend.forward(cache, step, [1])), (
+        "a step after the copied rows gives the same logits as after the rows it was copied from"
+    )
 
     flipped = "float32" if half else "float16"
     monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", flipped)
@@ -428,7 +438,7 @@ def test_kv_cache_type_follows_the_bundle(ckpt, quant, half, bundle, monkeypatch
         theirs = _prefill_and_steps(flipped_model)
         monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", "f8")
         kernels.settings.cache_clear()
-        with pytest.raises(UserError, match="INTERNVL_EDGE_KV_CACHE=f8 is not a cache type"):
+        with pytest.raises(UserError, match="^INTERNVL_EDGE_KV_CACHE=f8 is not a cache type; use float16 or"):
             load(path)
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KV_CACHE")

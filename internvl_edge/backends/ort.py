@@ -89,6 +89,7 @@ class OrtBackend:
         self.hidden, self.vocab = facts.hidden_size, facts.vocab_size
         self.layers, self.kv_heads, self.head_dim = facts.num_layers, facts.num_kv_heads, facts.head_dim
         self.threads = threads or available_cores()
+        kernels.settings()  # the environment's kernel settings, checked before any net loads (a bad one: UserError)
         hand_back_large_blocks()
         self.load_seconds: dict[str, float] = {}
         self.sessions = {}

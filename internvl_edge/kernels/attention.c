@@ -33,7 +33,8 @@
 #ifndef ATTN_ROW_KEYS
 #define ATTN_ROW_KEYS 16     /* decode (row path): keys per block, the unit of the scores and of the prefetch:
                                 the block's keys and values and the next block's stay in L1 while every head
-                                of the group reads them (2 x 2 x 16 x 512 bytes at head_dim 128) */
+                                of the group reads them (2 x 2 x 16 x 512 bytes at head_dim 128 in float32;
+                                a float16 cache's block is widened into one 8 KB buffer instead) */
 #endif
 #ifndef ATTN_ROW_CHUNK
 #define ATTN_ROW_CHUNK 32    /* decode: keys per chunk, the running softmax updated once per chunk: 32 was the
