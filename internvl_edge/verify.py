@@ -387,30 +387,30 @@ def verify(
         )
         ckpt.release()
         progress.done()
+
+        def undone(what: str, load_variant) -> dict:
+            """The decoder figures of the bundle loaded with one option undone, teacher-forced on the
+            reference's answers with the bundle's own image embeddings."""
+            progress.step(f"attribution: {what}")
+            variant = load_variant()
+            figures = summarise(
+                [
+                    decoder_figures(r.logits, r.tokens, teacher_forced(variant, p, r.tokens, ours, None)[0])
+                    for p, r, ours in zip(probes, refs, ours_images, strict=True)
+                ]
+            )
+            del variant
+            gc.collect()
+            progress.done()
+            return figures
+
         if in_use["float_activations"]:
-            progress.step("attribution: float activations in the 4-bit matmuls")
-            model = _load(bundle, threads, edits={"decoder": float_activations})
-            variants["float_activations"] = summarise(
-                [
-                    decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
-                    for p, r, ours in zip(probes, refs, ours_images, strict=True)
-                ]
+            variants["float_activations"] = undone(
+                "float activations in the 4-bit matmuls",
+                lambda: _load(bundle, threads, edits={"decoder": float_activations}),
             )
-            del model
-            gc.collect()
-            progress.done()
         if in_use["float_kv_cache"]:
-            progress.step("attribution: float32 KV cache")
-            model = _load_with_float32_cache(bundle, threads)
-            variants["float_kv_cache"] = summarise(
-                [
-                    decoder_figures(r.logits, r.tokens, teacher_forced(model, p, r.tokens, ours, None)[0])
-                    for p, r, ours in zip(probes, refs, ours_images, strict=True)
-                ]
-            )
-            del model
-            gc.collect()
-            progress.done()
+            variants["float_kv_cache"] = undone("float32 KV cache", lambda: _load_with_float32_cache(bundle, threads))
     decoder = summarise(per_probe)
     advice = _advice(decoder, variants, in_use, manifest, options) if cpu else None
     order = ["float_activations", "float_lm_head", "float_vision", "float_kv_cache"]

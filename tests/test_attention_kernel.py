@@ -333,6 +333,17 @@ def test_rewrite_makes_the_cache_float16_when_asked():
     assert {v.type.tensor_type.elem_type for v in model.graph.input} == {TensorProto.FLOAT}
 
 
+def _prefill_and_steps(model) -> np.ndarray:
+    """Logits of a 37-token prefill and three decode steps after it."""
+    backend = model.backend
+    cache = backend.new_cache(1)
+    ids = np.arange(3, 40, dtype=np.int64)[None]
+    rows = [backend.forward(cache, backend.embed(ids), [ids.shape[1]]).copy()]
+    for token in (5, 9, 11):
+        rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
+    return np.concatenate(rows)
+
+
 @moves_attention
 @pytest.mark.parametrize("ckpt, quant", [("tiny_bf16", "w4bf16"), ("tiny35_bf16", "f16")])
 def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypatch):
@@ -354,22 +365,13 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
     layers = sum(n.op_type == "GroupQueryAttention" for n in decoder.graph.node)
     assert kernels.rewrite(decoder)["qk_norm"] == (layers if ckpt.startswith("tiny35") else 0)
 
-    def logits(model):
-        backend = model.backend
-        cache = backend.new_cache(1)
-        ids = np.arange(3, 40, dtype=np.int64)[None]
-        rows = [backend.forward(cache, backend.embed(ids), [ids.shape[1]]).copy()]
-        for token in (5, 9, 11):
-            rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
-        return np.concatenate(rows)
-
     monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", "float32")
     kernels.settings.cache_clear()
     ours = load(path)
     assert ours.backend.kv_dtype == np.float32
     assert ours.backend.attention_kernel == "internvl-edge"
     assert ours.backend.describe()["attention_kernel"] == "internvl-edge"
-    mine = logits(ours)
+    mine = _prefill_and_steps(ours)
     monkeypatch.setenv("INTERNVL_EDGE_KERNELS", "matmul")
     kernels.settings.cache_clear()
     try:
@@ -377,23 +379,12 @@ def test_decoder_attention_is_ours_unless_disabled(ckpt, quant, bundle, monkeypa
         assert theirs_model.backend.attention_kernel == "onnxruntime"
         assert theirs_model.backend.kv_dtype == np.float32
         assert theirs_model.backend.q4_kernel.startswith("internvl-edge q4gemm") == quant.startswith("w4")
-        theirs = logits(theirs_model)
+        theirs = _prefill_and_steps(theirs_model)
     finally:
         monkeypatch.delenv("INTERNVL_EDGE_KERNELS")
         monkeypatch.delenv("INTERNVL_EDGE_KV_CACHE")
         kernels.settings.cache_clear()
     np.testing.assert_allclose(mine, theirs, atol=1e-4 * np.abs(theirs).max())
-
-
-def _prefill_and_steps(model) -> np.ndarray:
-    """Logits of a 37-token prefill and three decode steps after it."""
-    backend = model.backend
-    cache = backend.new_cache(1)
-    ids = np.arange(3, 40, dtype=np.int64)[None]
-    rows = [backend.forward(cache, backend.embed(ids), [ids.shape[1]]).copy()]
-    for token in (5, 9, 11):
-        rows.append(backend.forward(cache, backend.embed(np.array([[token]], np.int64)), [1]).copy())
-    return np.concatenate(rows)
 
 
 @moves_attention
