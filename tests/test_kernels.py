@@ -225,6 +225,20 @@ def test_shapes_and_errors():
         sess.run(None, {"A": np.ones((1, 100), np.float32)})
 
 
+@needs_kernel
+def test_a_misshapen_weight_is_refused_constant_or_fed():
+    """B with the right bytes in the wrong shape ([N, blocks * 64] instead of [N, blocks, 64]): a constant
+    is checked once, when the session is made (decode then skips describing the weights on every
+    call), and a B fed with each run is checked on that run."""
+    w = quantize(np.random.default_rng(0).standard_normal((24, 256)).astype(np.float32), 4, 128)
+    flat = dataclasses.replace(w, packed=w.packed.reshape(w.N, -1))
+    with pytest.raises(Exception, match=r"B must be uint8 \[N=24, 2, 64\], got rank 2"):
+        _graph(flat, kernels.DOMAIN, None)
+    sess = _graph(flat, kernels.DOMAIN, None, b_fed=True)
+    with pytest.raises(Exception, match=r"B must be uint8 \[N=24, 2, 64\], got rank 2"):
+        sess.run(None, {"A": np.ones((1, 256), np.float32), "B": flat.packed})
+
+
 def test_rewrite_takes_only_what_the_kernel_computes():
     def node(bits=4, level=4, block=128, g_idx=""):
         return helper.make_node(

@@ -60,6 +60,10 @@ typedef struct {
     int table_f16; /* it holds float16 scales */
     uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
     int paired;      /* swiglu with packed and table in q4_pair_swiglu()'s order */
+    int constants_checked; /* B, scales and zero_points (if given) are constants whose types and sizes
+                              were checked at creation (the packed copy and the table were made from
+                              them): Compute does not describe them again */
+    int gamma_checked;     /* likewise gamma, with the fused norm */
 } kernel_t;
 
 /* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
@@ -94,8 +98,10 @@ static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtVa
                           const ort_tensor_desc *a, float *normed) {
     ort_tensor_desc d;
     if (!in[IN_GAMMA]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
-    ORT_TRY(ort_describe(OP_NAME, in[IN_GAMMA], "gamma", &d));
-    ORT_TRY(ort_expect(OP_NAME, &d, "gamma", ORT_TYPE_FLOAT, "float32", kn->k));
+    if (!kn->gamma_checked) {
+        ORT_TRY(ort_describe(OP_NAME, in[IN_GAMMA], "gamma", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "gamma", ORT_TYPE_FLOAT, "float32", kn->k));
+    }
     if (in[IN_SKIP]) {
         ORT_TRY(ort_describe(OP_NAME, in[IN_SKIP], "skip", &d));
         ORT_TRY(ort_expect(OP_NAME, &d, "skip", ORT_TYPE_FLOAT, "float32", d.count));
@@ -126,10 +132,29 @@ static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtVa
     return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, norm_task, tasks, 0, &job);
 }
 
+/* B, scales and zero_points (if given) against the node's K, N, bits and block_size. */
+static OrtStatus *check_weight_inputs(const kernel_t *kn, const OrtValue *const in[IN_COUNT]) {
+    const int64_t n = kn->n, block = kn->block, bits = kn->bits, blocks = (kn->k + block - 1) / block;
+    ort_tensor_desc d;
+    ORT_TRY(ort_describe(OP_NAME, in[IN_B], "B", &d));
+    if (d.type != ORT_TYPE_UINT8)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)", (int)d.type);
+    if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
+                         "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes", (long long)n,
+                         (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
+    ORT_TRY(ort_describe(OP_NAME, in[IN_SCALES], "scales", &d));
+    ORT_TRY(ort_expect(OP_NAME, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
+    if (in[IN_ZERO_POINTS]) {
+        ORT_TRY(ort_describe(OP_NAME, in[IN_ZERO_POINTS], "zero_points", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "zero_points", ORT_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
+    }
+    return NULL;
+}
+
 static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     const int64_t k = kn->k, n = kn->n, block = kn->block, bits = kn->bits;
-    const int64_t blocks = (k + block - 1) / block;
 
     /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
      * (an empty name in the node's input list). */
@@ -153,19 +178,9 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
                          (long long)a.dims[a.rank - 1], (long long)k);
 
-    ORT_TRY(ort_describe(OP_NAME, in[IN_B], "B", &d));
-    if (d.type != ORT_TYPE_UINT8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)", (int)d.type);
-    if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
-                         "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes", (long long)n,
-                         (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
-    ORT_TRY(ort_describe(OP_NAME, in[IN_SCALES], "scales", &d));
-    ORT_TRY(ort_expect(OP_NAME, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
-    if (in[IN_ZERO_POINTS]) {
-        ORT_TRY(ort_describe(OP_NAME, in[IN_ZERO_POINTS], "zero_points", &d));
-        ORT_TRY(ort_expect(OP_NAME, &d, "zero_points", ORT_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
-    }
+    /* decode runs every linear once per token, and each description is an allocation and a handful of
+     * calls into ORT on memory the weights' stream has pushed out of the caches */
+    if (!kn->constants_checked) ORT_TRY(check_weight_inputs(kn, in));
     if (in[IN_BIAS]) {
         ORT_TRY(ort_describe(OP_NAME, in[IN_BIAS], "bias", &d));
         ORT_TRY(ort_expect(OP_NAME, &d, "bias", ORT_TYPE_FLOAT, "float32", n));
@@ -303,6 +318,15 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     return NULL;
 }
 
+static void ORT_CALL destroy_kernel(void *kernel) {
+    kernel_t *kn = (kernel_t *)kernel;
+    if (kn) {
+        free(kn->table);
+        free(kn->packed);
+    }
+    free(kn);
+}
+
 static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
                                          void **out) {
     (void)op;
@@ -351,6 +375,29 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     kn->paired = 0;
     size_t inputs = 0;
     const int counted = !ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &inputs));
+    kn->constants_checked = 0;
+    if (table && packed && counted) { /* constants, as make_table and make_packed found them */
+        const OrtValue *weights[IN_COUNT] = {0};
+        int constant = 1;
+        for (int i = IN_B; i <= IN_ZERO_POINTS; i++) {
+            if (ort_has_input(info, inputs, (size_t)i) != 1) continue; /* an absent zero_points */
+            int is_constant = 0;
+            if (ort_dropped(ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, (size_t)i, &is_constant,
+                                                                              &weights[i])) || !is_constant)
+                constant = 0;
+        }
+        if (constant) {
+            s = check_weight_inputs(kn, weights); /* the error Compute would give, at creation */
+            if (s) {
+                destroy_kernel(kn);
+                return s;
+            }
+            kn->constants_checked = 1;
+        }
+    }
+    void *gamma = NULL;
+    kn->gamma_checked = kn->norm && counted && ort_constant_input(info, inputs, IN_GAMMA, ORT_TYPE_FLOAT, k, &gamma) == 1
+                        && gamma != NULL;
     const int bias = counted ? ort_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
     if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && bias == 0) {
         q4_problem shape = weight_shape(k, n, block, bits);
@@ -360,15 +407,6 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     }
     *out = kn;
     return NULL;
-}
-
-static void ORT_CALL destroy_kernel(void *kernel) {
-    kernel_t *kn = (kernel_t *)kernel;
-    if (kn) {
-        free(kn->table);
-        free(kn->packed);
-    }
-    free(kn);
 }
 
 static const char *ORT_CALL op_name(const ort_custom_op *op) { (void)op; return OP_NAME; }
