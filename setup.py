@@ -18,6 +18,7 @@ setup(
                 for name in (
                     "ort_op",
                     "ort_attention",
+                    "ort_layer",
                     "ort_bf16",
                     "ort_glue",
                     "q4gemm",
@@ -38,6 +39,7 @@ setup(
                     "vec_exp.h",
                     "ort_abi.h",
                     "ort_glue.h",
+                    "ort_parts.h",
                     "isa.h",
                     "rms_norm.h",
                 )

@@ -275,7 +275,15 @@ def test_rewrite_takes_only_the_decoders_attention():
         _attention_node(kv_num_heads=4),
     ]
     model = helper.make_model(helper.make_graph(nodes, "g", [kv], []))
-    expected = {"MatMulNBits": 0, "GroupQueryAttention": 1, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0}
+    expected = {
+        "MatMulNBits": 0,
+        "GroupQueryAttention": 1,
+        "swiglu": 0,
+        "norm": 0,
+        "qk_norm": 0,
+        "half_cache": 0,
+        "layer": 0,
+    }
     assert kernels.rewrite(model, half_cache=True) == expected, "one attention left on ORT's: the cache stays float32"
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN] + ["com.microsoft"] * 5
     moved = model.graph.node[0]

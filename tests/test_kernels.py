@@ -19,12 +19,13 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import child_prints, run_tests_in_child
+from conftest import MID, child_prints, run_tests_in_child
 from onnx import TensorProto, helper, numpy_helper
 
 from internvl_edge import kernels
 from internvl_edge.nets.quant import quantize
 
+MID_INTERMEDIATE = MID.text_intermediate
 X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 
 
@@ -262,7 +263,15 @@ def test_rewrite_takes_only_what_the_kernel_computes():
         helper.make_node("MatMul", ["A", "W"], ["Y"]),
     ]
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
-    moved = {"MatMulNBits": 1, "GroupQueryAttention": 0, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0}
+    moved = {
+        "MatMulNBits": 1,
+        "GroupQueryAttention": 0,
+        "swiglu": 0,
+        "norm": 0,
+        "qk_norm": 0,
+        "half_cache": 0,
+        "layer": 0,
+    }
     assert kernels.rewrite(model) == moved
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, *["com.microsoft"] * 4, ""]
     assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
@@ -600,3 +609,102 @@ def test_either_prefetch_hint(hint):
         f"{here}/test_attention_kernel.py::test_matches_onnxruntime",
     ]
     run_tests_in_child(tests, env)
+
+
+def _decoder_logits(path: str, mode: str, monkeypatch, cache: str) -> list[np.ndarray]:
+    """Logits of a batch of two prompts of different lengths (a padded prefill), then of three decode
+    steps, with INTERNVL_EDGE_KERNELS=mode and the KV cache in `cache`."""
+    from internvl_edge.api import load
+
+    monkeypatch.setenv("INTERNVL_EDGE_KERNELS", mode)
+    monkeypatch.setenv("INTERNVL_EDGE_KV_CACHE", cache)
+    kernels.settings.cache_clear()
+    backend = load(path).backend
+    assert backend.q4_kernel.endswith("one node per layer") == (mode == "1")
+    ids = np.arange(3, 3 + 2 * 21, dtype=np.int64).reshape(2, 21)
+    kv = backend.new_cache(2)
+    out = [backend.forward(kv, backend.embed(ids), [21, 13]).copy()]
+    for step in range(3):
+        out.append(backend.forward(kv, backend.embed(np.array([[50 + step], [60 + step]], np.int64)), [1, 1]).copy())
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("ckpt", ["tiny_bf16", "tiny35_bf16"])
+@pytest.mark.parametrize("cache", ["float16", "float32"])
+def test_one_node_per_layer_computes_what_the_five_nodes_compute(bundle, monkeypatch, ckpt, cache):
+    """fuse_layers makes each decoder layer one DecoderLayer node (ort_layer.c) of our linears and attention
+    run back to back: InternVL3's qkv bias and InternVL3.5's query/key norms, the first layer without a
+    skip, either cache type; a padded batch's prefill and its decode steps give the very logits of the five
+    nodes per layer (INTERNVL_EDGE_KERNELS=unlayered), which the other tests hold against ONNX Runtime's
+    kernels and transformers."""
+    import onnx
+
+    if kernels.isa() not in kernels.ATTENTION_ISAS:
+        pytest.skip("our attention does not run here")
+    path = bundle(ckpt, "w4bf16")
+    decoder = onnx.load(os.path.join(path, "decoder.onnx"), load_external_data=False)
+    moved = kernels.rewrite(decoder, 2, half_cache=cache == "float16")
+    ops = [n.op_type for n in decoder.graph.node if n.domain == kernels.DOMAIN]
+    assert moved["layer"] == 2 and ops.count(kernels.LAYER_OP) == 2, moved
+    assert kernels.ATTENTION_OP not in ops and ops.count(kernels.OP) <= 1  # the lm_head's linear, if 4- or 8-bit
+    fused = _decoder_logits(path, "1", monkeypatch, cache)
+    nodes = _decoder_logits(path, "unlayered", monkeypatch, cache)
+    for a, b in zip(fused, nodes, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_kernel
+def test_a_layer_is_fused_only_where_the_pattern_is_whole(bundle):
+    """fuse_layers leaves a layer as five nodes where another node reads one of its intermediate values,
+    a weight is fed instead of constant, or its qkv linear has no norm; the other layers are fused."""
+    import onnx
+
+    if kernels.isa() not in kernels.ATTENTION_ISAS:
+        pytest.skip("our attention does not run here")
+    path = os.path.join(bundle("tiny_bf16", "w4bf16"), "decoder.onnx")
+    settings = dataclasses.replace(kernels.settings(), fuse_layers=False)
+
+    def rewritten():
+        model = onnx.load(path, load_external_data=False)
+        kernels.rewrite(model, 2, kernel_settings=settings)
+        return model, kernels.GraphIndex(model)
+
+    def attention_of_layer(model, layer: int):
+        return [n for n in model.graph.node if n.op_type == kernels.ATTENTION_OP][layer]
+
+    model, index = rewritten()
+    assert kernels.fuse_layers(model, index) == 2
+
+    model, index = rewritten()  # the first layer's attention output also a graph output
+    model.graph.output.append(
+        helper.make_tensor_value_info(attention_of_layer(model, 0).output[0], TensorProto.FLOAT, None)
+    )
+    assert kernels.fuse_layers(model, kernels.GraphIndex(model)) == 1
+
+    model, index = rewritten()  # the second layer's o_proj weight fed with each run
+    o_proj = index.only_reader(attention_of_layer(model, 1).output[0], kernels.OP)
+    weight = index.initializers[o_proj.input[1]]
+    model.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    assert kernels.fuse_layers(model, kernels.GraphIndex(model)) == 1
+
+    model, index = rewritten()  # the first layer's qkv linear without its norm
+    qkv = index.producer[attention_of_layer(model, 0).input[0]]
+    for attr in [a for a in qkv.attribute if a.name == "norm_epsilon"]:
+        qkv.attribute.remove(attr)
+    assert kernels.fuse_layers(model, kernels.GraphIndex(model)) == 1
+
+
+@needs_kernel
+def test_the_room_of_a_prefill_is_not_held_while_decoding(bundle):
+    """The blocks a prefill's linears and layers share (ort_room_take) are handed back by the end of the
+    run: the lm_head's one row trims them, so decoding does not hold a prefill's activations."""
+    from internvl_edge.api import load
+
+    backend = load(bundle("mid_bf16", "w4bf16")).backend
+    kv = backend.new_cache(1)
+    rows, intermediate = 512, MID_INTERMEDIATE  # one forward call takes at most 512 rows
+    largest = rows * 2 * intermediate * 4  # the gate/up pair of one layer, in floats
+    assert largest > 8 << 20
+    backend.forward(kv, backend.embed(np.arange(3, 3 + rows, dtype=np.int64)[None]), [rows])
+    assert kernels.room_held() <= 8 << 20, kernels.room_held()

@@ -178,6 +178,8 @@ class OrtBackend:
             self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()}, {kernels.prefetch_hint()} prefetch)"
         if moved[kernels.ATTENTION_OP]:
             self.attention_kernel = "internvl-edge"
+        if moved["layer"]:
+            self.q4_kernel += ", one node per layer"
         self.table_inputs = kernels.table_inputs(model)
         return model.SerializeToString()
 

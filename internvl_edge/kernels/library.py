@@ -100,6 +100,12 @@ def table_stats() -> tuple[int, int]:
     return _counters("q4_table_stats", 2)
 
 
+def room_held() -> int:
+    """Bytes our kernels keep for the intermediate values of their calls (ort_glue.h, ort_room_take):
+    what a prefill's layers share, handed back when a decode-sized call runs."""
+    return _counters("q4_room_held", 1)[0]
+
+
 def paired_swiglus() -> int:
     """How many fused SwiGLU linears our kernels made in this process hold each task's gate and up
     weights side by side (q4gemm.h, q4_pair_swiglu): those with a packed B, a table and no bias."""

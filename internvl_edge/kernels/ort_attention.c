@@ -25,6 +25,7 @@
 
 #include "attention.h"
 #include "ort_glue.h"
+#include "ort_parts.h"
 
 #define OP_NAME "GroupQueryAttention"
 
@@ -44,12 +45,12 @@ static void prepare_task(void *user, size_t task) { attn_prepare((const attn_pro
 static void transpose_task(void *user, size_t task) { attn_transpose((const attn_problem *)user, task); }
 static void run_task(void *user, size_t task) { attn_run((const attn_problem *)user, task); }
 
-static OrtStatus *input_of(OrtKernelContext *ctx, size_t i, const char *name, ort_elem_type type,
+static OrtStatus *input_of(const char *op, OrtKernelContext *ctx, size_t i, const char *name, ort_elem_type type,
                            const char *type_name, const OrtValue **v, ort_tensor_desc *d) {
     ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, v));
-    if (!*v) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input %s is missing", name);
-    ORT_TRY(ort_describe(OP_NAME, *v, name, d));
-    return ort_expect(OP_NAME, d, name, type, type_name, -1);
+    if (!*v) return ort_error(op, ORT_INVALID_ARGUMENT, "required input %s is missing", name);
+    ORT_TRY(ort_describe(op, *v, name, d));
+    return ort_expect(op, d, name, type, type_name, -1);
 }
 
 static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, attn_problem *p) {
@@ -62,55 +63,109 @@ static OrtStatus *parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), si
     return tasks ? ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, fn, tasks, tasks < 256 ? tasks : 256, p) : NULL;
 }
 
+OrtStatus *attention_bind(const char *op, int64_t nh, int64_t kvh, OrtKernelContext *ctx, const attention_inputs *in,
+                          int64_t B, int64_t S, int64_t width, size_t out_k, size_t out_v, attn_problem *p) {
+    const OrtValue *past_kv = NULL, *past_vv = NULL, *seqlens = NULL, *total = NULL, *cos = NULL, *sin = NULL,
+                   *lens = NULL;
+    ort_tensor_desc pk, pv, sk, tot, cs, sn, ql;
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, in->past_k, &past_kv));
+    if (!past_kv) return ort_error(op, ORT_INVALID_ARGUMENT, "required input past_key is missing");
+    ORT_TRY(ort_describe(op, past_kv, "past_key", &pk));
+    if (pk.type != ORT_TYPE_FLOAT && pk.type != ORT_TYPE_FLOAT16)
+        return ort_error(op, ORT_INVALID_ARGUMENT, "past_key must be float32 or float16 (element type %d given)",
+                         (int)pk.type);
+    const int half = pk.type == ORT_TYPE_FLOAT16;
+    ORT_TRY(input_of(op, ctx, in->past_v, "past_value", pk.type, half ? "float16, as past_key" : "float32, as past_key",
+                     &past_vv, &pv));
+    ORT_TRY(input_of(op, ctx, in->seqlens_k, "seqlens_k", ORT_TYPE_INT32, "int32", &seqlens, &sk));
+    ORT_TRY(input_of(op, ctx, in->total, "total_sequence_length", ORT_TYPE_INT32, "int32", &total, &tot));
+    ORT_TRY(input_of(op, ctx, in->cos, "cos_cache", ORT_TYPE_FLOAT, "float32", &cos, &cs));
+    ORT_TRY(input_of(op, ctx, in->sin, "sin_cache", ORT_TYPE_FLOAT, "float32", &sin, &sn));
+    ORT_TRY(input_of(op, ctx, in->query_lens, "query_seqlens", ORT_TYPE_INT32, "int32", &lens, &ql));
+
+    if (width % (nh + 2 * kvh))
+        return ort_error(op, ORT_INVALID_ARGUMENT, "qkv width %lld is not (num_heads + 2 kv_num_heads) x head_dim",
+                         (long long)width);
+    const int64_t hd = width / (nh + 2 * kvh);
+    if (pk.rank != 4 || pk.dims[0] != B || pk.dims[1] != kvh || pk.dims[3] != hd || pv.rank != 4 ||
+        memcmp(pk.dims, pv.dims, sizeof pk.dims[0] * 4))
+        return ort_error(op, ORT_INVALID_ARGUMENT, "past_key and past_value must both be [%lld, %lld, capacity, %lld]",
+                         (long long)B, (long long)kvh, (long long)hd);
+    if (sk.count != B || ql.count != B)
+        return ort_error(op, ORT_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries", (long long)B);
+    if (cs.rank != 2 || cs.dims[1] != hd / 2 || sn.rank != 2 || memcmp(cs.dims, sn.dims, sizeof cs.dims[0] * 2))
+        return ort_error(op, ORT_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
+                         (long long)(hd / 2));
+
+    OrtValue *present_k = NULL, *present_v = NULL;
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, out_k, pk.dims, 4, &present_k));
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, out_v, pv.dims, 4, &present_v));
+    OrtStatus *s = NULL;
+    const void *past_k = ort_data_of(past_kv, &s);
+    const void *past_v = s ? NULL : ort_data_of(past_vv, &s);
+    if (!s) p->k_cache = ort_data_of(present_k, &s);
+    if (!s) p->v_cache = ort_data_of(present_v, &s);
+    if (!s) p->cos = (const float *)ort_data_of(cos, &s);
+    if (!s) p->sin = (const float *)ort_data_of(sin, &s);
+    if (!s) p->seqlens_k = (const int32_t *)ort_data_of(seqlens, &s);
+    if (!s) p->query_lens = (const int32_t *)ort_data_of(lens, &s);
+    if (s) return s;
+    /* not bound in place: present starts as a copy of past */
+    const size_t cache_bytes = (size_t)pk.count * (half ? 2 : sizeof(float));
+    if (p->k_cache != past_k && cache_bytes) memcpy(p->k_cache, past_k, cache_bytes);
+    if (p->v_cache != past_v && cache_bytes) memcpy(p->v_cache, past_v, cache_bytes);
+    p->batch = B;
+    p->rows = S;
+    p->heads = nh;
+    p->kv_heads = kvh;
+    p->head_dim = hd;
+    p->capacity = pk.dims[2];
+    p->positions = cs.dims[0];
+    p->kv_half = half;
+    return NULL;
+}
+
+OrtStatus *attention_apply(const char *op, OrtKernelContext *ctx, attn_problem *p) {
+    char why[240];
+    attn_plan_t plan;
+    if (attn_plan(p, &plan, why, sizeof why) != 0) return ort_error(op, ORT_INVALID_ARGUMENT, "%s", why);
+    if (p->batch == 0 || p->rows == 0) return NULL;
+    p->scratch = (float *)ort_room_take(plan.scratch_bytes);
+    if (!p->scratch) return ort_error(op, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+    OrtStatus *s = parallel(ctx, prepare_task, plan.prepare_tasks, p);
+    if (!s) s = parallel(ctx, transpose_task, plan.transpose_tasks, p);
+    if (!s) s = parallel(ctx, run_task, plan.tasks, p);
+    ort_room_give(p->scratch);
+    p->scratch = NULL;
+    return s;
+}
+
+/* this op's own node: each input at its place in the op's list */
+static const attention_inputs g_own_inputs = {IN_PAST_K, IN_PAST_V, IN_SEQLENS_K, IN_TOTAL,
+                                              IN_COS,    IN_SIN,    IN_QUERY_LENS};
+
 static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const kernel_t *kn = (const kernel_t *)kernel;
     size_t count = 0;
     ORT_TRY(ORT_FN(ort_api, KernelContext_GetInputCount)(ctx, &count));
     if (count < IN_REQUIRED)
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "%d inputs expected, %zu given", IN_REQUIRED, count);
-    const OrtValue *in[IN_COUNT] = {0};
-    ort_tensor_desc qkv, pk, pv, sk, tot, cs, sn, ql;
-    ORT_TRY(input_of(ctx, IN_QKV, "qkv", ORT_TYPE_FLOAT, "float32", &in[IN_QKV], &qkv));
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, IN_PAST_K, &in[IN_PAST_K]));
-    if (!in[IN_PAST_K]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input past_key is missing");
-    ORT_TRY(ort_describe(OP_NAME, in[IN_PAST_K], "past_key", &pk));
-    if (pk.type != ORT_TYPE_FLOAT && pk.type != ORT_TYPE_FLOAT16)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "past_key must be float32 or float16 (element type %d given)",
-                         (int)pk.type);
-    const int half = pk.type == ORT_TYPE_FLOAT16;
-    ORT_TRY(input_of(ctx, IN_PAST_V, "past_value", pk.type, half ? "float16, as past_key" : "float32, as past_key",
-                     &in[IN_PAST_V], &pv));
-    ORT_TRY(input_of(ctx, IN_SEQLENS_K, "seqlens_k", ORT_TYPE_INT32, "int32", &in[IN_SEQLENS_K], &sk));
-    ORT_TRY(input_of(ctx, IN_TOTAL, "total_sequence_length", ORT_TYPE_INT32, "int32", &in[IN_TOTAL], &tot));
-    ORT_TRY(input_of(ctx, IN_COS, "cos_cache", ORT_TYPE_FLOAT, "float32", &in[IN_COS], &cs));
-    ORT_TRY(input_of(ctx, IN_SIN, "sin_cache", ORT_TYPE_FLOAT, "float32", &in[IN_SIN], &sn));
-    ORT_TRY(input_of(ctx, IN_QUERY_LENS, "query_seqlens", ORT_TYPE_INT32, "int32", &in[IN_QUERY_LENS], &ql));
-
-    const int64_t nh = kn->heads, kvh = kn->kv_heads;
+    const OrtValue *qkv_v = NULL, *q_norm_v = NULL, *k_norm_v = NULL;
+    ort_tensor_desc qkv;
+    ORT_TRY(input_of(OP_NAME, ctx, IN_QKV, "qkv", ORT_TYPE_FLOAT, "float32", &qkv_v, &qkv));
     if (qkv.rank != 3) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qkv must be [batch, sequence, width]");
-    const int64_t B = qkv.dims[0], S = qkv.dims[1], width = qkv.dims[2];
-    if (width % (nh + 2 * kvh))
+    const int64_t nh = kn->heads, kvh = kn->kv_heads;
+    if (qkv.dims[2] % (nh + 2 * kvh))
         return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qkv width %lld is not (num_heads + 2 kv_num_heads) x head_dim",
-                         (long long)width);
-    const int64_t hd = width / (nh + 2 * kvh);
-    if (pk.rank != 4 || pk.dims[0] != B || pk.dims[1] != kvh || pk.dims[3] != hd || pv.rank != 4 ||
-        memcmp(pk.dims, pv.dims, sizeof pk.dims[0] * 4))
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
-                         "past_key and past_value must both be [%lld, %lld, capacity, %lld]", (long long)B,
-                         (long long)kvh, (long long)hd);
-    if (sk.count != B || ql.count != B)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "seqlens_k and query_seqlens must have %lld entries",
-                         (long long)B);
-    if (cs.rank != 2 || cs.dims[1] != hd / 2 || sn.rank != 2 || memcmp(cs.dims, sn.dims, sizeof cs.dims[0] * 2))
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "cos_cache and sin_cache must both be [positions, %lld]",
-                         (long long)(hd / 2));
+                         (long long)qkv.dims[2]);
+    const int64_t hd = qkv.dims[2] / (nh + 2 * kvh);
 
-    ort_tensor_desc q_norm, k_norm;
     if (kn->qk_norm) {
+        ort_tensor_desc q_norm, k_norm;
         if (count < IN_COUNT)
             return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "qk_norm_epsilon needs inputs q_norm and k_norm");
-        ORT_TRY(input_of(ctx, IN_Q_NORM, "q_norm", ORT_TYPE_FLOAT, "float32", &in[IN_Q_NORM], &q_norm));
-        ORT_TRY(input_of(ctx, IN_K_NORM, "k_norm", ORT_TYPE_FLOAT, "float32", &in[IN_K_NORM], &k_norm));
+        ORT_TRY(input_of(OP_NAME, ctx, IN_Q_NORM, "q_norm", ORT_TYPE_FLOAT, "float32", &q_norm_v, &q_norm));
+        ORT_TRY(input_of(OP_NAME, ctx, IN_K_NORM, "k_norm", ORT_TYPE_FLOAT, "float32", &k_norm_v, &k_norm));
         if (q_norm.count != hd || k_norm.count != hd)
             return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "q_norm and k_norm must have head_dim = %lld values",
                              (long long)hd);
@@ -122,53 +177,21 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
             return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "inputs q_norm and k_norm need attribute qk_norm_epsilon");
     }
 
-    const int64_t y_dims[3] = {B, S, nh * hd};
-    OrtValue *y = NULL, *present_k = NULL, *present_v = NULL;
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_Y, y_dims, 3, &y));
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_K, pk.dims, 4, &present_k));
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_PRESENT_V, pv.dims, 4, &present_v));
-
-    OrtStatus *s = NULL;
+    const int64_t B = qkv.dims[0], S = qkv.dims[1];
     attn_problem p;
     memset(&p, 0, sizeof p);
-    const void *past_k = ort_data_of(in[IN_PAST_K], &s);
-    const void *past_v = s ? NULL : ort_data_of(in[IN_PAST_V], &s);
-    if (!s) p.k_cache = ort_data_of(present_k, &s);
-    if (!s) p.v_cache = ort_data_of(present_v, &s);
-    if (!s) p.qkv = (const float *)ort_data_of(in[IN_QKV], &s);
-    if (!s) p.cos = (const float *)ort_data_of(in[IN_COS], &s);
-    if (!s) p.sin = (const float *)ort_data_of(in[IN_SIN], &s);
-    if (!s) p.seqlens_k = (const int32_t *)ort_data_of(in[IN_SEQLENS_K], &s);
-    if (!s) p.query_lens = (const int32_t *)ort_data_of(in[IN_QUERY_LENS], &s);
+    ORT_TRY(attention_bind(OP_NAME, nh, kvh, ctx, &g_own_inputs, B, S, qkv.dims[2], OUT_PRESENT_K, OUT_PRESENT_V, &p));
+    const int64_t y_dims[3] = {B, S, nh * hd};
+    OrtValue *y = NULL;
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_Y, y_dims, 3, &y));
+    OrtStatus *s = NULL;
+    p.qkv = (const float *)ort_data_of(qkv_v, &s);
     if (!s) p.out = (float *)ort_data_of(y, &s);
-    if (!s && kn->qk_norm) p.q_norm = (const float *)ort_data_of(in[IN_Q_NORM], &s);
-    if (!s && kn->qk_norm) p.k_norm = (const float *)ort_data_of(in[IN_K_NORM], &s);
+    if (!s && kn->qk_norm) p.q_norm = (const float *)ort_data_of(q_norm_v, &s);
+    if (!s && kn->qk_norm) p.k_norm = (const float *)ort_data_of(k_norm_v, &s);
     if (s) return s;
-    /* not bound in place: present starts as a copy of past */
-    const size_t cache_bytes = (size_t)pk.count * (half ? 2 : sizeof(float));
-    if (p.k_cache != past_k && cache_bytes) memcpy(p.k_cache, past_k, cache_bytes);
-    if (p.v_cache != past_v && cache_bytes) memcpy(p.v_cache, past_v, cache_bytes);
-    p.batch = B;
-    p.rows = S;
-    p.heads = nh;
-    p.kv_heads = kvh;
-    p.head_dim = hd;
-    p.capacity = pk.dims[2];
-    p.positions = cs.dims[0];
     p.qk_norm_epsilon = kn->qk_norm_epsilon;
-    p.kv_half = half;
-
-    char why[240];
-    attn_plan_t plan;
-    if (attn_plan(&p, &plan, why, sizeof why) != 0) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "%s", why);
-    if (B == 0 || S == 0) return NULL;
-    p.scratch = (float *)aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
-    if (!p.scratch) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
-    s = parallel(ctx, prepare_task, plan.prepare_tasks, &p);
-    if (!s) s = parallel(ctx, transpose_task, plan.transpose_tasks, &p);
-    if (!s) s = parallel(ctx, run_task, plan.tasks, &p);
-    free(p.scratch);
-    return s;
+    return attention_apply(OP_NAME, ctx, &p);
 }
 
 static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,

@@ -244,3 +244,89 @@ uint8_t *ort_alloc_weights(size_t bytes) {
     if (p) madvise(p, rounded, MADV_HUGEPAGE);
     return p;
 }
+
+/* The pool of ort_room_take: blocks of recent calls, each free or taken by a call now running. */
+#define ROOM_SLOTS 8
+static struct {
+    void *block;
+    size_t bytes;
+    int taken;
+} g_room[ROOM_SLOTS];
+static int g_room_lock; /* a spin lock: held for a few loads and stores, never across a call */
+
+static void room_lock(void) {
+    while (__atomic_exchange_n(&g_room_lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&g_room_lock, __ATOMIC_RELAXED)) __builtin_ia32_pause();
+}
+static void room_unlock(void) { __atomic_store_n(&g_room_lock, 0, __ATOMIC_RELEASE); }
+
+void *ort_room_take(size_t bytes) {
+    if (bytes == 0) bytes = 1;
+    const size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded < bytes) return NULL;
+    room_lock();
+    int best = -1, spare = -1;
+    for (int i = 0; i < ROOM_SLOTS; i++) {
+        if (g_room[i].taken) continue;
+        if (g_room[i].bytes >= rounded && (best < 0 || g_room[i].bytes < g_room[best].bytes)) best = i;
+        if (g_room[i].bytes < rounded && (spare < 0 || g_room[i].bytes < g_room[spare].bytes)) spare = i;
+    }
+    if (best >= 0) {
+        g_room[best].taken = 1;
+        room_unlock();
+        return g_room[best].block;
+    }
+    void *old = NULL;
+    if (spare >= 0) { /* the smallest free block makes way for this one */
+        old = g_room[spare].block;
+        g_room[spare].block = NULL;
+        g_room[spare].bytes = 0;
+        g_room[spare].taken = 1;
+    }
+    room_unlock();
+    free(old);
+    void *block = aligned_alloc(64, rounded);
+    if (spare >= 0) {
+        room_lock();
+        g_room[spare].block = block;
+        g_room[spare].bytes = block ? rounded : 0;
+        g_room[spare].taken = block != NULL;
+        room_unlock();
+    }
+    return block; /* with every slot taken (calls running at once), a block of its own */
+}
+
+void ort_room_give(void *room) {
+    if (!room) return;
+    room_lock();
+    for (int i = 0; i < ROOM_SLOTS; i++)
+        if (g_room[i].block == room) {
+            g_room[i].taken = 0;
+            room_unlock();
+            return;
+        }
+    room_unlock();
+    free(room);
+}
+
+void ort_room_trim(size_t keep) {
+    void *gone[ROOM_SLOTS];
+    int count = 0;
+    room_lock();
+    for (int i = 0; i < ROOM_SLOTS; i++)
+        if (!g_room[i].taken && g_room[i].bytes > keep) {
+            gone[count++] = g_room[i].block;
+            g_room[i].block = NULL;
+            g_room[i].bytes = 0;
+        }
+    room_unlock();
+    for (int i = 0; i < count; i++) free(gone[i]);
+}
+
+size_t ort_room_held(void) {
+    size_t held = 0;
+    room_lock();
+    for (int i = 0; i < ROOM_SLOTS; i++) held += g_room[i].bytes;
+    room_unlock();
+    return held;
+}

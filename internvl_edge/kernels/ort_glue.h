@@ -78,4 +78,16 @@ size_t ort_release_file_pages(const void *data, size_t bytes);
 #define HUGE_PAGE ((size_t)2 << 20)
 uint8_t *ort_alloc_weights(size_t bytes);
 
+/* Room for a call's intermediate values (64-byte aligned; NULL when out of memory), from a small pool of
+ * the blocks earlier calls gave back, so that a prefill's layers reuse one another's instead of each
+ * faulting in fresh pages (blocks above glibc's mmap threshold, 32 MB, are mapped and zeroed anew on
+ * every malloc). Give it back with ort_room_give. */
+void *ort_room_take(size_t bytes);
+void ort_room_give(void *room);
+/* Hand back to the system the pool's free blocks of more than `keep` bytes: what a decode step does,
+ * so that a prefill's room is not held while decoding. */
+void ort_room_trim(size_t keep);
+/* Bytes the pool holds, free or taken (the tests). */
+size_t ort_room_held(void);
+
 #endif

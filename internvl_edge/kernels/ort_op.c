@@ -36,6 +36,7 @@
 
 #include "isa.h"
 #include "ort_glue.h"
+#include "ort_parts.h"
 #include "q4gemm.h"
 #include "rms_norm.h"
 
@@ -44,27 +45,16 @@
 
 const ort_custom_op *ort_attention_op(void); /* ort_attention.c: NULL where its kernel cannot run */
 const ort_custom_op *ort_attention_op_half(void); /* the same op for a float16 KV cache */
+const ort_custom_op *ort_layer_op(void);     /* ort_layer.c: NULL where the attention kernel cannot run */
+const ort_custom_op *ort_layer_op_half(void); /* the same op for a float16 KV cache */
 const ort_custom_op *ort_bf16_op(void);      /* ort_bf16.c: NULL where the CPU has no bfloat16 path */
 const ort_custom_op *ort_bf16_attention_op(void); /* ort_bf16.c: NULL where the AMX path does not run */
 
-enum { IN_A, IN_B, IN_SCALES, IN_ZERO_POINTS, IN_G_IDX, IN_BIAS, IN_SKIP, IN_GAMMA, IN_COUNT };
 enum { OUT_Y, OUT_SUM, OUT_COUNT };
 
-typedef struct {
-    int64_t k, n, block, bits;
-    int64_t batches; /* ranges the tasks are split into for ORT's thread pool (attribute `batches`) */
-    int64_t swiglu;  /* attribute `swiglu`: output silu(Y[..., :N/2]) * Y[..., N/2:] */
-    int norm;        /* attribute `norm_epsilon` given: the input is rms_norm(A + skip) * gamma */
-    float epsilon;
-    void *table; /* q4_blocks_fill()'s table from constant scales/zero points, 64-byte aligned; or NULL */
-    int table_f16; /* it holds float16 scales */
-    uint8_t *packed; /* q4_pack()'s copy of a constant B, 64-byte aligned; or NULL (B is read as it comes) */
-    int paired;      /* swiglu with packed and table in q4_pair_swiglu()'s order */
-    int constants_checked; /* B, scales and zero_points (if given) are constants whose types and sizes
-                              were checked at creation (the packed copy and the table were made from
-                              them): Compute does not describe them again */
-    int gamma_checked;     /* likewise gamma, with the fused norm */
-} kernel_t;
+/* MatMulNBits' own node: each input at its place in the op's list */
+static const size_t g_own_inputs[LIN_IN_COUNT] = {LIN_A,    LIN_B,    LIN_SCALES, LIN_ZERO_POINTS,
+                                                  LIN_G_IDX, LIN_BIAS, LIN_SKIP,   LIN_GAMMA};
 
 /* What the MatMulNBits kernels of this process packed, and how much of ORT's copies they handed back
  * (q4_pack_stats: the tests check that the weights are not held twice); the bytes of
@@ -90,20 +80,22 @@ static int64_t zero_point_count(int64_t n, int64_t blocks, int64_t bits) {
 
 static void run_task(void *problem, size_t task) { q4_run((const q4_problem *)problem, task); }
 
+#define ROOM_TRIM_ROWS 16        /* linear_apply: see the end */
+#define ROOM_KEEP ((size_t)1 << 20)
 #define NORM_ROWS_PER_TASK 16 /* a prefill's norm is split over the thread pool in tasks of this many rows */
 
-/* The fused norm's inputs checked, its output `sum` made when the node has one, and the normed rows
- * computed into `normed` (m x k floats). */
-static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtValue *const in[IN_COUNT],
-                          const ort_tensor_desc *a, float *normed) {
+/* The fused norm's inputs checked and its output `sum` made when the node has one (io->sum). */
+static OrtStatus *prenorm_bind(const linear_t *kn, OrtKernelContext *ctx, const OrtValue *const in[LIN_IN_COUNT],
+                               const ort_tensor_desc *a, linear_io *io) {
     ort_tensor_desc d;
-    if (!in[IN_GAMMA]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
+    OrtStatus *s = NULL;
+    if (!in[LIN_GAMMA]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "norm_epsilon needs input gamma");
     if (!kn->gamma_checked) {
-        ORT_TRY(ort_describe(OP_NAME, in[IN_GAMMA], "gamma", &d));
+        ORT_TRY(ort_describe(OP_NAME, in[LIN_GAMMA], "gamma", &d));
         ORT_TRY(ort_expect(OP_NAME, &d, "gamma", ORT_TYPE_FLOAT, "float32", kn->k));
     }
-    if (in[IN_SKIP]) {
-        ORT_TRY(ort_describe(OP_NAME, in[IN_SKIP], "skip", &d));
+    if (in[LIN_SKIP]) {
+        ORT_TRY(ort_describe(OP_NAME, in[LIN_SKIP], "skip", &d));
         ORT_TRY(ort_expect(OP_NAME, &d, "skip", ORT_TYPE_FLOAT, "float32", d.count));
         if (d.count != a->count) /* ONNX Runtime's norm would broadcast a [K] or [S, K] skip; ours does not */
             return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "skip must have A's shape (%lld elements, %lld given)",
@@ -113,111 +105,67 @@ static OrtStatus *prenorm(const kernel_t *kn, OrtKernelContext *ctx, const OrtVa
     ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutputCount)(ctx, &outputs));
     OrtValue *sum = NULL;
     if (outputs > OUT_SUM) {
-        if (!in[IN_SKIP]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "output sum needs input skip");
+        if (!in[LIN_SKIP]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "output sum needs input skip");
         ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, OUT_SUM, a->dims, a->rank, &sum));
     }
-    OrtStatus *s = NULL;
-    norm_job job = {.epsilon = kn->epsilon, .m = a->count / kn->k, .k = kn->k, .normed = normed,
-                    .rows_per_task = NORM_ROWS_PER_TASK};
-    job.x = (const float *)ort_data_of(in[IN_A], &s);
-    if (!s) job.gamma = (const float *)ort_data_of(in[IN_GAMMA], &s);
-    if (!s && in[IN_SKIP]) job.skip = (const float *)ort_data_of(in[IN_SKIP], &s);
-    if (!s && sum) job.sum = (float *)ort_data_of(sum, &s);
-    if (s) return s;
-    const size_t tasks = (size_t)((job.m + NORM_ROWS_PER_TASK - 1) / NORM_ROWS_PER_TASK);
-    if (tasks <= 1) {
-        norm_rows(&job, 0, job.m);
-        return NULL;
-    }
-    return ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, norm_task, tasks, 0, &job);
+    io->gamma = (const float *)ort_data_of(in[LIN_GAMMA], &s);
+    if (!s && in[LIN_SKIP]) io->skip = (const float *)ort_data_of(in[LIN_SKIP], &s);
+    if (!s && sum) io->sum = (float *)ort_data_of(sum, &s);
+    return s;
 }
 
 /* B, scales and zero_points (if given) against the node's K, N, bits and block_size. */
-static OrtStatus *check_weight_inputs(const kernel_t *kn, const OrtValue *const in[IN_COUNT]) {
+static OrtStatus *check_weight_inputs(const char *op, const linear_t *kn, const OrtValue *const in[LIN_IN_COUNT]) {
     const int64_t n = kn->n, block = kn->block, bits = kn->bits, blocks = (kn->k + block - 1) / block;
     ort_tensor_desc d;
-    ORT_TRY(ort_describe(OP_NAME, in[IN_B], "B", &d));
+    ORT_TRY(ort_describe(op, in[LIN_B], "B", &d));
     if (d.type != ORT_TYPE_UINT8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)", (int)d.type);
+        return ort_error(op, ORT_INVALID_ARGUMENT, "B must be uint8 (element type %d given)", (int)d.type);
     if (d.rank != 3 || d.dims[0] != n || d.dims[1] != blocks || d.dims[2] != block * bits / 8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT,
+        return ort_error(op, ORT_INVALID_ARGUMENT,
                          "B must be uint8 [N=%lld, %lld, %lld], got rank %zu with %lld bytes", (long long)n,
                          (long long)blocks, (long long)(block * bits / 8), d.rank, (long long)d.count);
-    ORT_TRY(ort_describe(OP_NAME, in[IN_SCALES], "scales", &d));
-    ORT_TRY(ort_expect(OP_NAME, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
-    if (in[IN_ZERO_POINTS]) {
-        ORT_TRY(ort_describe(OP_NAME, in[IN_ZERO_POINTS], "zero_points", &d));
-        ORT_TRY(ort_expect(OP_NAME, &d, "zero_points", ORT_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
+    ORT_TRY(ort_describe(op, in[LIN_SCALES], "scales", &d));
+    ORT_TRY(ort_expect(op, &d, "scales", ORT_TYPE_FLOAT, "float32", n * blocks));
+    if (in[LIN_ZERO_POINTS]) {
+        ORT_TRY(ort_describe(op, in[LIN_ZERO_POINTS], "zero_points", &d));
+        ORT_TRY(ort_expect(op, &d, "zero_points", ORT_TYPE_UINT8, "uint8", zero_point_count(n, blocks, bits)));
     }
     return NULL;
 }
 
-static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
-    const kernel_t *kn = (const kernel_t *)kernel;
-    const int64_t k = kn->k, n = kn->n, block = kn->block, bits = kn->bits;
-
-    /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
-     * (an empty name in the node's input list). */
-    size_t count = 0;
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInputCount)(ctx, &count));
-    const OrtValue *in[IN_COUNT] = {0};
-    for (size_t i = 0; i < IN_COUNT && i < count; i++) ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, &in[i]));
-    static const char *const required[] = {"A", "B", "scales"};
-    for (int i = IN_A; i <= IN_SCALES; i++)
-        if (!in[i]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input %s is missing", required[i]);
-    if (in[IN_G_IDX]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
-    if (!kn->norm && (in[IN_SKIP] || in[IN_GAMMA]))
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "inputs skip and gamma need attribute norm_epsilon");
-
-    ort_tensor_desc a, d;
-    ORT_TRY(ort_describe(OP_NAME, in[IN_A], "A", &a));
-    if (a.type != ORT_TYPE_FLOAT)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must be float32 (element type %d given)", (int)a.type);
-    if (a.rank < 1) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must have at least one dimension");
-    if (a.dims[a.rank - 1] != k)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
-                         (long long)a.dims[a.rank - 1], (long long)k);
-
-    /* decode runs every linear once per token, and each description is an allocation and a handful of
-     * calls into ORT on memory the weights' stream has pushed out of the caches */
-    if (!kn->constants_checked) ORT_TRY(check_weight_inputs(kn, in));
-    if (in[IN_BIAS]) {
-        ORT_TRY(ort_describe(OP_NAME, in[IN_BIAS], "bias", &d));
-        ORT_TRY(ort_expect(OP_NAME, &d, "bias", ORT_TYPE_FLOAT, "float32", n));
-    }
-
-    int64_t out_dims[ORT_MAX_RANK];
-    memcpy(out_dims, a.dims, a.rank * sizeof out_dims[0]);
-    out_dims[a.rank - 1] = kn->swiglu ? n / 2 : n;
-    const int64_t m = a.count / k;
-    OrtValue *y = NULL;
-    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
-    if (m == 0 && !kn->norm) return NULL;
-
+OrtStatus *linear_apply(const char *op, const linear_t *kn, OrtKernelContext *ctx, const linear_io *io) {
+    const int64_t k = kn->k, n = kn->n, m = io->m;
+    if (m == 0) return NULL;
     /* buffers of this call only, freed at `done` */
     float *normed = NULL; /* the fused norm's result: the linear's input */
     float *pair = NULL;   /* swiglu: the gate/up result, never seen outside this call */
     void *scratch = NULL;
     OrtStatus *s = NULL;
+    if (kn->norm) {
+        normed = (float *)ort_room_take((size_t)(m * k) * sizeof(float));
+        if (!normed) return ort_error(op, ORT_FAIL, "out of memory (%lld floats)", (long long)(m * k));
+        norm_job job = {.x = io->a, .skip = io->skip, .gamma = io->gamma, .epsilon = kn->epsilon, .m = m, .k = k,
+                        .sum = io->sum, .normed = normed, .rows_per_task = NORM_ROWS_PER_TASK};
+        const size_t tasks = (size_t)((m + NORM_ROWS_PER_TASK - 1) / NORM_ROWS_PER_TASK);
+        if (tasks <= 1)
+            norm_rows(&job, 0, m);
+        else
+            s = ORT_FN(ort_api, KernelContext_ParallelFor)(ctx, norm_task, tasks, 0, &job);
+        if (s) goto done;
+    }
     q4_problem p;
     memset(&p, 0, sizeof p);
-    if (kn->norm) {
-        normed = (float *)malloc((size_t)(a.count > 0 ? a.count : 1) * sizeof(float));
-        s = normed ? prenorm(kn, ctx, in, &a, normed)
-                   : ort_error(OP_NAME, ORT_FAIL, "out of memory (%lld floats)", (long long)a.count);
-        if (s || m == 0) goto done; /* no rows: the sum output, if any, is made (empty) */
-    }
-    p.a = normed ? normed : (const float *)ort_data_of(in[IN_A], &s);
-    if (!s) p.b = kn->packed ? kn->packed : (const uint8_t *)ort_data_of(in[IN_B], &s);
-    if (!s) p.scales = (const float *)ort_data_of(in[IN_SCALES], &s);
-    if (!s && in[IN_ZERO_POINTS]) p.zero_points = (const uint8_t *)ort_data_of(in[IN_ZERO_POINTS], &s);
-    if (!s && in[IN_BIAS]) p.bias = (const float *)ort_data_of(in[IN_BIAS], &s);
-    if (!s) p.y = (float *)ort_data_of(y, &s);
-    if (s) goto done;
+    p.a = normed ? normed : io->a;
+    p.b = kn->packed ? kn->packed : io->b;
+    p.scales = io->scales;
+    p.zero_points = io->zero_points;
+    p.bias = io->bias;
+    p.y = io->y;
     if (kn->swiglu) {
-        pair = (float *)malloc((size_t)(m * n) * sizeof(float));
+        pair = (float *)ort_room_take((size_t)(m * n) * sizeof(float));
         if (!pair) {
-            s = ort_error(OP_NAME, ORT_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
+            s = ort_error(op, ORT_FAIL, "out of memory (%lld x %lld floats)", (long long)m, (long long)n);
             goto done;
         }
         p.swiglu = p.y;
@@ -226,24 +174,24 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     p.m = m;
     p.n = n;
     p.k = k;
-    p.block = block;
+    p.block = kn->block;
     p.blocks = kn->table; /* built from these very scales/zero points: they are constant initializers */
     p.blocks_f16 = kn->table_f16;
     p.packed = kn->packed != NULL;
     p.swiglu_paired = kn->paired;
-    p.bits = (int)bits;
+    p.bits = (int)kn->bits;
 
     q4_plan_t plan;
     if (q4_plan(&p, &plan) != 0) {
-        s = ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
+        s = ort_error(op, ORT_INVALID_ARGUMENT, "the kernel does not support K=%lld, N=%lld with block_size=%lld "
                       "(block_size must be a multiple of 64, at most 1024; with swiglu N a multiple of 16)",
-                      (long long)k, (long long)n, (long long)block);
+                      (long long)k, (long long)n, (long long)kn->block);
         goto done;
     }
     if (plan.scratch_bytes) {
-        scratch = aligned_alloc(64, (plan.scratch_bytes + 63) & ~(size_t)63);
+        scratch = ort_room_take(plan.scratch_bytes);
         if (!scratch) {
-            s = ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
+            s = ort_error(op, ORT_FAIL, "out of memory (%zu bytes of scratch)", plan.scratch_bytes);
             goto done;
         }
     }
@@ -258,17 +206,76 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
          * threads sharing the last tasks of each other's ranges */
         s = ort_parallel_ranges(ctx, run_task, plan.tasks, (size_t)(kn->batches > 0 ? kn->batches : 1), &p);
 done:
-    free(scratch);
-    free(pair);
-    free(normed);
+    ort_room_give(scratch);
+    ort_room_give(pair);
+    ort_room_give(normed);
+    /* a decode step's rows (and the lm_head's at the end of a prefill: the last row only): the room a
+     * prefill's layers shared goes back to the system, not held while decoding */
+    if (m <= ROOM_TRIM_ROWS) ort_room_trim(ROOM_KEEP);
     return s;
+}
+
+static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
+    const linear_t *kn = (const linear_t *)kernel;
+    const int64_t k = kn->k, n = kn->n;
+
+    /* Absent optional inputs: beyond the input count (trailing ones left out of the node) or NULL
+     * (an empty name in the node's input list). */
+    size_t count = 0;
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetInputCount)(ctx, &count));
+    const OrtValue *in[LIN_IN_COUNT] = {0};
+    for (size_t i = 0; i < LIN_IN_COUNT && i < count; i++)
+        ORT_TRY(ORT_FN(ort_api, KernelContext_GetInput)(ctx, i, &in[i]));
+    static const char *const required[] = {"A", "B", "scales"};
+    for (int i = LIN_A; i <= LIN_SCALES; i++)
+        if (!in[i]) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "required input %s is missing", required[i]);
+    if (in[LIN_G_IDX])
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "g_idx is not supported (leave the input empty)");
+    if (!kn->norm && (in[LIN_SKIP] || in[LIN_GAMMA]))
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "inputs skip and gamma need attribute norm_epsilon");
+
+    ort_tensor_desc a, d;
+    ORT_TRY(ort_describe(OP_NAME, in[LIN_A], "A", &a));
+    if (a.type != ORT_TYPE_FLOAT)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must be float32 (element type %d given)", (int)a.type);
+    if (a.rank < 1) return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A must have at least one dimension");
+    if (a.dims[a.rank - 1] != k)
+        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "A's last dimension is %lld, expected K=%lld",
+                         (long long)a.dims[a.rank - 1], (long long)k);
+
+    /* decode runs every linear once per token, and each description is an allocation and a handful of
+     * calls into ORT on memory the weights' stream has pushed out of the caches */
+    if (!kn->constants_checked) ORT_TRY(check_weight_inputs(OP_NAME, kn, in));
+    if (in[LIN_BIAS]) {
+        ORT_TRY(ort_describe(OP_NAME, in[LIN_BIAS], "bias", &d));
+        ORT_TRY(ort_expect(OP_NAME, &d, "bias", ORT_TYPE_FLOAT, "float32", n));
+    }
+
+    int64_t out_dims[ORT_MAX_RANK];
+    memcpy(out_dims, a.dims, a.rank * sizeof out_dims[0]);
+    out_dims[a.rank - 1] = kn->swiglu ? n / 2 : n;
+    OrtValue *y = NULL;
+    ORT_TRY(ORT_FN(ort_api, KernelContext_GetOutput)(ctx, 0, out_dims, a.rank, &y));
+    linear_io io;
+    memset(&io, 0, sizeof io);
+    io.m = a.count / k;
+    if (kn->norm) ORT_TRY(prenorm_bind(kn, ctx, in, &a, &io)); /* with no rows, the sum output is made (empty) */
+    if (io.m == 0) return NULL;
+    OrtStatus *s = NULL;
+    io.a = (const float *)ort_data_of(in[LIN_A], &s);
+    if (!s && !kn->packed) io.b = (const uint8_t *)ort_data_of(in[LIN_B], &s);
+    if (!s) io.scales = (const float *)ort_data_of(in[LIN_SCALES], &s);
+    if (!s && in[LIN_ZERO_POINTS]) io.zero_points = (const uint8_t *)ort_data_of(in[LIN_ZERO_POINTS], &s);
+    if (!s && in[LIN_BIAS]) io.bias = (const float *)ort_data_of(in[LIN_BIAS], &s);
+    if (!s) io.y = (float *)ort_data_of(y, &s);
+    return s ? s : linear_apply(OP_NAME, kn, ctx, &io);
 }
 
 /* The kernel's table of scales and zero points, when they are constants and the kernel takes one
  * for these shapes: *table NULL otherwise (Compute then passes the tensors as they come). A copy:
  * nothing of the constant tensors is kept. */
-static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
-                             void **table, int *f16) {
+static OrtStatus *make_table(const char *op, const OrtKernelInfo *info, const size_t in[LIN_IN_COUNT], int64_t k,
+                             int64_t n, int64_t block, int64_t bits, void **table, int *f16) {
     *table = NULL;
     *f16 = 0;
     if (q4_blocks_bytes(n, k, block, (int)bits, 0) == 0) return NULL;
@@ -276,16 +283,18 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
     if (ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     const int64_t blocks = (k + block - 1) / block;
     void *scales = NULL, *zero_points = NULL;
-    if (ort_constant_input(info, count, IN_SCALES, ORT_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales) return NULL;
+    if (ort_constant_input(info, count, in[LIN_SCALES], ORT_TYPE_FLOAT, n * blocks, &scales) != 1 || !scales)
+        return NULL;
     const int64_t zero_points_count = zero_point_count(n, blocks, bits);
-    const int zp = ort_constant_input(info, count, IN_ZERO_POINTS, ORT_TYPE_UINT8, zero_points_count, &zero_points);
+    const int zp =
+        ort_constant_input(info, count, in[LIN_ZERO_POINTS], ORT_TYPE_UINT8, zero_points_count, &zero_points);
     if (zp == 0 || (zp == 1 && !zero_points)) return NULL;
 
     *f16 = q4_scales_fit_f16((const float *)scales, (size_t)(n * blocks));
     const size_t bytes = q4_blocks_bytes(n, k, block, (int)bits, *f16);
     if (bytes > SIZE_MAX - 63) return NULL;
     void *t = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!t) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
+    if (!t) return ort_error(op, ORT_FAIL, "out of memory (%zu bytes for the scales table)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.scales = (const float *)scales;
     p.zero_points = (const uint8_t *)zero_points; /* NULL when absent */
@@ -297,8 +306,8 @@ static OrtStatus *make_table(const OrtKernelInfo *info, int64_t k, int64_t n, in
 
 /* q4_pack's copy of B when B is a constant and the kernel takes packed weights for these shapes:
  * *packed NULL otherwise (Compute then reads B as it comes). */
-static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, int64_t block, int64_t bits,
-                              uint8_t **packed) {
+static OrtStatus *make_packed(const char *op, const OrtKernelInfo *info, const size_t in[LIN_IN_COUNT], int64_t k,
+                              int64_t n, int64_t block, int64_t bits, uint8_t **packed) {
     *packed = NULL;
     const size_t bytes = q4_packed_bytes(n, k, block, (int)bits);
     if (bytes == 0 || bytes > SIZE_MAX - HUGE_PAGE) return NULL;
@@ -306,9 +315,9 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     if (ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &count))) return NULL;
     void *b = NULL;
     const int64_t stored = n * ((k + block - 1) / block) * (block * bits / 8); /* B's elements */
-    if (ort_constant_input(info, count, IN_B, ORT_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
+    if (ort_constant_input(info, count, in[LIN_B], ORT_TYPE_UINT8, stored, &b) != 1 || !b) return NULL;
     uint8_t *out = ort_alloc_weights(bytes);
-    if (!out) return ort_error(OP_NAME, ORT_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
+    if (!out) return ort_error(op, ORT_FAIL, "out of memory (%zu bytes for the packed weights)", bytes);
     q4_problem p = weight_shape(k, n, block, bits);
     p.b = (const uint8_t *)b;
     q4_pack(&p, out);
@@ -318,8 +327,7 @@ static OrtStatus *make_packed(const OrtKernelInfo *info, int64_t k, int64_t n, i
     return NULL;
 }
 
-static void ORT_CALL destroy_kernel(void *kernel) {
-    kernel_t *kn = (kernel_t *)kernel;
+void linear_destroy(linear_t *kn) {
     if (kn) {
         free(kn->table);
         free(kn->packed);
@@ -327,38 +335,48 @@ static void ORT_CALL destroy_kernel(void *kernel) {
     free(kn);
 }
 
-static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
-                                         void **out) {
-    (void)op;
-    (void)api; /* the same table as ort_api, which was asked for the API version that has every slot we use */
+static void ORT_CALL destroy_kernel(void *kernel) { linear_destroy((linear_t *)kernel); }
+
+/* prefix + name, for the attributes of a linear among others in one node */
+static const char *attr_name(char *buf, size_t size, const char *prefix, const char *name) {
+    snprintf(buf, size, "%s%s", prefix, name);
+    return buf;
+}
+
+OrtStatus *linear_create(const char *op, const OrtKernelInfo *info, const char *prefix, const size_t in[LIN_IN_COUNT],
+                         linear_t **out) {
     *out = NULL;
+    char name[64];
+#define ATTR(x) attr_name(name, sizeof name, prefix, x)
     int64_t k, n, bits, block;
-    ORT_TRY(ort_get_int(OP_NAME, info, "K", &k));
-    ORT_TRY(ort_get_int(OP_NAME, info, "N", &n));
-    ORT_TRY(ort_get_int(OP_NAME, info, "bits", &bits));
-    ORT_TRY(ort_get_int(OP_NAME, info, "block_size", &block));
+    ORT_TRY(ort_get_int(op, info, ATTR("K"), &k));
+    ORT_TRY(ort_get_int(op, info, ATTR("N"), &n));
+    ORT_TRY(ort_get_int(op, info, ATTR("bits"), &bits));
+    ORT_TRY(ort_get_int(op, info, ATTR("block_size"), &block));
     if (bits != 4 && bits != 8)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
+        return ort_error(op, ORT_INVALID_ARGUMENT, "bits=%lld is not supported, only 4 and 8", (long long)bits);
     if (k <= 0 || n <= 0 || block <= 0)
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive",
+        return ort_error(op, ORT_INVALID_ARGUMENT, "K=%lld, N=%lld and block_size=%lld must be positive",
                          (long long)k, (long long)n, (long long)block);
     void *table = NULL;
     int table_f16 = 0;
     uint8_t *packed = NULL;
-    ORT_TRY(make_table(info, k, n, block, bits, &table, &table_f16));
+    ORT_TRY(make_table(op, info, in, k, n, block, bits, &table, &table_f16));
     /* 8-bit weights are computed from the packed layout only (q4gemm.h) */
-    OrtStatus *s = ort_get_int_or(info, "pack", 1) || bits == 8 ? make_packed(info, k, n, block, bits, &packed) : NULL;
+    OrtStatus *s = ort_get_int_or(info, "pack", 1) || bits == 8
+                       ? make_packed(op, info, in, k, n, block, bits, &packed)
+                       : NULL;
     if (!s && bits == 8 && (!packed || !table)) {
         free(table);
         free(packed);
-        return ort_error(OP_NAME, ORT_INVALID_ARGUMENT, "bits=8 needs B, scales and zero_points (if given) as constant "
+        return ort_error(op, ORT_INVALID_ARGUMENT, "bits=8 needs B, scales and zero_points (if given) as constant "
                          "initializers and a CPU with VNNI; leave the node to com.microsoft MatMulNBits otherwise");
     }
-    kernel_t *kn = s ? NULL : (kernel_t *)malloc(sizeof *kn);
+    linear_t *kn = s ? NULL : (linear_t *)calloc(1, sizeof *kn);
     if (!kn) {
         free(table);
         free(packed);
-        return s ? s : ort_error(OP_NAME, ORT_FAIL, "out of memory");
+        return s ? s : ort_error(op, ORT_FAIL, "out of memory");
     }
     kn->k = k;
     kn->n = n;
@@ -366,39 +384,52 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     kn->bits = bits;
     kn->batches = ort_get_int_or(info, "batches", 8);
     if (kn->batches < 1) kn->batches = 1;
-    kn->swiglu = ort_get_int_or(info, "swiglu", 0) != 0;
+    kn->swiglu = ort_get_int_or(info, ATTR("swiglu"), 0) != 0;
     kn->epsilon = 0.0f;
-    kn->norm = ort_get_float(info, "norm_epsilon", &kn->epsilon);
+    kn->norm = ort_get_float(info, ATTR("norm_epsilon"), &kn->epsilon);
+#undef ATTR
     kn->table = table;
     kn->table_f16 = table_f16;
     kn->packed = packed;
-    kn->paired = 0;
     size_t inputs = 0;
     const int counted = !ort_dropped(ORT_FN(ort_api, KernelInfo_GetInputCount)(info, &inputs));
+    const int64_t blocks = (k + block - 1) / block;
+    if (counted) {
+        const int64_t sizes[LIN_IN_COUNT] = {
+            [LIN_B] = n * blocks * (block * bits / 8), [LIN_SCALES] = n * blocks,
+            [LIN_ZERO_POINTS] = zero_point_count(n, blocks, bits), [LIN_BIAS] = n, [LIN_GAMMA] = k};
+        static const ort_elem_type types[LIN_IN_COUNT] = {[LIN_B] = ORT_TYPE_UINT8, [LIN_SCALES] = ORT_TYPE_FLOAT,
+                                                          [LIN_ZERO_POINTS] = ORT_TYPE_UINT8,
+                                                          [LIN_BIAS] = ORT_TYPE_FLOAT, [LIN_GAMMA] = ORT_TYPE_FLOAT};
+        for (int i = LIN_B; i < LIN_IN_COUNT; i++) {
+            if (!sizes[i]) continue;
+            void *data = NULL;
+            if (ort_constant_input(info, inputs, in[i], types[i], sizes[i], &data) == 1)
+                kn->constant[i] = data;
+        }
+    }
     kn->constants_checked = 0;
     if (table && packed && counted) { /* constants, as make_table and make_packed found them */
-        const OrtValue *weights[IN_COUNT] = {0};
+        const OrtValue *weights[LIN_IN_COUNT] = {0};
         int constant = 1;
-        for (int i = IN_B; i <= IN_ZERO_POINTS; i++) {
-            if (ort_has_input(info, inputs, (size_t)i) != 1) continue; /* an absent zero_points */
+        for (int i = LIN_B; i <= LIN_ZERO_POINTS; i++) {
+            if (ort_has_input(info, inputs, in[i]) != 1) continue; /* an absent zero_points */
             int is_constant = 0;
-            if (ort_dropped(ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, (size_t)i, &is_constant,
+            if (ort_dropped(ORT_FN(ort_api, KernelInfoGetConstantInput_tensor)(info, in[i], &is_constant,
                                                                               &weights[i])) || !is_constant)
                 constant = 0;
         }
         if (constant) {
-            s = check_weight_inputs(kn, weights); /* the error Compute would give, at creation */
+            s = check_weight_inputs(op, kn, weights); /* the error Compute would give, at creation */
             if (s) {
-                destroy_kernel(kn);
+                linear_destroy(kn);
                 return s;
             }
             kn->constants_checked = 1;
         }
     }
-    void *gamma = NULL;
-    kn->gamma_checked = kn->norm && counted && ort_constant_input(info, inputs, IN_GAMMA, ORT_TYPE_FLOAT, k, &gamma) == 1
-                        && gamma != NULL;
-    const int bias = counted ? ort_has_input(info, inputs, IN_BIAS) : -1; /* -1: unknown, not paired */
+    kn->gamma_checked = kn->norm && kn->constant[LIN_GAMMA] != NULL;
+    const int bias = counted ? ort_has_input(info, inputs, in[LIN_BIAS]) : -1; /* -1: unknown, not paired */
     if (kn->swiglu && packed && table && bits == 4 && n % 16 == 0 && bias == 0) {
         q4_problem shape = weight_shape(k, n, block, bits);
         /* else the stored order: slower, the same results */
@@ -409,22 +440,28 @@ static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *
     return NULL;
 }
 
+static OrtStatus *ORT_CALL create_kernel(const ort_custom_op *op, const OrtApi *api, const OrtKernelInfo *info,
+                                         void **out) {
+    (void)op;
+    (void)api; /* the same table as ort_api, which was asked for the API version that has every slot we use */
+    return linear_create(OP_NAME, info, "", g_own_inputs, (linear_t **)out);
+}
 static const char *ORT_CALL op_name(const ort_custom_op *op) { (void)op; return OP_NAME; }
-static size_t ORT_CALL input_count(const ort_custom_op *op) { (void)op; return IN_COUNT; }
+static size_t ORT_CALL input_count(const ort_custom_op *op) { (void)op; return LIN_IN_COUNT; }
 static size_t ORT_CALL output_count(const ort_custom_op *op) { (void)op; return OUT_COUNT; }
 
 static ort_elem_type ORT_CALL input_type(const ort_custom_op *op, size_t i) {
     (void)op;
     switch (i) {
-    case IN_B:
-    case IN_ZERO_POINTS: return ORT_TYPE_UINT8;
-    case IN_G_IDX: return ORT_TYPE_INT32;
+    case LIN_B:
+    case LIN_ZERO_POINTS: return ORT_TYPE_UINT8;
+    case LIN_G_IDX: return ORT_TYPE_INT32;
     default: return ORT_TYPE_FLOAT;
     }
 }
 static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     (void)op;
-    return i >= IN_ZERO_POINTS ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED;
+    return i >= LIN_ZERO_POINTS ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED;
 }
 static ort_io_kind ORT_CALL output_kind(const ort_custom_op *op, size_t i) {
     (void)op;
@@ -477,6 +514,9 @@ ORT_EXPORT void q4_table_stats(uint64_t *f16, uint64_t *f32) {
     *f32 = __atomic_load_n(&g_table_f32_bytes, __ATOMIC_RELAXED);
 }
 
+/* Bytes the pool of the kernels' intermediate values holds now (ort_room_take), free or taken. */
+ORT_EXPORT void q4_room_held(uint64_t *held) { *held = ort_room_held(); }
+
 /* How many fused SwiGLU kernels of this process hold their gate and up weights side by side. */
 ORT_EXPORT void q4_paired_count(uint64_t *paired) { *paired = __atomic_load_n(&g_paired, __ATOMIC_RELAXED); }
 
@@ -499,6 +539,10 @@ ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, con
     if (!s && attention) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention);
     const ort_custom_op *attention_half = ort_attention_op_half();
     if (!s && attention_half) s = ORT_FN(api, CustomOpDomain_Add)(domain, attention_half);
+    const ort_custom_op *layer = ort_layer_op();
+    if (!s && layer) s = ORT_FN(api, CustomOpDomain_Add)(domain, layer);
+    const ort_custom_op *layer_half = ort_layer_op_half();
+    if (!s && layer_half) s = ORT_FN(api, CustomOpDomain_Add)(domain, layer_half);
     const ort_custom_op *bf16 = ort_bf16_op();
     if (!s && bf16) s = ORT_FN(api, CustomOpDomain_Add)(domain, bf16);
     const ort_custom_op *bf16_attention = ort_bf16_attention_op();

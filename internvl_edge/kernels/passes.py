@@ -23,6 +23,7 @@ OP = "MatMulNBits"
 ATTENTION_OP = "GroupQueryAttention"
 BF16_OP = "MatMulBf16"
 VISION_ATTENTION_OP = "MultiHeadAttention"
+LAYER_OP = "DecoderLayer"
 BF16_MAX_HEAD = 256  # bf16gemm.h: BF16_ATTN_MAX_HEAD
 CHUNK = 64  # q4gemm.c reads B 64 weights at a time: blocks must be a multiple of it
 LANES = 16  # attention.c: head_dim a multiple of its vector width, at most 256, <= 16 query heads per KV head
@@ -133,6 +134,17 @@ class GraphIndex:
             self._unlink(node)
             self.model.graph.node.remove(node)
 
+    def replace(self, nodes: list[NodeProto], node: NodeProto) -> NodeProto:
+        """Put `node` where the first of `nodes` stood (its inputs are computed before it) and remove
+        them all; returns the node as the graph holds it (the graph keeps a copy)."""
+        graph = self.model.graph.node
+        position = next(i for i, n in enumerate(graph) if n is nodes[0])
+        self.remove(*nodes)
+        graph.insert(position, node)
+        kept = graph[position]
+        self._link(kept)
+        return kept
+
     def ours(self, op_type: str) -> list[NodeProto]:
         """The nodes of `op_type` in our domain (a list: the caller may remove others meanwhile)."""
         return [n for n in self.model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
@@ -180,18 +192,32 @@ def takes_attention(node: NodeProto, index: GraphIndex) -> bool:
     return grouped and head_dim % LANES == 0 and head_dim <= 256
 
 
+# DecoderLayer's linears (ort_layer.c): attribute prefix and the node inputs of scales and zero points
+LAYER_LINEARS = {"qkv_": (3, 4), "o_": (17, 18), "gate_up_": (20, 21), "down_": (24, 25)}
+
+
 def table_inputs(model: ModelProto) -> list[str]:
-    """The scales and zero-point initializers of our MatMulNBits nodes in `model` (after rewrite) that
-    q4gemm replaces by its own table, which is what decode then reads (q4gemm.h, q4_blocks_bytes: for
-    constant scales, 8-bit weights, or 4-bit ones in blocks of a multiple of 128 and N >= 8)."""
+    """The scales and zero-point initializers of our MatMulNBits nodes in `model` (after rewrite), and of
+    the linears of our DecoderLayer nodes, that q4gemm replaces by its own table, which is what decode
+    then reads (q4gemm.h, q4_blocks_bytes: for constant scales, 8-bit weights, or 4-bit ones in blocks of
+    a multiple of 128 and N >= 8)."""
     constants = {t.name for t in model.graph.initializer}
+
+    def tabled(a: dict, prefix: str) -> bool:
+        bits, block, n = (a.get(prefix + x, 0) for x in ("bits", "block_size", "N"))
+        return bits == 8 or (block % 128 == 0 and n >= 8)
+
     names = []
     for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type != OP or node.input[2] not in constants:
+        if node.domain != DOMAIN:
             continue
-        a = attrs(node)
-        if a.get("bits") == 8 or (a.get("block_size", 0) % 128 == 0 and a.get("N", 0) >= 8):
+        if node.op_type == OP and node.input[2] in constants and tabled(attrs(node), ""):
             names += [name for name in node.input[2:4] if name]
+        elif node.op_type == LAYER_OP:
+            a = attrs(node)
+            for prefix, (scales, zero_points) in LAYER_LINEARS.items():
+                if node.input[scales] in constants and tabled(a, prefix):
+                    names += [name for name in node.input[scales : zero_points + 1] if name]
     return names
 
 
@@ -374,6 +400,76 @@ def fold_qk_norms(index: GraphIndex, attention: NodeProto) -> bool:
     return True
 
 
+def fuse_layers(model: ModelProto, index: GraphIndex) -> int:
+    """Fuse each decoder layer's five nodes of ours into one DecoderLayer (ort_layer.c): the qkv linear
+    with its input norm -> attention -> o_proj -> the gate/up linear with its post-attention norm (whose
+    skip is the qkv norm's sum, or the layer's input where the qkv norm has no skip) and SwiGLU -> down,
+    as the passes before leave them, each intermediate read by the next node alone and nothing but the
+    qkv linear's bias, the norms' weights and Qwen3's query/key norms besides the 4-bit weights, all of
+    them constant initializers. ONNX Runtime then runs one node per layer instead of five, and a layer's
+    values between its kernels never pass through its allocator: decode 1.01x, prefill faster
+    (docs/performance-notes.md, "One node per decoder layer"). Returns how many layers."""
+    from onnx import helper
+
+    graph_inputs = {v.name for v in model.graph.input}
+
+    def constant(name: str) -> bool:
+        return name in index.initializers and name not in graph_inputs
+
+    def nbits_inputs(node: NodeProto) -> list[str]:
+        return list(node.input) + [""] * (8 - len(node.input))
+
+    def next_of(node: NodeProto, op_type: str) -> NodeProto | None:
+        found = index.only_reader(node.output[0], op_type)
+        return found if found is not None and found.domain == DOMAIN and found.input[0] == node.output[0] else None
+
+    fused = 0
+    for qkv in index.ours(OP):
+        attention = next_of(qkv, ATTENTION_OP)
+        o = attention and next_of(attention, OP)
+        gate_up = o and next_of(o, OP)
+        down = gate_up and next_of(gate_up, OP)
+        if down is None:
+            continue
+        la = [attrs(n) for n in (qkv, o, gate_up, down)]
+        at = attrs(attention)
+        if any("norm_epsilon" in x for x in (la[1], la[3])) or any(x.get("swiglu") for x in (la[0], la[1], la[3])):
+            continue
+        if not la[2].get("swiglu") or "norm_epsilon" not in la[0] or "norm_epsilon" not in la[2]:
+            continue
+        if len({(x.get("batches"), x.get("pack", 1)) for x in la}) != 1:
+            continue
+        qi, oi, gi, di = (nbits_inputs(n) for n in (qkv, o, gate_up, down))
+        if any(x[4] for x in (qi, oi, gi, di)) or any(x[5] or x[6] or x[7] for x in (oi, di)) or gi[5]:
+            continue
+        h = qkv.output[1] if len(qkv.output) > 1 else ""
+        if qi[6]:  # the qkv norm sums a skip: the gate/up norm's skip is that sum, read by it alone
+            if not h or gi[6] != h or not index.read_only_by(h, gate_up):
+                continue
+        elif h or gi[6] != qi[0]:  # the first layer: the gate/up norm's skip is the layer's input
+            continue
+        if len(gate_up.output) < 2 or not gate_up.output[1]:
+            continue
+        qk_norms = list(attention.input[8:10]) + [""] * (2 - len(attention.input[8:10]))
+        weights = [*qi[1:4], qi[5], qi[7], *oi[1:4], *gi[1:4], gi[7], *di[1:4], *qk_norms]
+        if not all(constant(name) for name in weights if name) or not all(qi[1:3] + oi[1:3] + gi[1:3] + di[1:3]):
+            continue
+        inputs = [qi[0], qi[6], *qi[1:4], qi[5], qi[7], *attention.input[1:8], *qk_norms, *oi[1:4], *gi[1:4], gi[7]]
+        inputs += di[1:4]
+        outputs = [down.output[0], gate_up.output[1], *attention.output[1:3]]
+        layer = helper.make_node(LAYER_OP, inputs, outputs, name=f"{qkv.name or 'layer'}/DecoderLayer", domain=DOMAIN)
+        kept = {"num_heads": at["num_heads"], "kv_num_heads": at["kv_num_heads"], "batches": la[0].get("batches")}
+        kept["pack"] = la[0].get("pack")
+        kept["qk_norm_epsilon"] = at.get("qk_norm_epsilon")
+        for prefix, a in zip(("qkv_", "o_", "gate_up_", "down_"), la, strict=True):
+            for name in ("K", "N", "bits", "block_size", "norm_epsilon", "swiglu"):
+                kept[prefix + name] = a.get(name)
+        layer.attribute.extend(helper.make_attribute(k, v) for k, v in kept.items() if v is not None)
+        index.replace([qkv, attention, o, gate_up, down], layer)
+        fused += 1
+    return fused
+
+
 def takes_vision_attention(node: NodeProto, index: GraphIndex) -> bool:
     """Whether bf16gemm.h's AMX attention computes this node: a com.microsoft MultiHeadAttention as
     nets/vision.py writes it (query, key and value only: no mask, bias or past; attributes num_heads and
@@ -463,12 +559,13 @@ def rewrite(
     attention nodes' caches are float16 ("half_cache").
     `threads`: the session's intra-op threads; each MatMulNBits node then splits its work into 2
     contiguous ranges per thread (attribute `batches`; the op's default is 8).
-    `kernel_settings`: which of our kernels may run (default: the process's, settings.py)."""
+    `kernel_settings`: which of our kernels may run (default: the process's, settings.py).
+    Last, each decoder layer's five nodes of ours become one DecoderLayer (fuse_layers; "layer": how many)."""
     from onnx import helper
 
     s = kernel_settings or settings()
     index = GraphIndex(model)
-    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0}
+    moved = {OP: 0, ATTENTION_OP: 0, "swiglu": 0, "norm": 0, "qk_norm": 0, "half_cache": 0, "layer": 0}
     attention_here = s.attention and isa() in ATTENTION_ISAS
     for node in list(model.graph.node):
         if s.matmul and takes(node, index):
@@ -490,6 +587,7 @@ def rewrite(
     moved["swiglu"] = fuse_swiglu(index)
     moved["norm"] = fuse_norms(index) if s.fold_norms else 0
     moved["half_cache"] = halve_caches(model, index) if half_cache else 0
+    moved["layer"] = fuse_layers(model, index) if s.fuse_layers and moved["norm"] else 0
     if any(moved.values()) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return moved

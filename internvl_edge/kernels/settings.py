@@ -3,7 +3,8 @@
 INTERNVL_EDGE_KERNELS: 1 (default) our 4-bit linears and our attention both, 0 neither (the same bundle
 runs on ONNX Runtime's kernels), "matmul" or "attention" only that one of ours (to compare them one at
 a time); "unpacked" is 1 with the 4-bit weights read as stored instead of repacked (what the repacking
-gives), "unfused" is 1 with the norms left as nodes of their own (what folding them gives: fuse_norms).
+gives), "unfused" is 1 with the norms left as nodes of their own (what folding them gives: fuse_norms),
+"unlayered" is 1 with each decoder layer left as five nodes (what one DecoderLayer node gives: fuse_layers).
 
 INTERNVL_EDGE_KV_CACHE: "float16" or "float32", the element type of the KV cache where our attention
 takes every attention node. Unset: float16 for bundles whose weights are 4-bit or half precision (the
@@ -38,12 +39,13 @@ class KernelSettings:
     attention: bool = True  # our GroupQueryAttention may replace ONNX Runtime's
     repack: bool = True  # our MatMulNBits copies constant 4-bit weights into its sequential layout
     fold_norms: bool = True  # the rewrite folds the norms that feed our linears into them
+    fuse_layers: bool = True  # the rewrite makes each decoder layer one node (passes.fuse_layers)
     kv_cache: str = ""  # "float16" or "float32" (KV_VARIABLE); "": by the bundle (half_cache)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> KernelSettings:
         value = environ.get(VARIABLE, "1")
-        every = value in ("1", "unpacked", "unfused")
+        every = value in ("1", "unpacked", "unfused", "unlayered")
         kv = environ.get(KV_VARIABLE, "")
         if kv and kv not in KV_TYPES:
             raise UserError(f"{KV_VARIABLE}={kv} is not a cache type; use float16 or float32, or leave it unset")
@@ -52,6 +54,7 @@ class KernelSettings:
             attention=every or value == "attention",
             repack=value != "unpacked",
             fold_norms=value != "unfused",
+            fuse_layers=value != "unlayered",
             kv_cache=kv,
         )
 
