@@ -280,9 +280,18 @@ def time_decode_paired(model: Model, context: int, tokens: int, probe: ReadProbe
     return pairs
 
 
+STALLED_READ = 0.5  # a probe read below this share of the run's median is a stalled machine, not a state
+
+
 def paired_fraction(pairs: list[list[float]], bytes_per_token: int, probe_bytes: int) -> float:
     """Decode's byte rate over the probe's, each summed over the pairs: (n x bytes per token / time
-    decoding) / (n x probe bytes / time reading)."""
+    decoding) / (n x probe bytes / time reading). Pairs whose read ran below half the median read are
+    left out: the machine's two memory states differ by less than 1.5x, and one read of a stalled VM
+    (1.5 GB/s among reads of 17-28 seen) would count 15 times an ordinary one and push the
+    fraction past 100%."""
+    if pairs:
+        median = statistics.median(gbs for _, gbs in pairs)
+        pairs = [(step, gbs) for step, gbs in pairs if gbs >= STALLED_READ * median]
     decoding = sum(step for step, _ in pairs)
     reading = sum(probe_bytes / 1e9 / gbs for _, gbs in pairs)
     return (bytes_per_token / decoding) / (probe_bytes / reading) if decoding > 0 and reading > 0 else 0.0

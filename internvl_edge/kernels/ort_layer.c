@@ -120,8 +120,8 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (s) return s;
 
     /* the call's buffers, each given back after its last reader (ort_room_take: a prefill's layers
-     * reuse them; from fresh mallocs, their pages were faulted in at every layer, and prefill ran
-     * 1.05-1.10x slower than the five nodes, whose outputs ONNX Runtime plans once per run) */
+     * reuse them; from fresh mallocs, above the runtime's 1 MiB mmap threshold, their pages were faulted
+     * in and zeroed at every layer, and prefill ran 1.05-1.10x slower than with five nodes) */
     const int64_t attn_width = kn->heads * p.head_dim;
     float *h = NULL, *qkv = NULL, *att = NULL, *o = NULL, *act = NULL;
 #define ROOM(buf, floats)                                                                                \
