@@ -256,7 +256,11 @@ static int g_room_lock; /* a spin lock: held for a few loads and stores, never a
 
 static void room_lock(void) {
     while (__atomic_exchange_n(&g_room_lock, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&g_room_lock, __ATOMIC_RELAXED)) __builtin_ia32_pause();
+        while (__atomic_load_n(&g_room_lock, __ATOMIC_RELAXED)) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
 }
 static void room_unlock(void) { __atomic_store_n(&g_room_lock, 0, __ATOMIC_RELEASE); }
 

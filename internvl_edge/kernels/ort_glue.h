@@ -80,8 +80,8 @@ uint8_t *ort_alloc_weights(size_t bytes);
 
 /* Room for a call's intermediate values (64-byte aligned; NULL when out of memory), from a small pool of
  * the blocks earlier calls gave back, so that a prefill's layers reuse one another's instead of each
- * faulting in fresh pages (blocks above glibc's mmap threshold, 32 MB, are mapped and zeroed anew on
- * every malloc). Give it back with ort_room_give. */
+ * faulting in fresh pages (blocks above glibc's mmap threshold, which the runtime fixes at 1 MiB,
+ * backends/ort.py, are mapped and zeroed anew on every malloc). Give it back with ort_room_give. */
 void *ort_room_take(size_t bytes);
 void ort_room_give(void *room);
 /* Hand back to the system the pool's free blocks of more than `keep` bytes: what a decode step does,

@@ -72,7 +72,7 @@ static void ORT_CALL destroy_kernel(void *kernel) {
     free(kn);
 }
 
-/* The call's input i of a linear as this node holds it: the constant's data (checked at creation). */
+/* A linear's weights as this node holds them: the constants' data (checked at creation). */
 static linear_io weights_of(const linear_t *ln) {
     linear_io io;
     memset(&io, 0, sizeof io);

@@ -137,7 +137,7 @@ static OrtStatus *check_weight_inputs(const char *op, const linear_t *kn, const 
 OrtStatus *linear_apply(const char *op, const linear_t *kn, OrtKernelContext *ctx, const linear_io *io) {
     const int64_t k = kn->k, n = kn->n, m = io->m;
     if (m == 0) return NULL;
-    /* buffers of this call only, freed at `done` */
+    /* buffers of this call only, given back to the pool at `done` */
     float *normed = NULL; /* the fused norm's result: the linear's input */
     float *pair = NULL;   /* swiglu: the gate/up result, never seen outside this call */
     void *scratch = NULL;

@@ -192,7 +192,8 @@ def takes_attention(node: NodeProto, index: GraphIndex) -> bool:
     return grouped and head_dim % LANES == 0 and head_dim <= 256
 
 
-# DecoderLayer's linears (ort_layer.c): attribute prefix and the node inputs of scales and zero points
+# DecoderLayer's linears: attribute prefix and the node inputs of scales and zero points, as ort_layer.c's
+# enum of inputs numbers them (and fuse_layers writes them)
 LAYER_LINEARS = {"qkv_": (3, 4), "o_": (17, 18), "gate_up_": (20, 21), "down_": (24, 25)}
 
 
