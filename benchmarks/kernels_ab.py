@@ -12,13 +12,16 @@ positions). A setting may name the KV cache's type after a slash (`1/float32`: a
 with a float32 cache; INTERNVL_EDGE_KV_CACHE, kernels/settings.py). Medians,
 bests (the machine's fast state) and the median per-round speed ratio against the last mode. Not
 part of CI. `--against LIB` adds another build of our library (another commit's `_q4*.so`, or one
-built with other -D settings) as one more setting, named "against", with all of its kernels;
+built with other -D settings) as one more setting, named "against", with all of its kernels
+(`--against-mode`: another INTERNVL_EDGE_KERNELS for it, e.g. `unlayered` for a build from before
+the DecoderLayer op, which has none);
 `--against-bundle B2` another conversion of the same checkpoint (made by another commit, or with
 other options), with all of our kernels, as the setting "bundle2".
 
     python benchmarks/kernels_ab.py --bundle B --threads 2 --rounds 20 --modes 1,matmul,0
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1,1/float32
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against OTHER/_q4.so
+    python benchmarks/kernels_ab.py --bundle B --rounds 16 --modes 1 --against OLD/_q4.so --against-mode unlayered
     python benchmarks/kernels_ab.py --bundle B --rounds 20 --modes 1 --against-bundle B2
 """
 
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--modes", default="1,0", help="INTERNVL_EDGE_KERNELS settings, comma-separated")
     ap.add_argument("--prefill-every", type=int, default=5, help="time the prefills every this many rounds")
     ap.add_argument("--against", help='another build of our library, loaded as the setting "against"')
+    ap.add_argument("--against-mode", default="1", help="INTERNVL_EDGE_KERNELS for the --against build")
     ap.add_argument("--against-bundle", help='another bundle of the same checkpoint, loaded as the setting "bundle2"')
     ap.add_argument(
         "--probe",
@@ -60,7 +64,8 @@ def main() -> None:
     ours = kernels.library_path
     for mode in modes:
         kernel_mode, _, kv_cache = mode.partition("/")
-        os.environ["INTERNVL_EDGE_KERNELS"] = "1" if mode in ("against", "bundle2") else kernel_mode
+        kernel_mode = {"against": args.against_mode, "bundle2": "1"}.get(mode, kernel_mode)
+        os.environ["INTERNVL_EDGE_KERNELS"] = kernel_mode
         if kv_cache:
             os.environ["INTERNVL_EDGE_KV_CACHE"] = kv_cache
         else:

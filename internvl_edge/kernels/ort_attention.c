@@ -241,43 +241,9 @@ static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     (void)op;
     return i < IN_REQUIRED ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL;
 }
-static ort_io_kind ORT_CALL required(const ort_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORT_IO_REQUIRED;
-}
 
-/* the op's table, with the cache's element types as `inputs` and `outputs` say */
-#define ATTENTION_OP_TABLE(inputs, outputs)                                                        \
-    {                                                                                              \
-        .op = {                                                                                    \
-            .version = ORT_CUSTOM_OP_VERSION,                                                      \
-            .get_name = op_name,                                                                   \
-            .get_execution_provider_type = ort_cpu_provider,                                       \
-            .get_input_type = inputs,                                                              \
-            .get_input_type_count = input_count,                                                   \
-            .get_output_type = outputs,                                                            \
-            .get_output_type_count = output_count,                                                 \
-            .kernel_destroy = destroy_kernel,                                                      \
-            .get_input_characteristic = input_kind,                                                \
-            .get_output_characteristic = required,                                                 \
-            .get_input_memory_type = ort_default_memory,                                           \
-            .get_variadic_input_min_arity = ort_variadic_one,                                      \
-            .get_variadic_input_homogeneity = ort_variadic_one,                                    \
-            .get_variadic_output_min_arity = ort_variadic_one,                                     \
-            .get_variadic_output_homogeneity = ort_variadic_one,                                   \
-            .create_kernel_v2 = create_kernel,                                                     \
-            .kernel_compute_v2 = compute,                                                          \
-        },                                                                                         \
-    }
-
-typedef struct {
-    ort_custom_op op;
-    void *reserved[16]; /* as ort_op.c's: zeroed room past version 16's fields */
-} attention_op_table;
-
-static const attention_op_table g_attention_op = ATTENTION_OP_TABLE(input_type, ort_float_output);
-static const attention_op_table g_attention_op_half = ATTENTION_OP_TABLE(input_type_half, output_type_half);
+static const ort_op_table g_attention_op = ORT_CACHE_OP_TABLE(input_type, ort_float_output);
+static const ort_op_table g_attention_op_half = ORT_CACHE_OP_TABLE(input_type_half, output_type_half);
 
 const ort_custom_op *ort_attention_op(void) { return attn_supported() == 0 ? &g_attention_op.op : NULL; }
 const ort_custom_op *ort_attention_op_half(void) { return attn_supported() == 0 ? &g_attention_op_half.op : NULL; }

@@ -122,6 +122,11 @@ int ORT_CALL ort_variadic_one(const ort_custom_op *op) {
     (void)op;
     return 1;
 }
+ort_io_kind ORT_CALL ort_io_required(const ort_custom_op *op, size_t index) {
+    (void)op;
+    (void)index;
+    return ORT_IO_REQUIRED;
+}
 
 /* One range of ort_parallel_ranges: the next task from its start (low 32 bits) and the end, exclusive
  * (high 32 bits), changed together by compare-and-swap so that a task is taken once; and whether a

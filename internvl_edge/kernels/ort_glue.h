@@ -69,6 +69,40 @@ const char *ORT_CALL ort_cpu_provider(const ort_custom_op *op);
 ort_mem_type ORT_CALL ort_default_memory(const ort_custom_op *op, size_t index);
 ort_elem_type ORT_CALL ort_float_output(const ort_custom_op *op, size_t index);
 int ORT_CALL ort_variadic_one(const ort_custom_op *op);
+/* every output required */
+ort_io_kind ORT_CALL ort_io_required(const ort_custom_op *op, size_t index);
+
+/* The table of an op registered once per KV cache element type (GroupQueryAttention, DecoderLayer):
+ * `inputs` and `outputs` give the types; the rest are the static callbacks each such op's file defines
+ * under these names (op_name, input_count, output_count, destroy_kernel, input_kind, create_kernel,
+ * compute). Zeroed room follows the struct, as ort_op.c's: should an ORT read a field past version 16's,
+ * it reads NULL. */
+typedef struct {
+    ort_custom_op op;
+    void *reserved[16];
+} ort_op_table;
+#define ORT_CACHE_OP_TABLE(inputs, outputs)                                                        \
+    {                                                                                              \
+        .op = {                                                                                    \
+            .version = ORT_CUSTOM_OP_VERSION,                                                      \
+            .get_name = op_name,                                                                   \
+            .get_execution_provider_type = ort_cpu_provider,                                       \
+            .get_input_type = inputs,                                                              \
+            .get_input_type_count = input_count,                                                   \
+            .get_output_type = outputs,                                                            \
+            .get_output_type_count = output_count,                                                 \
+            .kernel_destroy = destroy_kernel,                                                      \
+            .get_input_characteristic = input_kind,                                                \
+            .get_output_characteristic = ort_io_required,                                          \
+            .get_input_memory_type = ort_default_memory,                                           \
+            .get_variadic_input_min_arity = ort_variadic_one,                                      \
+            .get_variadic_input_homogeneity = ort_variadic_one,                                    \
+            .get_variadic_output_min_arity = ort_variadic_one,                                     \
+            .get_variadic_output_homogeneity = ort_variadic_one,                                   \
+            .create_kernel_v2 = create_kernel,                                                     \
+            .kernel_compute_v2 = compute,                                                          \
+        },                                                                                         \
+    }
 
 /* Hand back to the page cache the whole pages of [data, data + bytes) when they lie in one file-backed
  * mapping (ORT's memory-mapped external initializers, once a kernel has made its own copy of one);

@@ -72,16 +72,21 @@ static void ORT_CALL destroy_kernel(void *kernel) {
     free(kn);
 }
 
-/* A linear's weights as this node holds them: the constants' data (checked at creation). */
-static linear_io weights_of(const linear_t *ln) {
-    linear_io io;
-    memset(&io, 0, sizeof io);
-    io.b = (const uint8_t *)ln->constant[LIN_B];
-    io.scales = (const float *)ln->constant[LIN_SCALES];
-    io.zero_points = (const uint8_t *)ln->constant[LIN_ZERO_POINTS];
-    io.bias = (const float *)ln->constant[LIN_BIAS];
-    io.gamma = (const float *)ln->constant[LIN_GAMMA];
-    return io;
+/* Linear `ln` on m rows of a into y, its weights the constants this node holds (checked at creation);
+ * with its norm, skip (or NULL) added to a first and the sum written to `sum` (or not kept). */
+static OrtStatus *apply(const linear_t *ln, OrtKernelContext *ctx, int64_t m, const float *a, const float *skip,
+                        float *sum, float *y) {
+    const linear_io io = {.a = a,
+                          .skip = skip,
+                          .gamma = (const float *)ln->constant[LIN_GAMMA],
+                          .sum = sum,
+                          .b = (const uint8_t *)ln->constant[LIN_B],
+                          .scales = (const float *)ln->constant[LIN_SCALES],
+                          .zero_points = (const uint8_t *)ln->constant[LIN_ZERO_POINTS],
+                          .bias = (const float *)ln->constant[LIN_BIAS],
+                          .y = y,
+                          .m = m};
+    return linear_apply(OP_NAME, ln, ctx, &io);
 }
 
 static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
@@ -130,17 +135,9 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
             s = ort_error(OP_NAME, ORT_FAIL, "out of memory (%lld floats)", (long long)(floats));      \
     } while (0)
 
-    linear_io io = weights_of(ln[QKV]);
     if (skip) ROOM(h, m * hidden);
     ROOM(qkv, m * width);
-    if (!s) {
-        io.m = m;
-        io.a = xs;
-        io.skip = skip;
-        io.sum = h;
-        io.y = qkv;
-        s = linear_apply(OP_NAME, ln[QKV], ctx, &io);
-    }
+    if (!s) s = apply(ln[QKV], ctx, m, xs, skip, h, qkv);
     ROOM(att, m * attn_width);
     if (!s) {
         p.qkv = qkv;
@@ -152,33 +149,13 @@ static OrtStatus *ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     }
     ort_room_give(qkv);
     ROOM(o, m * hidden);
-    if (!s) {
-        io = weights_of(ln[O]);
-        io.m = m;
-        io.a = att;
-        io.y = o;
-        s = linear_apply(OP_NAME, ln[O], ctx, &io);
-    }
+    if (!s) s = apply(ln[O], ctx, m, att, NULL, NULL, o);
     ort_room_give(att);
     ROOM(act, m * inner);
-    if (!s) {
-        io = weights_of(ln[GATE_UP]);
-        io.m = m;
-        io.a = o;
-        io.skip = h ? h : xs;
-        io.sum = sum;
-        io.y = act;
-        s = linear_apply(OP_NAME, ln[GATE_UP], ctx, &io);
-    }
+    if (!s) s = apply(ln[GATE_UP], ctx, m, o, h ? h : xs, sum, act);
     ort_room_give(o);
     ort_room_give(h);
-    if (!s) {
-        io = weights_of(ln[DOWN]);
-        io.m = m;
-        io.a = act;
-        io.y = y;
-        s = linear_apply(OP_NAME, ln[DOWN], ctx, &io);
-    }
+    if (!s) s = apply(ln[DOWN], ctx, m, act, NULL, NULL, y);
     ort_room_give(act);
 #undef ROOM
     return s;
@@ -290,42 +267,9 @@ static ort_io_kind ORT_CALL input_kind(const ort_custom_op *op, size_t i) {
     default: return ORT_IO_REQUIRED;
     }
 }
-static ort_io_kind ORT_CALL required(const ort_custom_op *op, size_t i) {
-    (void)op;
-    (void)i;
-    return ORT_IO_REQUIRED;
-}
 
-#define LAYER_OP_TABLE(inputs, outputs)                                                            \
-    {                                                                                              \
-        .op = {                                                                                    \
-            .version = ORT_CUSTOM_OP_VERSION,                                                      \
-            .get_name = op_name,                                                                   \
-            .get_execution_provider_type = ort_cpu_provider,                                       \
-            .get_input_type = inputs,                                                              \
-            .get_input_type_count = input_count,                                                   \
-            .get_output_type = outputs,                                                            \
-            .get_output_type_count = output_count,                                                 \
-            .kernel_destroy = destroy_kernel,                                                      \
-            .get_input_characteristic = input_kind,                                                \
-            .get_output_characteristic = required,                                                 \
-            .get_input_memory_type = ort_default_memory,                                           \
-            .get_variadic_input_min_arity = ort_variadic_one,                                      \
-            .get_variadic_input_homogeneity = ort_variadic_one,                                    \
-            .get_variadic_output_min_arity = ort_variadic_one,                                     \
-            .get_variadic_output_homogeneity = ort_variadic_one,                                   \
-            .create_kernel_v2 = create_kernel,                                                     \
-            .kernel_compute_v2 = compute,                                                          \
-        },                                                                                         \
-    }
-
-typedef struct {
-    ort_custom_op op;
-    void *reserved[16]; /* as ort_op.c's: zeroed room past version 16's fields */
-} layer_op_table;
-
-static const layer_op_table g_layer_op = LAYER_OP_TABLE(input_type, ort_float_output);
-static const layer_op_table g_layer_op_half = LAYER_OP_TABLE(input_type_half, output_type_half);
+static const ort_op_table g_layer_op = ORT_CACHE_OP_TABLE(input_type, ort_float_output);
+static const ort_op_table g_layer_op_half = ORT_CACHE_OP_TABLE(input_type_half, output_type_half);
 
 const ort_custom_op *ort_layer_op(void) { return attn_supported() == 0 ? &g_layer_op.op : NULL; }
 const ort_custom_op *ort_layer_op_half(void) { return attn_supported() == 0 ? &g_layer_op_half.op : NULL; }
