@@ -98,3 +98,53 @@ def test_large_blocks_go_back_to_the_system():
     if kept["0"] < 8 << 20:
         pytest.skip("this C library hands the block back by itself")
     assert kept["1"] < 4 << 20, kept
+
+
+def _meeting_sessions(monkeypatch, parties: int):
+    """OrtBackend._session patched to wait (up to 10 s) until `parties` sessions are being made at the
+    same time: the threads that reached the meeting point, the nets made, and the meeting point."""
+    import threading
+
+    meeting = threading.Barrier(parties, timeout=10)
+    made, threads = [], set()
+    original = OrtBackend._session
+
+    def meeting_session(self, name, profile_prefix=None):
+        threads.add(threading.get_ident())
+        try:
+            meeting.wait()
+        except threading.BrokenBarrierError:
+            pass  # nobody else came: the sessions are made one after the other
+        made.append(name)
+        return original(self, name, profile_prefix)
+
+    monkeypatch.setattr(OrtBackend, "_session", meeting_session)
+    return threads, made, meeting
+
+
+def test_sessions_are_made_side_by_side_on_the_decode_threads(bundle, monkeypatch):
+    """The vision encoder's and the decoder's sessions load at the same time with two threads (the
+    second load's time is the longer one's), one after the other with one; either way both work."""
+    manifest = load_manifest(bundle("tiny_bf16", "w4bf16"))
+    threads, made, meeting = _meeting_sessions(monkeypatch, 2)
+    backend = OrtBackend(manifest, threads=2)
+    assert sorted(made) == ["decoder", "vision"] and len(threads) == 2 and not meeting.broken
+    assert backend.encode_images(np.zeros((1, 3, 448, 448), np.float32)).shape[0] == 1
+
+    threads, made, _ = _meeting_sessions(monkeypatch, 1)
+    OrtBackend(manifest, threads=1)
+    assert sorted(made) == ["decoder", "vision"] and len(threads) == 1
+
+
+def test_a_net_that_cannot_load_is_named_when_the_others_load_beside_it(bundle, tmp_path):
+    """A damaged net among sessions made side by side: the one-line error names that net's file."""
+    import shutil
+
+    from internvl_edge.errors import UserError
+
+    src = bundle("tiny_bf16", "w4bf16")
+    broken = tmp_path / "bundle"
+    shutil.copytree(src, broken)
+    (broken / "vision.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(UserError, match=r"cannot load .*vision\.onnx"):
+        OrtBackend(load_manifest(str(broken), verify=False), threads=2)

@@ -13,6 +13,7 @@ import ctypes
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -104,17 +105,20 @@ class OrtBackend:
         self.table_bytes = 0  # our 4-bit kernel's tables of them
         # the converter's plain table lookup is read by numpy, without a session (embedding_table.py)
         self.embedding_lookup = _plain_table(manifest.net_path("embedding"))
-        # largest weights first: pre-packing briefly holds a net's weights twice, best done while
-        # nothing else is resident (it sets the process's peak memory)
+        # largest weights first, so the longest session starts first
         by_size = sorted(
             manifest.nets, key=lambda n: -manifest.files.get(manifest.nets[n].get("data") or "", {}).get("bytes", 0)
         )
-        for name in by_size:
-            if name == "greedy_head" or (name == "embedding" and self.embedding_lookup is not None):  # numpy here
-                continue
-            t0 = time.perf_counter()
-            self.sessions[name] = self._session(name)
-            self.load_seconds[name] = time.perf_counter() - t0
+        numpy_nets = {"greedy_head"} | ({"embedding"} if self.embedding_lookup is not None else set())
+        names = [n for n in by_size if n not in numpy_nets]
+        # the sessions are made side by side, on as many threads as the user gave decode: ONNX Runtime
+        # and our kernels' weight packing release the GIL, so on two cores the InternVL3-2B bundle's
+        # second load takes the decoder's time instead of the decoder's and the vision encoder's
+        # (1.87 -> 0.92 s for the two sessions; docs/performance-notes.md, "Memory and load")
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), self.threads))) as pool:
+            made = {name: pool.submit(self._timed_session, name) for name in names}
+            for name in names:  # the first failure in load order is the one reported
+                self.sessions[name], self.load_seconds[name] = made[name].result()
         if "decoder" in self.sessions:
             declared = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
             if declared.get(kv_names(0)[0]) == "tensor(float16)":
@@ -183,6 +187,10 @@ class OrtBackend:
         self.table_inputs = kernels.table_inputs(model)
         return model.SerializeToString()
 
+    def _timed_session(self, name: str):
+        t0 = time.perf_counter()
+        return self._session(name), time.perf_counter() - t0
+
     def _session(self, name: str, profile_prefix: str | None = None):
         """A session for one net: from the per-machine cache of optimised, pre-packed graphs when it
         holds this net (memory-mapped, nothing to prepare), else built and added to it. The decoder
@@ -201,7 +209,8 @@ class OrtBackend:
                 so.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", os.path.dirname(path)
                 )
-                # the tables this session's kernels make (process-wide counters: one load at a time)
+                # the tables this session's kernels make (process-wide counters: only the decoder's
+                # 4-bit linears add to them, so the other nets loading beside it change nothing)
                 before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
                 if name == "decoder":
