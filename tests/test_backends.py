@@ -131,6 +131,7 @@ def test_sessions_are_made_side_by_side_on_the_decode_threads(bundle, monkeypatc
     assert sorted(made) == ["decoder", "vision"] and len(threads) == 2 and not meeting.broken
     assert backend.encode_images(np.zeros((1, 3, 448, 448), np.float32)).shape[0] == 1
 
+    monkeypatch.undo()  # the first meeting point's patch off, or the next one would wrap it
     threads, made, _ = _meeting_sessions(monkeypatch, 1)
     OrtBackend(manifest, threads=1)
     assert sorted(made) == ["decoder", "vision"] and len(threads) == 1

@@ -117,8 +117,12 @@ class OrtBackend:
         # (1.87 -> 0.92 s for the two sessions; docs/performance-notes.md, "Memory and load")
         with ThreadPoolExecutor(max_workers=max(1, min(len(names), self.threads))) as pool:
             made = {name: pool.submit(self._timed_session, name) for name in names}
-            for name in names:  # the first failure in load order is the one reported
-                self.sessions[name], self.load_seconds[name] = made[name].result()
+            try:
+                for name in names:  # the first failure in load order is the one reported
+                    self.sessions[name], self.load_seconds[name] = made[name].result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # nets not started yet are not loaded for nothing
+                raise
         if "decoder" in self.sessions:
             declared = {i.name: i.type for i in self.sessions["decoder"].get_inputs()}
             if declared.get(kv_names(0)[0]) == "tensor(float16)":

@@ -528,7 +528,9 @@ ORT_EXPORT OrtStatus *ORT_CALL RegisterCustomOps(OrtSessionOptions *options, con
         const OrtApi *v1 = base->get_api(1); /* CreateStatus is slot 0 in every version */
         return v1 ? ORT_FN(v1, CreateStatus)(ORT_FAIL, ORT_DOMAIN " kernels need ONNX Runtime 1.17 or newer") : NULL;
     }
-    ort_api = api;
+    /* sessions may register the library from several threads at once (the backend makes its nets'
+     * sessions side by side): the same pointer each time, stored atomically */
+    __atomic_store_n(&ort_api, api, __ATOMIC_RELEASE);
     if (q4_supported() != 0)
         return ort_error(OP_NAME, ORT_FAIL, "this CPU cannot run the kernel (it needs x86-64 with AVX2, FMA and F16C); "
                          "use com.microsoft MatMulNBits instead");
