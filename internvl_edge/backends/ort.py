@@ -114,7 +114,7 @@ class OrtBackend:
         # the sessions are made side by side, on as many threads as the user gave decode: ONNX Runtime
         # and our kernels' weight packing release the GIL, so on two cores the InternVL3-2B bundle's
         # second load takes the decoder's time instead of the decoder's and the vision encoder's
-        # (1.87 -> 0.92 s for the two sessions; docs/performance-notes.md, "Memory and load")
+        # (the two sessions: 0.84-1.47 s against 1.42-2.12 s; docs/performance-notes.md, "Memory and load")
         with ThreadPoolExecutor(max_workers=max(1, min(len(names), self.threads))) as pool:
             made = {name: pool.submit(self._timed_session, name) for name in names}
             try:
