@@ -213,8 +213,8 @@ class OrtBackend:
                 so.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", os.path.dirname(path)
                 )
-                # the tables this session's kernels make (process-wide counters: only the decoder's
-                # 4-bit linears add to them, so the other nets loading beside it change nothing)
+                # the tables this session's kernels make: process-wide counters that only the
+                # decoder's 4-bit linears add to, so a net loading at the same time leaves them as is
                 before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
                 if name == "decoder":
