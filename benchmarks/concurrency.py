@@ -8,7 +8,8 @@ makes exactly --max-tokens tokens), --rounds times, and reports:
   total tok/s      all generated tokens / wall time of the round (first request sent -> last stream done)
   per-stream tok/s each stream's tokens after its first / time after its first token (mean over streams)
   TTFT p50 / p95   request sent -> first token, over every stream of every round
-With --decode-steps it first times the batched decoder call alone (every row live) for each level.
+With --decode-steps it first times the batched decoder call alone (every row live) for each level;
+--decode-only does only that (no server), e.g. for every batch size: --streams 1,2,3,4,5,6,7,8.
 Decoding is memory bound, so N streams decoded in one batched call should give close to N times the
 total tokens/s of one stream until compute or the KV reads dominate.
 """
@@ -131,11 +132,19 @@ def main() -> int:
         action="store_true",
         help="with --bundle: first time the batched decoder call alone for each level",
     )
+    p.add_argument("--decode-only", action="store_true", help="with --bundle: the decoder calls alone, no server")
     args = p.parse_args()
     if bool(args.bundle) == bool(args.url):
         p.error("give --bundle or --url")
+    if args.decode_only and not args.bundle:
+        p.error("--decode-only needs --bundle")
     levels = [int(x) for x in args.streams.split(",")]
-    steps = decode_steps(args.bundle, levels) if args.bundle and args.decode_steps else []
+    steps = decode_steps(args.bundle, levels) if args.bundle and (args.decode_steps or args.decode_only) else []
+    if args.decode_only:
+        print(f"# {' '.join(sys.argv)}\n| batch | decoder call (ms) | tok/s |\n|---:|---:|---:|")
+        for r in steps:
+            print(f"| {r['batch']} | {r['step_ms']:.1f} | {r['tps']:.1f} |")
+        return 0
     proc = None
     try:
         if args.bundle:

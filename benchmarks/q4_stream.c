@@ -5,13 +5,15 @@
  * `threads` threads that split the kernel's tasks (or the bytes) in equal shares. Prints each side's
  * mean GB/s and the median of the per-round ratios: what the kernel leaves of what one core's stream
  * can read, where the bench's roofline compares decode with ONNX Runtime's ReduceSum. The kernel's
- * GB/s count its scale table too (4.7% more bytes than the weights the read covers). AVX-512 CPUs
+ * GB/s count its scale table too (4.7% more bytes than 4-bit weights, 2.3% than 8-bit ones). AVX-512 CPUs
  * with VNNI only. Not part of CI.
  *
  *   gcc -O3 -std=c11 -fno-math-errno -ffp-contract=fast -Wno-psabi -Iinternvl_edge/kernels \
  *       -o /tmp/q4_stream benchmarks/q4_stream.c internvl_edge/kernels/q4gemm.c \
  *       internvl_edge/kernels/isa.c -lm -lpthread
  *   /tmp/q4_stream 17920 1536 40 2 11     # N K copies threads rounds: InternVL3-2B's gate/up
+ *   /tmp/q4_stream 151680 1536 3 2 7 8    # ... bits: its 8-bit lm_head (AMX tiles where the CPU has
+ *                                         # them; INTERNVL_EDGE_AMX=0: the VNNI tiles)
  */
 #define _GNU_SOURCE
 #include "q4gemm.h"
@@ -100,34 +102,44 @@ static int by_value(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 6) {
-        fprintf(stderr, "usage: %s N K copies threads rounds\n", argv[0]);
+        fprintf(stderr, "usage: %s N K copies threads rounds [bits: 4 or 8]\n", argv[0]);
         return 2;
     }
     n_cols = atol(argv[1]), k_depth = atol(argv[2]), copies = atoi(argv[3]), threads = atoi(argv[4]);
-    const int rounds = atoi(argv[5]);
-    if (n_cols % 8 || k_depth % 128 || copies < 1 || threads < 1 || threads > MAX_THREADS || rounds < 1) return 2;
+    const int rounds = atoi(argv[5]), bits = argc > 6 ? atoi(argv[6]) : 4;
+    if (n_cols % 8 || k_depth % 128 || copies < 1 || threads < 1 || threads > MAX_THREADS || rounds < 1 ||
+        (bits != 4 && bits != 8))
+        return 2;
     if (!__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vnni")) {
         fprintf(stderr, "this harness needs AVX512-BW and AVX512-VNNI (the kernel's AVX-512 decode tile)\n");
         return 1;
     }
     const int64_t block = 128, nblk = k_depth / block;
+    const int64_t stored_bytes = n_cols * k_depth * bits / 8;
+    const int64_t zero_bytes = bits == 8 ? n_cols * nblk : n_cols * ((nblk + 1) / 2);
     float *a = need(aligned_alloc(64, (size_t)k_depth * 4)), *scales = need(malloc((size_t)(n_cols * nblk) * 4));
-    uint8_t *zeros = need(malloc((size_t)(n_cols * ((nblk + 1) / 2)))), *stored = need(malloc((size_t)(n_cols * k_depth / 2)));
+    uint8_t *zeros = need(malloc((size_t)zero_bytes)), *stored = need(malloc((size_t)stored_bytes));
     for (int64_t i = 0; i < k_depth; i++) a[i] = (float)(rand() % 2001 - 1000) / 1000.0f;
     for (int64_t i = 0; i < n_cols * nblk; i++) scales[i] = 0.0078125f * (float)(1 + i % 7); /* float16 values */
-    for (int64_t i = 0; i < n_cols * ((nblk + 1) / 2); i++) zeros[i] = (uint8_t)rand();
-    q4_problem p = {.a = a, .scales = scales, .zero_points = zeros, .m = 1, .n = n_cols, .k = k_depth, .block = block, .bits = 4};
+    for (int64_t i = 0; i < zero_bytes; i++) zeros[i] = (uint8_t)rand();
+    q4_problem p = {.a = a, .scales = scales, .zero_points = zeros, .m = 1, .n = n_cols, .k = k_depth,
+                    .block = block, .bits = bits};
     p.y = need(aligned_alloc(64, (size_t)n_cols * 4));
     q4_plan_t plan;
-    if (q4_supported() != 0 || q4_plan(&p, &plan) != 0) return 1;
+    p.packed = 1, p.blocks = scales, p.blocks_f16 = 1; /* what the plan of 8 bits checks; set again below */
+    if (q4_supported() != 0 || q4_plan(&p, &plan) != 0) {
+        fprintf(stderr, "the kernel does not take these shapes here\n");
+        return 1;
+    }
+    p.packed = 0, p.blocks = NULL;
     p.scratch = need(aligned_alloc(64, (plan.scratch_bytes + 63) / 64 * 64));
     tasks = plan.tasks;
-    weight_bytes = q4_packed_bytes(n_cols, k_depth, block, 4);
-    table_bytes = q4_blocks_bytes(n_cols, k_depth, block, 4, 1);
+    weight_bytes = q4_packed_bytes(n_cols, k_depth, block, bits);
+    table_bytes = q4_blocks_bytes(n_cols, k_depth, block, bits, 1);
     weights = need(malloc(sizeof *weights * (size_t)copies));
     tables = need(malloc(sizeof *tables * (size_t)copies));
     for (int c = 0; c < copies; c++) { /* distinct weights: one copy would stay in cache */
-        for (int64_t i = 0; i < n_cols * k_depth / 2; i++) stored[i] = (uint8_t)rand();
+        for (int64_t i = 0; i < stored_bytes; i++) stored[i] = (uint8_t)rand();
         const size_t rounded = (weight_bytes + HUGE - 1) & ~(HUGE - 1); /* as ort_alloc_weights */
         weights[c] = need(aligned_alloc(HUGE, rounded));
         madvise(weights[c], rounded, MADV_HUGEPAGE);
@@ -149,9 +161,9 @@ int main(int argc, char **argv) {
     }
     qsort(ratio, (size_t)rounds, sizeof *ratio, by_value);
     const double median = rounds % 2 ? ratio[rounds / 2] : (ratio[rounds / 2 - 1] + ratio[rounds / 2]) / 2;
-    printf("N=%ld K=%ld, %d copies, %d threads (%s): kernel %.1f GB/s, read %.1f GB/s; kernel/read median %.3f "
-           "[%.3f .. %.3f]\n",
-           (long)n_cols, (long)k_depth, copies, threads, q4_isa(), kernel_gbs, read_gbs, median, ratio[0],
-           ratio[rounds - 1]);
+    printf("N=%ld K=%ld, %d bits (%s tiles), %d copies, %d threads (%s): kernel %.1f GB/s, read %.1f GB/s; "
+           "kernel/read median %.3f [%.3f .. %.3f]\n",
+           (long)n_cols, (long)k_depth, bits, bits == 8 ? q4_path8() : "vnni", copies, threads, q4_isa(), kernel_gbs,
+           read_gbs, median, ratio[0], ratio[rounds - 1]);
     return 0;
 }

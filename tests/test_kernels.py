@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -167,6 +168,46 @@ EIGHT_BIT_CASES = [  # (rows, K, N, block, bias, zero points given)
     (5, 640, 40, 256, True, False),  # no zero points: 128, as MatMulNBits' default
     (40, 128, 8, 64, False, True),  # more rows than decode has (the server's batches)
 ]
+
+
+def eight_bit_results(path: str) -> None:
+    """Our kernel's results for every EIGHT_BIT_CASES case (and 16-40 rows: one and more AMX tiles of
+    rows) saved to `path` (.npz): run in a child process with INTERNVL_EDGE_AMX set either way."""
+    cases = EIGHT_BIT_CASES + [(16, 384, 40, 128, True, True), (33, 512, 24, 128, False, True)]
+    results = {}
+    for i, (rows, K, N, block, with_bias, zero_points) in enumerate(cases):
+        rng = np.random.default_rng(rows * 7 + K + N)
+        w = quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 8, block)
+        if not zero_points:
+            w = dataclasses.replace(w, zero_points=None)
+        bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+        a = rng.standard_normal((1, rows, K)).astype(np.float32)
+        a[0, 0, : K // 3] *= 20.0
+        results[f"case{i}"] = _graph(w, kernels.DOMAIN, bias).run(None, {"A": a})[0]
+    np.savez(path, **results)
+
+
+@needs_kernel
+def test_8bit_weights_give_the_same_bits_on_amx_and_vnni_tiles(tmp_path):
+    """Where the CPU has AMX-INT8, 8-bit weights run on its tiles (16 columns, up to 16 rows per
+    multiply); INTERNVL_EDGE_AMX=0 keeps them on the 8-column VNNI tiles. Both sum the same int32 dot
+    products and end each block in the same two float steps, so every output is the same bit for bit:
+    decode's greedy tokens do not depend on which one a CPU has."""
+    if kernels.path8() != "amx":
+        pytest.skip("no AMX-INT8 here (or INTERNVL_EDGE_AMX=0)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_kernels as t; t.eight_bit_results(sys.argv[1])"
+    outputs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "INTERNVL_EDGE_AMX": setting}
+        assert child_prints("from internvl_edge import kernels; print(kernels.path8())", env) == (
+            "amx" if setting == "1" else "vnni"
+        )
+        out = str(tmp_path / f"amx{setting}.npz")
+        subprocess.run([sys.executable, "-c", code, out], env=env, check=True, timeout=300)
+        outputs[setting] = np.load(out)
+    for name in outputs["1"].files:
+        assert np.array_equal(outputs["1"][name], outputs["0"][name]), name
 
 
 @needs_kernel
@@ -329,6 +370,10 @@ def test_decoder_runs_on_the_kernel_unless_disabled(bundle, monkeypatch, lm_head
     paired = kernels.paired_swiglus()
     fast = load(path)
     assert fast.backend.q4_kernel.startswith("internvl-edge q4gemm")
+    # a w4 bundle's lm_head is 8-bit unless converted otherwise: which tiles run it is named
+    assert (f"8-bit weights on {kernels.path8()}" in fast.backend.q4_kernel) == (
+        kernels.isa() in kernels.EIGHT_BIT_ISAS
+    )
     # the 4-bit weights were repacked, and ORT's memory-mapped originals handed back (whole pages)
     packed, released = (now - then for now, then in zip(kernels.pack_stats(), (packed, released), strict=True))
     if kernels.isa() in kernels.PACKED_4BIT_ISAS:

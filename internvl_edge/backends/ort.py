@@ -183,7 +183,12 @@ class OrtBackend:
         if not any(moved.values()):
             return model.SerializeToString() if edit is not None else None
         if moved[kernels.OP]:
-            self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()}, {kernels.prefetch_hint()} prefetch)"
+            eight_bit = any(
+                n.domain == kernels.DOMAIN and any(a.name == "bits" and a.i == 8 for a in n.attribute)
+                for n in model.graph.node
+            )  # the lm_head at --lm-head-bits 8: on AMX tiles where the CPU has them (q4gemm.h, q4_path8)
+            where8 = f", 8-bit weights on {kernels.path8()}" if eight_bit else ""
+            self.q4_kernel = f"internvl-edge q4gemm ({kernels.isa()}, {kernels.prefetch_hint()} prefetch{where8})"
         if moved[kernels.ATTENTION_OP]:
             self.attention_kernel = "internvl-edge"
         if moved["layer"]:

@@ -1,7 +1,6 @@
 /* bf16gemm.h: the vision encoder's linears in bfloat16 (AMX-BF16 or AVX512-BF16). */
-#define _GNU_SOURCE /* syscall */
 #include "bf16gemm.h"
-
+#include "isa.h"
 #include "vec_exp.h"
 
 #include <stdlib.h>
@@ -10,11 +9,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component (arch/x86/include/uapi/asm/prctl.h) */
-#define XFEATURE_XTILEDATA 18      /* the AMX tile data */
 
 static bf16_path_t detect(void) {
     const char *cap = getenv("INTERNVL_EDGE_BF16");
@@ -26,10 +20,7 @@ static bf16_path_t detect(void) {
     if (!(a & (1u << 5))) return BF16_NONE; /* CPUID.(7,1):EAX[5] AVX512_BF16 */
     if (cap && strcmp(cap, "avx512bf16") == 0) return BF16_AVX512;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return BF16_AVX512;
-    const int amx = (d & (1u << 22)) && (d & (1u << 24)); /* CPUID.(7,0):EDX[22] AMX-BF16, [24] AMX-TILE */
-    /* Linux gives a process the tile registers only when it asks (5.16 and newer) */
-    if (amx && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) return BF16_AMX;
-    return BF16_AVX512;
+    return isa_amx(22) ? BF16_AMX : BF16_AVX512; /* CPUID.(7,0):EDX[22] AMX-BF16 */
 }
 #else
 static bf16_path_t detect(void) { return BF16_NONE; }

@@ -1,8 +1,14 @@
 /* isa.h: CPU detection once per process, capped by INTERNVL_EDGE_ISA. */
+#define _GNU_SOURCE /* syscall */
 #include "isa.h"
 
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static const char *const names[] = {"none", "avx2", "avxvnni", "avx512vnni"};
 
@@ -68,4 +74,17 @@ int isa_batch_invariant(void) {
         cached = !(v && strcmp(v, "0") == 0);
     }
     return cached;
+}
+
+int isa_amx(int edx_bit) {
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << edx_bit))) return 0;
+    /* Linux gives a process the tile registers only when it asks (5.16 and newer); asking again is a
+     * no-op (arch/x86/include/uapi/asm/prctl.h: ARCH_REQ_XCOMP_PERM; XTILEDATA is component 18) */
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    (void)edx_bit;
+    return 0;
+#endif
 }

@@ -24,4 +24,9 @@ int isa_batch_invariant(void);
  * overrides the choice (for measuring it). Read once per process. */
 int isa_prefetch_nta(void);
 
+/* 1 when the CPU has AMX-TILE and the AMX feature at bit `edx_bit` of CPUID.(7,0):EDX (22: AMX-BF16,
+ * 25: AMX-INT8) and Linux grants the process the tile data, else 0. Asks the kernel each call: callers
+ * keep the answer. */
+int isa_amx(int edx_bit);
+
 #endif

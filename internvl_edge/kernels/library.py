@@ -59,6 +59,19 @@ def prefetch_hint() -> str | None:
     return lib.q4_prefetch_hint().decode()
 
 
+def path8() -> str | None:
+    """Where 8-bit weights (the decoder's lm_head) run here: "amx" (AMX-INT8 tiles) or "vnni" (the
+    8-column VNNI tiles; INTERNVL_EDGE_AMX=0 keeps them there), or None where our kernels do not take
+    them (no library, or an instruction set without VNNI)."""
+    found = _library() if library_path() is not None else None
+    if found is None:
+        return None
+    lib = ctypes.CDLL(found[0])
+    lib.q4_kernel_path8.restype = ctypes.c_char_p
+    name = lib.q4_kernel_path8().decode()
+    return None if name == "none" else name
+
+
 def bf16_path() -> str | None:
     """Where the vision encoder's bfloat16 linears run here ("amx", "avx512bf16"), or None: no library,
     a CPU with neither AMX-BF16 nor AVX512-BF16, or INTERNVL_EDGE_BF16=none (bf16gemm.h). The library

@@ -500,6 +500,9 @@ ORT_EXPORT const char *q4_kernel_isa(void) { return q4_isa(); }
 /* How the kernels prefetch what they read once per token: "nta" or "t2" (isa.h, isa_prefetch_nta) */
 ORT_EXPORT const char *q4_prefetch_hint(void) { return isa_prefetch_nta() ? "nta" : "t2"; }
 
+/* Where 8-bit weights (the lm_head) run: "amx", "vnni" or "none" (q4gemm.h: q4_path8). */
+ORT_EXPORT const char *q4_kernel_path8(void) { return q4_path8(); }
+
 /* Bytes of weights packed by this process's MatMulNBits kernels so far, and of those, how many of
  * ORT's copies were handed back to the page cache. */
 ORT_EXPORT void q4_pack_stats(uint64_t *packed, uint64_t *released) {

@@ -20,6 +20,9 @@
 #define Q4_ENTRY_BYTES(f16) ((f16) ? 24 : 40)
 #define Q4_ENTRY_ZEROS(f16) ((f16) ? 16 : 32)
 #define Q4_MAX_BLOCK 1024 /* largest block size taken (a stack buffer pads a partial last block) */
+#define Q4_AMX_TILE 16    /* columns of an AMX tile of 8-bit weights, and rows of activations */
+#define Q4_AMX_COLS 128   /* columns of one task of the AMX 8-bit path: eight tiles of 16; with 32, the
+                             lm_head's 4740 tasks spent ~0.3 ms per token between tasks */
 #ifndef Q4_PREFETCH
 #define Q4_PREFETCH 2     /* B is read this many column groups ahead: the stream prefetcher alone lags */
 #endif
@@ -50,6 +53,12 @@ static inline __attribute__((always_inline)) const uint8_t *q4_chunk(const q4_pr
         return p->b + (n >> 3) * (kp * 4) + (k0 >> 7) * 512 + (n & 7) * 64 + ((k0 & 127) >> 1);
     return p->b + n * (kp / 2) + k0 / 2;
 }
+
+static int q4_amx8(void);
+/* The k (from the chunk's start) of byte j of an AMX tile's column: activation byte j of the chunk, stored
+ * even k first, then odd (q4_quantize). */
+static inline int64_t q4_amx_korder(int64_t j) { return j < Q4_CHUNK / 2 ? 2 * j : 2 * (j - Q4_CHUNK / 2) + 1; }
+static int takes_8bit(int64_t n, int64_t k, int64_t block);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -219,6 +228,68 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
     _mm256_storeu_ps(p->y + r * p->n + n0, facc);
 }
 
+/* Decode of two rows of a batch (q4gemm_isa.inc's columns, below 8 rows) on 8 columns: each 64-byte
+ * load of B feeds both rows. One block at a time, the two rows' 8 columns reduced together
+ * (sum16_avx512: lanes 0-7 row r, 8-15 row r + 1), then each row's block ends in q4_block_scale: the
+ * same integer dots and the same float steps in the same order as tile8_avx512vnni gives each row
+ * alone, so the same bits. */
+#define Q4_DECODE_TILE8X2(p, r, n0) ((p)->packed ? tile8x2_avx512vnni(p, r, n0, 1) : tile8x2_avx512vnni(p, r, n0, 0))
+static inline __attribute__((always_inline)) void tile8x2_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
+                                                                     const int packed)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch + r * K;
+    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
+    const float *ts = sa + p->m * nblk;
+    const int f16 = p->blocks_f16;
+    const int64_t entry = Q4_ENTRY_BYTES(f16);
+    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
+    const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
+    const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
+    const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
+    const int nta = isa_prefetch_nta();
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    __m256 facc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nblk; b++) {
+        __m512i acc[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++)
+            acc[j] = _mm512_setzero_si512();
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += 128) {
+            __m512i a_lo[2], a_hi[2]; /* as block8_avx512vnni pairs them, per row */
+#pragma GCC unroll 2
+            for (int i = 0; i < 2; i++) {
+                const int8_t *q = qa + i * K + k0;
+                a_lo[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)q)),
+                                             _mm256_load_si256((const __m256i *)(q + 64)), 1);
+                a_hi[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(q + 32))),
+                                             _mm256_load_si256((const __m256i *)(q + 96)), 1);
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
+                Q4_PREFETCH_LINE(wp + ahead, nta);
+                const __m512i w = _mm512_loadu_si512((const void *)wp);
+                const __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
+#pragma GCC unroll 2
+                for (int i = 0; i < 2; i++) {
+                    acc[8 * i + j] = _mm512_dpbusd_epi32(acc[8 * i + j], lo, a_lo[i]);
+                    acc[8 * i + j] = _mm512_dpbusd_epi32(acc[8 * i + j], hi, a_hi[i]);
+                }
+            }
+        }
+        const __m512i dots = sum16_avx512(acc);
+        q4_block_scale(_mm512_castsi512_si256(dots), group + b * entry, f16, sa[b], ts[b], &facc[0]);
+        q4_block_scale(_mm512_extracti64x4_epi64(dots, 1), group + b * entry, f16, sa[nblk + b], ts[nblk + b],
+                       &facc[1]);
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) {
+        const __m256 y = _mm256_add_ps(facc[i], p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps());
+        _mm256_storeu_ps(p->y + (r + i) * p->n + n0, y); /* +0 without a bias, as every path: -0 becomes +0 */
+    }
+}
+
 /* Prefill (many rows) on 16 columns at a time, blocks of a multiple of 128 weights: each block of
  * the 16 columns is turned around once into "16 columns x 8 weights" vectors (a dword gather per
  * column: weights k .. k+7; low nibbles = even k, high = odd k, the order the activations are
@@ -310,6 +381,7 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 }
 #include "q4gemm_isa.inc"
 #undef Q4_DECODE_TILE8
+#undef Q4_DECODE_TILE8X2
 #undef Q4_PREFILL_TILE16
 #undef Q4_NAME
 #undef Q4_DPBUSD
@@ -327,6 +399,110 @@ static void prefill16_avx512vnni(const q4_problem *p, int64_t r_lo, int64_t r_hi
 #undef Q4_CONSTANTS
 #undef Q4_BLOCK_SUM
 #pragma GCC pop_options
+
+/* 8-bit weights on AMX-INT8 (q4gemm.h, packed8 for AMX): per 64 weights, a 16-column tile of B is
+ * 16 rows of (16 columns x 4 bytes), each column's 4 bytes the weights its activation bytes 4r .. 4r+3
+ * pair with (the activations keep their order: per 64 weights the 32 even k, then the 32 odd k). One
+ * TDPBSUD multiplies up to 16 rows of activations with 1 KB of weights; its int32 sums are those of
+ * the VNNI tiles exactly, and each block ends in the same two steps as q4_block_scale's, lane by
+ * lane, so every (row, column) gets the same float result bit for bit. Its loads of 1 KB stream the
+ * weights faster than 64-byte vector loads do (docs/performance-notes.md, "4-bit linears"). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} q4_tile_config;
+
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,amx-tile,amx-int8"))) static void
+amx8_configure(int rows)
+{
+    q4_tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = (uint8_t)rows; /* the sums: rows x 16 int32 */
+    cfg.colsb[0] = 64;
+    cfg.rows[1] = (uint8_t)rows; /* the activations: rows x 64 bytes */
+    cfg.colsb[1] = 64;
+    cfg.rows[2] = Q4_AMX_TILE; /* the weights: 16 rows of 64 bytes */
+    cfg.colsb[2] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,amx-tile,amx-int8"))) static void
+amx8_columns(const q4_problem *p, int64_t r0, int rows, int64_t n0)
+{
+    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
+    const int8_t *qa = (const int8_t *)p->scratch;
+    const float *sa = (const float *)(qa + p->m * K);
+    const float *ts = sa + p->m * nblk;
+    const int f16 = p->blocks_f16;
+    const int64_t entry = Q4_ENTRY_BYTES(f16);
+    const uint8_t *g0 = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
+    const uint8_t *g1 = g0 + (size_t)nblk * entry;
+    const uint8_t *wb = p->b + (n0 / Q4_AMX_TILE) * (Q4_AMX_TILE * K);
+    const int nta = isa_prefetch_nta();
+    int32_t dots[Q4_AMX_TILE][Q4_AMX_TILE] __attribute__((aligned(64)));
+    __m512 acc[Q4_AMX_TILE];
+    for (int i = 0; i < rows; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblk; b++) {
+        _tile_zero(0);
+        for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
+            const uint8_t *w = wb + k0 * Q4_AMX_TILE;
+            for (int line = 0; line < Q4_AMX_TILE * 64; line += 64) /* before the tile's load: 1.05x */
+                Q4_PREFETCH_LINE(w + line + Q4_PACKED_PREFETCH, nta);
+            _tile_loadd(1, qa + r0 * K + k0, K);
+            _tile_loadd(2, w, 64);
+            _tile_dpbsud(0, 1, 2);
+        }
+        _tile_stored(0, dots, 64);
+        /* q4_block_scale's two steps on 16 columns: two table entries of 8 */
+        const __m512 s16 = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(q4_entry_scales(g0 + b * entry, f16))),
+            _mm256_castps_pd(q4_entry_scales(g1 + b * entry, f16)), 1)); /* 8 + 8 scales */
+        const __m128i z0 = _mm_loadl_epi64((const __m128i *)(const void *)(g0 + b * entry + Q4_ENTRY_ZEROS(f16)));
+        const __m128i z1 = _mm_loadl_epi64((const __m128i *)(const void *)(g1 + b * entry + Q4_ENTRY_ZEROS(f16)));
+        const __m512 sz = _mm512_mul_ps(s16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(z0, z1))));
+        for (int i = 0; i < rows; i++) {
+            const int64_t r = r0 + i;
+            const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)dots[i]));
+            acc[i] = _mm512_fmadd_ps(d, _mm512_mul_ps(s16, _mm512_set1_ps(sa[r * nblk + b])), acc[i]);
+            acc[i] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(ts[r * nblk + b]), acc[i]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        float y[Q4_AMX_TILE];
+        _mm512_storeu_ps(y, acc[i]);
+        for (int j = 0; j < Q4_AMX_TILE && n0 + j < p->n; j++)
+            p->y[(r0 + i) * p->n + n0 + j] = y[j] + (p->bias ? p->bias[n0 + j] : 0.0f);
+    }
+}
+
+/* One task: Q4_AMX_COLS columns of up to Q4_TILE_ROWS rows, 16 rows (one tile of activations) at a
+ * time; the tile state is configured for the task and released after it. */
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,amx-tile,amx-int8"))) static void
+run_amx8(const q4_problem *p, size_t task)
+{
+    const int64_t width = (p->n + Q4_AMX_TILE - 1) / Q4_AMX_TILE * Q4_AMX_TILE;
+    const int64_t col_tiles = (width + Q4_AMX_COLS - 1) / Q4_AMX_COLS;
+    const int64_t n_lo = (int64_t)(task % col_tiles) * Q4_AMX_COLS;
+    const int64_t n_hi = n_lo + Q4_AMX_COLS < width ? n_lo + Q4_AMX_COLS : width;
+    const int64_t r_lo = (int64_t)(task / col_tiles) * Q4_TILE_ROWS;
+    const int64_t r_hi = r_lo + Q4_TILE_ROWS < p->m ? r_lo + Q4_TILE_ROWS : p->m;
+    int configured = 0;
+    for (int64_t r = r_lo; r < r_hi; r += Q4_AMX_TILE) {
+        const int rows = (int)(r_hi - r < Q4_AMX_TILE ? r_hi - r : Q4_AMX_TILE);
+        if (rows != configured) {
+            amx8_configure(rows);
+            configured = rows;
+        }
+        for (int64_t n = n_lo; n < n_hi; n += Q4_AMX_TILE)
+            amx8_columns(p, r, rows, n);
+    }
+    if (configured)
+        _tile_release();
+}
 
 /* AVX2 without VNNI: vpmaddubsw (u8 x s8 pairs into int16; 2 x 15 x 127 per pair, no saturation)
  * then vpmaddwd by ones into int32. 16 q would saturate int16 here, so the high nibbles are shifted. */
@@ -362,6 +538,10 @@ void q4_quantize(const q4_problem *p)
 
 void q4_run(const q4_problem *p, size_t task)
 {
+    if (p->bits == 8 && q4_amx8()) {
+        run_amx8(p, task);
+        return;
+    }
     switch (isa_selected()) {
     case ISA_AVX512VNNI: run_avx512vnni(p, task); break;
     case ISA_AVXVNNI: run_avxvnni(p, task); break;
@@ -379,6 +559,28 @@ void q4_run(const q4_problem *p, size_t task) { (void)p; (void)task; }
 
 int q4_supported(void) { return isa_selected() != ISA_NONE ? 0 : -1; }
 
+/* Whether 8-bit weights take the AMX-INT8 path: the AVX-512 build is selected, the CPU has AMX-TILE
+ * and AMX-INT8 (CPUID.(7,0):EDX[24], [25]), Linux grants the tile data to the process, and
+ * INTERNVL_EDGE_AMX is not "0" (the tests run the VNNI tiles that way). Decided once: the packed
+ * layout (q4_pack) and the kernel must agree for the life of the process. */
+static int q4_amx8(void)
+{
+    static int decided = -1;
+    int v = __atomic_load_n(&decided, __ATOMIC_ACQUIRE);
+    if (v >= 0)
+        return v;
+    v = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char *off = getenv("INTERNVL_EDGE_AMX");
+    if (isa_selected() == ISA_AVX512VNNI && !(off && strcmp(off, "0") == 0))
+        v = isa_amx(25); /* CPUID.(7,0):EDX[25] AMX-INT8 */
+#endif
+    __atomic_store_n(&decided, v, __ATOMIC_RELEASE);
+    return v;
+}
+
+const char *q4_path8(void) { return takes_8bit(1, Q4_CHUNK, Q4_CHUNK) ? (q4_amx8() ? "amx" : "vnni") : "none"; }
+
 const char *q4_isa(void) { return isa_name(isa_selected()); }
 
 static int takes_8bit(int64_t n, int64_t k, int64_t block)
@@ -387,11 +589,18 @@ static int takes_8bit(int64_t n, int64_t k, int64_t block)
            block % Q4_CHUNK == 0 && block <= Q4_MAX_BLOCK;
 }
 
+/* Columns of 8-bit weights as packed: N padded to whole groups of 8 (16: AMX tiles). */
+static int64_t q4_width8(int64_t n)
+{
+    const int64_t g = q4_amx8() ? 16 : 8;
+    return (n + g - 1) / g * g;
+}
+
 size_t q4_blocks_bytes(int64_t n, int64_t k, int64_t block, int bits, int f16)
 {
-    if (bits == 8) /* every group of 8, the last one padded */
+    if (bits == 8) /* every group of 8, the padding ones too */
         return takes_8bit(n, k, block)
-                   ? (size_t)((n + 7) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16)
+                   ? (size_t)(q4_width8(n) / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16)
                    : 0;
     if (isa_selected() != ISA_NONE && block > 0 && block % 128 == 0 && n >= 8 && k > 0) /* the 8-column tiles' */
         return (size_t)(n / 8) * (size_t)((k + block - 1) / block) * Q4_ENTRY_BYTES(f16);
@@ -432,7 +641,7 @@ int q4_scales_fit_f16(const float *scales, size_t count)
 void q4_blocks_fill(const q4_problem *p, void *table, int f16)
 {
     const int64_t nblk = (p->k + p->block - 1) / p->block, zstride = (nblk + 1) / 2;
-    const int64_t groups = p->bits == 8 ? (p->n + 7) / 8 : p->n / 8;
+    const int64_t groups = p->bits == 8 ? q4_width8(p->n) / 8 : p->n / 8;
     const int width = f16 ? 2 : 4, zeros = Q4_ENTRY_ZEROS(f16);
     uint8_t *out = (uint8_t *)table;
     for (int64_t g = 0; g < groups; g++)
@@ -459,7 +668,7 @@ void q4_blocks_fill(const q4_problem *p, void *table, int f16)
 size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits)
 {
     if (bits == 8)
-        return takes_8bit(n, k, block) ? (size_t)((n + 7) / 8 * 8) * (size_t)((k + block - 1) / block * block) : 0;
+        return takes_8bit(n, k, block) ? (size_t)q4_width8(n) * (size_t)((k + block - 1) / block * block) : 0;
     if (n <= 0 || n % 8 || k <= 0 || block <= 0 || block % 128)
         return 0;
     return (size_t)n * (size_t)((k + block - 1) / block * block) / 2;
@@ -468,6 +677,16 @@ size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits)
 void q4_pack(const q4_problem *p, uint8_t *out)
 {
     const int64_t kp = (p->k + p->block - 1) / p->block * p->block;
+    if (p->bits == 8 && q4_amx8()) { /* [n / 16][k / 64][tile row r][column c][byte i]: q4_amx_korder */
+        for (int64_t g = 0; g < q4_width8(p->n) / Q4_AMX_TILE; g++)
+            for (int64_t k0 = 0; k0 < kp; k0 += Q4_CHUNK, out += Q4_AMX_TILE * Q4_CHUNK)
+                for (int64_t c = 0; c < Q4_AMX_TILE; c++) {
+                    const int64_t n = g * Q4_AMX_TILE + c;
+                    for (int64_t j = 0; j < Q4_CHUNK; j++) /* tile row j / 4, byte j % 4 of the column */
+                        out[(j / 4) * 64 + c * 4 + j % 4] = n < p->n ? p->b[n * kp + k0 + q4_amx_korder(j)] : 0;
+                }
+        return;
+    }
     if (p->bits == 8) {
         for (int64_t g = 0; g < (p->n + 7) / 8; g++)
             for (int64_t k0 = 0; k0 < kp; k0 += Q4_CHUNK)
@@ -538,8 +757,8 @@ int q4_plan(const q4_problem *p, q4_plan_t *plan)
     plan->scratch_bytes = (size_t)(p->m * nblk * p->block + 2 * p->m * nblk * (int64_t)sizeof(float));
     if (p->swiglu && p->n % 16) /* the up half must start on a group of 8 columns */
         return -1;
-    const int64_t width = p->swiglu ? p->n / 2 : p->bits == 8 ? (p->n + 7) / 8 * 8 : p->n;
-    const int64_t cols = p->swiglu ? Q4_SWIGLU_COLS : Q4_TILE_COLS;
+    const int64_t width = p->swiglu ? p->n / 2 : p->bits == 8 ? q4_width8(p->n) : p->n;
+    const int64_t cols = p->swiglu ? Q4_SWIGLU_COLS : p->bits == 8 && q4_amx8() ? Q4_AMX_COLS : Q4_TILE_COLS;
     plan->tasks = (size_t)(((width + cols - 1) / cols) * ((p->m + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS));
     return 0;
 }

@@ -85,6 +85,15 @@ void q4_run(const q4_problem *p, size_t task);
  *
  * each 64 weights in the order the activations are quantised in, so one load pairs with them as is. */
 size_t q4_packed_bytes(int64_t n, int64_t k, int64_t block, int bits);
+/* Where 8-bit weights run here: "amx" (AMX-INT8 tiles, with the AVX-512 build; INTERNVL_EDGE_AMX=0
+ * turns it off), "vnni" (the 8-column tiles above), or "none". With "amx" packed8 is instead, per 16
+ * columns (N padded to 16) and 64 weights, 16 rows of (16 columns x 4 bytes): byte i of column c in
+ * row r is the weight that activation byte 4r + i of the chunk pairs with (even k first, then odd):
+ *
+ *   packed8_amx[n / 16][k / 64][r][n % 16][i]
+ *
+ * and the table covers the padding groups of 8 too (their scales 0). */
+const char *q4_path8(void);
 void q4_pack(const q4_problem *p, uint8_t *out);
 
 /* A fused SwiGLU's packed weights and table put in the order its tasks read them: for each task

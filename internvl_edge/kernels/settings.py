@@ -16,7 +16,8 @@ it, with or without this module in the process: INTERNVL_EDGE_ISA caps the instr
 "avxvnni", "avx512vnni"; the tests run every variant that way; isa.c); INTERNVL_EDGE_BATCH_INVARIANT=0
 lets prefill attention take its tiled path (isa.h); INTERNVL_EDGE_PREFETCH ("nta", "t2") overrides the
 prefetch hint the CPU's vendor picks (isa.h); INTERNVL_EDGE_BF16 caps the vision encoder's bfloat16
-path ("avx512bf16": not AMX; "none": the float32 encoder; bf16gemm.h).
+path ("avx512bf16": not AMX; "none": the float32 encoder; bf16gemm.h); INTERNVL_EDGE_AMX=0 keeps 8-bit
+weights (the lm_head) off the AMX-INT8 tiles, on the 8-column VNNI ones (q4gemm.h: q4_path8).
 """
 
 from __future__ import annotations
