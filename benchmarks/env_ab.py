@@ -42,7 +42,9 @@ print(json.dumps({
 
 def run(args, env: dict) -> dict:
     cmd = [sys.executable, "-c", CHILD, args.bundle, str(args.threads), str(args.context), str(args.steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"a run failed (exit status {out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,7 +58,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     other = dict(item.split("=", 1) for item in args.set)
-    sides = {"default": dict(os.environ), "with " + " ".join(args.set): {**os.environ, **other}}
+    default = {k: v for k, v in os.environ.items() if k not in other}  # the flags unset: the library's choice
+    sides = {"default": default, "with " + " ".join(args.set): {**default, **other}}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))

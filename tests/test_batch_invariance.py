@@ -169,7 +169,8 @@ def test_float_bundle_is_batch_invariant_too(bundle):
 )
 def test_linear_row_is_the_same_alone_and_anywhere_in_a_batch(K, N, block, with_bias):
     """A row of the 4-bit linear, alone (decode's 8-column tiles) and at the start, middle and end of
-    2 .. 300 rows (4-row prefill tiles, their remainders, more rows than one task): the same bits.
+    2 .. 300 rows (2-7: decode batches, on AVX-512 two rows per tile and an odd one alone; from 8 the
+    prefill tiles, their remainders, more rows than one task): the same bits.
     N = 70 leaves columns past the last group of 8; blocks of 64 have no scale table; K = 1152 (9
     blocks of 128) and 768 (3 of 256): decode reduces blocks two at a time and an odd last one alone."""
     rng = np.random.default_rng(K + N)

@@ -4,9 +4,10 @@
 The kernel quantises activations to int8 per block as MatMulNBits' accuracy_level 4 does, so on the
 same inputs the two independent implementations agree to float rounding (different summation
 order); against the float product of the dequantised weights they differ by the int8 activation
-error (~0.3-1% RMS). Shapes cover decode (1 row), the server's batches (2-5), prefill tiles (4-row
-groups and remainders, more rows than one task's 256), K that is not a multiple of the block (the
-padded last block of nets/quant.py), odd block counts (a half-used zero-point byte) and bias.
+error (~0.3-1% RMS). Shapes cover decode (1 row), the server's batches (2-5: decode tiles, two rows
+at a time on AVX-512), prefill tiles (4-row groups and remainders, more rows than one task's 256), K
+that is not a multiple of the block (the padded last block of nets/quant.py), odd block counts (a
+half-used zero-point byte) and bias.
 """
 
 from __future__ import annotations
@@ -173,7 +174,12 @@ EIGHT_BIT_CASES = [  # (rows, K, N, block, bias, zero points given)
 def eight_bit_results(path: str) -> None:
     """Our kernel's results for every EIGHT_BIT_CASES case (and 16-40 rows: one and more AMX tiles of
     rows) saved to `path` (.npz): run in a child process with INTERNVL_EDGE_AMX set either way."""
-    cases = EIGHT_BIT_CASES + [(16, 384, 40, 128, True, True), (33, 512, 24, 128, False, True)]
+    cases = EIGHT_BIT_CASES + [
+        (16, 384, 40, 128, True, True),
+        (33, 512, 24, 128, False, True),
+        (300, 256, 24, 128, True, True),  # a second task of rows
+        (2, 2048, 40, 1024, False, True),  # the largest block taken
+    ]
     results = {}
     for i, (rows, K, N, block, with_bias, zero_points) in enumerate(cases):
         rng = np.random.default_rng(rows * 7 + K + N)
@@ -193,8 +199,9 @@ def test_8bit_weights_give_the_same_bits_on_amx_and_vnni_tiles(tmp_path):
     multiply); INTERNVL_EDGE_AMX=0 keeps them on the 8-column VNNI tiles. Both sum the same int32 dot
     products and end each block in the same two float steps, so every output is the same bit for bit:
     decode's greedy tokens do not depend on which one a CPU has."""
-    if kernels.path8() != "amx":
-        pytest.skip("no AMX-INT8 here (or INTERNVL_EDGE_AMX=0)")
+    on = {**os.environ, "INTERNVL_EDGE_AMX": "1"}
+    if child_prints("from internvl_edge import kernels; print(kernels.path8())", on) != "amx":
+        pytest.skip("no AMX-INT8 here")
     here = os.path.dirname(os.path.abspath(__file__))
     code = f"import sys; sys.path.insert(0, {here!r}); import test_kernels as t; t.eight_bit_results(sys.argv[1])"
     outputs = {}
@@ -626,6 +633,7 @@ def test_every_instruction_set_variant(variant):
         f"{here}/test_kernels.py::test_scale_table_in_float16_or_float[12-4]",
         f"{here}/test_kernels.py::test_fused_norm_matches_the_unfused_graph",
         f"{here}/test_attention_kernel.py::test_matches_onnxruntime",
+        f"{here}/test_batch_invariance.py::test_linear_row_is_the_same_alone_and_anywhere_in_a_batch",
     ]
     assert "skipped" not in run_tests_in_child(tests, env)
 

@@ -1,5 +1,6 @@
 /* bf16gemm.h: the vision encoder's linears in bfloat16 (AMX-BF16 or AVX512-BF16). */
 #include "bf16gemm.h"
+
 #include "isa.h"
 #include "vec_exp.h"
 

@@ -8,6 +8,9 @@
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* ask for an extended state component (arch/x86/include/uapi/asm/prctl.h) */
+#define XFEATURE_XTILEDATA 18      /* the AMX tile data */
 #endif
 
 static const char *const names[] = {"none", "avx2", "avxvnni", "avx512vnni"};
@@ -81,8 +84,8 @@ int isa_amx(int edx_bit) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << edx_bit))) return 0;
     /* Linux gives a process the tile registers only when it asks (5.16 and newer); asking again is a
-     * no-op (arch/x86/include/uapi/asm/prctl.h: ARCH_REQ_XCOMP_PERM; XTILEDATA is component 18) */
-    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+     * no-op */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 #else
     (void)edx_bit;
     return 0;

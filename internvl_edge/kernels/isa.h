@@ -25,7 +25,7 @@ int isa_batch_invariant(void);
 int isa_prefetch_nta(void);
 
 /* 1 when the CPU has AMX-TILE and the AMX feature at bit `edx_bit` of CPUID.(7,0):EDX (22: AMX-BF16,
- * 25: AMX-INT8) and Linux grants the process the tile data, else 0. Asks the kernel each call: callers
+ * 25: AMX-INT8) and Linux grants the process the tile data, else 0. Asks Linux at each call: callers
  * keep the answer. */
 int isa_amx(int edx_bit);
 
