@@ -51,24 +51,14 @@ def prefetch_hint() -> str | None:
     """How the 4-bit linears and attention prefetch the weights and KV rows they read once per token
     ("nta": non-temporally, on AMD; "t2": into L2, elsewhere; INTERNVL_EDGE_PREFETCH overrides it:
     isa.h), or None where our kernels do not run."""
-    found = _library() if library_path() is not None else None
-    if found is None:
-        return None
-    lib = ctypes.CDLL(found[0])
-    lib.q4_prefetch_hint.restype = ctypes.c_char_p
-    return lib.q4_prefetch_hint().decode()
+    return _name("q4_prefetch_hint")
 
 
 def path8() -> str | None:
     """Where 8-bit weights (the decoder's lm_head) run here: "amx" (AMX-INT8 tiles) or "vnni" (the
     8-column VNNI tiles; INTERNVL_EDGE_AMX=0 keeps them there), or None where our kernels do not take
     them (no library, or an instruction set without VNNI)."""
-    found = _library() if library_path() is not None else None
-    if found is None:
-        return None
-    lib = ctypes.CDLL(found[0])
-    lib.q4_kernel_path8.restype = ctypes.c_char_p
-    name = lib.q4_kernel_path8().decode()
+    name = _name("q4_kernel_path8")
     return None if name == "none" else name
 
 
@@ -76,13 +66,18 @@ def bf16_path() -> str | None:
     """Where the vision encoder's bfloat16 linears run here ("amx", "avx512bf16"), or None: no library,
     a CPU with neither AMX-BF16 nor AVX512-BF16, or INTERNVL_EDGE_BF16=none (bf16gemm.h). The library
     caps it as INTERNVL_EDGE_BF16 says ("avx512bf16": not AMX), so the tests can run both paths."""
+    name = _name("bf16_kernel_path")
+    return None if name == "none" else name
+
+
+def _name(symbol: str) -> str | None:
+    """The string the library's function `symbol` returns, or None where our kernels do not run."""
     found = _library() if library_path() is not None else None
     if found is None:
         return None
-    lib = ctypes.CDLL(found[0])
-    lib.bf16_kernel_path.restype = ctypes.c_char_p
-    name = lib.bf16_kernel_path().decode()
-    return None if name == "none" else name
+    fn = getattr(ctypes.CDLL(found[0]), symbol)
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def _counters(symbol: str, count: int) -> tuple[int, ...]:

@@ -186,23 +186,47 @@ static inline __attribute__((always_inline)) void block8_avx512vnni(const int8_t
  * Scales and zero points come from q4_blocks_fill's table, laid out for exactly this (decoding them
  * per call, or gathering them, cost a third of the time).
  */
+/* Where an 8-column decode tile of row r from column n0 reads: its activations, their block scales
+ * and sums, its table entries and weights, and how the weights are laid out. */
+typedef struct {
+    int64_t B, nblk, K, entry, column_stride, step_stride, ahead;
+    const int8_t *qa;
+    const float *sa, *ts;
+    const uint8_t *group, *wb;
+    int f16, nta;
+} tile8_at;
+
+static inline __attribute__((always_inline)) tile8_at tile8_where(const q4_problem *p, int64_t r, int64_t n0,
+                                                                  const int packed)
+{
+    tile8_at t;
+    t.B = p->block, t.nblk = (p->k + t.B - 1) / t.B, t.K = t.nblk * t.B;
+    t.qa = (const int8_t *)p->scratch + r * t.K;
+    t.sa = (const float *)((const int8_t *)p->scratch + p->m * t.K) + r * t.nblk;
+    t.ts = t.sa + p->m * t.nblk;
+    t.f16 = p->blocks_f16;
+    t.entry = Q4_ENTRY_BYTES(t.f16);
+    t.group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)t.nblk * t.entry;
+    /* packed (q4_pack): the 8 columns' 64 bytes follow each other, 512 bytes per 128 weights; else
+     * each column's weights are a run of K/2 bytes */
+    t.wb = packed ? p->b + (n0 / 8) * (t.K * 4) : p->b + n0 * (t.K / 2);
+    t.column_stride = packed ? 64 : t.K / 2, t.step_stride = packed ? 512 : 64;
+    t.ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (t.K / 2);
+    t.nta = isa_prefetch_nta();
+    return t;
+}
+
 #define Q4_DECODE_TILE8(p, r, n0) ((p)->packed ? tile8_avx512vnni(p, r, n0, 1) : tile8_avx512vnni(p, r, n0, 0))
 static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
                                                                    const int packed)
 {
-    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
-    const int8_t *qa = (const int8_t *)p->scratch + r * K;
-    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
-    const float *ts = sa + p->m * nblk;
-    const int f16 = p->blocks_f16;
-    const int64_t entry = Q4_ENTRY_BYTES(f16);
-    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
-    /* packed (q4_pack): the 8 columns' 64 bytes follow each other, 512 bytes per 128 weights; else
-     * each column's weights are a run of K/2 bytes */
-    const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
-    const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
-    const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
-    const int nta = isa_prefetch_nta();
+    const tile8_at t = tile8_where(p, r, n0, packed);
+    const int64_t B = t.B, nblk = t.nblk, entry = t.entry, column_stride = t.column_stride;
+    const int64_t step_stride = t.step_stride, ahead = t.ahead;
+    const int8_t *qa = t.qa;
+    const float *sa = t.sa, *ts = t.ts;
+    const uint8_t *group = t.group, *wb = t.wb;
+    const int f16 = t.f16, nta = t.nta;
     __m256 facc = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nblk; b += 2) {
@@ -238,17 +262,10 @@ static inline __attribute__((always_inline)) void tile8_avx512vnni(const q4_prob
 static inline __attribute__((always_inline)) void tile8x2_avx512vnni(const q4_problem *p, int64_t r, int64_t n0,
                                                                      const int packed)
 {
-    const int64_t B = p->block, nblk = (p->k + B - 1) / B, K = nblk * B;
-    const int8_t *qa = (const int8_t *)p->scratch + r * K;
-    const float *sa = (const float *)((const int8_t *)p->scratch + p->m * K) + r * nblk;
-    const float *ts = sa + p->m * nblk;
-    const int f16 = p->blocks_f16;
-    const int64_t entry = Q4_ENTRY_BYTES(f16);
-    const uint8_t *group = (const uint8_t *)p->blocks + (size_t)(n0 / 8) * (size_t)nblk * entry;
-    const uint8_t *wb = packed ? p->b + (n0 / 8) * (K * 4) : p->b + n0 * (K / 2);
-    const int64_t column_stride = packed ? 64 : K / 2, step_stride = packed ? 512 : 64;
-    const int64_t ahead = packed ? Q4_PACKED_PREFETCH : Q4_PREFETCH * 8 * (K / 2);
-    const int nta = isa_prefetch_nta();
+    const tile8_at t = tile8_where(p, r, n0, packed);
+    const int64_t B = t.B, nblk = t.nblk, K = t.K, entry = t.entry;
+    const int8_t *qa = t.qa;
+    const float *sa = t.sa, *ts = t.ts;
     const __m512i m0f = _mm512_set1_epi8(0x0F);
     __m256 facc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nblk; b++) {
@@ -268,8 +285,8 @@ static inline __attribute__((always_inline)) void tile8x2_avx512vnni(const q4_pr
             }
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
-                const uint8_t *wp = wb + j * column_stride + k0 / 128 * step_stride;
-                Q4_PREFETCH_LINE(wp + ahead, nta);
+                const uint8_t *wp = t.wb + j * t.column_stride + k0 / 128 * t.step_stride;
+                Q4_PREFETCH_LINE(wp + t.ahead, t.nta);
                 const __m512i w = _mm512_loadu_si512((const void *)wp);
                 const __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
 #pragma GCC unroll 2
@@ -280,8 +297,8 @@ static inline __attribute__((always_inline)) void tile8x2_avx512vnni(const q4_pr
             }
         }
         const __m512i dots = sum16_avx512(acc);
-        q4_block_scale(_mm512_castsi512_si256(dots), group + b * entry, f16, sa[b], ts[b], &facc[0]);
-        q4_block_scale(_mm512_extracti64x4_epi64(dots, 1), group + b * entry, f16, sa[nblk + b], ts[nblk + b],
+        q4_block_scale(_mm512_castsi512_si256(dots), t.group + b * entry, t.f16, sa[b], ts[b], &facc[0]);
+        q4_block_scale(_mm512_extracti64x4_epi64(dots, 1), t.group + b * entry, t.f16, sa[nblk + b], ts[nblk + b],
                        &facc[1]);
     }
 #pragma GCC unroll 2
@@ -415,7 +432,6 @@ typedef struct {
     uint8_t rows[16];
 } q4_tile_config;
 
-
 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,amx-tile,amx-int8"))) static void
 amx8_configure(int rows)
 {
@@ -452,7 +468,9 @@ amx8_columns(const q4_problem *p, int64_t r0, int rows, int64_t n0)
         _tile_zero(0);
         for (int64_t k0 = b * B; k0 < (b + 1) * B; k0 += Q4_CHUNK) {
             const uint8_t *w = wb + k0 * Q4_AMX_TILE;
-            for (int line = 0; line < Q4_AMX_TILE * 64; line += 64) /* before the tile's load: 1.05x */
+            /* just before the tile's load: with a block's prefetches all before its first load, a
+             * harness streamed slower (docs/performance-notes.md, "4-bit linears") */
+            for (int line = 0; line < Q4_AMX_TILE * 64; line += 64)
                 Q4_PREFETCH_LINE(w + line + Q4_PACKED_PREFETCH, nta);
             _tile_loadd(1, qa + r0 * K + k0, K);
             _tile_loadd(2, w, 64);
