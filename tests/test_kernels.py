@@ -172,8 +172,9 @@ EIGHT_BIT_CASES = [  # (rows, K, N, block, bias, zero points given)
 
 
 def eight_bit_results(path: str) -> None:
-    """Our kernel's results for every EIGHT_BIT_CASES case (and 16-40 rows: one and more AMX tiles of
-    rows) saved to `path` (.npz): run in a child process with INTERNVL_EDGE_AMX set either way."""
+    """Our kernel's results for every EIGHT_BIT_CASES case and four more (16 and 33 rows: one and more
+    AMX tiles of rows; 300: a second task of rows; blocks of 1024) saved to `path` (.npz): run in a
+    child process with INTERNVL_EDGE_AMX set either way."""
     cases = EIGHT_BIT_CASES + [
         (16, 384, 40, 128, True, True),
         (33, 512, 24, 128, False, True),
