@@ -218,8 +218,8 @@ class OrtBackend:
                 so.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", os.path.dirname(path)
                 )
-                # the tables this session's kernels make: process-wide counters that only the
-                # decoder's 4-bit linears add to, so a net loading at the same time leaves them as is
+                # the scale tables the decoder net's kernels make while it loads: process-wide
+                # counters that only its 4-bit linears add to, so a net loading beside it leaves them
                 before = sum(kernels.table_stats())
                 sess = self.ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
                 if name == "decoder":
